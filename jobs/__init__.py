@@ -1,0 +1,1 @@
+"""Job entry points and job configurations for docpipe."""

@@ -1,0 +1,107 @@
+"""The ``docpipe`` command."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+
+from pipeline.config import DEFAULT_MODEL, ModelOptions, RenderOptions, RunConfig
+from pipeline.errors import FatalError
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help=f"hub id, local path, or 'tiny-random' (default {DEFAULT_MODEL})")
+    p.add_argument("--batch-size", type=int, help="pages per generate() call")
+    p.add_argument("--max-new-tokens", type=int, help="cap on generated tokens per page")
+    p.add_argument("--longest-edge", type=int, help="rendered page size in pixels (default: from the processor)")
+    p.add_argument("--image-format", choices=["png", "jpeg"], help="page image encoding between stages")
+    p.add_argument("--num-actors", type=int, help="model actors (default: one per GPU, or one CPU actor)")
+    p.add_argument("--no-image-splitting", action="store_true", help="send each page as one image, not 5")
+    p.add_argument("--no-progress", action="store_true", help="hide Ray Data's progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="docpipe", description="PDFs and images -> Idefics2 OCR -> Parquet.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="process documents into OUT/pages, OUT/documents and OUT/_runs")
+    run.add_argument("inputs", nargs="+", metavar="INPUT", help="file, folder (recursive) or glob")
+    run.add_argument("--output", "-o", required=True, metavar="OUT", help="output folder")
+    run.add_argument("--task", choices=["ocr"], default="ocr")
+    _add_engine_args(run)
+
+    demo = sub.add_parser("demo", help="write sample documents, run the pipeline over them, print a summary")
+    demo.add_argument("--workdir", default="demo_output", help="where samples and results go (default ./demo_output)")
+    _add_engine_args(demo)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace, inputs: list[str], output: str) -> RunConfig:
+    model = {
+        "name": args.model,
+        "batch_size": args.batch_size,
+        "max_new_tokens": args.max_new_tokens,
+        "do_image_splitting": False if args.no_image_splitting else None,
+    }
+    render = {"longest_edge": args.longest_edge, "image_format": args.image_format}
+    return RunConfig(
+        inputs=inputs,
+        output=output,
+        task=getattr(args, "task", "ocr"),
+        model=ModelOptions(**{k: v for k, v in model.items() if v is not None}),
+        render=RenderOptions(**{k: v for k, v in render.items() if v is not None}),
+        num_actors=args.num_actors,
+        progress=not args.no_progress,
+    )
+
+
+def print_summary(result, out=sys.stdout) -> None:
+    m = result.manifest
+    docs = ", ".join(f"{k} {v}" for k, v in sorted(m.documents.items()) if k != "total")
+    pages = ", ".join(f"{k} {v}" for k, v in sorted(m.pages.items()) if k != "total")
+    print(f"run        {m.run_id}", file=out)
+    print(f"documents  {m.documents['total']} ({docs or 'none'})", file=out)
+    print(f"pages      {m.pages['total']} ({pages or 'none'})", file=out)
+    print(f"time       {m.timings['wall_s']:.1f} s, {m.timings['pages_per_s']:.2f} pages/s", file=out)
+    print(f"output     {result.output}/pages, {result.output}/documents, {result.output}/_runs/{m.run_id}.json",
+          file=out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            from pipeline.runner import run
+
+            result = run(config_from_args(args, args.inputs, args.output))
+            print_summary(result)
+        elif args.command == "demo":
+            from jobs.demo import main as demo_main
+
+            demo_main(args)
+        return 0
+    except FatalError as exc:
+        print(f"docpipe: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("docpipe: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        from pydantic import ValidationError
+
+        if isinstance(exc, ValidationError):  # bad option values from the command line
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            print(f"docpipe: error: invalid option {where}: {first['msg']}", file=sys.stderr)
+            return 2
+        if os.environ.get("DOCPIPE_DEBUG"):
+            traceback.print_exc()
+        print(f"docpipe: internal error: {type(exc).__name__}: {exc} (set DOCPIPE_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

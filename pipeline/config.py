@@ -1,0 +1,78 @@
+"""The run configuration: one typed, documented object handed to every stage."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+DEFAULT_MODEL = "HuggingFaceM4/idefics2-8b"
+TINY_MODEL = "tiny-random"
+
+OCR_PROMPT = (
+    "Transcribe all the text on this page, in reading order. "
+    "Render tables as Markdown tables. Return only the transcription."
+)
+
+
+class _Options(BaseModel):
+    # Unknown keys are errors: a misspelt option must not be silently ignored.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelOptions(_Options):
+    name: str = Field(
+        DEFAULT_MODEL,
+        description="Hub id or local path of an Idefics2-family checkpoint, or 'tiny-random' for a locally built "
+        "random model (for tests and CPU demos: its text is meaningless).",
+        examples=[DEFAULT_MODEL, "/models/idefics2-8b", TINY_MODEL],
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Weights dtype. 'auto': bfloat16 on a CUDA GPU, float32 on the CPU."
+    )
+    attention: Literal["auto", "flash_attention_2", "sdpa", "eager"] = Field(
+        "auto", description="Attention kernel. 'auto': flash_attention_2 when installed and on a GPU, else sdpa."
+    )
+    do_image_splitting: bool = Field(
+        True, description="Split each page into 4 crops plus the whole page (5 images), as Idefics2 was trained."
+    )
+    max_new_tokens: int = Field(1024, ge=1, description="Cap on generated tokens per page.")
+    batch_size: int = Field(4, ge=1, description="Pages per generate() call.")
+    prompt: str = Field(OCR_PROMPT, description="Instruction sent with each page image.")
+    trust_remote_code: bool = Field(False, description="Allow code shipped with the checkpoint to run.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to load.")
+
+
+class RenderOptions(_Options):
+    longest_edge: int | None = Field(
+        None,
+        ge=32,
+        description="Longest side of a rendered page in pixels. Default: derived from the model's image processor "
+        "(twice its longest_edge with image splitting, so each crop keeps full resolution: 1960 for Idefics2).",
+    )
+    max_pixels: int = Field(
+        40_000_000, ge=1024, description="Cap on width*height of a rendered page, checked before allocating."
+    )
+    image_format: Literal["png", "jpeg"] = Field(
+        "png", description="Encoding of page images between the render and model stages (png is lossless)."
+    )
+    jpeg_quality: int = Field(90, ge=1, le=100, description="Quality when image_format is jpeg.")
+
+
+class RunConfig(_Options):
+    inputs: list[str] = Field(description="Files, folders (searched recursively) or glob patterns.", min_length=1)
+    output: str = Field(description="Output folder: pages/, documents/ and _runs/ are written under it.")
+    task: Literal["ocr"] = Field("ocr", description="What to do with each page.")
+    model: ModelOptions = Field(default_factory=ModelOptions)
+    render: RenderOptions = Field(default_factory=RenderOptions)
+    num_actors: int | None = Field(
+        None, ge=1, description="Model actors. Default: one per GPU in the cluster, or one CPU actor without GPUs."
+    )
+    actor_memory_gb: float = Field(
+        2.0, gt=0, description="Host memory (GiB) Ray reserves for each model actor, for staging weights."
+    )
+    read_concurrency: int | None = Field(
+        None, ge=1, description="Parallel read-and-render tasks. Default: let Ray Data decide."
+    )
+    rows_per_file: int = Field(100_000, ge=1, description="Rows per Parquet file before a new file is started.")
+    progress: bool = Field(True, description="Show Ray Data's progress bars.")

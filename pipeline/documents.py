@@ -1,0 +1,146 @@
+"""Open a document's bytes and expand it, lazily, into page records.
+
+``expand_document`` is the read-and-render stage: it yields one ``document`` record
+(what was found on opening) and then one ``page`` record per page, one page at a time,
+so a 2,000-page PDF is never held whole. It never raises for a bad document: failures
+become records with an error_type.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from typing import Any, Iterator
+
+from pipeline.config import RenderOptions
+from pipeline.errors import RowError, describe
+from pipeline.records import DOCUMENT, PAGE
+from pipeline.render import render_image, render_pdf_page
+from pipeline.sources import read_bytes
+
+PDF = "application/pdf"
+IMAGE_TYPES = {
+    b"\x89PNG\r\n\x1a\n": "image/png",
+    b"\xff\xd8\xff": "image/jpeg",
+    b"II*\x00": "image/tiff",
+    b"MM\x00*": "image/tiff",
+    b"GIF87a": "image/gif",
+    b"GIF89a": "image/gif",
+    b"BM": "image/bmp",
+}
+
+
+def sniff_media_type(data: bytes) -> str | None:
+    """Media type from the leading bytes; the file name is not trusted."""
+    if b"%PDF-" in data[:1024]:  # readers accept junk before the header
+        return PDF
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    for magic, media_type in IMAGE_TYPES.items():
+        if data.startswith(magic):
+            return media_type
+    return None
+
+
+def expand_document(source_uri: str, opts: RenderOptions, longest_edge: int) -> Iterator[dict[str, Any]]:
+    doc: dict[str, Any] = {"kind": DOCUMENT, "source_uri": source_uri, "status": "ok"}
+    try:
+        data = read_bytes(source_uri)
+    except OSError as exc:
+        yield {**doc, "status": "error", "error_type": "read_error", "error_message": describe(exc)}
+        return
+    doc.update(doc_id=hashlib.sha256(data).hexdigest(), size_bytes=len(data), media_type=sniff_media_type(data))
+    try:
+        pages = _open(data, doc["media_type"])
+        page_count = next(pages)
+    except RowError as exc:
+        yield {**doc, "status": "error", "error_type": exc.error_type, "error_message": exc.message}
+        return
+    del data  # the opened document keeps what it needs
+    yield {**doc, "page_count": page_count}
+
+    base = {k: doc[k] for k in ("source_uri", "doc_id")} | {"kind": PAGE, "page_count": page_count}
+    for number in range(1, page_count + 1):
+        row = {**base, "page_number": number, "status": "ok"}
+        try:
+            page = next(pages)
+            rendered = page(opts, longest_edge)
+            row.update(image=rendered.image, width=rendered.width, height=rendered.height)
+        except RowError as exc:
+            row.update(status="error", error_type=exc.error_type, error_message=exc.message)
+        except Exception as exc:  # one bad page must not take its document down
+            row.update(status="error", error_type="render_error", error_message=describe(exc))
+        yield row
+
+
+def _open(data: bytes, media_type: str | None) -> Iterator:
+    """Generator: first yields the page count, then one render callable per page."""
+    if not data:
+        raise RowError("empty_file", "file is empty (0 bytes)")
+    if media_type == PDF:
+        yield from _pdf_pages(data)
+    elif media_type is not None:
+        yield from _image_frames(data, media_type)
+    else:
+        raise RowError("unsupported_media_type", f"not a PDF or a supported image (starts with {data[:8]!r})")
+
+
+def _pdf_pages(data: bytes) -> Iterator:
+    import pymupdf
+
+    pymupdf.TOOLS.mupdf_display_errors(False)  # MuPDF's repair chatter would flood worker logs
+    try:
+        pdf = pymupdf.open(stream=data, filetype="pdf")
+    except Exception as exc:
+        raise RowError("corrupt_document", f"cannot open PDF: {describe(exc)}") from None
+    if pdf.needs_pass:
+        raise RowError("encrypted_document", "PDF is encrypted and needs a password")
+    if pdf.page_count == 0:
+        raise RowError("empty_document", "PDF has no pages")
+    yield pdf.page_count
+    for index in range(pdf.page_count):
+        yield _PdfPage(pdf, index)
+
+
+class _PdfPage:
+    def __init__(self, pdf, index: int):
+        self.pdf, self.index = pdf, index
+
+    def __call__(self, opts: RenderOptions, longest_edge: int):
+        page = self.pdf.load_page(self.index)
+        try:
+            return render_pdf_page(page, opts, longest_edge)
+        finally:
+            del page  # release the page's display list before the next one
+
+
+def _image_frames(data: bytes, media_type: str) -> Iterator:
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        img = Image.open(io.BytesIO(data))
+        frames = getattr(img, "n_frames", 1)  # multi-page TIFF, animated GIF/WebP: each frame is a page
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise RowError("corrupt_document", f"cannot open {media_type}: {describe(exc)}") from None
+    yield frames
+    for index in range(frames):
+        yield _ImageFrame(img, index, ImageOps)
+
+
+class _ImageFrame:
+    def __init__(self, img, index: int, image_ops):
+        self.img, self.index, self.ops = img, index, image_ops
+
+    def __call__(self, opts: RenderOptions, longest_edge: int):
+        from PIL import Image
+
+        w, h = self.img.size
+        if w * h > opts.max_pixels * 4:
+            # Decoding would allocate a huge buffer; scaling after decode is too late.
+            raise RowError("render_error", f"image is {w}x{h} pixels, over 4 x max_pixels ({opts.max_pixels})")
+        try:
+            self.img.seek(self.index)
+            frame = self.ops.exif_transpose(self.img)  # scanners and phones store rotation in EXIF
+            return render_image(frame, opts, longest_edge)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            raise RowError("image_decode_error", describe(exc)) from None

@@ -1,0 +1,38 @@
+"""Errors that end a run, and the shape of errors that become rows.
+
+Per-document and per-page failures never raise across a batch boundary: they become
+rows with an error_type and error_message. Only the problems below stop a run.
+"""
+
+from __future__ import annotations
+
+
+class FatalError(Exception):
+    """A problem with the run as a whole: reported in one line, exit code 2."""
+
+
+class InputError(FatalError):
+    """An INPUT argument names nothing that exists."""
+
+
+class OutputError(FatalError):
+    """The output location can't be created or written."""
+
+
+class ModelLoadError(FatalError):
+    """The model or its processor could not be loaded."""
+
+
+class RowError(Exception):
+    """A failure that belongs to one document or page; turned into a row by the stage that catches it."""
+
+    def __init__(self, error_type: str, message: str):
+        super().__init__(message)
+        self.error_type = error_type
+        self.message = message
+
+
+def describe(exc: BaseException, limit: int = 500) -> str:
+    """One line naming the exception, short enough for a Parquet cell."""
+    text = f"{type(exc).__name__}: {exc}".replace("\n", " ").strip()
+    return text if len(text) <= limit else text[: limit - 1] + "…"

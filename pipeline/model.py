@@ -1,0 +1,118 @@
+"""Load the vision-language model and its processor; pick device, dtype and attention.
+
+torch and transformers are imported inside functions: the driver, the CLI and the
+CPU stages don't pay for them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import TINY_MODEL, ModelOptions
+from pipeline.errors import ModelLoadError, describe
+
+
+def resolve_checkpoint(name: str) -> str:
+    """A hub id or a local path for ``from_pretrained``; 'tiny-random' is built locally once and cached."""
+    if name == TINY_MODEL:
+        from pipeline.tiny import ensure_tiny_checkpoint
+
+        return str(ensure_tiny_checkpoint())
+    return name
+
+
+def pick_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pick_dtype(opts: ModelOptions, device: str):
+    import torch
+
+    if opts.dtype != "auto":
+        return getattr(torch, opts.dtype)
+    if device == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32  # bf16 matmuls on most CPUs are emulated and slow
+
+
+def pick_attention(opts: ModelOptions, device: str) -> str:
+    if opts.attention != "auto":
+        return opts.attention
+    if device == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def render_edge_for(checkpoint: str, opts: ModelOptions) -> int:
+    """Longest page side the processor makes full use of.
+
+    Idefics2 splits a page into 4 crops before resizing each to longest_edge (and never
+    upscales), so a page rendered at twice longest_edge gives full-resolution crops.
+    """
+    config = _image_processor_config(checkpoint, opts)
+    size = config.get("size") or {}
+    longest = int(size.get("longest_edge") or max(size.get("height", 980), size.get("width", 980)))
+    splitting = opts.do_image_splitting and config.get("do_image_splitting", False)
+    if config.get("image_processor_type", "").startswith("Idefics2") and splitting:
+        return 2 * longest
+    return longest
+
+
+def _image_processor_config(checkpoint: str, opts: ModelOptions) -> dict[str, Any]:
+    import json
+
+    local = Path(checkpoint)
+    try:
+        if local.is_dir():
+            for name in ("preprocessor_config.json", "processor_config.json"):
+                if (local / name).exists():
+                    data = json.loads((local / name).read_text())
+                    return data.get("image_processor", data)
+        from transformers import AutoImageProcessor
+
+        proc = AutoImageProcessor.from_pretrained(
+            checkpoint, revision=opts.revision, trust_remote_code=opts.trust_remote_code
+        )
+        return proc.to_dict()
+    except Exception as exc:
+        raise ModelLoadError(f"cannot read the image processor of {checkpoint}: {describe(exc)}") from None
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    processor: Any
+    device: str
+    dtype: Any
+    attention: str
+    name: str  # as the user gave it, recorded in the pages rows
+
+
+def load_model(opts: ModelOptions, checkpoint: str | None = None) -> LoadedModel:
+    """Load through the Auto classes so Idefics2's successors (Idefics3, SmolVLM) load the same way."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    checkpoint = checkpoint or resolve_checkpoint(opts.name)
+    device = pick_device()
+    dtype = pick_dtype(opts, device)
+    attention = pick_attention(opts, device)
+    common = {"revision": opts.revision, "trust_remote_code": opts.trust_remote_code}
+    try:
+        processor = AutoProcessor.from_pretrained(checkpoint, **common)
+        model = AutoModelForImageTextToText.from_pretrained(
+            checkpoint, dtype=dtype, attn_implementation=attention, **common
+        )
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load model {opts.name!r}: {describe(exc)}") from None
+    processor.tokenizer.padding_side = "left"  # decoder-only generation appends on the right
+    if hasattr(processor.image_processor, "do_image_splitting"):
+        processor.image_processor.do_image_splitting = opts.do_image_splitting
+    model = model.to(device).eval()
+    torch.set_grad_enabled(False)
+    return LoadedModel(model, processor, device, dtype, attention, opts.name)

@@ -1,0 +1,50 @@
+"""The records that flow between stages inside a run.
+
+A run's stream carries two kinds of record: one ``document`` record per input (what was
+found when it was opened) and one ``page`` record per page. Both kinds share one Arrow
+schema so Ray blocks never disagree on column types.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import pyarrow as pa
+
+DOCUMENT = "document"
+PAGE = "page"
+
+RENDERED_SCHEMA = pa.schema(
+    [
+        ("kind", pa.string()),
+        ("source_uri", pa.string()),
+        ("doc_id", pa.string()),
+        ("size_bytes", pa.int64()),
+        ("media_type", pa.string()),
+        ("page_number", pa.int32()),
+        ("page_count", pa.int32()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("image", pa.binary()),  # encoded page image (PNG or JPEG); null on error
+        ("status", pa.string()),
+        ("error_type", pa.string()),
+        ("error_message", pa.string()),
+    ]
+)
+
+# What the model stage returns: the page image is dropped, the model's answer added.
+RESULT_SCHEMA = pa.schema(
+    [f for f in RENDERED_SCHEMA if f.name != "image"]
+    + [
+        pa.field("text", pa.large_string()),
+        pa.field("model", pa.string()),
+        pa.field("output_tokens", pa.int32()),
+        pa.field("finish_reason", pa.string()),
+    ]
+)
+
+
+def to_table(rows: Iterable[dict[str, Any]], schema: pa.Schema) -> pa.Table:
+    """Build a table with exactly ``schema``'s columns; keys a row lacks are null."""
+    rows = list(rows)
+    return pa.Table.from_pydict({name: [r.get(name) for r in rows] for name in schema.names}, schema=schema)

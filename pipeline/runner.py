@@ -1,0 +1,137 @@
+"""The Ray wiring, and the only module that knows about Ray.
+
+One Ray Data plan per run: inputs -> read and render (CPU tasks, lazily, page by page)
+-> model (a fixed-size actor pool, one actor per GPU) -> the driver's sink, which writes
+Parquet as results stream in and accounts for every input document.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline import __version__
+from pipeline.config import RunConfig
+from pipeline.documents import expand_document
+from pipeline.errors import InputError
+from pipeline.model import render_edge_for, resolve_checkpoint
+from pipeline.records import RENDERED_SCHEMA, RESULT_SCHEMA, to_table
+from pipeline.sink import RunSink, prepare_output
+from pipeline.sources import list_inputs
+from schemas import RunManifest
+
+
+@dataclass
+class RunResult:
+    manifest: RunManifest
+    output: str
+
+    @property
+    def pages_per_s(self) -> float:
+        return self.manifest.timings["pages_per_s"]
+
+
+def _expand_documents(batch, render_opts, longest_edge: int):
+    """Ray Data UDF: document refs in, one-record tables out; a generator, so pages stream out lazily."""
+    for uri in batch.column("source_uri").to_pylist():
+        for rec in expand_document(uri, render_opts, longest_edge):
+            yield to_table([rec], RENDERED_SCHEMA)
+
+
+def _ocr_actor(model_opts):
+    """Ray Data actor UDF around OcrStage; the model loads once per actor, in __init__.
+
+    The options are bound in the class rather than passed as constructor arguments, which
+    Ray would park in the object store where an actor restart could lose them.
+    """
+
+    class OcrActor:
+        def __init__(self):
+            from pipeline.ocr import OcrStage
+
+            self.stage = OcrStage(model_opts)
+
+        def __call__(self, batch):
+            return to_table(self.stage(batch.to_pylist()), RESULT_SCHEMA)
+
+    return OcrActor
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+def init_ray() -> None:
+    """Join the cluster named by RAY_ADDRESS, or start a local Ray instance."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False, logging_level="WARNING")
+
+
+def run(config: RunConfig) -> RunResult:
+    started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    t0 = time.perf_counter()
+    refs = list_inputs(config.inputs)
+    if not refs:
+        raise InputError("no files found in: " + " ".join(config.inputs))
+    out = prepare_output(config.output)
+    checkpoint = resolve_checkpoint(config.model.name)
+    longest_edge = config.render.longest_edge or render_edge_for(checkpoint, config.model)
+    run_id = new_run_id()
+    sink = RunSink(out, run_id, refs, config.rows_per_file)
+
+    import ray
+    import ray.data
+
+    init_ray()
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = config.progress
+    ctx.print_on_execution_start = config.progress
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    cpus = ray.cluster_resources().get("CPU", 1)
+    actors = config.num_actors or max(gpus, 1)
+    # Model start-up is expensive, so the pool has a fixed size rather than autoscaling.
+    actor_resources: dict[str, Any] = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": min(1.0, cpus / 2)}
+    # Host memory for staging weights. Requesting it also makes the model stage's resources differ
+    # from the render stage's, so Ray won't fuse rendering into the model's process: CPU rendering
+    # must overlap the model's work, not queue behind it.
+    actor_resources["memory"] = int(config.actor_memory_gb * 2**30)
+    render_cpus = 1.0 if cpus >= 2 else 0.5
+
+    ds = ray.data.from_items([{"source_uri": r.source_uri} for r in refs], override_num_blocks=min(len(refs), 1000))
+    ds = ds.map_batches(
+        _expand_documents,
+        fn_kwargs={"render_opts": config.render, "longest_edge": longest_edge},
+        concurrency=config.read_concurrency,
+        batch_size=1,
+        batch_format="pyarrow",
+        num_cpus=render_cpus,
+    )
+    ds = ds.map_batches(
+        _ocr_actor(config.model),
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        batch_size=config.model.batch_size,
+        batch_format="pyarrow",
+        **actor_resources,
+    )
+    pages_seen = 0
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        records = batch.to_pylist()
+        pages_seen += sum(1 for r in records if r["kind"] != "document")
+        sink.consume(records)
+
+    wall = time.perf_counter() - t0
+    manifest = sink.close(
+        config=config.model_dump(mode="json"),
+        started_at=started_at,
+        finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        timings={"wall_s": round(wall, 3), "pages_per_s": round(pages_seen / wall, 4) if wall else 0.0},
+        version=__version__,
+    )
+    return RunResult(manifest, out)
+

@@ -1,0 +1,205 @@
+"""Where results land: Parquet tables under OUT, the per-document ledger, and the run manifest.
+
+Files are written under a name readers ignore (leading underscore) and renamed when
+complete, so a dataset reader never sees half a file. ``_runs/<run_id>.json`` is written
+last: its presence marks a finished run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.errors import OutputError, describe
+from pipeline.records import DOCUMENT
+from pipeline.sources import DocumentRef
+from schemas import DOCUMENTS_SCHEMA, PAGES_SCHEMA, RunManifest
+
+
+def prepare_output(output: str) -> str:
+    """Create OUT and check it can be written; a fatal error otherwise."""
+    out = os.path.abspath(output)
+    try:
+        if os.path.exists(out) and not os.path.isdir(out):
+            raise OutputError(f"output is a file, not a folder: {output}")
+        for sub in ("pages", "documents", "_runs"):
+            os.makedirs(os.path.join(out, sub), exist_ok=True)
+        probe = os.path.join(out, "_runs", f".probe-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OutputError:
+        raise
+    except OSError as exc:
+        raise OutputError(f"cannot write to output {output}: {describe(exc)}") from None
+    return out
+
+
+class TableWriter:
+    """Rows of one table, rolled into Parquet files of at most ``rows_per_file`` rows."""
+
+    def __init__(self, out: str, table: str, schema: pa.Schema, run_id: str, rows_per_file: int):
+        self.out, self.table, self.schema, self.run_id = out, table, schema, run_id
+        self.rows_per_file = rows_per_file
+        self.files: list[str] = []
+        self._writer: pq.ParquetWriter | None = None
+        self._rows_in_file = 0
+        self.rows = 0
+
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        while rows:
+            if self._writer is None:
+                self._open()
+            take = rows[: self.rows_per_file - self._rows_in_file]
+            rows = rows[len(take) :]
+            self._writer.write_table(pa.Table.from_pylist(take, schema=self.schema))
+            self._rows_in_file += len(take)
+            self.rows += len(take)
+            if self._rows_in_file >= self.rows_per_file:
+                self._seal()
+
+    def close(self) -> list[str]:
+        if self._writer is None and not self.files:
+            self._open()  # an empty file still carries the schema, so readers of the folder always work
+        if self._writer is not None:
+            self._seal()
+        return self.files
+
+    def _name(self) -> str:
+        return f"{self.table}/part-{self.run_id}-{len(self.files):05d}.parquet"
+
+    def _open(self) -> None:
+        final = self._name()
+        self._tmp = os.path.join(self.out, os.path.dirname(final), "_tmp-" + os.path.basename(final))
+        self._writer = pq.ParquetWriter(self._tmp, self.schema, compression="zstd")
+        self._rows_in_file = 0
+
+    def _seal(self) -> None:
+        final = self._name()
+        self._writer.close()
+        os.replace(self._tmp, os.path.join(self.out, final))
+        self.files.append(final)
+        self._writer = None
+
+
+class DocumentLedger:
+    """Turns the stream of document and page records into exactly one documents row per input."""
+
+    def __init__(self, refs: list[DocumentRef], run_id: str):
+        self.run_id = run_id
+        self.expected = {r.source_uri: r for r in refs}
+        self.open: dict[str, dict[str, Any]] = {}
+        self.done: set[str] = set()
+
+    def _state(self, uri: str) -> dict[str, Any]:
+        return self.open.setdefault(uri, {"doc": None, "pages": 0, "failed": 0, "first_error": None})
+
+    def add(self, rec: dict[str, Any]) -> dict[str, Any] | None:
+        """Record one stream record; return the document's row once all of it has been seen."""
+        st = self._state(rec["source_uri"])
+        if rec["kind"] == DOCUMENT:
+            st["doc"] = rec
+        else:
+            st["pages"] += 1
+            if rec["status"] != "ok":
+                st["failed"] += 1
+                st["first_error"] = st["first_error"] or (rec["error_type"], rec["error_message"], rec["page_number"])
+        doc = st["doc"]
+        if doc is not None and (doc["status"] != "ok" or st["pages"] >= (doc["page_count"] or 0)):
+            return self._finish(rec["source_uri"])
+        return None
+
+    def _finish(self, uri: str, lost: str | None = None) -> dict[str, Any]:
+        st = self.open.pop(uri, None) or {"doc": None, "pages": 0, "failed": 0, "first_error": None}
+        self.done.add(uri)
+        doc = st["doc"] or {}
+        ref = self.expected.get(uri)
+        row = {
+            "doc_id": doc.get("doc_id"),
+            "source_uri": uri,
+            "size_bytes": doc.get("size_bytes", ref.size_bytes if ref else None),
+            "media_type": doc.get("media_type"),
+            "page_count": doc.get("page_count"),
+            "status": doc.get("status", "error"),
+            "error_type": doc.get("error_type"),
+            "error_message": doc.get("error_message"),
+            "run_id": self.run_id,
+        }
+        if lost:
+            row.update(status="error", error_type="lost", error_message=lost)
+        elif row["status"] == "ok" and st["failed"]:
+            etype, emsg, number = st["first_error"]
+            total = row["page_count"]
+            if st["failed"] >= total:
+                row.update(status="error", error_type="all_pages_failed")
+            else:
+                row.update(status="partial", error_type=etype)
+            row["error_message"] = f"{st['failed']} of {total} pages failed; first, page {number}: {etype}: {emsg}"
+        return row
+
+    def finish_all(self) -> list[dict[str, Any]]:
+        """Rows for every input not yet accounted for: nothing is dropped without a trace."""
+        rows = []
+        for uri in list(self.open):
+            st = self.open[uri]
+            expected = st["doc"]["page_count"] if st["doc"] else None
+            rows.append(self._finish(uri, lost=f"only {st['pages']} of {expected} pages came back from the pipeline"))
+        for uri in self.expected:
+            if uri not in self.done:
+                rows.append(self._finish(uri, lost="the document never came back from the pipeline"))
+        return rows
+
+
+class RunSink:
+    """Consumes the run's result stream on the driver: writes pages as they come, documents as they complete."""
+
+    def __init__(self, out: str, run_id: str, refs: list[DocumentRef], rows_per_file: int):
+        self.out, self.run_id = out, run_id
+        self.pages = TableWriter(out, "pages", PAGES_SCHEMA, run_id, rows_per_file)
+        self.documents = TableWriter(out, "documents", DOCUMENTS_SCHEMA, run_id, rows_per_file)
+        self.ledger = DocumentLedger(refs, run_id)
+        self.page_counts: Counter[str] = Counter()
+        self.doc_counts: Counter[str] = Counter()
+
+    def consume(self, records: list[dict[str, Any]]) -> None:
+        page_rows, doc_rows = [], []
+        for rec in records:
+            if rec["kind"] != DOCUMENT:
+                page_rows.append({name: rec.get(name) for name in PAGES_SCHEMA.names} | {"run_id": self.run_id})
+            finished = self.ledger.add(rec)
+            if finished:
+                doc_rows.append(finished)
+        self._write(page_rows, doc_rows)
+
+    def _write(self, page_rows, doc_rows) -> None:
+        self.pages.write(page_rows)
+        self.documents.write(doc_rows)
+        self.page_counts.update(r["status"] for r in page_rows)
+        self.doc_counts.update(r["status"] for r in doc_rows)
+
+    def close(self, *, config: dict[str, Any], started_at: str, finished_at: str, timings: dict[str, float],
+              version: str) -> RunManifest:
+        self._write([], self.ledger.finish_all())
+        files = {"pages": self.pages.close(), "documents": self.documents.close()}
+        manifest = RunManifest(
+            run_id=self.run_id,
+            docpipe_version=version,
+            started_at=started_at,
+            finished_at=finished_at,
+            config=config,
+            documents=dict(self.doc_counts) | {"total": sum(self.doc_counts.values())},
+            pages=dict(self.page_counts) | {"total": sum(self.page_counts.values())},
+            timings=timings,
+            files=files,
+        )
+        path = os.path.join(self.out, "_runs", f"{self.run_id}.json")
+        tmp = os.path.join(self.out, "_runs", f"_tmp-{self.run_id}.json")
+        with open(tmp, "w") as f:
+            json.dump(manifest.model_dump(mode="json"), f, indent=2)
+        os.replace(tmp, path)
+        return manifest

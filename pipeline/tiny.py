@@ -1,0 +1,151 @@
+"""Build a tiny, random Idefics2 checkpoint locally (no hub access needed).
+
+It has the real model's processor, chat template, special tokens, image sizes and
+image splitting, so everything around the model behaves as with idefics2-8b; only
+the weights are random, so its text is meaningless. Used by tests and CPU demos.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+# Bump when the recipe changes, so cached checkpoints are rebuilt.
+TINY_VERSION = 1
+
+# Copied from HuggingFaceM4/idefics2-8b's processor configuration.
+IDEFICS2_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{message['role'].capitalize()}}"
+    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<fake_token_around_image>", "<image>", "<end_of_utterance>"]
+IMAGE_SEQ_LEN = 64  # perceiver latents per image, as in idefics2-8b
+
+_CORPUS = """
+Invoice Receipt Total Subtotal Tax Date Due Amount Quantity Price Description Item Number Customer
+Vendor Address Phone Email Page Table Report Summary Section Chapter Figure Notes Account Balance
+The quick brown fox jumps over the lazy dog. Transcribe all the text on this page, in reading order.
+Render tables as Markdown tables. Return only the transcription. | --- | 0 1 2 3 4 5 6 7 8 9 $ % , . :
+{"key": "value", "items": [1, 2.5, true, false, null]} User Assistant
+"""
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("DOCPIPE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "docpipe")
+    return Path(root) / "models" / f"tiny-random-idefics2-v{TINY_VERSION}"
+
+
+def ensure_tiny_checkpoint(path: Path | None = None) -> Path:
+    """Return the tiny checkpoint's folder, building it once. Safe to call from several processes."""
+    path = Path(path) if path else default_cache_dir()
+    if (path / "config.json").exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename: a reader never sees a half-written checkpoint.
+    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=path.parent))
+    try:
+        build_tiny_checkpoint(tmp)
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            if not (path / "config.json").exists():  # lost a race only if the winner finished
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def build_tokenizer():
+    """A small byte-level BPE tokenizer with Idefics2's special tokens and conventions."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<unk>", "<s>", "</s>"],  # ids 0, 1, 2 as in the Llama/Mistral vocabulary
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<unk>",  # idefics2-8b pads with <unk>
+        padding_side="left",
+        model_max_length=32768,
+    )
+    fast.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS})
+    return fast
+
+
+def build_tiny_checkpoint(dest: Path, seed: int = 0) -> None:
+    import torch
+    from transformers import Idefics2Config, Idefics2ForConditionalGeneration, Idefics2ImageProcessor, Idefics2Processor
+
+    tokenizer = build_tokenizer()
+    image_processor = Idefics2ImageProcessor(
+        do_image_splitting=True, size={"longest_edge": 980, "shortest_edge": 378}
+    )
+    processor = Idefics2Processor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        image_seq_len=IMAGE_SEQ_LEN,
+        chat_template=IDEFICS2_CHAT_TEMPLATE,
+    )
+    vocab = len(tokenizer)
+    config = Idefics2Config(
+        text_config={
+            "model_type": "mistral",
+            "vocab_size": vocab,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 4096,
+            "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+        },
+        # The real vision tower's geometry (980 px, 14 px patches), far fewer channels and layers.
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 980,
+            "patch_size": 14,
+        },
+        perceiver_config={
+            "hidden_size": 64,
+            "rms_norm_eps": 1e-5,
+            "resampler_n_latents": IMAGE_SEQ_LEN,
+            "resampler_depth": 1,
+            "resampler_n_heads": 2,
+            "resampler_head_dim": 16,
+            "num_key_value_heads": 1,
+        },
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = Idefics2ForConditionalGeneration(config).eval()
+    gen = model.generation_config
+    gen.bos_token_id = tokenizer.bos_token_id
+    gen.pad_token_id = tokenizer.pad_token_id
+    gen.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_utterance>")]
+    model.save_pretrained(dest)
+    processor.save_pretrained(dest)
+    (dest / "docpipe_tiny.json").write_text(json.dumps({"tiny_version": TINY_VERSION, "seed": seed}))

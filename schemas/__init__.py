@@ -1,0 +1,30 @@
+"""docpipe's output contract: pydantic row models and the matching Arrow schemas.
+
+Importable without torch or Ray, so lake readers and tests can depend on it alone.
+"""
+
+from schemas.contract import (
+    CONTRACT_VERSION,
+    DOCUMENTS_SCHEMA,
+    PAGES_SCHEMA,
+    DocumentRow,
+    DocumentStatus,
+    ErrorType,
+    FinishReason,
+    PageRow,
+    PageStatus,
+    RunManifest,
+)
+
+__all__ = [
+    "CONTRACT_VERSION",
+    "DOCUMENTS_SCHEMA",
+    "PAGES_SCHEMA",
+    "DocumentRow",
+    "DocumentStatus",
+    "ErrorType",
+    "FinishReason",
+    "PageRow",
+    "PageStatus",
+    "RunManifest",
+]

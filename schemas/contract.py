@@ -1,0 +1,137 @@
+"""Rows docpipe writes, as pydantic models and as explicit Arrow schemas.
+
+The two descriptions are kept side by side and a test checks that they agree, so a
+column can't be added to one and forgotten in the other.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any
+
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field
+
+CONTRACT_VERSION = 1
+
+
+class PageStatus(str, Enum):
+    ok = "ok"
+    error = "error"
+
+
+class DocumentStatus(str, Enum):
+    ok = "ok"
+    partial = "partial"  # opened, but at least one page failed
+    error = "error"  # could not be opened, or no page succeeded
+
+
+class FinishReason(str, Enum):
+    stop = "stop"  # the model ended its answer itself
+    length = "length"  # cut off at max_new_tokens
+
+
+class ErrorType(str, Enum):
+    """Stable names for what went wrong; error_message carries the detail."""
+
+    empty_file = "empty_file"
+    unsupported_media_type = "unsupported_media_type"
+    corrupt_document = "corrupt_document"
+    encrypted_document = "encrypted_document"
+    read_error = "read_error"
+    empty_document = "empty_document"
+    render_error = "render_error"
+    image_decode_error = "image_decode_error"
+    model_error = "model_error"
+    all_pages_failed = "all_pages_failed"
+    lost = "lost"  # the pipeline never reported back on it; recorded rather than dropped
+
+
+class _Row(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_enum_values=True)
+
+
+class PageRow(_Row):
+    """One row of ``OUT/pages/*.parquet``: one rendered page and what the model read on it."""
+
+    doc_id: str = Field(description="Hex SHA-256 of the document's bytes.")
+    source_uri: str = Field(description="Where the document was read from.")
+    page_number: int = Field(ge=1, description="1-based page (or image frame) number.")
+    page_count: int = Field(ge=1, description="Pages in the document.")
+    width: int | None = Field(None, description="Rendered width in pixels; null if rendering failed.")
+    height: int | None = Field(None, description="Rendered height in pixels; null if rendering failed.")
+    status: PageStatus
+    text: str | None = Field(None, description="Model output for the page; null on error.")
+    error_type: ErrorType | None = None
+    error_message: str | None = None
+    model: str | None = Field(None, description="Model id or path that produced the text.")
+    output_tokens: int | None = Field(None, ge=0, description="Tokens generated for this page.")
+    finish_reason: FinishReason | None = None
+    run_id: str
+
+
+class DocumentRow(_Row):
+    """One row of ``OUT/documents/*.parquet``: exactly one per input document per run."""
+
+    doc_id: str | None = Field(None, description="Hex SHA-256 of the bytes; null only if they could not be read.")
+    source_uri: str
+    size_bytes: int | None = Field(None, ge=0)
+    media_type: str | None = Field(None, description="Sniffed from the bytes, e.g. application/pdf, image/png.")
+    page_count: int | None = Field(None, ge=0, description="Pages found; null if the document could not be opened.")
+    status: DocumentStatus
+    error_type: ErrorType | None = None
+    error_message: str | None = None
+    run_id: str
+
+
+class RunManifest(BaseModel):
+    """``OUT/_runs/<run_id>.json``, written last: its presence marks a finished run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run_id: str
+    contract_version: int = CONTRACT_VERSION
+    docpipe_version: str
+    started_at: str
+    finished_at: str
+    config: dict[str, Any]
+    documents: dict[str, int] = Field(description="Document counts by status, plus 'total'.")
+    pages: dict[str, int] = Field(description="Page counts by status, plus 'total'.")
+    timings: dict[str, float] = Field(description="Seconds, and pages_per_s over the whole run.")
+    files: dict[str, list[str]] = Field(description="Parquet files this run wrote, relative to OUT.")
+
+
+PAGES_SCHEMA = pa.schema(
+    [
+        pa.field("doc_id", pa.string(), nullable=False),
+        pa.field("source_uri", pa.string(), nullable=False),
+        pa.field("page_number", pa.int32(), nullable=False),
+        pa.field("page_count", pa.int32(), nullable=False),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("text", pa.large_string()),
+        pa.field("error_type", pa.string()),
+        pa.field("error_message", pa.string()),
+        pa.field("model", pa.string()),
+        pa.field("output_tokens", pa.int32()),
+        pa.field("finish_reason", pa.string()),
+        pa.field("run_id", pa.string(), nullable=False),
+    ],
+    metadata={"docpipe.contract_version": str(CONTRACT_VERSION), "docpipe.table": "pages"},
+)
+
+DOCUMENTS_SCHEMA = pa.schema(
+    [
+        pa.field("doc_id", pa.string()),
+        pa.field("source_uri", pa.string(), nullable=False),
+        pa.field("size_bytes", pa.int64()),
+        pa.field("media_type", pa.string()),
+        pa.field("page_count", pa.int32()),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("error_type", pa.string()),
+        pa.field("error_message", pa.string()),
+        pa.field("run_id", pa.string(), nullable=False),
+    ],
+    metadata={"docpipe.contract_version": str(CONTRACT_VERSION), "docpipe.table": "documents"},
+)

@@ -1,0 +1,36 @@
+import subprocess
+import sys
+
+import pyarrow as pa
+import pytest
+from pydantic import ValidationError
+
+from schemas import DOCUMENTS_SCHEMA, PAGES_SCHEMA, DocumentRow, PageRow
+
+PY_TO_ARROW = {int: {pa.int32(), pa.int64()}, str: {pa.string(), pa.large_string()}}
+
+
+@pytest.mark.parametrize("model,schema", [(PageRow, PAGES_SCHEMA), (DocumentRow, DOCUMENTS_SCHEMA)])
+def test_pydantic_and_arrow_contracts_agree(model, schema):
+    assert list(model.model_fields) == schema.names
+    for name, field in model.model_fields.items():
+        arrow = schema.field(name)
+        required = field.is_required() and type(None) not in getattr(field.annotation, "__args__", ())
+        assert arrow.nullable != required, f"{name}: nullable={arrow.nullable} but required={required}"
+
+
+def test_rows_reject_unknown_status_and_columns():
+    ok = dict(doc_id="a" * 64, source_uri="x.pdf", page_number=1, page_count=1, status="ok", run_id="r")
+    PageRow(**ok)
+    with pytest.raises(ValidationError):
+        PageRow(**{**ok, "status": "maybe"})
+    with pytest.raises(ValidationError):
+        PageRow(**{**ok, "surprise": 1})
+    with pytest.raises(ValidationError):
+        DocumentRow(source_uri="x", status="partial", run_id="r", error_type="not-a-type")
+
+
+def test_schemas_import_without_torch_or_ray():
+    code = "import sys, schemas; bad = [m for m in ('torch', 'ray', 'transformers') if m in sys.modules]; print(bad)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -1,0 +1,110 @@
+import hashlib
+import io
+
+import pymupdf
+import pytest
+from PIL import Image
+
+from pipeline.config import RenderOptions
+from pipeline.documents import expand_document, sniff_media_type
+from pipeline.errors import InputError
+from pipeline.sources import list_inputs
+
+OPTS = RenderOptions()
+
+
+def expand(path, edge=1960, opts=OPTS):
+    recs = list(expand_document(str(path), opts, edge))
+    return recs[0], recs[1:]
+
+
+def test_pdf_expands_to_one_record_per_page_at_the_target_size(sample_docs):
+    path = sample_docs / "report.pdf"
+    doc, pages = expand(path)
+    expected = pymupdf.open(path).page_count
+    assert doc["status"] == "ok" and doc["page_count"] == expected == 3
+    assert doc["doc_id"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert doc["media_type"] == "application/pdf"
+    assert [p["page_number"] for p in pages] == [1, 2, 3]
+    for p in pages:
+        img = Image.open(io.BytesIO(p["image"]))
+        assert img.mode == "RGB" and max(img.size) == 1960 == max(p["width"], p["height"])
+        assert (img.width, img.height) == (p["width"], p["height"])
+
+
+def test_pages_are_rendered_lazily(sample_docs):
+    gen = expand_document(str(sample_docs / "report.pdf"), OPTS, 1960)
+    assert next(gen)["kind"] == "document"
+    first = next(gen)
+    assert first["page_number"] == 1  # the generator stops here: pages 2 and 3 are not yet rendered
+    assert gen.gi_frame is not None
+
+
+def test_multipage_tiff_frames_become_pages(sample_docs):
+    doc, pages = expand(sample_docs / "fax.tiff")
+    assert doc["media_type"] == "image/tiff" and doc["page_count"] == 2 == len(pages)
+    assert all(p["status"] == "ok" for p in pages)
+
+
+def test_images_are_never_enlarged(sample_docs):
+    doc, [page] = expand(sample_docs / "receipt.png")
+    assert (page["width"], page["height"]) == Image.open(sample_docs / "receipt.png").size
+
+
+@pytest.mark.parametrize(
+    "name,data,error_type",
+    [
+        ("empty.pdf", b"", "empty_file"),
+        ("noise.pdf", b"\x00garbage" * 100, "unsupported_media_type"),
+        ("notes.txt", b"just some text\n", "unsupported_media_type"),
+        ("broken.pdf", b"%PDF-1.7\n" + b"\x00" * 50, "corrupt_document"),
+        ("broken.png", b"\x89PNG\r\n\x1a\n" + b"\x00" * 50, "corrupt_document"),
+    ],
+)
+def test_bad_documents_become_error_records(tmp_path, name, data, error_type):
+    path = tmp_path / name
+    path.write_bytes(data)
+    doc, pages = expand(path)
+    assert pages == []
+    assert doc["status"] == "error" and doc["error_type"] == error_type and doc["error_message"]
+    assert doc["size_bytes"] == len(data)
+
+
+def test_encrypted_pdf_is_an_error_record(tmp_path):
+    pdf = pymupdf.open()
+    pdf.new_page().insert_text((72, 72), "secret")
+    path = tmp_path / "locked.pdf"
+    pdf.save(path, encryption=pymupdf.PDF_ENCRYPT_AES_256, user_pw="pw", owner_pw="owner")
+    doc, pages = expand(path)
+    assert (doc["status"], doc["error_type"], pages) == ("error", "encrypted_document", [])
+
+
+def test_pixel_cap_shrinks_huge_pages(tmp_path):
+    pdf = pymupdf.open()
+    pdf.new_page(width=14400, height=14400)  # 200 x 200 inches
+    path = tmp_path / "poster.pdf"
+    pdf.save(path)
+    _, [page] = expand(path, edge=100_000, opts=RenderOptions(max_pixels=1_000_000))
+    assert page["width"] * page["height"] <= 1_000_000
+
+
+def test_sniffing_ignores_file_names():
+    assert sniff_media_type(b"%PDF-1.4 ...") == "application/pdf"
+    assert sniff_media_type(b"RIFF\x00\x00\x00\x00WEBPVP8 ") == "image/webp"
+    assert sniff_media_type(b"\xff\xd8\xff\xe0") == "image/jpeg"
+    assert sniff_media_type(b"PK\x03\x04 docx") is None
+
+
+def test_listing_recurses_dedupes_and_keeps_unknown_types(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    for rel in ("a/x.pdf", "a/b/y.png", "a/b/z.docx"):
+        (tmp_path / rel).write_bytes(b"1")
+    refs = list_inputs([str(tmp_path / "a"), str(tmp_path / "a" / "x.pdf"), str(tmp_path / "a/**/*.png")])
+    assert [r.source_uri.removeprefix(str(tmp_path)) for r in refs] == ["/a/b/y.png", "/a/b/z.docx", "/a/x.pdf"]
+
+
+def test_listing_a_missing_input_is_fatal(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        list_inputs([str(tmp_path / "nope")])
+    with pytest.raises(InputError, match="matches no files"):
+        list_inputs([str(tmp_path / "*.pdf")])

@@ -1,0 +1,99 @@
+"""End to end through the real CLI: local Ray, real PyMuPDF rendering, the tiny Idefics2."""
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pymupdf
+import pytest
+from PIL import Image
+
+from schemas import DOCUMENTS_SCHEMA, PAGES_SCHEMA, DocumentRow, PageRow, RunManifest
+from tests.conftest import run_cli
+
+
+def expected_pages(path: Path) -> int | None:
+    if path.suffix == ".pdf":
+        try:
+            return pymupdf.open(path).page_count
+        except Exception:
+            return None
+    return getattr(Image.open(path), "n_frames", 1)
+
+
+@pytest.fixture(scope="module")
+def cli_run(sample_docs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out")
+    proc = run_cli("run", sample_docs, "--output", out, "--model", "tiny-random", "--max-new-tokens", "4",
+                   "--batch-size", "3", "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc, out
+
+
+def test_run_writes_the_contract(cli_run, sample_docs):
+    proc, out = cli_run
+    pages_t = pq.read_table(out / "pages")
+    docs_t = pq.read_table(out / "documents")
+    assert pages_t.schema.remove_metadata() == PAGES_SCHEMA.remove_metadata()
+    assert docs_t.schema.remove_metadata() == DOCUMENTS_SCHEMA.remove_metadata()
+    pages = [PageRow(**r) for r in pages_t.to_pylist()]
+    docs = [DocumentRow(**r) for r in docs_t.to_pylist()]
+
+    files = sorted(p for p in sample_docs.iterdir())
+    assert sorted(d.source_uri for d in docs) == [str(f) for f in files]  # exactly one row per document
+    by_uri = {d.source_uri: d for d in docs}
+
+    corrupt = by_uri[str(sample_docs / "corrupt.pdf")]
+    assert corrupt.status == "error" and corrupt.error_type == "unsupported_media_type" and corrupt.error_message
+
+    per_doc = Counter(p.source_uri for p in pages)
+    for f in files:
+        if f.name == "corrupt.pdf":
+            assert per_doc[str(f)] == 0
+            continue
+        d = by_uri[str(f)]
+        assert d.status == "ok", d
+        assert d.page_count == expected_pages(f) == per_doc[str(f)]
+        numbers = sorted(p.page_number for p in pages if p.source_uri == str(f))
+        assert numbers == list(range(1, d.page_count + 1))
+    for p in pages:
+        assert p.status == "ok" and p.text is not None and p.model == "tiny-random"
+        assert 1 <= p.output_tokens <= 4 and p.finish_reason in ("stop", "length")
+        assert p.doc_id == by_uri[p.source_uri].doc_id and p.page_count == by_uri[p.source_uri].page_count
+        if p.source_uri.endswith(".pdf"):
+            assert max(p.width, p.height) == 1960  # rendered at twice the processor's longest edge
+    assert len({p.run_id for p in pages} | {d.run_id for d in docs}) == 1
+
+
+def test_run_manifest_is_written_and_adds_up(cli_run, sample_docs):
+    proc, out = cli_run
+    [manifest_path] = list((out / "_runs").glob("*.json"))
+    m = RunManifest(**json.loads(manifest_path.read_text()))
+    assert m.documents == {"ok": 5, "error": 1, "total": 6}
+    assert m.pages["total"] == m.pages["ok"] == 9  # 3 + 2 + 1 + 1 + 2 pages
+    assert m.config["model"]["name"] == "tiny-random" and m.timings["wall_s"] > 0
+    for table, names in m.files.items():
+        assert all((out / n).exists() for n in names)
+    assert not [p for p in out.rglob("_tmp-*")]  # no half-written files left behind
+    assert f"documents  6 (error 1, ok 5)" in proc.stdout and m.run_id in proc.stdout
+
+
+def test_missing_input_is_fatal_with_one_line(tmp_path):
+    proc = run_cli("run", tmp_path / "missing", "--output", tmp_path / "out", "--model", "tiny-random")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"docpipe: error: input not found: {tmp_path / 'missing'}"]
+
+
+def test_unwritable_output_is_fatal(tmp_path, sample_docs):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    proc = run_cli("run", sample_docs / "receipt.png", "--output", blocker, "--model", "tiny-random")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"docpipe: error: output is a file, not a folder: {blocker}"]
+
+
+def test_bad_option_value_is_fatal(tmp_path, sample_docs):
+    proc = run_cli("run", sample_docs, "--output", tmp_path, "--batch-size", "0")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "batch_size" in proc.stderr

@@ -1,0 +1,66 @@
+import pyarrow.parquet as pq
+
+from pipeline.sink import DocumentLedger, TableWriter
+from pipeline.sources import DocumentRef
+from schemas import PAGES_SCHEMA
+
+
+def doc(uri, status="ok", pages=2, **kw):
+    return {"kind": "document", "source_uri": uri, "doc_id": "d", "status": status, "page_count": pages, **kw}
+
+
+def page(uri, n, status="ok", **kw):
+    return {"kind": "page", "source_uri": uri, "page_number": n, "status": status, "error_type": None,
+            "error_message": None, **kw}
+
+
+def test_ledger_finishes_a_document_once_all_pages_arrive_in_any_order():
+    ledger = DocumentLedger([DocumentRef("a"), DocumentRef("b")], "run")
+    assert ledger.add(page("a", 2)) is None
+    assert ledger.add(doc("a")) is None
+    row = ledger.add(page("a", 1))
+    assert row["status"] == "ok" and row["error_type"] is None
+    assert ledger.add(doc("b", status="error", pages=None, error_type="corrupt_document"))["status"] == "error"
+    assert ledger.finish_all() == []
+
+
+def test_ledger_marks_partial_and_all_failed_documents():
+    ledger = DocumentLedger([DocumentRef("a"), DocumentRef("b")], "run")
+    ledger.add(doc("a"))
+    ledger.add(page("a", 1))
+    row = ledger.add(page("a", 2, status="error", error_type="render_error", error_message="boom"))
+    assert row["status"] == "partial" and row["error_type"] == "render_error"
+    assert row["error_message"] == "1 of 2 pages failed; first, page 2: render_error: boom"
+    ledger.add(doc("b", pages=1))
+    row = ledger.add(page("b", 1, status="error", error_type="model_error", error_message="x"))
+    assert row["status"] == "error" and row["error_type"] == "all_pages_failed"
+
+
+def test_ledger_records_documents_that_never_came_back():
+    ledger = DocumentLedger([DocumentRef("a", 10), DocumentRef("b", 20)], "run")
+    ledger.add(doc("a", pages=3))
+    ledger.add(page("a", 1))
+    rows = {r["source_uri"]: r for r in ledger.finish_all()}
+    assert rows["a"]["status"] == "error" and rows["a"]["error_type"] == "lost"
+    assert "only 1 of 3 pages" in rows["a"]["error_message"]
+    assert rows["b"]["error_type"] == "lost" and rows["b"]["size_bytes"] == 20
+
+
+def test_table_writer_rolls_files_and_renames_them_when_complete(tmp_path):
+    (tmp_path / "pages").mkdir()
+    w = TableWriter(str(tmp_path), "pages", PAGES_SCHEMA, "r1", rows_per_file=2)
+    rows = [dict(doc_id="d", source_uri="s", page_number=i, page_count=5, status="ok", run_id="r1") for i in range(1, 6)]
+    w.write(rows[:3])
+    assert sorted(p.name for p in (tmp_path / "pages").iterdir()) == ["_tmp-part-r1-00001.parquet",
+                                                                       "part-r1-00000.parquet"]
+    assert pq.read_table(tmp_path / "pages").num_rows == 2  # readers skip the file still being written
+    w.write(rows[3:])
+    assert w.close() == ["pages/part-r1-00000.parquet", "pages/part-r1-00001.parquet", "pages/part-r1-00002.parquet"]
+    assert pq.read_table(tmp_path / "pages")["page_number"].to_pylist() == [1, 2, 3, 4, 5]
+
+
+def test_table_writer_leaves_an_empty_file_with_the_schema(tmp_path):
+    (tmp_path / "pages").mkdir()
+    w = TableWriter(str(tmp_path), "pages", PAGES_SCHEMA, "r1", rows_per_file=10)
+    assert w.close() == ["pages/part-r1-00000.parquet"]
+    assert pq.read_table(tmp_path / "pages").schema.names == PAGES_SCHEMA.names
