@@ -67,7 +67,7 @@ def to_rgb(img):
 
         arr = np.asarray(img, dtype=np.float64)
         top = arr.max() or 1.0
-        img = Image.fromarray((arr * (255.0 / (65535.0 if top > 255 else 255.0))).clip(0, 255).astype("uint8"))
+        img = Image.fromarray((arr * (255.0 / (65535.0 if top > 255 else 255.0))).round().clip(0, 255).astype("uint8"))
     if img.mode == "P":
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA"):

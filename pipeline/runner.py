@@ -7,6 +7,7 @@ Parquet as results stream in and accounts for every input document.
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import time
@@ -91,6 +92,8 @@ def run(config: RunConfig) -> RunResult:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = config.progress
     ctx.print_on_execution_start = config.progress
+    if not config.progress:
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
 
     gpus = int(ray.cluster_resources().get("GPU", 0))
     cpus = ray.cluster_resources().get("CPU", 1)

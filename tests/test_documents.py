@@ -108,3 +108,44 @@ def test_listing_a_missing_input_is_fatal(tmp_path):
         list_inputs([str(tmp_path / "nope")])
     with pytest.raises(InputError, match="matches no files"):
         list_inputs([str(tmp_path / "*.pdf")])
+
+
+def _save(img, path, **kw):
+    img.save(path, **kw)
+    return path
+
+
+@pytest.mark.parametrize(
+    "name,make,media_type,frames",
+    [
+        ("a.webp", lambda p: _save(Image.new("RGB", (64, 48), "red"), p), "image/webp", 1),
+        ("a.bmp", lambda p: _save(Image.new("RGB", (64, 48), "red"), p), "image/bmp", 1),
+        ("a.gif", lambda p: _save(Image.new("RGB", (64, 48), "red"), p, save_all=True,
+                                  append_images=[Image.new("RGB", (64, 48), "blue")]), "image/gif", 2),
+        ("deep.png", lambda p: _save(Image.new("I;16", (64, 48), 40000), p), "image/png", 1),
+        ("alpha.png", lambda p: _save(Image.new("RGBA", (64, 48), (0, 0, 0, 0)), p), "image/png", 1),
+        ("cmyk.jpg", lambda p: _save(Image.new("CMYK", (64, 48), (0, 0, 0, 0)), p), "image/jpeg", 1),
+    ],
+)
+def test_image_formats_become_rgb_pages(tmp_path, name, make, media_type, frames):
+    path = make(tmp_path / name)
+    doc, pages = expand(path)
+    assert doc["media_type"] == media_type and doc["page_count"] == frames == len(pages)
+    for p in pages:
+        assert p["status"] == "ok", p
+        img = Image.open(io.BytesIO(p["image"]))
+        assert img.mode == "RGB" and img.size == (64, 48)
+    px = Image.open(io.BytesIO(pages[0]["image"])).getpixel((0, 0))
+    if name == "deep.png":
+        assert px == (156, 156, 156)  # 40000 / 65535 of white, not clipped to 255
+    if name in ("alpha.png", "cmyk.jpg"):
+        assert px == (255, 255, 255)  # transparent on white; CMYK (0,0,0,0) is white
+
+
+def test_exif_rotation_is_applied(tmp_path):
+    img = Image.new("RGB", (80, 40), "white")
+    exif = img.getexif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    path = _save(img, tmp_path / "phone.jpg", exif=exif.tobytes())
+    _, [page] = expand(path)
+    assert (page["width"], page["height"]) == (40, 80)
