@@ -16,7 +16,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, help="pages per generate() call")
     p.add_argument("--max-new-tokens", type=int, help="cap on generated tokens per page")
     p.add_argument("--longest-edge", type=int, help="rendered page size in pixels (default: from the processor)")
-    p.add_argument("--image-format", choices=["png", "jpeg"], help="page image encoding between stages")
+    p.add_argument("--image-format", choices=["raw", "png", "jpeg"], help="page image encoding between stages")
     p.add_argument("--num-actors", type=int, help="model actors (default: one per GPU, or one CPU actor)")
     p.add_argument("--no-image-splitting", action="store_true", help="send each page as one image, not 5")
     p.add_argument("--no-progress", action="store_true", help="hide Ray Data's progress bars")
@@ -35,6 +35,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="write sample documents, run the pipeline over them, print a summary")
     demo.add_argument("--workdir", default="demo_output", help="where samples and results go (default ./demo_output)")
     _add_engine_args(demo)
+
+    bench = sub.add_parser("bench", help="measure render, transfer and pipeline throughput against baselines")
+    bench.add_argument("--pages", type=int, default=200, help="pages in the synthetic corpus (default 200)")
+    bench.add_argument("--json", metavar="FILE", help="also write the figures to FILE")
+    bench.add_argument("--model", help="model to run (default: tiny-random, whose processor has the real sizes)")
+    bench.add_argument("--random-weights", metavar="ARCH",
+                       help="a shipped architecture with random weights, e.g. idefics2-8b (for GPUs)")
+    bench.add_argument("--output-tokens", type=int, help="forced output tokens per page (default 600 GPU, 16 CPU)")
+    bench.add_argument("--batch-size", type=int, help="pages per generate() call in the pipeline")
+    bench.add_argument("--num-actors", type=int, help="model actors in the pipeline (default as for docpipe run)")
+    bench.add_argument("--workdir", help="where the corpus and outputs go (default: a temporary folder)")
     return parser
 
 
@@ -81,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
             from jobs.demo import main as demo_main
 
             demo_main(args)
+        elif args.command == "bench":
+            from jobs.bench import main as bench_main
+
+            bench_main(args)
         return 0
     except FatalError as exc:
         print(f"docpipe: error: {exc}", file=sys.stderr)

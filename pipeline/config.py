@@ -37,7 +37,27 @@ class ModelOptions(_Options):
         True, description="Split each page into 4 crops plus the whole page (5 images), as Idefics2 was trained."
     )
     max_new_tokens: int = Field(1024, ge=1, description="Cap on generated tokens per page.")
+    min_new_tokens: int = Field(
+        0, ge=0, description="Force at least this many tokens per page (benchmarks: a fixed output length)."
+    )
     batch_size: int = Field(4, ge=1, description="Pages per generate() call.")
+    sort_window: int = Field(
+        4,
+        ge=1,
+        description="Model batches the actor receives at once; their pages are sorted by shape before batching, "
+        "so pages padded together are of similar size.",
+    )
+    quantization: Literal["none", "8bit", "4bit"] = Field(
+        "none", description="bitsandbytes weight quantisation (4bit: nf4 with double quantisation). CUDA only."
+    )
+    static_cache: bool = Field(False, description="Use a static KV cache in generate (pairs with compile).")
+    compile: bool = Field(False, description="torch.compile the model's forward pass.")
+    processor_device: Literal["model", "cpu"] = Field(
+        "model", description="Where the image processor runs: on the model's device (GPU when there is one) or the CPU."
+    )
+    cpu_threads: int | None = Field(
+        None, ge=1, description="torch threads in a CPU model actor. Default: the CPUs the actor was given."
+    )
     prompt: str = Field(OCR_PROMPT, description="Instruction sent with each page image.")
     trust_remote_code: bool = Field(False, description="Allow code shipped with the checkpoint to run.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to load.")
@@ -53,10 +73,16 @@ class RenderOptions(_Options):
     max_pixels: int = Field(
         40_000_000, ge=1024, description="Cap on width*height of a rendered page, checked before allocating."
     )
-    image_format: Literal["png", "jpeg"] = Field(
-        "png", description="Encoding of page images between the render and model stages (png is lossless)."
+    image_format: Literal["raw", "png", "jpeg"] = Field(
+        "raw",
+        description="Encoding of page images between the render and model stages. 'raw': lossless zstd-compressed "
+        "RGB, several times faster to encode and decode than PNG; pages still over max_image_bytes (noisy scans, "
+        "photos) fall back to JPEG.",
     )
-    jpeg_quality: int = Field(90, ge=1, le=100, description="Quality when image_format is jpeg.")
+    max_image_bytes: int = Field(
+        2_000_000, ge=1, description="Largest 'raw' page image shipped between stages before falling back to JPEG."
+    )
+    jpeg_quality: int = Field(92, ge=1, le=100, description="JPEG quality (image_format jpeg, or the raw fallback).")
 
 
 class RunConfig(_Options):
@@ -66,8 +92,9 @@ class RunConfig(_Options):
     model: ModelOptions = Field(default_factory=ModelOptions)
     render: RenderOptions = Field(default_factory=RenderOptions)
     num_actors: int | None = Field(
-        None, ge=1, description="Model actors. Default: one per GPU in the cluster, or one CPU actor without GPUs."
+        None, ge=1, description="Model actors. Default: actors_per_gpu per GPU in the cluster, or one CPU actor."
     )
+    actors_per_gpu: int = Field(1, ge=1, le=8, description="Model actors sharing each GPU (each gets 1/N of it).")
     actor_memory_gb: float = Field(
         2.0, gt=0, description="Host memory (GiB) Ray reserves for each model actor, for staging weights."
     )

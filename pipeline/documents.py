@@ -65,7 +65,7 @@ def expand_document(source_uri: str, opts: RenderOptions, longest_edge: int) -> 
         try:
             page = next(pages)
             rendered = page(opts, longest_edge)
-            row.update(image=rendered.image, width=rendered.width, height=rendered.height)
+            row.update(image=rendered.image, image_codec=rendered.codec, width=rendered.width, height=rendered.height)
         except RowError as exc:
             row.update(status="error", error_type=exc.error_type, error_message=exc.message)
         except Exception as exc:  # one bad page must not take its document down

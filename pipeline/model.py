@@ -15,8 +15,15 @@ from pipeline.config import TINY_MODEL, ModelOptions
 from pipeline.errors import ModelLoadError, describe
 
 
+RANDOM_PREFIX = "random:"  # "random:idefics2-8b": a shipped architecture with random weights (benchmarks)
+
+
 def resolve_checkpoint(name: str) -> str:
     """A hub id or a local path for ``from_pretrained``; 'tiny-random' is built locally once and cached."""
+    if name.startswith(RANDOM_PREFIX):
+        from pipeline.tiny import ensure_tiny_checkpoint
+
+        return str(ensure_tiny_checkpoint())  # same processor configuration as the random model's
     if name == TINY_MODEL:
         from pipeline.tiny import ensure_tiny_checkpoint
 
@@ -98,21 +105,50 @@ def load_model(opts: ModelOptions, checkpoint: str | None = None) -> LoadedModel
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    checkpoint = checkpoint or resolve_checkpoint(opts.name)
     device = pick_device()
     dtype = pick_dtype(opts, device)
     attention = pick_attention(opts, device)
+    if device == "cpu" and opts.cpu_threads:
+        torch.set_num_threads(opts.cpu_threads)
     common = {"revision": opts.revision, "trust_remote_code": opts.trust_remote_code}
     try:
-        processor = AutoProcessor.from_pretrained(checkpoint, **common)
-        model = AutoModelForImageTextToText.from_pretrained(
-            checkpoint, dtype=dtype, attn_implementation=attention, **common
-        )
+        if opts.name.startswith(RANDOM_PREFIX):
+            from pipeline.tiny import build_random_model
+
+            model, processor = build_random_model(opts.name[len(RANDOM_PREFIX) :], device, dtype, attention)
+        else:
+            checkpoint = checkpoint or resolve_checkpoint(opts.name)
+            processor = AutoProcessor.from_pretrained(checkpoint, **common)
+            quant = quantization_config(opts, dtype)
+            model = AutoModelForImageTextToText.from_pretrained(
+                checkpoint,
+                dtype=dtype,
+                attn_implementation=attention,
+                # bitsandbytes places the weights itself; everything else is moved below.
+                **({"quantization_config": quant, "device_map": {"": device}} if quant else {}),
+                **common,
+            )
+            if not quant:
+                model = model.to(device)
     except Exception as exc:
         raise ModelLoadError(f"cannot load model {opts.name!r}: {describe(exc)}") from None
     processor.tokenizer.padding_side = "left"  # decoder-only generation appends on the right
     if hasattr(processor.image_processor, "do_image_splitting"):
         processor.image_processor.do_image_splitting = opts.do_image_splitting
-    model = model.to(device).eval()
+    model.eval()
+    if opts.compile:
+        model.forward = torch.compile(model.forward, dynamic=True)
     torch.set_grad_enabled(False)
     return LoadedModel(model, processor, device, dtype, attention, opts.name)
+
+
+def quantization_config(opts: ModelOptions, dtype):
+    if opts.quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if opts.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+    )

@@ -7,13 +7,13 @@ pages that already failed) pass through unchanged.
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 from pipeline.config import ModelOptions
 from pipeline.errors import describe
 from pipeline.model import LoadedModel, load_model
 from pipeline.records import PAGE
+from pipeline.render import RAW_CODEC, decode_raw
 
 
 class OcrStage:
@@ -31,27 +31,37 @@ class OcrStage:
         stop.add(tokenizer.eos_token_id)
         self.stop_ids = sorted(i for i in stop if i is not None)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
+        self.processor_device = self.m.device if opts.processor_device == "model" else "cpu"
 
     def __call__(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         out, todo = [], []
         for rec in records:
-            rec = {k: v for k, v in rec.items() if k != "image"} | {"_image": rec.get("image")}
-            if rec["kind"] == PAGE and rec["status"] == "ok":
+            if rec["kind"] != PAGE:
+                out.append(rec)
+                continue
+            rec = {k: v for k, v in rec.items() if k not in ("image", "image_codec")} | {
+                "_image": rec.get("image"), "_codec": rec.get("image_codec"), "retries": 0}
+            if rec["status"] == "ok":
                 try:
-                    rec["_pil"] = _decode(rec["_image"])
+                    rec["_pixels"] = decode_page(rec["_image"], rec["_codec"], rec["width"], rec["height"])
                     todo.append(rec)
                     continue
                 except Exception as exc:
                     rec.update(status="error", error_type="image_decode_error", error_message=describe(exc))
             out.append(rec)
-        self._generate_resilient(todo)
+        # Pages padded into one batch should be of similar shape: padding is wasted vision compute.
+        todo.sort(key=lambda r: (r["height"] / r["width"], r["height"] * r["width"]))
+        size = self.opts.batch_size
+        for start in range(0, len(todo), size):
+            self._generate_resilient(todo[start : start + size])
         for rec in out + todo:
-            rec.pop("_image", None)
-            rec.pop("_pil", None)
+            for key in ("_image", "_codec", "_pixels"):
+                rec.pop(key, None)
         return out + todo
 
     def _generate_resilient(self, batch: list[dict[str, Any]]) -> None:
-        """Generate for ``batch`` in place; on failure retry in halves, so only a failing page is marked."""
+        """Generate for ``batch`` in place; on failure (CUDA out of memory, say) retry in halves, so only a
+        failing page is marked and its batch-mates keep their results."""
         if not batch:
             return
         try:
@@ -61,29 +71,42 @@ class OcrStage:
             if len(batch) == 1:
                 batch[0].update(status="error", error_type="model_error", error_message=describe(exc))
                 return
+            for rec in batch:
+                rec["retries"] += 1
             half = len(batch) // 2
             self._generate_resilient(batch[:half])
             self._generate_resilient(batch[half:])
+
+    def prepare_inputs(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
+        """Processor output for a batch, on the model's device: input_ids, attention_mask, pixel_values, pixel_attention_mask."""
+        m = self.m
+        # The processor's two halves, called directly: its __call__ only takes PIL images or URLs, while the
+        # image processor takes uint8 tensors and can run on the GPU.
+        inputs = dict(m.processor(text=[self.prompt] * len(batch), padding=True, return_tensors="pt"))
+        inputs.update(
+            m.processor.image_processor(
+                [[rec["_pixels"]] for rec in batch], return_tensors="pt", device=self.processor_device
+            )
+        )
+        inputs = {k: v.to(m.device) for k, v in inputs.items()}
+        inputs["pixel_values"] = inputs["pixel_values"].to(m.dtype)
+        return inputs
 
     def _generate(self, batch: list[dict[str, Any]]) -> None:
         import torch
 
         m = self.m
-        inputs = m.processor(
-            text=[self.prompt] * len(batch),
-            images=[[rec["_pil"]] for rec in batch],
-            padding=True,
-            return_tensors="pt",
-        )
-        inputs = {k: v.to(m.device) for k, v in inputs.items()}
-        inputs["pixel_values"] = inputs["pixel_values"].to(m.dtype)
+        inputs = self.prepare_inputs(batch)
+        extra = {"cache_implementation": "static"} if self.opts.static_cache else {}
         with torch.inference_mode():
             generated = m.model.generate(
                 **inputs,
                 max_new_tokens=self.opts.max_new_tokens,
+                min_new_tokens=self.opts.min_new_tokens or None,
                 do_sample=False,
                 eos_token_id=self.stop_ids,
                 pad_token_id=self.pad_id,
+                **extra,
             )
         new_tokens = generated[:, inputs["input_ids"].shape[1] :].tolist()
         for rec, tokens in zip(batch, new_tokens):
@@ -97,12 +120,20 @@ class OcrStage:
             )
 
 
-def _decode(data: bytes):
-    from PIL import Image
+def decode_page(data: bytes, codec: str | None, width: int, height: int):
+    """A page image as a (3, H, W) uint8 tensor, the layout the torchvision image processor takes."""
+    import torch
 
-    img = Image.open(io.BytesIO(data))
-    img.load()
-    return img.convert("RGB") if img.mode != "RGB" else img
+    if codec == RAW_CODEC:
+        array = decode_raw(data, width, height).copy()  # writable, so torch can own it
+    else:
+        import io
+
+        import numpy as np
+        from PIL import Image
+
+        array = np.array(Image.open(io.BytesIO(data)).convert("RGB"))  # a writable copy, so torch can own it
+    return torch.from_numpy(array).permute(2, 0, 1)
 
 
 def _free_cuda_cache() -> None:

@@ -25,7 +25,8 @@ RENDERED_SCHEMA = pa.schema(
         ("page_count", pa.int32()),
         ("width", pa.int32()),
         ("height", pa.int32()),
-        ("image", pa.binary()),  # encoded page image (PNG or JPEG); null on error
+        ("image", pa.binary()),  # encoded page image; null on error
+        ("image_codec", pa.string()),  # render.RAW_CODEC, "png" or "jpeg"
         ("status", pa.string()),
         ("error_type", pa.string()),
         ("error_message", pa.string()),
@@ -34,12 +35,14 @@ RENDERED_SCHEMA = pa.schema(
 
 # What the model stage returns: the page image is dropped, the model's answer added.
 RESULT_SCHEMA = pa.schema(
-    [f for f in RENDERED_SCHEMA if f.name != "image"]
+    [f for f in RENDERED_SCHEMA if f.name not in ("image", "image_codec")]
     + [
         pa.field("text", pa.large_string()),
         pa.field("model", pa.string()),
         pa.field("output_tokens", pa.int32()),
         pa.field("finish_reason", pa.string()),
+        pa.field("retries", pa.int32()),  # times this page's batch was split after a model failure
+        pa.field("actor_ready_at", pa.float64()),  # epoch seconds the model actor finished loading
     ]
 )
 

@@ -165,11 +165,14 @@ class RunSink:
         self.ledger = DocumentLedger(refs, run_id)
         self.page_counts: Counter[str] = Counter()
         self.doc_counts: Counter[str] = Counter()
+        self.counters: Counter[str] = Counter()
 
     def consume(self, records: list[dict[str, Any]]) -> None:
         page_rows, doc_rows = [], []
         for rec in records:
             if rec["kind"] != DOCUMENT:
+                self.counters["model_retries"] += rec.get("retries") or 0
+                self.counters["output_tokens"] += rec.get("output_tokens") or 0
                 page_rows.append({name: rec.get(name) for name in PAGES_SCHEMA.names} | {"run_id": self.run_id})
             finished = self.ledger.add(rec)
             if finished:
@@ -195,6 +198,7 @@ class RunSink:
             documents=dict(self.doc_counts) | {"total": sum(self.doc_counts.values())},
             pages=dict(self.page_counts) | {"total": sum(self.page_counts.values())},
             timings=timings,
+            counters=dict(self.counters),
             files=files,
         )
         path = os.path.join(self.out, "_runs", f"{self.run_id}.json")

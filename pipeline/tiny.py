@@ -90,20 +90,27 @@ def build_tokenizer():
     return fast
 
 
-def build_tiny_checkpoint(dest: Path, seed: int = 0) -> None:
-    import torch
-    from transformers import Idefics2Config, Idefics2ForConditionalGeneration, Idefics2ImageProcessor, Idefics2Processor
+def build_processor():
+    """An Idefics2Processor configured as idefics2-8b's, around the small local tokenizer."""
+    from transformers import Idefics2ImageProcessor, Idefics2Processor
 
-    tokenizer = build_tokenizer()
     image_processor = Idefics2ImageProcessor(
         do_image_splitting=True, size={"longest_edge": 980, "shortest_edge": 378}
     )
-    processor = Idefics2Processor(
+    return Idefics2Processor(
         image_processor=image_processor,
-        tokenizer=tokenizer,
+        tokenizer=build_tokenizer(),
         image_seq_len=IMAGE_SEQ_LEN,
         chat_template=IDEFICS2_CHAT_TEMPLATE,
     )
+
+
+def build_tiny_checkpoint(dest: Path, seed: int = 0) -> None:
+    import torch
+    from transformers import Idefics2Config, Idefics2ForConditionalGeneration
+
+    processor = build_processor()
+    tokenizer = processor.tokenizer
     vocab = len(tokenizer)
     config = Idefics2Config(
         text_config={
@@ -142,10 +149,35 @@ def build_tiny_checkpoint(dest: Path, seed: int = 0) -> None:
     )
     torch.manual_seed(seed)
     model = Idefics2ForConditionalGeneration(config).eval()
+    set_generation_tokens(model, tokenizer)
+    model.save_pretrained(dest)
+    processor.save_pretrained(dest)
+    (dest / "docpipe_tiny.json").write_text(json.dumps({"tiny_version": TINY_VERSION, "seed": seed}))
+
+
+def set_generation_tokens(model, tokenizer) -> None:
     gen = model.generation_config
     gen.bos_token_id = tokenizer.bos_token_id
     gen.pad_token_id = tokenizer.pad_token_id
     gen.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_utterance>")]
-    model.save_pretrained(dest)
-    processor.save_pretrained(dest)
-    (dest / "docpipe_tiny.json").write_text(json.dumps({"tiny_version": TINY_VERSION, "seed": seed}))
+
+
+def build_random_model(arch: str, device: str, dtype, attention: str):
+    """A model of a shipped architecture (``pipeline/assets/<arch>.json``) with random weights, built
+    directly on ``device``, with the local processor. For benchmarks where real weights can't be downloaded."""
+    import torch
+    from transformers import Idefics2Config, Idefics2ForConditionalGeneration
+
+    asset = Path(__file__).parent / "assets" / f"{arch}.json"
+    if not asset.exists():
+        known = sorted(p.stem for p in asset.parent.glob("*.json"))
+        raise ValueError(f"no shipped architecture {arch!r}; known: {', '.join(known)}")
+    spec = {k: v for k, v in json.loads(asset.read_text()).items() if not k.startswith("_") and k != "model_type"}
+    processor = build_processor()
+    spec["image_token_id"] = processor.tokenizer.convert_tokens_to_ids("<image>")
+    config = Idefics2Config(**spec)
+    config._attn_implementation = attention
+    with torch.device(device):
+        model = Idefics2ForConditionalGeneration(config).to(dtype).eval()
+    set_generation_tokens(model, processor.tokenizer)
+    return model, processor

@@ -97,7 +97,13 @@ class RunManifest(BaseModel):
     config: dict[str, Any]
     documents: dict[str, int] = Field(description="Document counts by status, plus 'total'.")
     pages: dict[str, int] = Field(description="Page counts by status, plus 'total'.")
-    timings: dict[str, float] = Field(description="Seconds, and pages_per_s over the whole run.")
+    timings: dict[str, float] = Field(
+        description="wall_s; pages_per_s over the whole run; model_ready_s: seconds until the first model "
+        "actor had loaded its model."
+    )
+    counters: dict[str, int] = Field(
+        default_factory=dict, description="Other counts, e.g. model_retries: pages re-run after their batch failed."
+    )
     files: dict[str, list[str]] = Field(description="Parquet files this run wrote, relative to OUT.")
 
 

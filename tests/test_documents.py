@@ -13,6 +13,14 @@ from pipeline.sources import list_inputs
 OPTS = RenderOptions()
 
 
+def page_pil(rec):
+    """A page record's image, decoded the way the model stage decodes it."""
+    from pipeline.ocr import decode_page
+
+    pixels = decode_page(rec["image"], rec["image_codec"], rec["width"], rec["height"])
+    return Image.fromarray(pixels.permute(1, 2, 0).numpy())
+
+
 def expand(path, edge=1960, opts=OPTS):
     recs = list(expand_document(str(path), opts, edge))
     return recs[0], recs[1:]
@@ -27,7 +35,8 @@ def test_pdf_expands_to_one_record_per_page_at_the_target_size(sample_docs):
     assert doc["media_type"] == "application/pdf"
     assert [p["page_number"] for p in pages] == [1, 2, 3]
     for p in pages:
-        img = Image.open(io.BytesIO(p["image"]))
+        assert p["image_codec"] == "rgb8+zstd" and len(p["image"]) < 2_000_000
+        img = page_pil(p)
         assert img.mode == "RGB" and max(img.size) == 1960 == max(p["width"], p["height"])
         assert (img.width, img.height) == (p["width"], p["height"])
 
@@ -88,6 +97,22 @@ def test_pixel_cap_shrinks_huge_pages(tmp_path):
     assert page["width"] * page["height"] <= 1_000_000
 
 
+@pytest.mark.parametrize("fmt", ["raw", "png", "jpeg"])
+def test_every_page_encoding_decodes_to_the_rendered_pixels(sample_docs, fmt):
+    import numpy as np
+
+    _, [ref] = expand(sample_docs / "receipt.png", opts=RenderOptions(image_format="png"))
+    _, [page] = expand(sample_docs / "receipt.png", opts=RenderOptions(image_format=fmt))
+    assert page["image_codec"] == {"raw": "rgb8+zstd"}.get(fmt, fmt)
+    diff = np.abs(np.asarray(page_pil(page), dtype=int) - np.asarray(page_pil(ref), dtype=int))
+    assert diff.max() == 0 if fmt != "jpeg" else diff.mean() < 3
+
+
+def test_raw_pages_over_the_byte_cap_fall_back_to_jpeg(sample_docs):
+    _, [page] = expand(sample_docs / "scan.jpg", opts=RenderOptions(max_image_bytes=10_000))
+    assert page["image_codec"] == "jpeg" and page_pil(page).size == (page["width"], page["height"])
+
+
 def test_sniffing_ignores_file_names():
     assert sniff_media_type(b"%PDF-1.4 ...") == "application/pdf"
     assert sniff_media_type(b"RIFF\x00\x00\x00\x00WEBPVP8 ") == "image/webp"
@@ -133,9 +158,9 @@ def test_image_formats_become_rgb_pages(tmp_path, name, make, media_type, frames
     assert doc["media_type"] == media_type and doc["page_count"] == frames == len(pages)
     for p in pages:
         assert p["status"] == "ok", p
-        img = Image.open(io.BytesIO(p["image"]))
+        img = page_pil(p)
         assert img.mode == "RGB" and img.size == (64, 48)
-    px = Image.open(io.BytesIO(pages[0]["image"])).getpixel((0, 0))
+    px = page_pil(pages[0]).getpixel((0, 0))
     if name == "deep.png":
         assert px == (156, 156, 156)  # 40000 / 65535 of white, not clipped to 255
     if name in ("alpha.png", "cmyk.jpg"):

@@ -142,3 +142,48 @@ def test_from_pretrained_on_a_missing_model_is_a_clear_error(tmp_path):
 
     with pytest.raises(ModelLoadError, match="cannot load model"):
         load_model(ModelOptions(name=str(tmp_path / "no-such-model")))
+
+
+def test_model_inputs_match_the_reference_processor(tiny_model, sample_docs):
+    """Pages travel compacted and are preprocessed by the fast (torchvision) processor inside the model stage;
+    what the model receives must equal the PIL reference processor's output on the rendered page."""
+    import torch
+    from PIL import Image
+    from transformers.models.idefics2.image_processing_pil_idefics2 import Idefics2ImageProcessorPil
+
+    from pipeline.ocr import decode_page
+
+    stage = OcrStage(ModelOptions(name="tiny-random", max_new_tokens=1, batch_size=8), loaded=tiny_model)
+    pages = _pages(sample_docs / "report.pdf", 2) + _pages(sample_docs / "scan.jpg") + _pages(sample_docs / "receipt.png")
+    assert {p["image_codec"] for p in pages} == {"rgb8+zstd"}
+    pil_pages = [
+        Image.fromarray(decode_page(p["image"], p["image_codec"], p["width"], p["height"]).permute(1, 2, 0).numpy())
+        for p in pages
+    ]
+    reference = Idefics2ImageProcessorPil(**tiny_model.processor.image_processor.to_dict())
+    ref = reference([[img] for img in pil_pages], return_tensors="pt")
+
+    ours = stage.prepare_inputs([{**p, "_pixels": decode_page(p["image"], p["image_codec"], p["width"], p["height"])}
+                                 for p in pages])
+    assert ours["pixel_values"].shape == ref["pixel_values"].shape == (4, 5, 3, 980, 699)  # padded to the widest page
+    assert torch.equal(ours["pixel_attention_mask"], ref["pixel_attention_mask"])
+    # One uint8 step after normalising to [-1, 1] is 2/255: bilinear rounding may differ by that much.
+    assert torch.allclose(ours["pixel_values"].float(), ref["pixel_values"], atol=2 / 255 + 1e-6)
+    assert (ours["pixel_values"].float() - ref["pixel_values"]).abs().mean() < 1e-4
+
+    # And through the real stage: the vision tower sees exactly the reference's real (unpadded) images.
+    seen = []
+    handle = tiny_model.model.model.vision_model.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append(kwargs["pixel_values"].clone()), with_kwargs=True)
+    try:
+        stage(pages)
+    finally:
+        handle.remove()
+    [received] = seen
+    real = ref["pixel_values"].flatten(0, 1)
+    real = real[(real != 0).flatten(1).any(1)]  # the model drops all-zero padding images
+    order = sorted(range(len(pages)), key=lambda i: (pages[i]["height"] / pages[i]["width"],
+                                                     pages[i]["height"] * pages[i]["width"]))
+    expected = torch.cat([real[5 * i : 5 * i + 5] for i in order])  # the stage batches pages sorted by shape
+    assert received.shape == expected.shape
+    assert torch.allclose(received, expected, atol=2 / 255 + 1e-6)

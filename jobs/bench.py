@@ -1,0 +1,246 @@
+"""``docpipe bench``: measure rendering, transfer and end-to-end throughput side by side, in one run.
+
+A benchmark, not a test: it prints a table and, with --json, writes the figures. Every
+figure comes from this run on this machine; compare ratios, not absolute numbers, across
+machines.
+
+- render: docpipe's read-and-render stage (open, hash, render, compact, Arrow record), one process
+- bare render: a plain PyMuPDF loop over the same pages producing the same compact bytes
+- bare raster: the same loop without compaction (raw 8-bit RGB, too big to ship: shown for reference)
+- pipeline: ``docpipe run`` through Ray Data, timed from the moment its first model actor is ready (steady
+  state, like the baseline); pipeline_wall_pages_per_s counts the whole run, start-up included
+- baseline: a plain serial loop in one process, timed after the model has loaded: render to a PIL image,
+  processor, generate, page by page
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+
+class _PeakSampler:
+    """Peak resident memory of this process and its descendants (Ray's local processes), and of the GPU."""
+
+    def __init__(self, interval: float = 0.25):
+        self.interval, self.peak_rss, self.peak_gpu = interval, 0, None
+        self._stop = threading.Event()
+
+    def __enter__(self):
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self):
+        import psutil
+
+        me = psutil.Process()
+        gpu = _gpu_used_bytes
+        while not self._stop.is_set():
+            total = 0
+            for proc in [me, *me.children(recursive=True)]:
+                try:
+                    total += proc.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak_rss = max(self.peak_rss, total)
+            used = gpu()
+            if used is not None:
+                self.peak_gpu = max(self.peak_gpu or 0, used)
+            self._stop.wait(self.interval)
+
+
+def _gpu_used_bytes() -> int | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    free, total = torch.cuda.mem_get_info()
+    return total - free
+
+
+def _best_rate(fn, pages: int, rounds: int = 2) -> float:
+    best = 0.0
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fn()
+        best = max(best, pages / (time.perf_counter() - t0))
+    return best
+
+
+def measure_render(paths: list[Path], opts, longest_edge: int) -> dict[str, float]:
+    import pymupdf
+
+    from pipeline.documents import expand_document
+    from pipeline.records import RENDERED_SCHEMA, to_table
+    from pipeline.render import _zstd, pdf_zoom
+
+    pages = sum(pymupdf.open(p).page_count for p in paths)
+    sizes: list[int] = []
+
+    def ours():
+        sizes.clear()
+        for p in paths:
+            for rec in expand_document(str(p), opts, longest_edge):
+                table = to_table([rec], RENDERED_SCHEMA)
+                if rec["kind"] == "page":
+                    sizes.append(table.nbytes)
+
+    def bare(compact: bool):
+        codec = _zstd()
+        for p in paths:
+            doc = pymupdf.open(p)
+            for page in doc:
+                zoom = pdf_zoom(page.rect.width, page.rect.height, opts, longest_edge)
+                pix = page.get_pixmap(matrix=pymupdf.Matrix(zoom, zoom), alpha=False)
+                if compact:
+                    codec.compress(pix.samples_mv, asbytes=True)
+
+    ours()  # warm-up: fonts and caches
+    return {
+        "render_pages_per_s_per_core": _best_rate(ours, pages),
+        "bare_render_pages_per_s_per_core": _best_rate(lambda: bare(True), pages),
+        "bare_raster_pages_per_s_per_core": _best_rate(lambda: bare(False), pages),
+        "object_store_bytes_per_page": sum(sizes) / len(sizes),
+    }
+
+
+def measure_baseline(paths: list[Path], model_opts, longest_edge: int) -> dict[str, float]:
+    """Render, processor, generate: one page at a time, the way a first script would do it."""
+    import pymupdf
+    import torch
+    from PIL import Image
+
+    from pipeline.model import load_model
+    from pipeline.render import pdf_zoom
+    from pipeline.config import RenderOptions
+
+    m = load_model(model_opts)
+    opts = RenderOptions()
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": model_opts.prompt}]}]
+    prompt = m.processor.apply_chat_template(messages, add_generation_prompt=True)
+    pages = tokens = 0
+    t0 = time.perf_counter()  # steady state: model loading excluded, as for the pipeline's figure
+    for p in paths:
+        for page in pymupdf.open(p):
+            zoom = pdf_zoom(page.rect.width, page.rect.height, opts, longest_edge)
+            pix = page.get_pixmap(matrix=pymupdf.Matrix(zoom, zoom), alpha=False)
+            img = Image.frombytes("RGB", (pix.width, pix.height), pix.samples)
+            inputs = m.processor(text=[prompt], images=[[img]], return_tensors="pt").to(m.device)
+            inputs["pixel_values"] = inputs["pixel_values"].to(m.dtype)
+            with torch.inference_mode():
+                out = m.model.generate(**inputs, max_new_tokens=model_opts.max_new_tokens,
+                                       min_new_tokens=model_opts.min_new_tokens or None, do_sample=False)
+            tokens += out.shape[1] - inputs["input_ids"].shape[1]
+            pages += 1
+    wall = time.perf_counter() - t0
+    del m
+    return {"baseline_pages_per_s": pages / wall, "baseline_output_tokens": tokens}
+
+
+def describe_device() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"cuda: {torch.cuda.get_device_name(0)}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"cpu: {os.cpu_count()} cores, {cpu}"
+
+
+def run_bench(args) -> dict[str, Any]:
+    from jobs.corpus import make_bench_corpus
+    from pipeline.config import TINY_MODEL, ModelOptions, RenderOptions, RunConfig
+    from pipeline.model import pick_device, render_edge_for, resolve_checkpoint
+    from pipeline.runner import init_ray, run
+
+    gpu = pick_device() == "cuda"
+    name = f"random:{args.random_weights}" if args.random_weights else (args.model or TINY_MODEL)
+    tokens = args.output_tokens or (600 if gpu else 16)
+    model_opts = ModelOptions(name=name, max_new_tokens=tokens, min_new_tokens=tokens,
+                              batch_size=args.batch_size or (16 if gpu else 4))
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="docpipe-bench-"))
+    paths = make_bench_corpus(work / "corpus", pages=args.pages)
+    longest_edge = render_edge_for(resolve_checkpoint(name), model_opts)
+    render_opts = RenderOptions()
+    print(f"bench: {args.pages} pages in {len(paths)} PDFs, rendered at {longest_edge} px; model {name}, "
+          f"{tokens} output tokens per page (forced); {describe_device()}", flush=True)
+
+    results: dict[str, Any] = {"pages": args.pages, "device": describe_device(), "model": name,
+                               "output_tokens_per_page": tokens, "longest_edge": longest_edge}
+    results.update(measure_render(paths, render_opts, longest_edge))
+    print("render figures done", flush=True)
+
+    init_ray()
+    config = RunConfig(inputs=[str(work / "corpus")], output=str(work / "out"), model=model_opts,
+                       render=render_opts, progress=False, num_actors=args.num_actors)
+    with _PeakSampler() as peak:
+        t0 = time.perf_counter()
+        result = run(config)
+        wall = time.perf_counter() - t0
+    m = result.manifest
+    if m.pages.get("ok") != args.pages:
+        raise RuntimeError(f"pipeline processed {m.pages} pages, expected {args.pages} ok")
+    steady = m.timings["wall_s"] - m.timings["model_ready_s"]
+    results.update(
+        pipeline_pages_per_s=args.pages / steady,
+        pipeline_wall_pages_per_s=args.pages / wall,
+        pipeline_startup_s=m.timings["model_ready_s"],
+        model_output_tokens_per_s=m.counters.get("output_tokens", 0) / steady,
+        peak_rss_bytes=peak.peak_rss,
+        gpu_peak_memory_bytes=peak.peak_gpu,
+    )
+    print("pipeline done", flush=True)
+    import ray
+
+    ray.shutdown()  # frees the cores (and GPU) the pipeline's actors held before the baseline runs
+    results.update(measure_baseline(paths, model_opts, longest_edge))
+    results["pipeline_vs_baseline"] = results["pipeline_pages_per_s"] / results["baseline_pages_per_s"]
+    results["render_vs_bare_render"] = (results["render_pages_per_s_per_core"]
+                                        / results["bare_render_pages_per_s_per_core"])
+    return results
+
+
+ROWS = [
+    ("render_pages_per_s_per_core", "render stage, pages/s per core", "{:.1f}"),
+    ("bare_render_pages_per_s_per_core", "bare PyMuPDF loop, same bytes, pages/s per core", "{:.1f}"),
+    ("bare_raster_pages_per_s_per_core", "bare PyMuPDF raster only (uncompacted), pages/s per core", "{:.1f}"),
+    ("render_vs_bare_render", "render stage / bare loop", "{:.2f}"),
+    ("object_store_bytes_per_page", "object store bytes per page", "{:,.0f}"),
+    ("pipeline_pages_per_s", "pipeline pages/s (from first model ready)", "{:.3f}"),
+    ("pipeline_wall_pages_per_s", "pipeline pages/s (whole run, start-up included)", "{:.3f}"),
+    ("pipeline_startup_s", "pipeline start-up until first model ready, s", "{:.1f}"),
+    ("baseline_pages_per_s", "serial baseline pages/s (after model load)", "{:.3f}"),
+    ("pipeline_vs_baseline", "pipeline / baseline", "{:.2f}"),
+    ("model_output_tokens_per_s", "model output tokens/s (pipeline)", "{:.1f}"),
+    ("peak_rss_bytes", "peak RSS, driver + Ray processes (pipeline)", "{:,}"),
+    ("gpu_peak_memory_bytes", "peak GPU memory in use (pipeline)", "{:,}"),
+]
+
+
+def main(args) -> None:
+    results = run_bench(args)
+    print()
+    print(f"device: {results['device']}; model: {results['model']}; pages: {results['pages']}")
+    for key, label, fmt in ROWS:
+        value = results.get(key)
+        print(f"  {label:<58} {'n/a' if value is None else fmt.format(value)}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {args.json}")
