@@ -7,7 +7,7 @@ import os
 import sys
 import traceback
 
-from pipeline.config import DEFAULT_MODEL, ModelOptions, RenderOptions, RunConfig
+from pipeline.config import DEFAULT_MODEL, ModelOptions, RenderOptions, RunConfig, StorageOptions
 from pipeline.errors import FatalError
 
 
@@ -27,9 +27,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="process documents into OUT/pages, OUT/documents and OUT/_runs")
-    run.add_argument("inputs", nargs="+", metavar="INPUT", help="file, folder (recursive) or glob")
-    run.add_argument("--output", "-o", required=True, metavar="OUT", help="output folder")
+    run.add_argument("inputs", nargs="*", metavar="INPUT",
+                     help="file, folder or glob; local or s3://bucket/prefix (also gs://, abfs://)")
+    run.add_argument("--output", "-o", required=True, metavar="OUT", help="output folder or URI")
     run.add_argument("--task", choices=["ocr"], default="ocr")
+    run.add_argument("--manifest", action="append", default=[], metavar="FILE",
+                     help="a .txt, .csv or .parquet file listing input URIs (repeatable)")
+    run.add_argument("--include", action="append", default=[], metavar="GLOB", help="keep only matching files, e.g. '*.pdf'")
+    run.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="drop matching files")
+    run.add_argument("--endpoint-url", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)")
+    run.add_argument("--region", help="S3 region (default: AWS_REGION / AWS_DEFAULT_REGION)")
+    run.add_argument("--anonymous", action="store_true", help="unsigned S3 requests (public buckets)")
     _add_engine_args(run)
 
     demo = sub.add_parser("demo", help="write sample documents, run the pipeline over them, print a summary")
@@ -57,8 +65,14 @@ def config_from_args(args: argparse.Namespace, inputs: list[str], output: str) -
         "do_image_splitting": False if args.no_image_splitting else None,
     }
     render = {"longest_edge": args.longest_edge, "image_format": args.image_format}
+    storage = {"endpoint_url": getattr(args, "endpoint_url", None), "region": getattr(args, "region", None),
+               "anonymous": getattr(args, "anonymous", False) or None}
     return RunConfig(
         inputs=inputs,
+        manifests=getattr(args, "manifest", []),
+        include=getattr(args, "include", []),
+        exclude=getattr(args, "exclude", []),
+        storage=StorageOptions(**{k: v for k, v in storage.items() if v is not None}),
         output=output,
         task=getattr(args, "task", "ocr"),
         model=ModelOptions(**{k: v for k, v in model.items() if v is not None}),

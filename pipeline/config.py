@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 DEFAULT_MODEL = "HuggingFaceM4/idefics2-8b"
 TINY_MODEL = "tiny-random"
@@ -85,9 +85,47 @@ class RenderOptions(_Options):
     jpeg_quality: int = Field(92, ge=1, le=100, description="JPEG quality (image_format jpeg, or the raw fallback).")
 
 
+class StorageOptions(_Options):
+    """Object storage settings. Unset values follow the AWS conventions: credentials from the SDK's chain
+    (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, instance role), the endpoint from AWS_ENDPOINT_URL_S3
+    or AWS_ENDPOINT_URL, the region from AWS_REGION or AWS_DEFAULT_REGION."""
+
+    endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint (MinIO, Ceph, R2), e.g. http://minio:9000.",
+        examples=["http://127.0.0.1:9000"],
+    )
+    region: str | None = Field(None, description="S3 region (default us-east-1 when nothing else says).")
+    access_key_id: SecretStr | None = Field(None, description="Explicit access key id (prefer the environment).")
+    secret_access_key: SecretStr | None = Field(None, description="Explicit secret key; never logged or recorded.")
+    session_token: SecretStr | None = Field(None, description="Explicit session token; never logged or recorded.")
+    anonymous: bool = Field(False, description="Unsigned requests, for public buckets.")
+    max_attempts: int = Field(
+        8, ge=1, description="Attempts per request; throttling, 5xx and dropped connections are retried with backoff."
+    )
+    connect_timeout_s: float = Field(10.0, gt=0, description="Seconds to establish a connection.")
+    request_timeout_s: float = Field(60.0, gt=0, description="Seconds for one request.")
+    retry_time_limit_s: float = Field(120.0, gt=0, description="Retry budget for gs:// requests, in seconds.")
+
+
 class RunConfig(_Options):
-    inputs: list[str] = Field(description="Files, folders (searched recursively) or glob patterns.", min_length=1)
-    output: str = Field(description="Output folder: pages/, documents/ and _runs/ are written under it.")
+    inputs: list[str] = Field(
+        default_factory=list,
+        description="Files, folders or prefixes (searched recursively) and glob patterns; local paths or URIs "
+        "(s3://bucket/prefix, gs://, abfs://).",
+    )
+    manifests: list[str] = Field(
+        default_factory=list,
+        description="Files listing input URIs, instead of (or beside) listing: .txt (one per line), .csv (column "
+        "'uri', else the first) or .parquet (column 'uri' or 'source_uri').",
+    )
+    include: list[str] = Field(
+        default_factory=list,
+        description="Keep only listed files matching one of these globs (on the file name, or on the path when the "
+        "glob has a '/'), e.g. '*.pdf'.",
+    )
+    exclude: list[str] = Field(default_factory=list, description="Drop listed files matching one of these globs.")
+    output: str = Field(description="Output folder or URI: pages/, documents/ and _runs/ are written under it.")
+    storage: StorageOptions = Field(default_factory=StorageOptions)
     task: Literal["ocr"] = Field("ocr", description="What to do with each page.")
     model: ModelOptions = Field(default_factory=ModelOptions)
     render: RenderOptions = Field(default_factory=RenderOptions)

@@ -12,11 +12,11 @@ import hashlib
 import io
 from typing import Any, Iterator
 
-from pipeline.config import RenderOptions
+from pipeline.config import RenderOptions, StorageOptions
 from pipeline.errors import RowError, describe
 from pipeline.records import DOCUMENT, PAGE
 from pipeline.render import render_image, render_pdf_page
-from pipeline.sources import read_bytes
+from pipeline.storage import read_bytes
 
 PDF = "application/pdf"
 IMAGE_TYPES = {
@@ -42,11 +42,13 @@ def sniff_media_type(data: bytes) -> str | None:
     return None
 
 
-def expand_document(source_uri: str, opts: RenderOptions, longest_edge: int) -> Iterator[dict[str, Any]]:
+def expand_document(
+    source_uri: str, opts: RenderOptions, longest_edge: int, storage: StorageOptions | None = None
+) -> Iterator[dict[str, Any]]:
     doc: dict[str, Any] = {"kind": DOCUMENT, "source_uri": source_uri, "status": "ok"}
     try:
-        data = read_bytes(source_uri)
-    except OSError as exc:
+        data = read_bytes(source_uri, storage)
+    except OSError as exc:  # after the filesystem's own retries: missing, denied, or still failing
         yield {**doc, "status": "error", "error_type": "read_error", "error_message": describe(exc)}
         return
     doc.update(doc_id=hashlib.sha256(data).hexdigest(), size_bytes=len(data), media_type=sniff_media_type(data))

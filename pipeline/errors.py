@@ -33,6 +33,8 @@ class RowError(Exception):
 
 
 def describe(exc: BaseException, limit: int = 500) -> str:
-    """One line naming the exception, short enough for a Parquet cell."""
-    text = f"{type(exc).__name__}: {exc}".replace("\n", " ").strip()
+    """One line naming the exception, short enough for a Parquet cell, with any known secret blanked out."""
+    from pipeline.storage import redact
+
+    text = redact(f"{type(exc).__name__}: {exc}".replace("\n", " ").strip())
     return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -22,6 +22,7 @@ from pipeline.model import render_edge_for, resolve_checkpoint
 from pipeline.records import RENDERED_SCHEMA, RESULT_SCHEMA, to_table
 from pipeline.sink import RunSink, prepare_output
 from pipeline.sources import list_inputs
+from pipeline.storage import register_secrets
 from schemas import RunManifest
 
 
@@ -35,10 +36,11 @@ class RunResult:
         return self.manifest.timings["pages_per_s"]
 
 
-def _expand_documents(batch, render_opts, longest_edge: int):
+def _expand_documents(batch, render_opts, longest_edge: int, storage):
     """Ray Data UDF: document refs in, one-record tables out; a generator, so pages stream out lazily."""
+    register_secrets(storage)
     for uri in batch.column("source_uri").to_pylist():
-        for rec in expand_document(uri, render_opts, longest_edge):
+        for rec in expand_document(uri, render_opts, longest_edge, storage):
             yield to_table([rec], RENDERED_SCHEMA)
 
 
@@ -80,10 +82,15 @@ def init_ray() -> None:
 def run(config: RunConfig) -> RunResult:
     started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     t0, wall_t0 = time.perf_counter(), time.time()
-    refs = list_inputs(config.inputs)
+    register_secrets(config.storage)
+    if not config.inputs and not config.manifests:
+        raise InputError("no inputs: give INPUT paths or URIs, or --manifest")
+    listing = list_inputs(config.inputs, config.manifests, config.include, config.exclude, config.storage)
+    refs = listing.refs
     if not refs:
-        raise InputError("no files found in: " + " ".join(config.inputs))
-    out = prepare_output(config.output)
+        raise InputError("no files to process in: " + " ".join(config.inputs + config.manifests)
+                         + (f" ({listing.filtered_out} listed, all filtered out)" if listing.filtered_out else ""))
+    out = prepare_output(config.output, config.storage)
     checkpoint = resolve_checkpoint(config.model.name)
     longest_edge = config.render.longest_edge or render_edge_for(checkpoint, config.model)
     run_id = new_run_id()
@@ -128,7 +135,7 @@ def run(config: RunConfig) -> RunResult:
     ds = ray.data.from_items([{"source_uri": r.source_uri} for r in refs], override_num_blocks=min(len(refs), 1000))
     ds = ds.map_batches(
         _expand_documents,
-        fn_kwargs={"render_opts": config.render, "longest_edge": longest_edge},
+        fn_kwargs={"render_opts": config.render, "longest_edge": longest_edge, "storage": config.storage},
         concurrency=config.read_concurrency,
         batch_size=1,
         batch_format="pyarrow",
@@ -165,6 +172,7 @@ def run(config: RunConfig) -> RunResult:
         finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         timings=timings,
         version=__version__,
+        listing={"documents": len(refs), "filtered_out": listing.filtered_out},
     )
-    return RunResult(manifest, out)
+    return RunResult(manifest, out.uri)
 

@@ -15,35 +15,63 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.config import StorageOptions
 from pipeline.errors import OutputError, describe
 from pipeline.records import DOCUMENT
 from pipeline.sources import DocumentRef
+from pipeline.storage import explain, is_remote, join, resolve
 from schemas import DOCUMENTS_SCHEMA, PAGES_SCHEMA, RunManifest
 
 
-def prepare_output(output: str) -> str:
-    """Create OUT and check it can be written; a fatal error otherwise."""
-    out = os.path.abspath(output)
+class Output:
+    """OUT as a filesystem and a base path, local or in object storage."""
+
+    def __init__(self, uri: str, storage: StorageOptions | None = None):
+        from pyarrow.fs import LocalFileSystem
+
+        self.uri = uri.rstrip("/") if is_remote(uri) else os.path.abspath(uri)
+        self.fs, self.base = resolve(uri, storage)
+        # Local files are written under a name readers skip, then renamed. An object store shows an object
+        # only once its upload completes, so there the final name is written directly (no copy).
+        self.rename = isinstance(self.fs, LocalFileSystem)
+
+    def path(self, *parts: str) -> str:
+        return join(self.base, *parts)
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        final = self.path(rel)
+        target = self.path(os.path.dirname(rel), "_tmp-" + os.path.basename(rel)) if self.rename else final
+        with self.fs.open_output_stream(target) as f:
+            f.write(data)
+        if self.rename:
+            self.fs.move(target, final)
+
+
+def prepare_output(output: str, storage: StorageOptions | None = None) -> Output:
+    """Check OUT can be written (a fatal error otherwise), before any document is read."""
+    from pyarrow.fs import FileType
+
     try:
-        if os.path.exists(out) and not os.path.isdir(out):
+        out = Output(output, storage)
+        if out.fs.get_file_info(out.base).type == FileType.File:
             raise OutputError(f"output is a file, not a folder: {output}")
         for sub in ("pages", "documents", "_runs"):
-            os.makedirs(os.path.join(out, sub), exist_ok=True)
-        probe = os.path.join(out, "_runs", f".probe-{os.getpid()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
+            out.fs.create_dir(out.path(sub), recursive=True)
+        probe = out.path("_runs", f".probe-{os.getpid()}")
+        with out.fs.open_output_stream(probe) as f:
+            f.write(b"ok")
+        out.fs.delete_file(probe)
     except OutputError:
         raise
-    except OSError as exc:
-        raise OutputError(f"cannot write to output {output}: {describe(exc)}") from None
+    except Exception as exc:  # OSError, or the SDK's errors for a missing bucket or bad credentials
+        raise OutputError(explain(f"cannot write to output {output}: {describe(exc)}")) from None
     return out
 
 
 class TableWriter:
     """Rows of one table, rolled into Parquet files of at most ``rows_per_file`` rows."""
 
-    def __init__(self, out: str, table: str, schema: pa.Schema, run_id: str, rows_per_file: int):
+    def __init__(self, out: Output, table: str, schema: pa.Schema, run_id: str, rows_per_file: int):
         self.out, self.table, self.schema, self.run_id = out, table, schema, run_id
         self.rows_per_file = rows_per_file
         self.files: list[str] = []
@@ -75,14 +103,18 @@ class TableWriter:
 
     def _open(self) -> None:
         final = self._name()
-        self._tmp = os.path.join(self.out, os.path.dirname(final), "_tmp-" + os.path.basename(final))
-        self._writer = pq.ParquetWriter(self._tmp, self.schema, compression="zstd")
+        out = self.out
+        self._target = out.path(self.table, "_tmp-" + os.path.basename(final)) if out.rename else out.path(final)
+        self._stream = out.fs.open_output_stream(self._target)  # a multipart upload on S3
+        self._writer = pq.ParquetWriter(self._stream, self.schema, compression="zstd")
         self._rows_in_file = 0
 
     def _seal(self) -> None:
         final = self._name()
         self._writer.close()
-        os.replace(self._tmp, os.path.join(self.out, final))
+        self._stream.close()
+        if self.out.rename:
+            self.out.fs.move(self._target, self.out.path(final))
         self.files.append(final)
         self._writer = None
 
@@ -158,7 +190,7 @@ class DocumentLedger:
 class RunSink:
     """Consumes the run's result stream on the driver: writes pages as they come, documents as they complete."""
 
-    def __init__(self, out: str, run_id: str, refs: list[DocumentRef], rows_per_file: int):
+    def __init__(self, out: Output, run_id: str, refs: list[DocumentRef], rows_per_file: int):
         self.out, self.run_id = out, run_id
         self.pages = TableWriter(out, "pages", PAGES_SCHEMA, run_id, rows_per_file)
         self.documents = TableWriter(out, "documents", DOCUMENTS_SCHEMA, run_id, rows_per_file)
@@ -186,7 +218,7 @@ class RunSink:
         self.doc_counts.update(r["status"] for r in doc_rows)
 
     def close(self, *, config: dict[str, Any], started_at: str, finished_at: str, timings: dict[str, float],
-              version: str) -> RunManifest:
+              version: str, listing: dict[str, int]) -> RunManifest:
         self._write([], self.ledger.finish_all())
         files = {"pages": self.pages.close(), "documents": self.documents.close()}
         manifest = RunManifest(
@@ -198,12 +230,8 @@ class RunSink:
             documents=dict(self.doc_counts) | {"total": sum(self.doc_counts.values())},
             pages=dict(self.page_counts) | {"total": sum(self.page_counts.values())},
             timings=timings,
-            counters=dict(self.counters),
+            counters=dict(self.counters) | {f"listing_{k}": v for k, v in listing.items()},
             files=files,
         )
-        path = os.path.join(self.out, "_runs", f"{self.run_id}.json")
-        tmp = os.path.join(self.out, "_runs", f"_tmp-{self.run_id}.json")
-        with open(tmp, "w") as f:
-            json.dump(manifest.model_dump(mode="json"), f, indent=2)
-        os.replace(tmp, path)
+        self.out.write_bytes(f"_runs/{self.run_id}.json", json.dumps(manifest.model_dump(mode="json"), indent=2).encode())
         return manifest

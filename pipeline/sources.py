@@ -1,12 +1,20 @@
-"""Where documents come from: expand INPUT arguments into a list of documents, and read their bytes."""
+"""Where documents come from: expand INPUT arguments and manifests into a list of documents.
+
+Listing touches metadata only (names and sizes, page by page from object stores); the
+bytes are read later, one document at a time, inside the read-and-render tasks.
+"""
 
 from __future__ import annotations
 
+import csv
 import glob
+import io
 import os
 from dataclasses import dataclass
 
-from pipeline.errors import InputError
+from pipeline.config import StorageOptions
+from pipeline.errors import InputError, describe
+from pipeline.storage import explain, glob_to_regex, has_magic, is_remote, resolve, scheme_of, strip_scheme
 
 
 @dataclass(frozen=True)
@@ -17,38 +25,132 @@ class DocumentRef:
     size_bytes: int | None = None
 
 
-def list_inputs(inputs: list[str]) -> list[DocumentRef]:
-    """Expand files, folders (recursively) and glob patterns into documents, sorted and de-duplicated.
+@dataclass
+class Listing:
+    refs: list[DocumentRef]
+    filtered_out: int = 0
 
-    Every regular file found is listed, whatever its extension: a file docpipe can't read
-    gets an error row later, rather than being left out here without a trace.
+
+def list_inputs(
+    inputs: list[str],
+    manifests: list[str] = (),
+    include: list[str] = (),
+    exclude: list[str] = (),
+    storage: StorageOptions | None = None,
+) -> Listing:
+    """Expand inputs and manifests into documents, sorted and de-duplicated, then apply include/exclude.
+
+    Every file found is listed, whatever its extension, unless a filter says otherwise: a
+    file docpipe can't read gets an error row later rather than vanishing here.
     """
+    storage = storage or StorageOptions()
     seen: dict[str, DocumentRef] = {}
     for arg in inputs:
-        for path in _expand(arg):
-            real = os.path.abspath(path)
-            if real not in seen:
-                seen[real] = DocumentRef(source_uri=real, size_bytes=os.path.getsize(real))
-    return [seen[k] for k in sorted(seen)]
+        for ref in (_expand_remote(arg, storage) if is_remote(arg) else _expand_local(arg)):
+            seen.setdefault(ref.source_uri, ref)
+    for manifest in manifests:
+        for uri in read_manifest(manifest, storage):
+            seen.setdefault(uri, DocumentRef(uri))
+    refs = [seen[k] for k in sorted(seen)]
+    kept = [r for r in refs if _wanted(r.source_uri, include, exclude)]
+    return Listing(kept, filtered_out=len(refs) - len(kept))
 
 
-def _expand(arg: str) -> list[str]:
-    if os.path.isfile(arg):
-        return [arg]
-    if os.path.isdir(arg):
-        found = []
-        for root, dirs, files in os.walk(arg):
+def _wanted(uri: str, include, exclude) -> bool:
+    def hits(patterns) -> bool:
+        name = uri.rsplit("/", 1)[-1]
+        return any(glob_to_regex(p).search(uri) if "/" in p else glob_to_regex(p).match(name) for p in patterns)
+
+    return (not include or hits(include)) and not hits(exclude)
+
+
+def _expand_local(arg: str) -> list[DocumentRef]:
+    path = arg[len("file://") :] if arg.startswith("file://") else arg
+    if os.path.isfile(path):
+        paths = [path]
+    elif os.path.isdir(path):
+        paths = []
+        for root, dirs, files in os.walk(path):
             dirs.sort()
-            found.extend(os.path.join(root, f) for f in sorted(files) if os.path.isfile(os.path.join(root, f)))
-        return found
-    if glob.has_magic(arg):
-        matches = [p for p in glob.glob(arg, recursive=True) if os.path.isfile(p)]
-        if not matches:
+            paths.extend(os.path.join(root, f) for f in sorted(files) if os.path.isfile(os.path.join(root, f)))
+    elif glob.has_magic(path):
+        paths = [p for p in glob.glob(path, recursive=True) if os.path.isfile(p)]
+        if not paths:
             raise InputError(f"input pattern matches no files: {arg}")
-        return matches
-    raise InputError(f"input not found: {arg}")
+    else:
+        raise InputError(f"input not found: {arg}")
+    return [DocumentRef(os.path.abspath(p), os.path.getsize(p)) for p in paths]
 
 
-def read_bytes(uri: str) -> bytes:
-    with open(uri, "rb") as f:
-        return f.read()
+def _expand_remote(arg: str, storage: StorageOptions) -> list[DocumentRef]:
+    from pyarrow.fs import FileSelector, FileType
+
+    scheme = scheme_of(arg)
+    fs, path = resolve(arg, storage)
+    pattern = None
+    if has_magic(path):
+        parts = path.split("/")
+        first = next(i for i, part in enumerate(parts) if has_magic(part))
+        pattern, path = glob_to_regex(path), "/".join(parts[:first])
+    try:
+        info = fs.get_file_info(path)
+        if pattern is None and info.type == FileType.File:
+            return [DocumentRef(f"{scheme}://{path}", info.size)]
+        # The SDK pages through ListObjectsV2 (1,000 keys a request); only names and sizes come back.
+        entries = fs.get_file_info(FileSelector(path, recursive=True, allow_not_found=True))
+    except OSError as exc:
+        raise InputError(explain(f"cannot list {arg}: {describe(exc)}")) from None
+    refs = [
+        DocumentRef(f"{scheme}://{e.path}", e.size)
+        for e in entries
+        if e.type == FileType.File and (pattern is None or pattern.match(e.path))
+    ]
+    if not refs:
+        bucket = strip_scheme(arg).split("/", 1)[0]
+        try:
+            missing = fs.get_file_info(bucket).type == FileType.NotFound
+        except OSError as exc:
+            raise InputError(f"cannot list {arg}: {describe(exc)}") from None
+        if missing:
+            raise InputError(f"cannot list {arg}: bucket {bucket!r} does not exist")
+        raise InputError(f"no objects found under {arg}")
+    return refs
+
+
+def read_manifest(manifest: str, storage: StorageOptions) -> list[str]:
+    """URIs listed in a .txt, .csv or .parquet file (local or remote). Relative local paths are taken
+    relative to a local manifest's folder."""
+    fs, path = resolve(manifest, storage)
+    try:
+        with fs.open_input_file(path) as f:
+            data = f.read()
+    except (OSError, FileNotFoundError) as exc:
+        raise InputError(f"cannot read manifest {manifest}: {describe(exc)}") from None
+    lower = path.lower()
+    try:
+        if lower.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(io.BytesIO(data))
+            column = next((c for c in ("uri", "source_uri") if c in table.column_names), None)
+            if column is None:
+                raise InputError(f"manifest {manifest} has no 'uri' or 'source_uri' column")
+            uris = [u for u in table.column(column).to_pylist() if u]
+        elif lower.endswith(".csv"):
+            rows = list(csv.reader(io.StringIO(data.decode("utf-8-sig"))))
+            header = [h.strip().lower() for h in rows[0]] if rows else []
+            col = next((header.index(c) for c in ("uri", "source_uri") if c in header), None)
+            body = rows[1:] if col is not None else rows
+            uris = [row[col or 0].strip() for row in body if row and row[col or 0].strip()]
+        else:
+            lines = data.decode("utf-8-sig").splitlines()
+            uris = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(f"cannot parse manifest {manifest}: {describe(exc)}") from None
+    if not is_remote(manifest):
+        base = os.path.dirname(path)
+        uris = [u if is_remote(u) or os.path.isabs(u) else os.path.join(base, u) for u in uris]
+        uris = [u if is_remote(u) else os.path.abspath(u) for u in uris]
+    return uris

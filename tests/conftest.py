@@ -67,3 +67,82 @@ def run_cli(*args, env=None, timeout=600):
         cwd=REPO,
         env={**os.environ, **(env or {})},
     )
+
+
+S3_SECRET = "s3cr3t-Do-Not-Print-7f3a9"  # a distinctive secret: tests check it never leaks
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_moto(extra_env=None):
+    """moto's S3 in server mode, as a separate process serving real HTTP on loopback."""
+    import subprocess
+    import time
+    import urllib.request
+
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, **(extra_env or {})},
+    )
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(url + "/moto-api/", timeout=1)
+            break
+        except Exception:
+            time.sleep(0.1)
+    else:
+        proc.kill()
+        raise RuntimeError("moto server did not start")
+    return proc, url
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    proc, url = _start_moto()
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def s3_env(s3_server):
+    """The standard AWS variables pointing at the test server, for CLI subprocesses."""
+    return {
+        "AWS_ENDPOINT_URL": s3_server,
+        "AWS_ACCESS_KEY_ID": "AKIATESTING",
+        "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+
+
+@pytest.fixture(scope="session")
+def s3(s3_env):
+    import boto3
+
+    return boto3.client(
+        "s3",
+        endpoint_url=s3_env["AWS_ENDPOINT_URL"],
+        aws_access_key_id=s3_env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=s3_env["AWS_SECRET_ACCESS_KEY"],
+        region_name="us-east-1",
+    )
+
+
+@pytest.fixture(scope="session")
+def s3_auth_server():
+    """A second server that checks credentials: no access key exists there, so every request is refused."""
+    proc, url = _start_moto({"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)

@@ -124,8 +124,27 @@ def test_listing_recurses_dedupes_and_keeps_unknown_types(tmp_path):
     (tmp_path / "a" / "b").mkdir(parents=True)
     for rel in ("a/x.pdf", "a/b/y.png", "a/b/z.docx"):
         (tmp_path / rel).write_bytes(b"1")
-    refs = list_inputs([str(tmp_path / "a"), str(tmp_path / "a" / "x.pdf"), str(tmp_path / "a/**/*.png")])
+    refs = list_inputs([str(tmp_path / "a"), str(tmp_path / "a" / "x.pdf"), str(tmp_path / "a/**/*.png")]).refs
     assert [r.source_uri.removeprefix(str(tmp_path)) for r in refs] == ["/a/b/y.png", "/a/b/z.docx", "/a/x.pdf"]
+
+
+def test_include_exclude_and_manifests(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for rel in ("x.pdf", "y.PNG", "sub/z.pdf", "sub/skip.pdf"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"1")
+    listing = list_inputs([str(tmp_path)], include=["*.pdf"], exclude=["sub/skip*"])
+    assert [r.source_uri.removeprefix(str(tmp_path)) for r in listing.refs] == ["/sub/z.pdf", "/x.pdf"]
+    assert listing.filtered_out == 2
+
+    (tmp_path / "list.txt").write_text("# comment\nx.pdf\n\nsub/z.pdf\n")
+    (tmp_path / "list.csv").write_text(f"id,uri\n1,{tmp_path / 'y.PNG'}\n")
+    pq.write_table(pa.table({"source_uri": ["x.pdf"]}), tmp_path / "list.parquet")
+    for name, expected in (("list.txt", ["/sub/z.pdf", "/x.pdf"]), ("list.csv", ["/y.PNG"]), ("list.parquet", ["/x.pdf"])):
+        refs = list_inputs([], manifests=[str(tmp_path / name)]).refs
+        assert [r.source_uri.removeprefix(str(tmp_path)) for r in refs] == expected, name
 
 
 def test_listing_a_missing_input_is_fatal(tmp_path):

@@ -1,6 +1,6 @@
 import pyarrow.parquet as pq
 
-from pipeline.sink import DocumentLedger, TableWriter
+from pipeline.sink import DocumentLedger, Output, TableWriter
 from pipeline.sources import DocumentRef
 from schemas import PAGES_SCHEMA
 
@@ -48,7 +48,7 @@ def test_ledger_records_documents_that_never_came_back():
 
 def test_table_writer_rolls_files_and_renames_them_when_complete(tmp_path):
     (tmp_path / "pages").mkdir()
-    w = TableWriter(str(tmp_path), "pages", PAGES_SCHEMA, "r1", rows_per_file=2)
+    w = TableWriter(Output(str(tmp_path)), "pages", PAGES_SCHEMA, "r1", rows_per_file=2)
     rows = [dict(doc_id="d", source_uri="s", page_number=i, page_count=5, status="ok", run_id="r1") for i in range(1, 6)]
     w.write(rows[:3])
     assert sorted(p.name for p in (tmp_path / "pages").iterdir()) == ["_tmp-part-r1-00001.parquet",
@@ -61,6 +61,6 @@ def test_table_writer_rolls_files_and_renames_them_when_complete(tmp_path):
 
 def test_table_writer_leaves_an_empty_file_with_the_schema(tmp_path):
     (tmp_path / "pages").mkdir()
-    w = TableWriter(str(tmp_path), "pages", PAGES_SCHEMA, "r1", rows_per_file=10)
+    w = TableWriter(Output(str(tmp_path)), "pages", PAGES_SCHEMA, "r1", rows_per_file=10)
     assert w.close() == ["pages/part-r1-00000.parquet"]
     assert pq.read_table(tmp_path / "pages").schema.names == PAGES_SCHEMA.names

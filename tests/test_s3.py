@@ -1,0 +1,134 @@
+"""Object storage against a real S3 server over HTTP (moto in server mode, a separate process)."""
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import pyarrow.parquet as pq
+import pytest
+from pyarrow.fs import S3FileSystem
+
+from pipeline.config import StorageOptions
+from pipeline.errors import InputError
+from pipeline.sources import list_inputs
+from schemas import DocumentRow, PageRow
+from tests.conftest import S3_SECRET, run_cli
+
+ODD_KEY = "in/scans/ünïcode scan ✓.jpg"  # spaces and non-ASCII in a key
+
+
+def s3fs(env) -> S3FileSystem:
+    host = env["AWS_ENDPOINT_URL"].removeprefix("http://")
+    return S3FileSystem(endpoint_override=host, scheme="http", region="us-east-1",
+                        access_key=env["AWS_ACCESS_KEY_ID"], secret_key=env["AWS_SECRET_ACCESS_KEY"])
+
+
+@pytest.fixture(scope="module")
+def docs_bucket(s3, sample_docs):
+    s3.create_bucket(Bucket="docs")
+    for path in sorted(sample_docs.iterdir()):
+        key = ODD_KEY if path.name == "scan.jpg" else f"in/{path.name}"
+        s3.put_object(Bucket="docs", Key=key, Body=path.read_bytes())
+    return "docs"
+
+
+def assert_no_secret(*texts):
+    for text in texts:
+        assert S3_SECRET not in text
+
+
+def test_run_from_s3_to_s3(docs_bucket, s3_env, tmp_path):
+    proc = run_cli("run", "s3://docs/in", "--output", "s3://docs/out", "--model", "tiny-random",
+                   "--max-new-tokens", "3", "--no-progress", env=s3_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fs = s3fs(s3_env)
+    docs = [DocumentRow(**r) for r in pq.read_table("docs/out/documents", filesystem=fs).to_pylist()]
+    pages = [PageRow(**r) for r in pq.read_table("docs/out/pages", filesystem=fs).to_pylist()]
+    by_uri = {d.source_uri: d for d in docs}
+    assert len(docs) == 6 and len(by_uri) == 6
+    assert by_uri["s3://docs/in/corrupt.pdf"].status == "error"
+    odd = by_uri[f"s3://docs/{ODD_KEY}"]
+    assert odd.status == "ok" and odd.page_count == 1 and odd.media_type == "image/jpeg"
+    assert sum(d.status == "ok" for d in docs) == 5 and len(pages) == 9
+    assert {p.source_uri for p in pages} <= set(by_uri)
+    [run_file] = fs.get_file_info(__import__("pyarrow.fs").fs.FileSelector("docs/out/_runs"))
+    manifest = fs.open_input_file(run_file.path).read().decode()
+    assert json.loads(manifest)["documents"]["total"] == 6
+    assert_no_secret(manifest, proc.stdout, proc.stderr)
+    # no temporary objects: on S3 each Parquet file is written straight to its final key
+    names = [i.path for i in fs.get_file_info(__import__("pyarrow.fs").fs.FileSelector("docs/out", recursive=True))]
+    assert not [n for n in names if "/_tmp-" in n or ".probe-" in n]
+
+
+def test_manifest_input_from_s3_to_local_output(docs_bucket, s3, s3_env, tmp_path):
+    listing = f"s3://docs/in/receipt.png\ns3://docs/{ODD_KEY}\ns3://docs/in/missing.pdf\n"
+    s3.put_object(Bucket="docs", Key="lists/today.txt", Body=listing.encode())
+    proc = run_cli("run", "--manifest", "s3://docs/lists/today.txt", "--output", tmp_path / "out",
+                   "--model", "tiny-random", "--max-new-tokens", "2", "--no-progress", env=s3_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    docs = {r["source_uri"]: r for r in pq.read_table(tmp_path / "out" / "documents").to_pylist()}
+    assert docs.keys() == {"s3://docs/in/receipt.png", f"s3://docs/{ODD_KEY}", "s3://docs/in/missing.pdf"}
+    assert docs["s3://docs/in/missing.pdf"]["status"] == "error"
+    assert docs["s3://docs/in/missing.pdf"]["error_type"] == "read_error"
+    assert docs["s3://docs/in/receipt.png"]["status"] == "ok"
+    assert_no_secret(proc.stdout, proc.stderr, *(p.read_text() for p in (tmp_path / "out" / "_runs").glob("*.json")))
+
+
+def test_a_large_prefix_is_listed_and_filtered(s3, s3_env, monkeypatch):
+    s3.create_bucket(Bucket="many")
+    keys = [f"batch-{i // 1000:02d}/doc-{i:05d}.pdf" for i in range(10_000)] + [f"img/p{i}.png" for i in range(50)]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda k: s3.put_object(Bucket="many", Key=k, Body=b"x"), keys))
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+        monkeypatch.setenv(k, s3_env[k])
+    storage = StorageOptions(endpoint_url=s3_env["AWS_ENDPOINT_URL"])
+    everything = list_inputs(["s3://many/"], storage=storage)
+    assert len(everything.refs) == 10_050 and all(r.size_bytes == 1 for r in everything.refs)
+    pdfs = list_inputs(["s3://many"], include=["*.pdf"], exclude=["batch-09/*"], storage=storage)
+    assert len(pdfs.refs) == 9_000 and pdfs.filtered_out == 1_050
+    pngs = list_inputs(["s3://many/img/*.png"], storage=storage)
+    assert [r.source_uri for r in pngs.refs][:2] == ["s3://many/img/p0.png", "s3://many/img/p1.png"]
+    assert len(pngs.refs) == 50
+    deep = list_inputs(["s3://many/**/doc-0000?.pdf"], storage=storage)
+    assert len(deep.refs) == 10
+
+
+def test_missing_bucket_fails_fast(s3_env, sample_docs, tmp_path):
+    proc = run_cli("run", "s3://no-such-bucket/in", "--output", tmp_path / "out", "--model", "tiny-random", env=s3_env)
+    assert proc.returncode == 2, proc.stderr
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith("docpipe: error: cannot list s3://no-such-bucket/in") and "does not exist" in line
+    proc = run_cli("run", sample_docs / "receipt.png", "--output", "s3://no-such-bucket/out", "--model",
+                   "tiny-random", env=s3_env)
+    assert proc.returncode == 2
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith("docpipe: error: cannot write to output s3://no-such-bucket/out")
+
+
+def test_wrong_credentials_fail_fast_without_the_secret(s3_auth_server, s3_env, tmp_path):
+    env = {**s3_env, "AWS_ENDPOINT_URL": s3_auth_server}
+    proc = run_cli("run", "s3://docs/in", "--output", tmp_path / "out", "--model", "tiny-random", env=env)
+    assert proc.returncode == 2
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith("docpipe: error: cannot list s3://docs/in")
+    assert "ACCESS_DENIED" in line or "INVALID_ACCESS_KEY_ID" in line
+    assert "check the credentials" in line
+    assert_no_secret(proc.stdout, proc.stderr)
+
+
+def test_redaction_and_settings_from_the_environment(monkeypatch):
+    from pipeline.errors import describe
+    from pipeline.storage import register_secrets, s3_settings
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://minio.local:9000")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://other:1")
+    monkeypatch.setenv("AWS_REGION", "eu-west-3")
+    settings = s3_settings(StorageOptions())
+    assert (settings["scheme"], settings["endpoint_override"], settings["region"]) == ("http", "minio.local:9000",
+                                                                                        "eu-west-3")
+    storage = StorageOptions(secret_access_key="explicit-secret-value")
+    register_secrets(storage)
+    assert "explicit-secret-value" not in describe(OSError("signature for explicit-secret-value failed"))
+    assert "explicit-secret-value" not in json.dumps(storage.model_dump(mode="json"))
+    with pytest.raises(InputError):
+        list_inputs(["s3://bucket/x"], storage=StorageOptions(endpoint_url="http://127.0.0.1:9", max_attempts=1,
+                                                              connect_timeout_s=1))
