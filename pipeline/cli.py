@@ -7,7 +7,7 @@ import os
 import sys
 import traceback
 
-from pipeline.config import DEFAULT_MODEL, ModelOptions, RenderOptions, RunConfig, StorageOptions
+from pipeline.config import DEFAULT_MODEL, ExtractOptions, ModelOptions, RenderOptions, RunConfig, StorageOptions
 from pipeline.errors import FatalError
 
 
@@ -19,6 +19,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-format", choices=["raw", "png", "jpeg"], help="page image encoding between stages")
     p.add_argument("--num-actors", type=int, help="model actors (default: one per GPU, or one CPU actor)")
     p.add_argument("--no-image-splitting", action="store_true", help="send each page as one image, not 5")
+    p.add_argument("--adapter", help="a PEFT/LoRA adapter (path or hub id) to load on top of the model")
     p.add_argument("--no-progress", action="store_true", help="hide Ray Data's progress bars")
 
 
@@ -30,7 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("inputs", nargs="*", metavar="INPUT",
                      help="file, folder or glob; local or s3://bucket/prefix (also gs://, abfs://)")
     run.add_argument("--output", "-o", required=True, metavar="OUT", help="output folder or URI")
-    run.add_argument("--task", choices=["ocr"], default="ocr")
+    run.add_argument("--task", choices=["ocr", "extract", "ocr+extract"], default="ocr",
+                     help="ocr: text per page; extract: JSON per document; ocr+extract: both in one pass")
+    run.add_argument("--schema", help="extraction schema: invoice, receipt, key_values, module:Class, or a JSON Schema file")
+    run.add_argument("--page-cap", type=int, help="pages per extraction prompt (default 8); longer documents are chunked")
+    run.add_argument("--extract-max-new-tokens", type=int, help="cap on generated tokens per extraction (default 1024)")
     run.add_argument("--manifest", action="append", default=[], metavar="FILE",
                      help="a .txt, .csv or .parquet file listing input URIs (repeatable)")
     run.add_argument("--include", action="append", default=[], metavar="GLOB", help="keep only matching files, e.g. '*.pdf'")
@@ -63,7 +68,10 @@ def config_from_args(args: argparse.Namespace, inputs: list[str], output: str) -
         "batch_size": args.batch_size,
         "max_new_tokens": args.max_new_tokens,
         "do_image_splitting": False if args.no_image_splitting else None,
+        "adapter": args.adapter,
     }
+    extract = {"schema_spec": getattr(args, "schema", None), "page_cap": getattr(args, "page_cap", None),
+               "max_new_tokens": getattr(args, "extract_max_new_tokens", None)}
     render = {"longest_edge": args.longest_edge, "image_format": args.image_format}
     storage = {"endpoint_url": getattr(args, "endpoint_url", None), "region": getattr(args, "region", None),
                "anonymous": getattr(args, "anonymous", False) or None}
@@ -75,6 +83,7 @@ def config_from_args(args: argparse.Namespace, inputs: list[str], output: str) -
         storage=StorageOptions(**{k: v for k, v in storage.items() if v is not None}),
         output=output,
         task=getattr(args, "task", "ocr"),
+        extract=ExtractOptions(**{k: v for k, v in extract.items() if v is not None}),
         model=ModelOptions(**{k: v for k, v in model.items() if v is not None}),
         render=RenderOptions(**{k: v for k, v in render.items() if v is not None}),
         num_actors=args.num_actors,

@@ -61,6 +61,10 @@ class ModelOptions(_Options):
     prompt: str = Field(OCR_PROMPT, description="Instruction sent with each page image.")
     trust_remote_code: bool = Field(False, description="Allow code shipped with the checkpoint to run.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to load.")
+    adapter: str | None = Field(
+        None, description="Path (or hub id) of a PEFT/LoRA adapter to load on top of the model, e.g. a checkpoint "
+        "fine-tuned for extraction."
+    )
 
 
 class RenderOptions(_Options):
@@ -83,6 +87,33 @@ class RenderOptions(_Options):
         2_000_000, ge=1, description="Largest 'raw' page image shipped between stages before falling back to JPEG."
     )
     jpeg_quality: int = Field(92, ge=1, le=100, description="JPEG quality (image_format jpeg, or the raw fallback).")
+
+
+class ExtractOptions(_Options):
+    """JSON extraction (task 'extract' or 'ocr+extract')."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+    schema_spec: str | None = Field(
+        None,
+        alias="schema",
+        description="A built-in schema name (invoice, receipt, key_values), a 'module:Class' pydantic model, or a "
+        "JSON Schema file.",
+        examples=["invoice", "mypkg.schemas:PurchaseOrder", "schemas/po.json"],
+    )
+    prompt: str | None = Field(None, description="Replaces the prompt built from the schema's fields.")
+    page_cap: int = Field(
+        8, ge=1, description="Pages sent together in one prompt. A longer document is extracted per chunk of this "
+        "many pages and the chunks are merged (first non-null value per field wins; lists are concatenated).",
+    )
+    max_new_tokens: int = Field(1024, ge=1, description="Cap on generated tokens per extraction.")
+    max_string_chars: int = Field(512, ge=1, description="Longest string the grammar lets the model write.")
+    max_array_items: int = Field(100, ge=0, description="Most items the grammar lets the model put in a list.")
+    max_abs_number: float = Field(1e12, gt=0, description="Numbers are generated within +/- this bound.")
+    max_repeat: int = Field(64, ge=2, description="Stop generation when one token repeats this many times in a row.")
+    retry_temperature: float = Field(
+        0.8, ge=0, description="Output that fails validation is retried once, sampling at this temperature (0: no retry)."
+    )
 
 
 class StorageOptions(_Options):
@@ -126,7 +157,10 @@ class RunConfig(_Options):
     exclude: list[str] = Field(default_factory=list, description="Drop listed files matching one of these globs.")
     output: str = Field(description="Output folder or URI: pages/, documents/ and _runs/ are written under it.")
     storage: StorageOptions = Field(default_factory=StorageOptions)
-    task: Literal["ocr"] = Field("ocr", description="What to do with each page.")
+    task: Literal["ocr", "extract", "ocr+extract"] = Field(
+        "ocr", description="ocr: text per page; extract: JSON per document; ocr+extract: both in one pass."
+    )
+    extract: ExtractOptions = Field(default_factory=ExtractOptions)
     model: ModelOptions = Field(default_factory=ModelOptions)
     render: RenderOptions = Field(default_factory=RenderOptions)
     num_actors: int | None = Field(

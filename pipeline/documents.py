@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 from pipeline.config import RenderOptions, StorageOptions
 from pipeline.errors import RowError, describe
-from pipeline.records import DOCUMENT, PAGE
+from pipeline.records import CHUNK, DOCUMENT, PAGE
 from pipeline.render import render_image, render_pdf_page
 from pipeline.storage import read_bytes
 
@@ -43,8 +43,15 @@ def sniff_media_type(data: bytes) -> str | None:
 
 
 def expand_document(
-    source_uri: str, opts: RenderOptions, longest_edge: int, storage: StorageOptions | None = None
+    source_uri: str,
+    opts: RenderOptions,
+    longest_edge: int,
+    storage: StorageOptions | None = None,
+    ocr: bool = True,
+    chunk_pages: int | None = None,
 ) -> Iterator[dict[str, Any]]:
+    """Yield the document record, its page records (with images when ``ocr``) and, when ``chunk_pages`` is
+    set, one chunk record per ``chunk_pages`` pages carrying their images for extraction."""
     doc: dict[str, Any] = {"kind": DOCUMENT, "source_uri": source_uri, "status": "ok"}
     try:
         data = read_bytes(source_uri, storage)
@@ -59,11 +66,13 @@ def expand_document(
         yield {**doc, "status": "error", "error_type": exc.error_type, "error_message": exc.message}
         return
     del data  # the opened document keeps what it needs
-    yield {**doc, "page_count": page_count}
+    chunk_count = -(-page_count // chunk_pages) if chunk_pages else 0
+    yield {**doc, "page_count": page_count, "chunk_count": chunk_count}
 
-    base = {k: doc[k] for k in ("source_uri", "doc_id")} | {"kind": PAGE, "page_count": page_count}
+    base = {k: doc[k] for k in ("source_uri", "doc_id")} | {"page_count": page_count}
+    chunk: list[dict[str, Any]] = []
     for number in range(1, page_count + 1):
-        row = {**base, "page_number": number, "status": "ok"}
+        row = {**base, "kind": PAGE, "page_number": number, "status": "ok"}
         try:
             page = next(pages)
             rendered = page(opts, longest_edge)
@@ -72,7 +81,21 @@ def expand_document(
             row.update(status="error", error_type=exc.error_type, error_message=exc.message)
         except Exception as exc:  # one bad page must not take its document down
             row.update(status="error", error_type="render_error", error_message=describe(exc))
-        yield row
+        if chunk_pages and row["status"] == "ok":
+            chunk.append(row)
+        yield row if ocr else {k: v for k, v in row.items() if k not in ("image", "image_codec")}
+        if chunk_pages and (number % chunk_pages == 0 or number == page_count):
+            yield _chunk_record(base, (number - 1) // chunk_pages, chunk_count, chunk)
+            chunk = []
+
+
+def _chunk_record(base: dict[str, Any], index: int, count: int, pages: list[dict[str, Any]]) -> dict[str, Any]:
+    rec = {**base, "kind": CHUNK, "chunk_index": index, "chunk_count": count, "status": "ok",
+           "images": [p["image"] for p in pages], "image_codecs": [p["image_codec"] for p in pages],
+           "widths": [p["width"] for p in pages], "heights": [p["height"] for p in pages]}
+    if not pages:
+        rec.update(status="error", error_type="render_error", error_message=f"no page of chunk {index + 1} rendered")
+    return rec
 
 
 def _open(data: bytes, media_type: str | None) -> Iterator:

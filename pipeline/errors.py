@@ -19,6 +19,10 @@ class OutputError(FatalError):
     """The output location can't be created or written."""
 
 
+class ConfigError(FatalError):
+    """A setting that can't work (an unknown schema, say), found before any document is read."""
+
+
 class ModelLoadError(FatalError):
     """The model or its processor could not be loaded."""
 

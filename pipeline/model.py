@@ -130,6 +130,11 @@ def load_model(opts: ModelOptions, checkpoint: str | None = None) -> LoadedModel
             )
             if not quant:
                 model = model.to(device)
+        if opts.adapter:
+            from peft import PeftModel
+
+            # Merged into the base weights: generation then runs at the base model's speed.
+            model = PeftModel.from_pretrained(model, opts.adapter, **common).merge_and_unload()
     except Exception as exc:
         raise ModelLoadError(f"cannot load model {opts.name!r}: {describe(exc)}") from None
     processor.tokenizer.padding_side = "left"  # decoder-only generation appends on the right

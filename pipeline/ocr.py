@@ -41,7 +41,7 @@ class OcrStage:
                 continue
             rec = {k: v for k, v in rec.items() if k not in ("image", "image_codec")} | {
                 "_image": rec.get("image"), "_codec": rec.get("image_codec"), "retries": 0}
-            if rec["status"] == "ok":
+            if rec["status"] == "ok" and rec["_image"] is not None:  # no image: an extract-only run
                 try:
                     rec["_pixels"] = decode_page(rec["_image"], rec["_codec"], rec["width"], rec["height"])
                     todo.append(rec)

@@ -13,6 +13,7 @@ import pyarrow as pa
 
 DOCUMENT = "document"
 PAGE = "page"
+CHUNK = "chunk"  # up to page_cap pages of one document, for extraction
 
 RENDERED_SCHEMA = pa.schema(
     [
@@ -30,12 +31,19 @@ RENDERED_SCHEMA = pa.schema(
         ("status", pa.string()),
         ("error_type", pa.string()),
         ("error_message", pa.string()),
+        # chunk records (extraction) carry several pages; document records say how many chunks follow
+        ("chunk_index", pa.int32()),
+        ("chunk_count", pa.int32()),
+        ("images", pa.list_(pa.binary())),
+        ("image_codecs", pa.list_(pa.string())),
+        ("widths", pa.list_(pa.int32())),
+        ("heights", pa.list_(pa.int32())),
     ]
 )
 
 # What the model stage returns: the page image is dropped, the model's answer added.
 RESULT_SCHEMA = pa.schema(
-    [f for f in RENDERED_SCHEMA if f.name not in ("image", "image_codec")]
+    [f for f in RENDERED_SCHEMA if f.name not in ("image", "image_codec", "images", "image_codecs", "widths", "heights")]
     + [
         pa.field("text", pa.large_string()),
         pa.field("model", pa.string()),
@@ -43,6 +51,12 @@ RESULT_SCHEMA = pa.schema(
         pa.field("finish_reason", pa.string()),
         pa.field("retries", pa.int32()),  # times this page's batch was split after a model failure
         pa.field("actor_ready_at", pa.float64()),  # epoch seconds the model actor finished loading
+        pa.field("raw_output", pa.large_string()),
+        pa.field("extraction", pa.large_string()),
+        pa.field("valid", pa.bool_()),
+        pa.field("validation_errors", pa.list_(pa.string())),
+        pa.field("extraction_finish_reason", pa.string()),
+        pa.field("extraction_attempts", pa.int32()),
     ]
 )
 

@@ -36,35 +36,44 @@ class RunResult:
         return self.manifest.timings["pages_per_s"]
 
 
-def _expand_documents(batch, render_opts, longest_edge: int, storage):
+def _expand_documents(batch, render_opts, longest_edge: int, storage, ocr: bool, chunk_pages: int | None):
     """Ray Data UDF: document refs in, one-record tables out; a generator, so pages stream out lazily."""
     register_secrets(storage)
     for uri in batch.column("source_uri").to_pylist():
-        for rec in expand_document(uri, render_opts, longest_edge, storage):
+        for rec in expand_document(uri, render_opts, longest_edge, storage, ocr=ocr, chunk_pages=chunk_pages):
             yield to_table([rec], RENDERED_SCHEMA)
 
 
-def _ocr_actor(model_opts):
-    """Ray Data actor UDF around OcrStage; the model loads once per actor, in __init__.
+def _model_actor(model_opts, extract_opts, task: str):
+    """Ray Data actor UDF around the model stages; the model loads once per actor, in __init__.
 
     The options are bound in the class rather than passed as constructor arguments, which
     Ray would park in the object store where an actor restart could lose them.
     """
 
-    class OcrActor:
+    class ModelActor:
         def __init__(self):
+            from pipeline.model import load_model
             from pipeline.ocr import OcrStage
 
-            self.stage = OcrStage(model_opts)
+            loaded = load_model(model_opts)
+            # OCR passes chunk records through untouched; extraction passes page records through.
+            self.stages = [OcrStage(model_opts, loaded=loaded)]
+            if "extract" in task:
+                from pipeline.extract import ExtractStage
+
+                self.stages.append(ExtractStage(model_opts, extract_opts, loaded))
             self.ready_at = time.time()  # tells the driver when the model could start work
 
         def __call__(self, batch):
-            records = self.stage(batch.to_pylist())
+            records = batch.to_pylist()
+            for stage in self.stages:
+                records = stage(records)
             for rec in records:
                 rec["actor_ready_at"] = self.ready_at
             return to_table(records, RESULT_SCHEMA)
 
-    return OcrActor
+    return ModelActor
 
 
 def new_run_id() -> str:
@@ -83,6 +92,15 @@ def run(config: RunConfig) -> RunResult:
     started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     t0, wall_t0 = time.perf_counter(), time.time()
     register_secrets(config.storage)
+    schema = None
+    if "extract" in config.task:
+        from pipeline.errors import ConfigError
+        from pipeline.extract import build_grammar, load_schema
+
+        if not config.extract.schema_spec:
+            raise ConfigError(f"task {config.task} needs a schema (--schema)")
+        schema = load_schema(config.extract.schema_spec)  # a bad schema fails here, before any document is read
+        build_grammar(schema.json_schema, config.extract)
     if not config.inputs and not config.manifests:
         raise InputError("no inputs: give INPUT paths or URIs, or --manifest")
     listing = list_inputs(config.inputs, config.manifests, config.include, config.exclude, config.storage)
@@ -94,7 +112,7 @@ def run(config: RunConfig) -> RunResult:
     checkpoint = resolve_checkpoint(config.model.name)
     longest_edge = config.render.longest_edge or render_edge_for(checkpoint, config.model)
     run_id = new_run_id()
-    sink = RunSink(out, run_id, refs, config.rows_per_file)
+    sink = RunSink(out, run_id, refs, config.rows_per_file, schema)
 
     import ray
     import ray.data
@@ -135,7 +153,9 @@ def run(config: RunConfig) -> RunResult:
     ds = ray.data.from_items([{"source_uri": r.source_uri} for r in refs], override_num_blocks=min(len(refs), 1000))
     ds = ds.map_batches(
         _expand_documents,
-        fn_kwargs={"render_opts": config.render, "longest_edge": longest_edge, "storage": config.storage},
+        fn_kwargs={"render_opts": config.render, "longest_edge": longest_edge, "storage": config.storage,
+                   "ocr": "ocr" in config.task.split("+"),
+                   "chunk_pages": config.extract.page_cap if "extract" in config.task else None},
         concurrency=config.read_concurrency,
         batch_size=1,
         batch_format="pyarrow",
@@ -144,7 +164,7 @@ def run(config: RunConfig) -> RunResult:
     # The actor sorts sort_window model batches' worth of pages by shape, then runs them batch by batch.
     rows_per_call = config.model.batch_size * config.model.sort_window
     ds = ds.map_batches(
-        _ocr_actor(model_opts),
+        _model_actor(model_opts, config.extract, config.task),
         # One call per actor at a time: a busy actor must not queue blocks that an idle one could take
         # (measured: with two in flight, one of two CPU actors sat idle). A call lasts seconds, so the
         # round trip between calls costs the model next to nothing.
@@ -156,7 +176,7 @@ def run(config: RunConfig) -> RunResult:
     pages_seen, first_ready = 0, None
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         records = batch.to_pylist()
-        pages_seen += sum(1 for r in records if r["kind"] != "document")
+        pages_seen += sum(1 for r in records if r["kind"] == "page")
         ready = [r["actor_ready_at"] for r in records if r.get("actor_ready_at")]
         if ready:
             first_ready = min(ready + ([first_ready] if first_ready else []))

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from pipeline.config import StorageOptions
 from pipeline.errors import OutputError, describe
-from pipeline.records import DOCUMENT
+from pipeline.records import CHUNK, DOCUMENT, PAGE
 from pipeline.sources import DocumentRef
 from pipeline.storage import explain, is_remote, join, resolve
 from schemas import DOCUMENTS_SCHEMA, PAGES_SCHEMA, RunManifest
@@ -122,32 +122,37 @@ class TableWriter:
 class DocumentLedger:
     """Turns the stream of document and page records into exactly one documents row per input."""
 
-    def __init__(self, refs: list[DocumentRef], run_id: str):
-        self.run_id = run_id
+    def __init__(self, refs: list[DocumentRef], run_id: str, schema=None):
+        self.run_id, self.schema = run_id, schema  # schema: extract.SchemaSpec when extracting
         self.expected = {r.source_uri: r for r in refs}
         self.open: dict[str, dict[str, Any]] = {}
         self.done: set[str] = set()
 
     def _state(self, uri: str) -> dict[str, Any]:
-        return self.open.setdefault(uri, {"doc": None, "pages": 0, "failed": 0, "first_error": None})
+        return self.open.setdefault(uri, _new_state())
 
     def add(self, rec: dict[str, Any]) -> dict[str, Any] | None:
         """Record one stream record; return the document's row once all of it has been seen."""
         st = self._state(rec["source_uri"])
         if rec["kind"] == DOCUMENT:
             st["doc"] = rec
+        elif rec["kind"] == CHUNK:
+            st["chunks"].append(rec)
         else:
             st["pages"] += 1
             if rec["status"] != "ok":
                 st["failed"] += 1
                 st["first_error"] = st["first_error"] or (rec["error_type"], rec["error_message"], rec["page_number"])
         doc = st["doc"]
-        if doc is not None and (doc["status"] != "ok" or st["pages"] >= (doc["page_count"] or 0)):
+        if doc is not None and (
+            doc["status"] != "ok"
+            or (st["pages"] >= (doc["page_count"] or 0) and len(st["chunks"]) >= (doc.get("chunk_count") or 0))
+        ):
             return self._finish(rec["source_uri"])
         return None
 
     def _finish(self, uri: str, lost: str | None = None) -> dict[str, Any]:
-        st = self.open.pop(uri, None) or {"doc": None, "pages": 0, "failed": 0, "first_error": None}
+        st = self.open.pop(uri, None) or _new_state()
         self.done.add(uri)
         doc = st["doc"] or {}
         ref = self.expected.get(uri)
@@ -172,7 +177,42 @@ class DocumentLedger:
             else:
                 row.update(status="partial", error_type=etype)
             row["error_message"] = f"{st['failed']} of {total} pages failed; first, page {number}: {etype}: {emsg}"
+        if self.schema is not None and st["chunks"]:
+            self._add_extraction(row, sorted(st["chunks"], key=lambda c: c["chunk_index"]))
         return row
+
+    def _add_extraction(self, row: dict[str, Any], chunks: list[dict[str, Any]]) -> None:
+        """One document's extraction from its chunks: merged in page order, then validated once more."""
+        import json
+
+        from pipeline.extract import merge_chunks
+
+        row.update(schema_name=self.schema.name, schema_hash=self.schema.hash)
+        failed = [c for c in chunks if c["status"] != "ok"]
+        if failed:
+            row.update(valid=False, validation_errors=[f"chunk {c['chunk_index'] + 1}: {c['error_type']}: "
+                                                       f"{c['error_message']}" for c in failed])
+            if row["status"] == "ok":
+                row.update(status="partial", error_type="extraction_failed",
+                           error_message=f"extraction failed on {len(failed)} of {len(chunks)} chunks")
+        if len(chunks) == 1 and not failed:
+            c = chunks[0]
+            row.update({k: c[k] for k in ("extraction", "valid", "validation_errors", "raw_output",
+                                          "extraction_finish_reason", "extraction_attempts")})
+            return
+        ok = [c for c in chunks if c["status"] == "ok"]
+        merged = merge_chunks([json.loads(c["extraction"]) if c["extraction"] else None for c in ok])
+        errors = self.schema.validate(merged) + [e for c in ok for e in (c["validation_errors"] or [])
+                                                 if e.startswith("<output>")]
+        row.update(
+            extraction=json.dumps(merged, ensure_ascii=False, separators=(",", ":")),
+            valid=not errors and not failed,
+            validation_errors=(row.get("validation_errors") or []) + errors,
+            raw_output=json.dumps([c["raw_output"] for c in ok], ensure_ascii=False),
+            extraction_finish_reason=next((c["extraction_finish_reason"] for c in ok
+                                           if c["extraction_finish_reason"] != "stop"), "stop" if ok else None),
+            extraction_attempts=sum(c["extraction_attempts"] or 0 for c in ok),
+        )
 
     def finish_all(self) -> list[dict[str, Any]]:
         """Rows for every input not yet accounted for: nothing is dropped without a trace."""
@@ -187,14 +227,18 @@ class DocumentLedger:
         return rows
 
 
+def _new_state() -> dict[str, Any]:
+    return {"doc": None, "pages": 0, "failed": 0, "first_error": None, "chunks": []}
+
+
 class RunSink:
     """Consumes the run's result stream on the driver: writes pages as they come, documents as they complete."""
 
-    def __init__(self, out: Output, run_id: str, refs: list[DocumentRef], rows_per_file: int):
+    def __init__(self, out: Output, run_id: str, refs: list[DocumentRef], rows_per_file: int, schema=None):
         self.out, self.run_id = out, run_id
         self.pages = TableWriter(out, "pages", PAGES_SCHEMA, run_id, rows_per_file)
         self.documents = TableWriter(out, "documents", DOCUMENTS_SCHEMA, run_id, rows_per_file)
-        self.ledger = DocumentLedger(refs, run_id)
+        self.ledger = DocumentLedger(refs, run_id, schema)
         self.page_counts: Counter[str] = Counter()
         self.doc_counts: Counter[str] = Counter()
         self.counters: Counter[str] = Counter()
@@ -202,10 +246,12 @@ class RunSink:
     def consume(self, records: list[dict[str, Any]]) -> None:
         page_rows, doc_rows = [], []
         for rec in records:
-            if rec["kind"] != DOCUMENT:
+            self.counters["output_tokens"] += rec.get("output_tokens") or 0 if rec["kind"] != DOCUMENT else 0
+            if rec["kind"] == PAGE:
                 self.counters["model_retries"] += rec.get("retries") or 0
-                self.counters["output_tokens"] += rec.get("output_tokens") or 0
                 page_rows.append({name: rec.get(name) for name in PAGES_SCHEMA.names} | {"run_id": self.run_id})
+            if rec["kind"] == CHUNK:
+                self.counters["extractions"] += 1
             finished = self.ledger.add(rec)
             if finished:
                 doc_rows.append(finished)

@@ -44,6 +44,7 @@ class ErrorType(str, Enum):
     image_decode_error = "image_decode_error"
     model_error = "model_error"
     all_pages_failed = "all_pages_failed"
+    extraction_failed = "extraction_failed"
     lost = "lost"  # the pipeline never reported back on it; recorded rather than dropped
 
 
@@ -82,6 +83,16 @@ class DocumentRow(_Row):
     error_type: ErrorType | None = None
     error_message: str | None = None
     run_id: str
+    extraction: str | None = Field(None, description="Extracted JSON object (task extract); null otherwise.")
+    schema_name: str | None = Field(None, description="Schema the extraction follows.")
+    schema_hash: str | None = Field(None, description="First 16 hex digits of the SHA-256 of the canonical JSON Schema.")
+    valid: bool | None = Field(None, description="Whether the extraction validated against the schema.")
+    validation_errors: list[str] | None = Field(None, description="Why it did not: 'path: message' per error.")
+    raw_output: str | None = Field(None, description="The model's text, kept for audit.")
+    extraction_finish_reason: str | None = Field(
+        None, description="stop, length (cut at max_new_tokens) or repetition (run-away loop stopped)."
+    )
+    extraction_attempts: int | None = Field(None, ge=0, description="Generations run: 2 when a retry was needed.")
 
 
 class RunManifest(BaseModel):
@@ -138,6 +149,14 @@ DOCUMENTS_SCHEMA = pa.schema(
         pa.field("error_type", pa.string()),
         pa.field("error_message", pa.string()),
         pa.field("run_id", pa.string(), nullable=False),
+        pa.field("extraction", pa.large_string()),
+        pa.field("schema_name", pa.string()),
+        pa.field("schema_hash", pa.string()),
+        pa.field("valid", pa.bool_()),
+        pa.field("validation_errors", pa.list_(pa.string())),
+        pa.field("raw_output", pa.large_string()),
+        pa.field("extraction_finish_reason", pa.string()),
+        pa.field("extraction_attempts", pa.int32()),
     ],
     metadata={"docpipe.contract_version": str(CONTRACT_VERSION), "docpipe.table": "documents"},
 )

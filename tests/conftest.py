@@ -65,7 +65,7 @@ def run_cli(*args, env=None, timeout=600):
         text=True,
         timeout=timeout,
         cwd=REPO,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
     )
 
 

@@ -1,0 +1,314 @@
+"""JSON extraction: a document's pages in, a schema-valid JSON object out.
+
+Generation is constrained by a grammar compiled from the schema (xgrammar), so the
+output always has the schema's JSON shape; pydantic (or jsonschema, for a JSON Schema
+file) then validates it, custom validators included. A failed validation is data in
+the row, never an exception.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.config import ExtractOptions, ModelOptions
+from pipeline.errors import ConfigError, describe
+from pipeline.records import CHUNK
+
+PROMPT_TEMPLATE = (
+    "Extract the information from this document as JSON matching the schema below. "
+    "Use null for anything the document does not show; do not invent values.\n{fields}"
+)
+
+
+@dataclass(frozen=True)
+class SchemaSpec:
+    name: str
+    json_schema: dict[str, Any]
+    model: Any = None  # a pydantic model class, or None for a JSON Schema file
+
+    @property
+    def hash(self) -> str:
+        canonical = json.dumps(self.json_schema, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    def validate(self, value: Any) -> list[str]:
+        """Errors as 'path: message' strings; empty when valid."""
+        if self.model is not None:
+            from pydantic import ValidationError
+
+            try:
+                self.model.model_validate(value)
+                return []
+            except ValidationError as exc:
+                return [f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in exc.errors()]
+        import jsonschema
+
+        validator = jsonschema.Draft202012Validator(self.json_schema, format_checker=jsonschema.FormatChecker())
+        return [f"{'.'.join(str(p) for p in e.absolute_path) or '<root>'}: {e.message}"
+                for e in sorted(validator.iter_errors(value), key=lambda e: list(e.absolute_path))]
+
+
+def load_schema(spec: str) -> SchemaSpec:
+    """A built-in name, a 'module:Class' pydantic model, or a JSON Schema file; a ConfigError otherwise."""
+    from pydantic import BaseModel
+
+    from schemas.extraction import BUILTIN_SCHEMAS
+
+    if spec in BUILTIN_SCHEMAS:
+        model = BUILTIN_SCHEMAS[spec]
+        return SchemaSpec(spec, model.model_json_schema(), model)
+    if spec.endswith(".json") or os.path.isfile(spec):
+        try:
+            with open(spec) as f:
+                schema = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read JSON Schema {spec}: {describe(exc)}") from None
+        import jsonschema
+
+        try:
+            jsonschema.Draft202012Validator.check_schema(schema)
+        except jsonschema.SchemaError as exc:
+            raise ConfigError(f"invalid JSON Schema {spec}: {exc.message}") from None
+        if schema.get("type") != "object":
+            raise ConfigError(f"invalid JSON Schema {spec}: the top level must be an object schema")
+        return SchemaSpec(os.path.splitext(os.path.basename(spec))[0], schema)
+    if ":" in spec:
+        module_name, _, attr = spec.partition(":")
+        try:
+            model = getattr(importlib.import_module(module_name), attr)
+        except Exception as exc:
+            raise ConfigError(f"cannot import schema {spec}: {describe(exc)}") from None
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            raise ConfigError(f"schema {spec} is not a pydantic model class")
+        return SchemaSpec(attr, model.model_json_schema(), model)
+    known = ", ".join(sorted(BUILTIN_SCHEMAS))
+    raise ConfigError(f"unknown schema {spec!r}: use a built-in ({known}), module:Class, or a JSON Schema file")
+
+
+def describe_fields(schema: dict[str, Any]) -> str:
+    """The schema as a compact field list for the prompt: names, types and descriptions."""
+    defs = schema.get("$defs", {})
+    lines: list[str] = []
+
+    def kind(node: dict[str, Any]) -> str:
+        node = _deref(node, defs)
+        if "anyOf" in node:
+            return " or ".join(kind(n) for n in node["anyOf"])
+        if node.get("type") == "array":
+            return f"list of {kind(node.get('items', {}))}"
+        fmt = f" ({node['format']})" if "format" in node else ""
+        return f"{node.get('type', 'object')}{fmt}"
+
+    def walk(node: dict[str, Any], prefix: str, depth: int) -> None:
+        node = _deref(node, defs)
+        for name, prop in node.get("properties", {}).items():
+            target = _deref(prop, defs)
+            desc = prop.get("description") or target.get("description") or ""
+            lines.append(f"{'  ' * depth}- {prefix}{name}: {kind(prop)}{': ' + desc if desc else ''}")
+            inner = next((_deref(n, defs) for n in target.get("anyOf", [target]) if _deref(n, defs).get("properties")
+                          or _deref(n, defs).get("items")), None)
+            if inner and inner.get("type") == "array":
+                inner = _deref(inner.get("items", {}), defs)
+            if inner and inner.get("properties") and depth < 3:
+                walk(inner, "", depth + 1)
+
+    walk(schema, "", 0)
+    return "\n".join(lines)
+
+
+def _deref(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
+    ref = node.get("$ref")
+    return defs.get(ref.rsplit("/", 1)[-1], {}) if ref else node
+
+
+def generation_schema(schema: dict[str, Any], opts: ExtractOptions) -> dict[str, Any]:
+    """The schema the grammar is compiled from: the user's, with caps that make every output finite.
+
+    Strings get a length cap, numbers a range (so their digits are bounded), arrays an item cap.
+    Validation still uses the user's schema; the caps only bound generation.
+    """
+    schema = copy.deepcopy(schema)
+
+    def cap(node: Any) -> None:
+        if isinstance(node, list):
+            for item in node:
+                cap(item)
+            return
+        if not isinstance(node, dict):
+            return
+        for value in node.values():
+            cap(value)
+        kind = node.get("type")
+        if kind == "string" and not ({"enum", "const", "format", "pattern"} & node.keys()):
+            node["maxLength"] = min(node.get("maxLength", opts.max_string_chars), opts.max_string_chars)
+        elif kind in ("number", "integer"):
+            node.setdefault("minimum", -opts.max_abs_number)
+            node.setdefault("maximum", opts.max_abs_number)
+        elif kind == "array":
+            node["maxItems"] = min(node.get("maxItems", opts.max_array_items), opts.max_array_items)
+
+    cap(schema)
+    return schema
+
+
+# xgrammar writes a length-capped string's characters as [^"\\\r\n], which admits raw control characters
+# that JSON forbids (its unbounded strings exclude them). Patched in the grammar text.
+_CAPPED_CHARS = '[^\\"\\\\\\r\\n]'
+_JSON_CHARS = '[^\\0-\\x1f\\"\\\\\\r\\n]'
+
+
+def build_grammar(schema: dict[str, Any], opts: ExtractOptions):
+    """The grammar for a schema: capped (generation_schema), compact separators, no free whitespace, so not
+    one token is spent on formatting. Needs no tokenizer, so the driver can check a schema up front."""
+    import xgrammar as xgr
+
+    try:
+        grammar = xgr.Grammar.from_json_schema(
+            json.dumps(generation_schema(schema, opts)), any_whitespace=False, separators=(",", ":")
+        )
+        return xgr.Grammar.from_ebnf(str(grammar).replace(_CAPPED_CHARS, _JSON_CHARS))
+    except Exception as exc:
+        raise ConfigError(f"cannot build a grammar for the schema: {describe(exc)}") from None
+
+
+def merge_chunks(parts: list[dict[str, Any] | None]) -> dict[str, Any]:
+    """Merge per-chunk extractions of one document, in page order.
+
+    The rule: for each field the first chunk with a non-null value wins; lists are
+    concatenated across chunks; objects are merged field by field with the same rule.
+    """
+    merged: dict[str, Any] = {}
+    for part in parts:
+        if isinstance(part, dict):
+            merged = _merge(merged, part)
+    return merged
+
+
+def _merge(a: Any, b: Any) -> Any:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return {k: _merge(a.get(k), b.get(k)) if k in a else b[k] for k in {**a, **b}}
+    if isinstance(a, list) and isinstance(b, list):
+        return a + b
+    return b if a is None or a == [] or a == {} else a
+
+
+class ExtractStage:
+    """Chunk records (a document's pages, up to the page cap) in, extraction results out."""
+
+    def __init__(self, opts: ModelOptions, extract: ExtractOptions, loaded):
+        import xgrammar as xgr
+
+        self.opts, self.extract, self.m = opts, extract, loaded
+        self.spec = load_schema(extract.schema_spec)
+        tokenizer = loaded.processor.tokenizer
+        stop = loaded.model.generation_config.eos_token_id
+        stop = list(stop if isinstance(stop, list) else [stop])
+        eou = tokenizer.convert_tokens_to_ids("<end_of_utterance>")
+        self.stop_ids = sorted({*stop, eou, tokenizer.eos_token_id} - {None})
+        info = xgr.TokenizerInfo.from_huggingface(
+            tokenizer, vocab_size=loaded.model.get_output_embeddings().weight.shape[0], stop_token_ids=self.stop_ids
+        )
+        self.grammar = xgr.GrammarCompiler(info).compile_grammar(build_grammar(self.spec.json_schema, extract))
+        text = extract.prompt or PROMPT_TEMPLATE.format(fields=describe_fields(self.spec.json_schema))
+        self.text = text
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
+
+    def prompt(self, pages: int) -> str:
+        content = [{"type": "image"} for _ in range(pages)] + [{"type": "text", "text": self.text}]
+        return self.m.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+    def __call__(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        from pipeline.ocr import decode_page
+
+        for rec in records:
+            if rec["kind"] != CHUNK or rec["status"] != "ok":
+                continue
+            try:
+                pixels = [decode_page(img, codec, w, h) for img, codec, w, h in
+                          zip(rec["images"], rec["image_codecs"], rec["widths"], rec["heights"])]
+                rec.update(self.extract_one(pixels, seed=int(rec["doc_id"][:8], 16) + rec["chunk_index"]))
+            except Exception as exc:  # one document's failure stays in its row
+                rec.update(status="error", error_type="model_error", error_message=describe(exc))
+        return records
+
+    def extract_one(self, pixels: list, seed: int) -> dict[str, Any]:
+        """Greedy first; output that fails validation gets one retry at a higher temperature."""
+        result = self._attempt(pixels, temperature=None, seed=seed)
+        attempts = 1
+        if not result["valid"] and self.extract.retry_temperature > 0:
+            retry = self._attempt(pixels, temperature=self.extract.retry_temperature, seed=seed)
+            attempts = 2
+            if retry["valid"] or not result["parsed"]:
+                result = retry
+        result["extraction_attempts"] = attempts
+        return result
+
+    def _attempt(self, pixels: list, temperature: float | None, seed: int) -> dict[str, Any]:
+        import torch
+        import xgrammar as xgr
+        from transformers import StoppingCriteriaList
+
+        m = self.m
+        inputs = dict(m.processor(text=[self.prompt(len(pixels))], padding=True, return_tensors="pt"))
+        inputs.update(m.processor.image_processor([pixels], return_tensors="pt",
+                                                  device=m.device if self.opts.processor_device == "model" else "cpu"))
+        inputs = {k: v.to(m.device) for k, v in inputs.items()}
+        inputs["pixel_values"] = inputs["pixel_values"].to(m.dtype)
+        sampling = {"do_sample": True, "temperature": temperature} if temperature else {"do_sample": False}
+        if temperature:
+            torch.manual_seed(seed)  # reproducible retries
+        guard = RepetitionGuard(self.extract.max_repeat)
+        with torch.inference_mode():
+            out = m.model.generate(
+                **inputs,
+                max_new_tokens=self.extract.max_new_tokens,
+                logits_processor=[xgr.contrib.hf.LogitsProcessor(self.grammar)],  # single use: one per call
+                stopping_criteria=StoppingCriteriaList([guard]),
+                eos_token_id=self.stop_ids,
+                pad_token_id=self.pad_id,
+                **sampling,
+            )
+        tokens = out[0, inputs["input_ids"].shape[1] :].tolist()
+        end = next((i for i, t in enumerate(tokens) if t in self.stop_ids), None)
+        text = m.processor.tokenizer.decode(tokens if end is None else tokens[:end], skip_special_tokens=True)
+        finish = "stop" if end is not None else "repetition" if guard.tripped else "length"
+        parsed, errors = None, []
+        try:
+            parsed = json.loads(text)
+        except ValueError as exc:
+            errors = [f"<output>: not complete JSON ({finish}): {exc}"]
+        if parsed is not None:
+            errors = self.spec.validate(parsed)
+        return {
+            "raw_output": text,
+            "extraction": json.dumps(parsed, ensure_ascii=False, separators=(",", ":")) if parsed is not None else None,
+            "parsed": parsed,
+            "valid": parsed is not None and not errors,
+            "validation_errors": errors,
+            "extraction_finish_reason": finish,
+            "output_tokens": len(tokens) if end is None else end + 1,
+            "model": m.name,
+        }
+
+
+class RepetitionGuard:
+    """Stops generation when one token repeats ``limit`` times in a row: a run-away loop, not content."""
+
+    def __init__(self, limit: int):
+        self.limit, self.tripped = limit, False
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        if input_ids.shape[1] >= self.limit:
+            tail = input_ids[:, -self.limit :]
+            done = (tail == tail[:, :1]).all(dim=1)
+            self.tripped = self.tripped or bool(done.any())
+        return done

@@ -1,0 +1,187 @@
+"""JSON extraction: schema loading, grammar caps, merging, and runs through the CLI with the tiny model."""
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import ExtractOptions
+from pipeline.errors import ConfigError
+from pipeline.extract import RepetitionGuard, build_grammar, describe_fields, generation_schema, load_schema, merge_chunks
+from schemas.extraction import Invoice, Receipt
+from tests.conftest import run_cli
+
+PO_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "reference": {"type": "string", "description": "Document reference."},
+        "lines": {"type": "array", "items": {"type": "object", "properties": {"sku": {"type": "string"},
+                                                                             "qty": {"type": "integer"}},
+                                             "required": ["sku", "qty"]}},
+        "approved": {"type": "boolean"},
+    },
+    "required": ["reference", "lines"],
+}
+
+
+def test_schema_specs_load_or_fail_fast(tmp_path):
+    assert load_schema("invoice").model is Invoice and load_schema("receipt").model is Receipt
+    assert load_schema("tests.extraction_models:PurchaseOrder").name == "PurchaseOrder"
+    path = tmp_path / "po.json"
+    path.write_text(json.dumps(PO_SCHEMA))
+    spec = load_schema(str(path))
+    assert spec.model is None and spec.name == "po" and len(spec.hash) == 16
+    assert spec.validate({"reference": "A1", "lines": [{"sku": "x", "qty": 2}]}) == []
+    assert spec.validate({"reference": "A1", "lines": [{"sku": "x", "qty": "two"}]}) == ["lines.0.qty: 'two' is not of type 'integer'"]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"type": "object", "properties": {"x": {"type": "nonsense"}}}))
+    for arg, message in [
+        ("nope", "unknown schema 'nope'"),
+        ("no_such_module:Thing", "cannot import schema no_such_module:Thing"),
+        ("tests.extraction_models:NOT_A_MODEL", "is not a pydantic model class"),
+        (str(bad), "invalid JSON Schema"),
+        (str(tmp_path / "missing.json"), "cannot read JSON Schema"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            load_schema(arg)
+
+
+def test_prompt_describes_the_fields():
+    text = describe_fields(Invoice.model_json_schema())
+    for expected in ("- invoice_number: string or null: The invoice's number", "- line_items: list of object",
+                     "  - description: string: What was sold.", "issue_date: string (date) or null"):
+        assert expected in text
+
+
+def test_generation_schema_bounds_every_output():
+    gen = generation_schema(Invoice.model_json_schema(), ExtractOptions(max_string_chars=20, max_array_items=3))
+    item = gen["$defs"]["LineItem"]["properties"]
+    assert item["description"]["maxLength"] == 20
+    assert gen["properties"]["line_items"]["maxItems"] == 3
+    assert item["quantity"]["anyOf"][0]["minimum"] == 0 and item["quantity"]["anyOf"][0]["maximum"] == 1e12
+    assert gen["properties"]["currency"]["anyOf"][0]["pattern"] == "^[A-Z]{3}$"  # the user's pattern is kept
+
+
+def test_grammar_rejects_raw_control_characters_in_capped_strings():
+    import xgrammar as xgr
+
+    from pipeline.tiny import build_tokenizer
+
+    tok = build_tokenizer()
+    compiler = xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(tok, stop_token_ids=[tok.eos_token_id]))
+    schema = {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}
+    matcher = xgr.GrammarMatcher(compiler.compile_grammar(build_grammar(schema, ExtractOptions(max_string_chars=512))))
+    assert matcher.accept_string('{"a":"fine text"}')
+    matcher.reset()
+    assert not matcher.accept_string('{"a":"tab\there"}')
+    matcher.reset()
+    assert not matcher.accept_string('{"a": "spaced"}')  # compact: no whitespace between tokens
+
+
+def test_chunks_merge_first_value_wins_and_lists_concatenate():
+    merged = merge_chunks([
+        {"invoice_number": "A-1", "total": None, "line_items": [{"description": "x"}], "vendor": {"name": "V"}},
+        None,
+        {"invoice_number": "B-2", "total": 9.5, "line_items": [{"description": "y"}], "vendor": {"address": "Rd"}},
+    ])
+    assert merged == {"invoice_number": "A-1", "total": 9.5, "line_items": [{"description": "x"}, {"description": "y"}],
+                      "vendor": {"name": "V", "address": "Rd"}}
+
+
+def test_repetition_guard_stops_a_loop():
+    import torch
+
+    guard = RepetitionGuard(4)
+    ids = torch.tensor([[1, 2, 7, 7, 7, 7], [1, 7, 2, 7, 7, 7]])
+    assert guard(ids, None).tolist() == [True, False] and guard.tripped
+
+
+def read_docs(out):
+    return {r["source_uri"].rsplit("/", 1)[-1]: r for r in pq.read_table(out / "documents").to_pylist()}
+
+
+def test_ocr_and_invoice_extraction_in_one_pass(sample_docs, tmp_path):
+    out = tmp_path / "out"
+    proc = run_cli("run", sample_docs, "--output", out, "--task", "ocr+extract", "--schema", "invoice",
+                   "--model", "tiny-random", "--max-new-tokens", "2", "--page-cap", "2", "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    docs = read_docs(out)
+    assert docs["corrupt.pdf"]["status"] == "error" and docs["corrupt.pdf"]["extraction"] is None
+    ok = [d for d in docs.values() if d["status"] == "ok"]
+    assert len(ok) == 5
+    for d in ok:
+        assert d["valid"] is True, d["validation_errors"]
+        assert d["schema_name"] == "invoice" and d["schema_hash"] == load_schema("invoice").hash
+        Invoice.model_validate_json(d["extraction"])
+        assert d["raw_output"] and d["extraction_finish_reason"] == "stop"
+    # report.pdf has 3 pages: two chunks at --page-cap 2, merged into one object
+    assert len(json.loads(docs["report.pdf"]["raw_output"])) == 2
+    assert docs["receipt.png"]["extraction_attempts"] == 1
+    pages = pq.read_table(out / "pages").to_pylist()
+    assert len(pages) == 9 and all(p["text"] is not None for p in pages)
+
+
+def test_receipt_extraction_with_a_lora_adapter(sample_docs, tmp_path, tiny_checkpoint):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    base = AutoModelForImageTextToText.from_pretrained(tiny_checkpoint)
+    lora = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "adapter")
+    out = tmp_path / "out"
+    proc = run_cli("run", sample_docs / "receipt.png", sample_docs / "scan.jpg", "--output", out, "--task", "extract",
+                   "--schema", "receipt", "--model", "tiny-random", "--adapter", tmp_path / "adapter", "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    docs = read_docs(out)
+    assert {d["status"] for d in docs.values()} == {"ok"}
+    for d in docs.values():
+        assert d["valid"] is True, d["validation_errors"]
+        Receipt.model_validate_json(d["extraction"])
+    pages = pq.read_table(out / "pages").to_pylist()
+    assert all(p["text"] is None for p in pages)  # extract only: no OCR text
+
+
+def test_adapter_changes_the_model(tiny_checkpoint, tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    from pipeline.config import ModelOptions
+    from pipeline.model import load_model
+
+    base = AutoModelForImageTextToText.from_pretrained(tiny_checkpoint)
+    get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).save_pretrained(
+        tmp_path / "a")
+    plain = load_model(ModelOptions(name="tiny-random"), str(tiny_checkpoint)).model
+    tuned = load_model(ModelOptions(name="tiny-random", adapter=str(tmp_path / "a")), str(tiny_checkpoint)).model
+    ids = torch.tensor([[1, 5, 9, 12]])
+    assert not torch.allclose(plain(input_ids=ids).logits, tuned(input_ids=ids).logits)
+    assert not any("lora" in n for n, _ in tuned.named_parameters())  # merged into the base weights
+
+
+def test_user_model_json_schema_file_and_failing_validator(sample_docs, tmp_path):
+    schema_file = tmp_path / "po.json"
+    schema_file.write_text(json.dumps(PO_SCHEMA))
+    for spec, expect_valid in [("tests.extraction_models:PurchaseOrder", True), (str(schema_file), True),
+                               ("tests.extraction_models:AuditedTotal", False)]:
+        out = tmp_path / spec.rsplit(":", 1)[-1].replace("/", "_")
+        proc = run_cli("run", sample_docs / "receipt.png", sample_docs / "minutes.pdf", "--output", out, "--task",
+                       "extract", "--schema", spec, "--model", "tiny-random", "--no-progress")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        for d in read_docs(out).values():
+            assert d["status"] == "ok" and d["valid"] is expect_valid, (spec, d["validation_errors"])
+            if expect_valid:
+                assert load_schema(spec).validate(json.loads(d["extraction"])) == []
+            else:
+                assert any("confirmed by a second source" in e for e in d["validation_errors"])
+                assert d["extraction_attempts"] == 2  # one retry at a higher temperature, recorded
+
+
+def test_a_bad_schema_fails_before_reading(sample_docs, tmp_path):
+    proc = run_cli("run", sample_docs, "--output", tmp_path / "out", "--task", "extract", "--schema", "nope",
+                   "--model", "tiny-random")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "docpipe: error: unknown schema 'nope': use a built-in (invoice, key_values, receipt), module:Class, "
+        "or a JSON Schema file"]
+    assert not (tmp_path / "out").exists()  # failed before the output was even prepared
