@@ -43,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--endpoint-url", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)")
     run.add_argument("--region", help="S3 region (default: AWS_REGION / AWS_DEFAULT_REGION)")
     run.add_argument("--anonymous", action="store_true", help="unsigned S3 requests (public buckets)")
+    run.add_argument("--fail-fast", action="store_true",
+                     help="stop at the first error and show its traceback (runs in this process, without Ray)")
+    run.add_argument("--no-resume", action="store_true", help="process every input, even those already ok in OUT")
+    run.add_argument("--checkpoint-seconds", type=float, help="seal output files at least this often (default 60)")
     _add_engine_args(run)
 
     demo = sub.add_parser("demo", help="write sample documents, run the pipeline over them, print a summary")
@@ -88,6 +92,9 @@ def config_from_args(args: argparse.Namespace, inputs: list[str], output: str) -
         render=RenderOptions(**{k: v for k, v in render.items() if v is not None}),
         num_actors=args.num_actors,
         progress=not args.no_progress,
+        fail_fast=getattr(args, "fail_fast", False),
+        resume=not getattr(args, "no_resume", False),
+        **({"checkpoint_s": args.checkpoint_seconds} if getattr(args, "checkpoint_seconds", None) else {}),
     )
 
 
@@ -134,8 +141,10 @@ def main(argv: list[str] | None = None) -> int:
             where = ".".join(str(p) for p in first["loc"])
             print(f"docpipe: error: invalid option {where}: {first['msg']}", file=sys.stderr)
             return 2
-        if os.environ.get("DOCPIPE_DEBUG"):
+        if os.environ.get("DOCPIPE_DEBUG") or getattr(args, "fail_fast", False):
             traceback.print_exc()
+            print(f"docpipe: stopped at the first error (--fail-fast): {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 1
         print(f"docpipe: internal error: {type(exc).__name__}: {exc} (set DOCPIPE_DEBUG=1 for the traceback)",
               file=sys.stderr)
         return 1

@@ -174,4 +174,20 @@ class RunConfig(_Options):
         None, ge=1, description="Parallel read-and-render tasks. Default: let Ray Data decide."
     )
     rows_per_file: int = Field(100_000, ge=1, description="Rows per Parquet file before a new file is started.")
+    checkpoint_s: float = Field(
+        60.0, gt=0, description="Seal the open Parquet files at least this often, so a crashed run loses at most "
+        "this much finished work: a rerun skips what was sealed.",
+    )
+    resume: bool = Field(
+        True, description="Skip documents already recorded ok in this output (same URI and size, or same bytes); "
+        "retry those in error. Each skipped input gets a 'skipped' row.",
+    )
+    fail_fast: bool = Field(
+        False, description="Stop at the first error and show its traceback (for development). Runs the stages in "
+        "this process, without Ray.",
+    )
+    executor: Literal["ray", "local"] = Field(
+        "ray", description="'ray': the Ray Data plan (local Ray, or the cluster in RAY_ADDRESS). 'local': the same "
+        "stages in a plain loop in this process, for debugging.",
+    )
     progress: bool = Field(True, description="Show Ray Data's progress bars.")

@@ -13,7 +13,7 @@ import io
 from typing import Any, Iterator
 
 from pipeline.config import RenderOptions, StorageOptions
-from pipeline.errors import RowError, describe
+from pipeline.errors import RowError, describe, reraise_if_fail_fast
 from pipeline.records import CHUNK, DOCUMENT, PAGE
 from pipeline.render import render_image, render_pdf_page
 from pipeline.storage import read_bytes
@@ -49,6 +49,7 @@ def expand_document(
     storage: StorageOptions | None = None,
     ocr: bool = True,
     chunk_pages: int | None = None,
+    skip_ids: frozenset[str] = frozenset(),
 ) -> Iterator[dict[str, Any]]:
     """Yield the document record, its page records (with images when ``ocr``) and, when ``chunk_pages`` is
     set, one chunk record per ``chunk_pages`` pages carrying their images for extraction."""
@@ -56,13 +57,18 @@ def expand_document(
     try:
         data = read_bytes(source_uri, storage)
     except OSError as exc:  # after the filesystem's own retries: missing, denied, or still failing
+        reraise_if_fail_fast()
         yield {**doc, "status": "error", "error_type": "read_error", "error_message": describe(exc)}
         return
     doc.update(doc_id=hashlib.sha256(data).hexdigest(), size_bytes=len(data), media_type=sniff_media_type(data))
+    if doc["doc_id"] in skip_ids:  # resume: the same bytes are already ok in this output, under some URI
+        yield {**doc, "status": "skipped", "error_message": "the same bytes are already ok in this output"}
+        return
     try:
         pages = _open(data, doc["media_type"])
         page_count = next(pages)
     except RowError as exc:
+        reraise_if_fail_fast()
         yield {**doc, "status": "error", "error_type": exc.error_type, "error_message": exc.message}
         return
     del data  # the opened document keeps what it needs
@@ -78,8 +84,10 @@ def expand_document(
             rendered = page(opts, longest_edge)
             row.update(image=rendered.image, image_codec=rendered.codec, width=rendered.width, height=rendered.height)
         except RowError as exc:
+            reraise_if_fail_fast()
             row.update(status="error", error_type=exc.error_type, error_message=exc.message)
         except Exception as exc:  # one bad page must not take its document down
+            reraise_if_fail_fast()
             row.update(status="error", error_type="render_error", error_message=describe(exc))
         if chunk_pages and row["status"] == "ok":
             chunk.append(row)
@@ -145,7 +153,9 @@ def _image_frames(data: bytes, media_type: str) -> Iterator:
     try:
         img = Image.open(io.BytesIO(data))
         frames = getattr(img, "n_frames", 1)  # multi-page TIFF, animated GIF/WebP: each frame is a page
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:  # Pillow checks the header's size before decoding anything
+        raise RowError("image_too_large", describe(exc)) from None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise RowError("corrupt_document", f"cannot open {media_type}: {describe(exc)}") from None
     yield frames
     for index in range(frames):
@@ -162,7 +172,7 @@ class _ImageFrame:
         w, h = self.img.size
         if w * h > opts.max_pixels * 4:
             # Decoding would allocate a huge buffer; scaling after decode is too late.
-            raise RowError("render_error", f"image is {w}x{h} pixels, over 4 x max_pixels ({opts.max_pixels})")
+            raise RowError("image_too_large", f"image is {w}x{h} pixels, over 4 x max_pixels ({opts.max_pixels})")
         try:
             self.img.seek(self.index)
             frame = self.ops.exif_transpose(self.img)  # scanners and phones store rotation in EXIF

@@ -27,6 +27,16 @@ class ModelLoadError(FatalError):
     """The model or its processor could not be loaded."""
 
 
+# Set by the local executor for --fail-fast: stages re-raise instead of recording an error row.
+FAIL_FAST = False
+
+
+def reraise_if_fail_fast() -> None:
+    """Call inside an except block that turns an exception into an error row."""
+    if FAIL_FAST:
+        raise
+
+
 class RowError(Exception):
     """A failure that belongs to one document or page; turned into a row by the stage that catches it."""
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.config import ExtractOptions, ModelOptions
-from pipeline.errors import ConfigError, describe
+from pipeline.errors import ConfigError, describe, reraise_if_fail_fast
 from pipeline.records import CHUNK
 
 PROMPT_TEMPLATE = (
@@ -127,6 +127,16 @@ def _deref(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
     return defs.get(ref.rsplit("/", 1)[-1], {}) if ref else node
 
 
+# Only real calendar dates, years 1800-2199 (February 29 in leap years of 1900-2099).
+_YEAR = r"(1[89]|2[01])[0-9]{2}"
+VALID_DATE = (
+    rf"^({_YEAR}-(0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])"
+    rf"|{_YEAR}-(0[469]|11)-(0[1-9]|[12][0-9]|30)"
+    rf"|{_YEAR}-02-(0[1-9]|1[0-9]|2[0-8])"
+    r"|(19(0[48]|[2468][048]|[13579][26])|20([02468][048]|[13579][26]))-02-29)$"
+)
+
+
 def generation_schema(schema: dict[str, Any], opts: ExtractOptions) -> dict[str, Any]:
     """The schema the grammar is compiled from: the user's, with caps that make every output finite.
 
@@ -145,7 +155,10 @@ def generation_schema(schema: dict[str, Any], opts: ExtractOptions) -> dict[str,
         for value in node.values():
             cap(value)
         kind = node.get("type")
-        if kind == "string" and not ({"enum", "const", "format", "pattern"} & node.keys()):
+        if kind == "string" and node.get("format") == "date" and "pattern" not in node:
+            node["pattern"] = VALID_DATE  # the format alone lets through 2026-02-30, which validation rejects
+            node.pop("format")
+        elif kind == "string" and not ({"enum", "const", "format", "pattern"} & node.keys()):
             node["maxLength"] = min(node.get("maxLength", opts.max_string_chars), opts.max_string_chars)
         elif kind in ("number", "integer"):
             node.setdefault("minimum", -opts.max_abs_number)
@@ -234,6 +247,7 @@ class ExtractStage:
                           zip(rec["images"], rec["image_codecs"], rec["widths"], rec["heights"])]
                 rec.update(self.extract_one(pixels, seed=int(rec["doc_id"][:8], 16) + rec["chunk_index"]))
             except Exception as exc:  # one document's failure stays in its row
+                reraise_if_fail_fast()
                 rec.update(status="error", error_type="model_error", error_message=describe(exc))
         return records
 

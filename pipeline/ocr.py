@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.config import ModelOptions
-from pipeline.errors import describe
+from pipeline.errors import describe, reraise_if_fail_fast
 from pipeline.model import LoadedModel, load_model
 from pipeline.records import PAGE
 from pipeline.render import RAW_CODEC, decode_raw
@@ -47,6 +47,7 @@ class OcrStage:
                     todo.append(rec)
                     continue
                 except Exception as exc:
+                    reraise_if_fail_fast()
                     rec.update(status="error", error_type="image_decode_error", error_message=describe(exc))
             out.append(rec)
         # Pages padded into one batch should be of similar shape: padding is wasted vision compute.
@@ -67,6 +68,7 @@ class OcrStage:
         try:
             self._generate(batch)
         except Exception as exc:
+            reraise_if_fail_fast()
             _free_cuda_cache()
             if len(batch) == 1:
                 batch[0].update(status="error", error_type="model_error", error_message=describe(exc))

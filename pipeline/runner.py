@@ -20,7 +20,7 @@ from pipeline.documents import expand_document
 from pipeline.errors import InputError
 from pipeline.model import render_edge_for, resolve_checkpoint
 from pipeline.records import RENDERED_SCHEMA, RESULT_SCHEMA, to_table
-from pipeline.sink import RunSink, prepare_output
+from pipeline.sink import RunSink, prepare_output, previous_ok
 from pipeline.sources import list_inputs
 from pipeline.storage import register_secrets
 from schemas import RunManifest
@@ -36,11 +36,13 @@ class RunResult:
         return self.manifest.timings["pages_per_s"]
 
 
-def _expand_documents(batch, render_opts, longest_edge: int, storage, ocr: bool, chunk_pages: int | None):
+def _expand_documents(batch, render_opts, longest_edge: int, storage, ocr: bool, chunk_pages: int | None,
+                      skip_ids: frozenset[str]):
     """Ray Data UDF: document refs in, one-record tables out; a generator, so pages stream out lazily."""
     register_secrets(storage)
     for uri in batch.column("source_uri").to_pylist():
-        for rec in expand_document(uri, render_opts, longest_edge, storage, ocr=ocr, chunk_pages=chunk_pages):
+        for rec in expand_document(uri, render_opts, longest_edge, storage, ocr=ocr, chunk_pages=chunk_pages,
+                                   skip_ids=skip_ids):
             yield to_table([rec], RENDERED_SCHEMA)
 
 
@@ -112,8 +114,70 @@ def run(config: RunConfig) -> RunResult:
     checkpoint = resolve_checkpoint(config.model.name)
     longest_edge = config.render.longest_edge or render_edge_for(checkpoint, config.model)
     run_id = new_run_id()
-    sink = RunSink(out, run_id, refs, config.rows_per_file, schema)
+    sink = RunSink(out, run_id, refs, config.rows_per_file, schema, config.checkpoint_s)
+    done = previous_ok(out) if config.resume else {}
+    todo = []
+    for ref in refs:
+        prev = done.get(ref.source_uri)
+        if prev and (ref.size_bytes is None or prev["size_bytes"] == ref.size_bytes):
+            sink.skip(ref, prev["doc_id"], prev["run_id"])
+        else:
+            todo.append(ref)
+    skip_ids = frozenset(r["doc_id"] for r in done.values())
 
+    pages_seen, first_ready = 0, None
+    execute = _execute_local if config.fail_fast or config.executor == "local" else _execute
+    if todo:  # with everything already done, there is nothing to execute
+        for records in execute(config, todo, longest_edge, skip_ids):
+            pages_seen += sum(1 for r in records if r["kind"] == "page")
+            ready = [r["actor_ready_at"] for r in records if r.get("actor_ready_at")]
+            if ready:
+                first_ready = min(ready + ([first_ready] if first_ready else []))
+            sink.consume(records)
+
+    wall = time.perf_counter() - t0
+    timings = {"wall_s": round(wall, 3), "pages_per_s": round(pages_seen / wall, 4) if wall else 0.0}
+    if first_ready:
+        timings["model_ready_s"] = round(first_ready - wall_t0, 3)
+    manifest = sink.close(
+        config=config.model_dump(mode="json"),
+        started_at=started_at,
+        finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        timings=timings,
+        version=__version__,
+        listing={"documents": len(refs), "filtered_out": listing.filtered_out},
+    )
+    return RunResult(manifest, out.uri)
+
+
+def _execute_local(config: RunConfig, todo, longest_edge: int, skip_ids: frozenset[str]):
+    """The same stages in a plain loop in this process: for debugging, and for --fail-fast, where a stage
+    re-raises the first error instead of recording it."""
+    from pipeline import errors
+
+    errors.FAIL_FAST = config.fail_fast
+    try:
+        actor = _model_actor(config.model, config.extract, config.task)()
+        rows_per_call = config.model.batch_size * config.model.sort_window
+        ocr = "ocr" in config.task.split("+")
+        chunk_pages = config.extract.page_cap if "extract" in config.task else None
+        for ref in todo:
+            stream = expand_document(ref.source_uri, config.render, longest_edge, config.storage, ocr=ocr,
+                                     chunk_pages=chunk_pages, skip_ids=skip_ids)
+            batch = []
+            for rec in stream:
+                batch.append(rec)
+                if len(batch) == rows_per_call:
+                    yield actor(to_table(batch, RENDERED_SCHEMA)).to_pylist()
+                    batch = []
+            if batch:
+                yield actor(to_table(batch, RENDERED_SCHEMA)).to_pylist()
+    finally:
+        errors.FAIL_FAST = False
+
+
+def _execute(config: RunConfig, todo, longest_edge: int, skip_ids: frozenset[str]):
+    """The Ray Data plan for the documents still to do; yields result records as they stream in."""
     import ray
     import ray.data
 
@@ -150,12 +214,13 @@ def run(config: RunConfig) -> RunResult:
     # must overlap the model's work, not queue behind it.
     actor_resources["memory"] = int(config.actor_memory_gb * 2**30)
 
-    ds = ray.data.from_items([{"source_uri": r.source_uri} for r in refs], override_num_blocks=min(len(refs), 1000))
+    ds = ray.data.from_items([{"source_uri": r.source_uri} for r in todo], override_num_blocks=min(len(todo), 1000))
     ds = ds.map_batches(
         _expand_documents,
         fn_kwargs={"render_opts": config.render, "longest_edge": longest_edge, "storage": config.storage,
                    "ocr": "ocr" in config.task.split("+"),
-                   "chunk_pages": config.extract.page_cap if "extract" in config.task else None},
+                   "chunk_pages": config.extract.page_cap if "extract" in config.task else None,
+                   "skip_ids": skip_ids},
         concurrency=config.read_concurrency,
         batch_size=1,
         batch_format="pyarrow",
@@ -173,26 +238,5 @@ def run(config: RunConfig) -> RunResult:
         batch_format="pyarrow",
         **actor_resources,
     )
-    pages_seen, first_ready = 0, None
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        records = batch.to_pylist()
-        pages_seen += sum(1 for r in records if r["kind"] == "page")
-        ready = [r["actor_ready_at"] for r in records if r.get("actor_ready_at")]
-        if ready:
-            first_ready = min(ready + ([first_ready] if first_ready else []))
-        sink.consume(records)
-
-    wall = time.perf_counter() - t0
-    timings = {"wall_s": round(wall, 3), "pages_per_s": round(pages_seen / wall, 4) if wall else 0.0}
-    if first_ready:
-        timings["model_ready_s"] = round(first_ready - wall_t0, 3)
-    manifest = sink.close(
-        config=config.model_dump(mode="json"),
-        started_at=started_at,
-        finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        timings=timings,
-        version=__version__,
-        listing={"documents": len(refs), "filtered_out": listing.filtered_out},
-    )
-    return RunResult(manifest, out.uri)
-
+        yield batch.to_pylist()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections import Counter
 from typing import Any
 
@@ -68,6 +69,20 @@ def prepare_output(output: str, storage: StorageOptions | None = None) -> Output
     return out
 
 
+def previous_ok(out: Output) -> dict[str, dict[str, Any]]:
+    """Documents recorded ok in OUT by earlier runs, by source URI (only sealed files are read)."""
+    import pyarrow.dataset as pads
+
+    try:
+        table = pads.dataset(out.path("documents"), filesystem=out.fs, format="parquet").to_table(
+            columns=["source_uri", "doc_id", "size_bytes", "status", "run_id"],
+            filter=pads.field("status") == "ok",
+        )
+    except (OSError, ValueError, FileNotFoundError):  # no earlier run, or no documents table yet
+        return {}
+    return {r["source_uri"]: r for r in table.to_pylist()}
+
+
 class TableWriter:
     """Rows of one table, rolled into Parquet files of at most ``rows_per_file`` rows."""
 
@@ -90,6 +105,11 @@ class TableWriter:
             self.rows += len(take)
             if self._rows_in_file >= self.rows_per_file:
                 self._seal()
+
+    def seal(self) -> None:
+        """Finish the open file now (if it has rows); the next rows start a new one."""
+        if self._writer is not None and self._rows_in_file:
+            self._seal()
 
     def close(self) -> list[str]:
         if self._writer is None and not self.files:
@@ -131,8 +151,9 @@ class DocumentLedger:
     def _state(self, uri: str) -> dict[str, Any]:
         return self.open.setdefault(uri, _new_state())
 
-    def add(self, rec: dict[str, Any]) -> dict[str, Any] | None:
-        """Record one stream record; return the document's row once all of it has been seen."""
+    def add(self, rec: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
+        """Record one stream record; once all of a document has been seen, return its documents row and
+        its page records (held until then, so the two are written together)."""
         st = self._state(rec["source_uri"])
         if rec["kind"] == DOCUMENT:
             st["doc"] = rec
@@ -140,6 +161,7 @@ class DocumentLedger:
             st["chunks"].append(rec)
         else:
             st["pages"] += 1
+            st["page_rows"].append(rec)
             if rec["status"] != "ok":
                 st["failed"] += 1
                 st["first_error"] = st["first_error"] or (rec["error_type"], rec["error_message"], rec["page_number"])
@@ -151,9 +173,18 @@ class DocumentLedger:
             return self._finish(rec["source_uri"])
         return None
 
-    def _finish(self, uri: str, lost: str | None = None) -> dict[str, Any]:
+    def _finish(self, uri: str, lost: str | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         st = self.open.pop(uri, None) or _new_state()
         self.done.add(uri)
+        return self._document_row(uri, st, lost), st["page_rows"]
+
+    def skip(self, ref: DocumentRef, doc_id: str, run_id: str) -> dict[str, Any]:
+        """The row for an input skipped at listing time: already ok in this output."""
+        self.done.add(ref.source_uri)
+        return {"doc_id": doc_id, "source_uri": ref.source_uri, "size_bytes": ref.size_bytes, "status": "skipped",
+                "error_message": f"already ok in this output (run {run_id})", "run_id": self.run_id}
+
+    def _document_row(self, uri: str, st: dict[str, Any], lost: str | None) -> dict[str, Any]:
         doc = st["doc"] or {}
         ref = self.expected.get(uri)
         row = {
@@ -214,7 +245,7 @@ class DocumentLedger:
             extraction_attempts=sum(c["extraction_attempts"] or 0 for c in ok),
         )
 
-    def finish_all(self) -> list[dict[str, Any]]:
+    def finish_all(self) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
         """Rows for every input not yet accounted for: nothing is dropped without a trace."""
         rows = []
         for uri in list(self.open):
@@ -228,14 +259,16 @@ class DocumentLedger:
 
 
 def _new_state() -> dict[str, Any]:
-    return {"doc": None, "pages": 0, "failed": 0, "first_error": None, "chunks": []}
+    return {"doc": None, "pages": 0, "failed": 0, "first_error": None, "chunks": [], "page_rows": []}
 
 
 class RunSink:
     """Consumes the run's result stream on the driver: writes pages as they come, documents as they complete."""
 
-    def __init__(self, out: Output, run_id: str, refs: list[DocumentRef], rows_per_file: int, schema=None):
-        self.out, self.run_id = out, run_id
+    def __init__(self, out: Output, run_id: str, refs: list[DocumentRef], rows_per_file: int, schema=None,
+                 checkpoint_s: float = 60.0):
+        self.out, self.run_id, self.checkpoint_s = out, run_id, checkpoint_s
+        self._sealed_at = time.monotonic()
         self.pages = TableWriter(out, "pages", PAGES_SCHEMA, run_id, rows_per_file)
         self.documents = TableWriter(out, "documents", DOCUMENTS_SCHEMA, run_id, rows_per_file)
         self.ledger = DocumentLedger(refs, run_id, schema)
@@ -244,29 +277,42 @@ class RunSink:
         self.counters: Counter[str] = Counter()
 
     def consume(self, records: list[dict[str, Any]]) -> None:
-        page_rows, doc_rows = [], []
+        finished = []
         for rec in records:
             self.counters["output_tokens"] += rec.get("output_tokens") or 0 if rec["kind"] != DOCUMENT else 0
             if rec["kind"] == PAGE:
                 self.counters["model_retries"] += rec.get("retries") or 0
-                page_rows.append({name: rec.get(name) for name in PAGES_SCHEMA.names} | {"run_id": self.run_id})
             if rec["kind"] == CHUNK:
                 self.counters["extractions"] += 1
-            finished = self.ledger.add(rec)
-            if finished:
-                doc_rows.append(finished)
-        self._write(page_rows, doc_rows)
+            done = self.ledger.add(rec)
+            if done:
+                finished.append(done)
+        self._write(finished)
 
-    def _write(self, page_rows, doc_rows) -> None:
+    def skip(self, ref: DocumentRef, doc_id: str, run_id: str) -> None:
+        self._write([(self.ledger.skip(ref, doc_id, run_id), [])])
+
+    def _write(self, finished) -> None:
+        page_rows = [{name: rec.get(name) for name in PAGES_SCHEMA.names} | {"run_id": self.run_id}
+                     for _, pages in finished for rec in pages]
+        doc_rows = [doc for doc, _ in finished]
         self.pages.write(page_rows)
         self.documents.write(doc_rows)
         self.page_counts.update(r["status"] for r in page_rows)
         self.doc_counts.update(r["status"] for r in doc_rows)
+        if time.monotonic() - self._sealed_at >= self.checkpoint_s:
+            self.checkpoint()
+
+    def checkpoint(self) -> None:
+        """Make finished work visible: pages first, so a visible documents row always has its pages."""
+        self.pages.seal()
+        self.documents.seal()
+        self._sealed_at = time.monotonic()
 
     def close(self, *, config: dict[str, Any], started_at: str, finished_at: str, timings: dict[str, float],
               version: str, listing: dict[str, int]) -> RunManifest:
-        self._write([], self.ledger.finish_all())
-        files = {"pages": self.pages.close(), "documents": self.documents.close()}
+        self._write(self.ledger.finish_all())
+        files = {"pages": self.pages.close(), "documents": self.documents.close()}  # pages first, as in checkpoint
         manifest = RunManifest(
             run_id=self.run_id,
             docpipe_version=version,

@@ -24,6 +24,7 @@ class DocumentStatus(str, Enum):
     ok = "ok"
     partial = "partial"  # opened, but at least one page failed
     error = "error"  # could not be opened, or no page succeeded
+    skipped = "skipped"  # already recorded ok in this output by an earlier run (resume)
 
 
 class FinishReason(str, Enum):
@@ -42,6 +43,7 @@ class ErrorType(str, Enum):
     empty_document = "empty_document"
     render_error = "render_error"
     image_decode_error = "image_decode_error"
+    image_too_large = "image_too_large"  # a decompression bomb, or over the pixel cap
     model_error = "model_error"
     all_pages_failed = "all_pages_failed"
     extraction_failed = "extraction_failed"

@@ -78,6 +78,21 @@ def test_grammar_rejects_raw_control_characters_in_capped_strings():
     assert not matcher.accept_string('{"a": "spaced"}')  # compact: no whitespace between tokens
 
 
+def test_generated_dates_are_real_calendar_dates():
+    import xgrammar as xgr
+
+    from pipeline.tiny import build_tokenizer
+
+    tok = build_tokenizer()
+    compiler = xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(tok, stop_token_ids=[tok.eos_token_id]))
+    schema = {"type": "object", "properties": {"d": {"type": "string", "format": "date"}}, "required": ["d"]}
+    grammar = compiler.compile_grammar(build_grammar(schema, ExtractOptions()))
+    for date, ok in [("2026-01-31", True), ("2024-02-29", True), ("2026-02-29", False), ("2026-02-30", False),
+                     ("2026-04-31", False), ("0000-01-01", False), ("2026-13-01", False), ("1999-12-31", True)]:
+        matcher = xgr.GrammarMatcher(grammar)
+        assert matcher.accept_string(f'{{"d":"{date}"}}') is ok, date
+
+
 def test_chunks_merge_first_value_wins_and_lists_concatenate():
     merged = merge_chunks([
         {"invoice_number": "A-1", "total": None, "line_items": [{"description": "x"}], "vendor": {"name": "V"}},

@@ -18,9 +18,11 @@ def test_ledger_finishes_a_document_once_all_pages_arrive_in_any_order():
     ledger = DocumentLedger([DocumentRef("a"), DocumentRef("b")], "run")
     assert ledger.add(page("a", 2)) is None
     assert ledger.add(doc("a")) is None
-    row = ledger.add(page("a", 1))
+    row, pages = ledger.add(page("a", 1))
     assert row["status"] == "ok" and row["error_type"] is None
-    assert ledger.add(doc("b", status="error", pages=None, error_type="corrupt_document"))["status"] == "error"
+    assert sorted(p["page_number"] for p in pages) == [1, 2]  # pages are held until their document is done
+    row, pages = ledger.add(doc("b", status="error", pages=None, error_type="corrupt_document"))
+    assert row["status"] == "error" and pages == []
     assert ledger.finish_all() == []
 
 
@@ -28,11 +30,11 @@ def test_ledger_marks_partial_and_all_failed_documents():
     ledger = DocumentLedger([DocumentRef("a"), DocumentRef("b")], "run")
     ledger.add(doc("a"))
     ledger.add(page("a", 1))
-    row = ledger.add(page("a", 2, status="error", error_type="render_error", error_message="boom"))
+    row, _ = ledger.add(page("a", 2, status="error", error_type="render_error", error_message="boom"))
     assert row["status"] == "partial" and row["error_type"] == "render_error"
     assert row["error_message"] == "1 of 2 pages failed; first, page 2: render_error: boom"
     ledger.add(doc("b", pages=1))
-    row = ledger.add(page("b", 1, status="error", error_type="model_error", error_message="x"))
+    row, _ = ledger.add(page("b", 1, status="error", error_type="model_error", error_message="x"))
     assert row["status"] == "error" and row["error_type"] == "all_pages_failed"
 
 
@@ -40,7 +42,7 @@ def test_ledger_records_documents_that_never_came_back():
     ledger = DocumentLedger([DocumentRef("a", 10), DocumentRef("b", 20)], "run")
     ledger.add(doc("a", pages=3))
     ledger.add(page("a", 1))
-    rows = {r["source_uri"]: r for r in ledger.finish_all()}
+    rows = {r["source_uri"]: r for r, _ in ledger.finish_all()}
     assert rows["a"]["status"] == "error" and rows["a"]["error_type"] == "lost"
     assert "only 1 of 3 pages" in rows["a"]["error_message"]
     assert rows["b"]["error_type"] == "lost" and rows["b"]["size_bytes"] == 20

@@ -1,0 +1,148 @@
+"""Nothing lost: bad input, crashes and resume. Every run here is checked for full accounting."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import pyarrow.parquet as pq
+import pymupdf
+import pytest
+
+from tests.bad_inputs import PAGES, write_corpus
+from tests.conftest import REPO, run_cli
+
+
+def check_accounting(out, inputs: list[str]):
+    """Exactly one documents row per input per run; the run's counts add up to the number of inputs."""
+    docs = pq.read_table(out / "documents").to_pylist()
+    for manifest_path in (out / "_runs").glob("*.json"):
+        m = json.loads(manifest_path.read_text())
+        rows = [d for d in docs if d["run_id"] == m["run_id"]]
+        assert sorted(d["source_uri"] for d in rows) == sorted(inputs)
+        assert m["documents"]["total"] == len(inputs) == sum(v for k, v in m["documents"].items() if k != "total")
+    return docs
+
+
+@pytest.fixture(scope="module")
+def mixed(sample_docs, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("mixed")
+    expected = write_corpus(folder)
+    for name in ("report.pdf", "receipt.png", "scan.jpg"):
+        shutil.copy(sample_docs / name, folder / name)
+        expected[name] = ("ok", None)
+    out = tmp_path_factory.mktemp("out")
+    proc = run_cli("run", folder, "--output", out, "--model", "tiny-random", "--max-new-tokens", "2", "--no-progress")
+    return folder, out, expected, proc
+
+
+def test_a_folder_of_bad_inputs_is_fully_accounted_for(mixed):
+    folder, out, expected, proc = mixed
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    inputs = [str(folder / name) for name in expected]
+    docs = {d["source_uri"].rsplit("/", 1)[-1]: d for d in check_accounting(out, inputs)}
+    for name, (status, error_type) in expected.items():
+        d = docs[name]
+        assert (d["status"], d["error_type"]) == (status, error_type), (name, d["error_message"])
+        if status == "error":
+            assert d["error_message"]
+    pages = pq.read_table(out / "pages").to_pylist()
+    per_doc = Counter(p["source_uri"].rsplit("/", 1)[-1] for p in pages)
+    for name, count in PAGES.items():
+        assert per_doc[name] == docs[name]["page_count"] == count, name
+    huge = next(p for p in pages if p["source_uri"].endswith("huge_page.pdf"))
+    assert huge["width"] * huge["height"] <= 40_000_000  # capped before allocating
+    exif = next(p for p in pages if p["source_uri"].endswith("exif.jpg"))
+    assert (exif["width"], exif["height"]) == (40, 80)  # rotation applied
+
+
+def test_a_rerun_skips_what_is_done_and_retries_errors(mixed):
+    folder, out, expected, _ = mixed
+    proc = run_cli("run", folder, "--output", out, "--model", "tiny-random", "--max-new-tokens", "2", "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    inputs = [str(folder / name) for name in expected]
+    docs = check_accounting(out, inputs)
+    second = max(json.loads(p.read_text())["finished_at"] + p.stem for p in (out / "_runs").glob("*.json"))
+    run2 = {d["source_uri"].rsplit("/", 1)[-1]: d for d in docs if d["run_id"] == second[-len(d["run_id"]):]}
+    for name, (status, _) in expected.items():
+        assert run2[name]["status"] == ("skipped" if status == "ok" else "error"), name
+    ok_rows = Counter(d["source_uri"] for d in docs if d["status"] == "ok")
+    assert set(ok_rows.values()) == {1}  # never a second ok row for a document
+
+
+def test_fail_fast_stops_at_the_first_error_with_its_traceback(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "bad.pdf").write_bytes(b"%PDF-1.7\n" + b"\x00" * 64)
+    proc = run_cli("run", tmp_path / "in", "--output", tmp_path / "out", "--model", "tiny-random", "--fail-fast")
+    assert proc.returncode == 1
+    assert "Traceback (most recent call last)" in proc.stderr and "RowError: cannot open PDF" in proc.stderr
+    assert "stopped at the first error (--fail-fast)" in proc.stderr.strip().splitlines()[-1]
+    assert not list((tmp_path / "out" / "_runs").glob("*.json"))
+
+
+def test_a_2000_page_pdf_streams_in_constant_memory(tmp_path):
+    import psutil
+
+    from pipeline.config import RenderOptions
+    from pipeline.documents import expand_document
+
+    doc = pymupdf.open()
+    for i in range(2000):
+        doc.new_page(width=300, height=400).insert_text((20, 40), f"page {i + 1} " * 5)
+    path = tmp_path / "long.pdf"
+    doc.save(path)
+    proc, rss = psutil.Process(), {}
+    pages = 0
+    for rec in expand_document(str(path), RenderOptions(), 400):
+        pages += rec["kind"] == "page"
+        if pages in (200, 2000):
+            rss[pages] = proc.memory_info().rss
+    assert pages == 2000
+    assert rss[2000] - rss[200] < 40 * 2**20  # pages are yielded one at a time, never accumulated
+
+
+def test_killed_midway_then_resumed_ends_with_every_document_ok_once(sample_docs, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(6):
+        for name in ("report.pdf", "minutes.pdf", "receipt.png"):
+            # distinct bytes, so each copy is its own document (readers ignore data after the end marker)
+            data = (sample_docs / name).read_bytes() + f"\n% copy {i}\n".encode()
+            (folder / f"{i}-{name}").write_bytes(data)
+    inputs = sorted(str(p) for p in folder.iterdir())
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "pipeline.cli", "run", str(folder), "--output", str(out), "--model", "tiny-random",
+            "--max-new-tokens", "2", "--checkpoint-seconds", "0.5", "--num-actors", "1", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    victim = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((out / "documents").glob("part-*.parquet")):
+        time.sleep(0.2)
+    os.killpg(victim.pid, signal.SIGKILL)  # the driver and the local Ray processes it started
+    victim.wait()
+    assert not list((out / "_runs").glob("*.json")), "the run finished before it could be killed"
+    done_before = {d["source_uri"] for d in pq.read_table(out / "documents").to_pylist() if d["status"] == "ok"}
+    assert 0 < len(done_before) < len(inputs)
+
+    proc = run_cli(*args[3:], env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    docs = pq.read_table(out / "documents").to_pylist()
+    ok = Counter(d["source_uri"] for d in docs if d["status"] == "ok")
+    assert sorted(ok) == inputs and set(ok.values()) == {1}  # every document ok, exactly once
+    [manifest] = [json.loads(p.read_text()) for p in (out / "_runs").glob("*.json")]
+    resumed = [d for d in docs if d["run_id"] == manifest["run_id"]]
+    assert sorted(d["source_uri"] for d in resumed) == inputs
+    assert {d["source_uri"] for d in resumed if d["status"] == "skipped"} == done_before
+    # whatever the killed run left half-written is invisible to readers
+    assert all(not p.name.startswith("part-") for p in (out / "pages").glob("_tmp-*"))
+    pages = pq.read_table(out / "pages").to_pylist()
+    ok_runs = {(d["source_uri"], d["run_id"]) for d in docs if d["status"] == "ok"}
+    for uri in inputs:
+        mine = [p for p in pages if (p["source_uri"], p["run_id"]) in ok_runs and p["source_uri"] == uri]
+        count = next(d["page_count"] for d in docs if d["source_uri"] == uri and d["status"] == "ok")
+        assert sorted(p["page_number"] for p in mine) == list(range(1, count + 1))
