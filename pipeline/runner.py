@@ -83,11 +83,16 @@ def new_run_id() -> str:
 
 
 def init_ray() -> None:
-    """Join the cluster named by RAY_ADDRESS, or start a local Ray instance."""
+    """Join the cluster named by RAY_ADDRESS, or start a local Ray instance bound to loopback."""
+    address = os.environ.get("RAY_ADDRESS") or None
+    if address is None:
+        # A local instance needs no other host: without this, Ray listens on every interface and advertises
+        # the machine's network address. Read when Ray is first imported.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False, logging_level="WARNING")
+        ray.init(address=address, include_dashboard=False, logging_level="WARNING")
 
 
 def run(config: RunConfig) -> RunResult:
@@ -178,10 +183,10 @@ def _execute_local(config: RunConfig, todo, longest_edge: int, skip_ids: frozens
 
 def _execute(config: RunConfig, todo, longest_edge: int, skip_ids: frozenset[str]):
     """The Ray Data plan for the documents still to do; yields result records as they stream in."""
+    init_ray()  # first: it decides how Ray binds before Ray is imported
     import ray
     import ray.data
 
-    init_ray()
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = config.progress
     ctx.print_on_execution_start = config.progress
