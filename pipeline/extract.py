@@ -219,18 +219,16 @@ class ExtractStage:
 
         self.opts, self.extract, self.m = opts, extract, loaded
         self.spec = load_schema(extract.schema_spec)
+        from pipeline.model import stop_and_pad_ids
+
         tokenizer = loaded.processor.tokenizer
-        stop = loaded.model.generation_config.eos_token_id
-        stop = list(stop if isinstance(stop, list) else [stop])
-        eou = tokenizer.convert_tokens_to_ids("<end_of_utterance>")
-        self.stop_ids = sorted({*stop, eou, tokenizer.eos_token_id} - {None})
+        self.stop_ids, self.pad_id = stop_and_pad_ids(loaded)
         info = xgr.TokenizerInfo.from_huggingface(
             tokenizer, vocab_size=loaded.model.get_output_embeddings().weight.shape[0], stop_token_ids=self.stop_ids
         )
         self.grammar = xgr.GrammarCompiler(info).compile_grammar(build_grammar(self.spec.json_schema, extract))
         text = extract.prompt or PROMPT_TEMPLATE.format(fields=describe_fields(self.spec.json_schema))
         self.text = text
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
 
     def prompt(self, pages: int) -> str:
         content = [{"type": "image"} for _ in range(pages)] + [{"type": "text", "text": self.text}]
@@ -268,12 +266,11 @@ class ExtractStage:
         import xgrammar as xgr
         from transformers import StoppingCriteriaList
 
+        from pipeline.ocr import model_inputs
+
         m = self.m
-        inputs = dict(m.processor(text=[self.prompt(len(pixels))], padding=True, return_tensors="pt"))
-        inputs.update(m.processor.image_processor([pixels], return_tensors="pt",
-                                                  device=m.device if self.opts.processor_device == "model" else "cpu"))
-        inputs = {k: v.to(m.device) for k, v in inputs.items()}
-        inputs["pixel_values"] = inputs["pixel_values"].to(m.dtype)
+        device = m.device if self.opts.processor_device == "model" else "cpu"
+        inputs = model_inputs(m, [self.prompt(len(pixels))], [pixels], device)
         sampling = {"do_sample": True, "temperature": temperature} if temperature else {"do_sample": False}
         if temperature:
             torch.manual_seed(seed)  # reproducible retries

@@ -147,6 +147,19 @@ def load_model(opts: ModelOptions, checkpoint: str | None = None) -> LoadedModel
     return LoadedModel(model, processor, device, dtype, attention, opts.name)
 
 
+def stop_and_pad_ids(loaded: LoadedModel) -> tuple[list[int], int]:
+    """Tokens that end an answer (the model's eos ids and Idefics2's <end_of_utterance>), and the pad id."""
+    tokenizer = loaded.processor.tokenizer
+    configured = loaded.model.generation_config.eos_token_id
+    stop = set(configured if isinstance(configured, list) else [configured])
+    eou = tokenizer.convert_tokens_to_ids("<end_of_utterance>")
+    if isinstance(eou, int) and eou != tokenizer.unk_token_id:
+        stop.add(eou)
+    stop.add(tokenizer.eos_token_id)
+    stop_ids = sorted(i for i in stop if i is not None)
+    return stop_ids, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+
+
 def quantization_config(opts: ModelOptions, dtype):
     if opts.quantization == "none":
         return None

@@ -11,7 +11,7 @@ from typing import Any
 
 from pipeline.config import ModelOptions
 from pipeline.errors import describe, reraise_if_fail_fast
-from pipeline.model import LoadedModel, load_model
+from pipeline.model import LoadedModel, load_model, stop_and_pad_ids
 from pipeline.records import PAGE
 from pipeline.render import RAW_CODEC, decode_raw
 
@@ -20,17 +20,9 @@ class OcrStage:
     def __init__(self, opts: ModelOptions, checkpoint: str | None = None, loaded: LoadedModel | None = None):
         self.opts = opts
         self.m = loaded or load_model(opts, checkpoint)
-        tokenizer = self.m.processor.tokenizer
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": opts.prompt}]}]
         self.prompt = self.m.processor.apply_chat_template(messages, add_generation_prompt=True)
-        stop = self.m.model.generation_config.eos_token_id
-        stop = set(stop if isinstance(stop, list) else [stop] if stop is not None else [])
-        eou = tokenizer.convert_tokens_to_ids("<end_of_utterance>")
-        if isinstance(eou, int) and eou != tokenizer.unk_token_id:
-            stop.add(eou)  # Idefics2 ends its turns with <end_of_utterance>
-        stop.add(tokenizer.eos_token_id)
-        self.stop_ids = sorted(i for i in stop if i is not None)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
+        self.stop_ids, self.pad_id = stop_and_pad_ids(self.m)
         self.processor_device = self.m.device if opts.processor_device == "model" else "cpu"
 
     def __call__(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -81,18 +73,8 @@ class OcrStage:
 
     def prepare_inputs(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
         """Processor output for a batch, on the model's device: input_ids, attention_mask, pixel_values, pixel_attention_mask."""
-        m = self.m
-        # The processor's two halves, called directly: its __call__ only takes PIL images or URLs, while the
-        # image processor takes uint8 tensors and can run on the GPU.
-        inputs = dict(m.processor(text=[self.prompt] * len(batch), padding=True, return_tensors="pt"))
-        inputs.update(
-            m.processor.image_processor(
-                [[rec["_pixels"]] for rec in batch], return_tensors="pt", device=self.processor_device
-            )
-        )
-        inputs = {k: v.to(m.device) for k, v in inputs.items()}
-        inputs["pixel_values"] = inputs["pixel_values"].to(m.dtype)
-        return inputs
+        return model_inputs(self.m, [self.prompt] * len(batch), [[rec["_pixels"]] for rec in batch],
+                            self.processor_device)
 
     def _generate(self, batch: list[dict[str, Any]]) -> None:
         import torch
@@ -120,6 +102,16 @@ class OcrStage:
                 finish_reason="length" if end is None else "stop",
                 model=m.name,
             )
+
+
+def model_inputs(m: LoadedModel, prompts: list[str], images: list[list], processor_device: str) -> dict[str, Any]:
+    """Processor output on the model's device. The processor's two halves are called directly: its __call__
+    only takes PIL images or URLs, while the image processor takes uint8 tensors and can run on the GPU."""
+    inputs = dict(m.processor(text=prompts, padding=True, return_tensors="pt"))
+    inputs.update(m.processor.image_processor(images, return_tensors="pt", device=processor_device))
+    inputs = {k: v.to(m.device) for k, v in inputs.items()}
+    inputs["pixel_values"] = inputs["pixel_values"].to(m.dtype)
+    return inputs
 
 
 def decode_page(data: bytes, codec: str | None, width: int, height: int):
