@@ -7,7 +7,7 @@ import os
 import sys
 import traceback
 
-from pipeline.config import DEFAULT_MODEL, ExtractOptions, ModelOptions, RenderOptions, RunConfig, StorageOptions
+from pipeline.config import DEFAULT_MODEL, RunConfig
 from pipeline.errors import FatalError
 
 
@@ -30,9 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="process documents into OUT/pages, OUT/documents and OUT/_runs")
     run.add_argument("inputs", nargs="*", metavar="INPUT",
                      help="file, folder or glob; local or s3://bucket/prefix (also gs://, abfs://)")
-    run.add_argument("--output", "-o", required=True, metavar="OUT", help="output folder or URI")
-    run.add_argument("--task", choices=["ocr", "extract", "ocr+extract"], default="ocr",
-                     help="ocr: text per page; extract: JSON per document; ocr+extract: both in one pass")
+    run.add_argument("--config", metavar="FILE", help="a job configuration (YAML or JSON); flags given here override it")
+    run.add_argument("--output", "-o", metavar="OUT", help="output folder or URI")
+    run.add_argument("--task", choices=["ocr", "extract", "ocr+extract"],
+                     help="ocr (default): text per page; extract: JSON per document; ocr+extract: both in one pass")
     run.add_argument("--schema", help="extraction schema: invoice, receipt, key_values, module:Class, or a JSON Schema file")
     run.add_argument("--page-cap", type=int, help="pages per extraction prompt (default 8); longer documents are chunked")
     run.add_argument("--extract-max-new-tokens", type=int, help="cap on generated tokens per extraction (default 1024)")
@@ -53,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", default="demo_output", help="where samples and results go (default ./demo_output)")
     _add_engine_args(demo)
 
+    config = sub.add_parser("config", help="job configuration tools")
+    config.add_argument("action", choices=["schema"], help="schema: print the configuration's JSON Schema")
+
     bench = sub.add_parser("bench", help="measure render, transfer and pipeline throughput against baselines")
     bench.add_argument("--pages", type=int, default=200, help="pages in the synthetic corpus (default 200)")
     bench.add_argument("--json", metavar="FILE", help="also write the figures to FILE")
@@ -66,7 +70,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_from_args(args: argparse.Namespace, inputs: list[str], output: str) -> RunConfig:
+def load_config_file(path: str) -> dict:
+    """A job configuration file as a dict: YAML (loaded safely: no arbitrary objects) or JSON."""
+    import json
+
+    import yaml
+
+    from pipeline.errors import ConfigError
+
+    try:
+        with open(path) as f:
+            data = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        detail = " ".join(str(exc).split())  # YAML's messages span lines; the error is one line
+        raise ConfigError(f"cannot read config {path}: {type(exc).__name__}: {detail}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must be a mapping of options")
+    return data
+
+
+def _deep_merge(base: dict, override: dict) -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        merged[key] = _deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+def config_from_args(args: argparse.Namespace, inputs: list[str], output: str | None) -> RunConfig:
+    """The run configuration: the --config file (if any), with every flag given on the command line on top."""
     model = {
         "name": args.model,
         "batch_size": args.batch_size,
@@ -79,23 +110,31 @@ def config_from_args(args: argparse.Namespace, inputs: list[str], output: str) -
     render = {"longest_edge": args.longest_edge, "image_format": args.image_format}
     storage = {"endpoint_url": getattr(args, "endpoint_url", None), "region": getattr(args, "region", None),
                "anonymous": getattr(args, "anonymous", False) or None}
-    return RunConfig(
-        inputs=inputs,
-        manifests=getattr(args, "manifest", []),
-        include=getattr(args, "include", []),
-        exclude=getattr(args, "exclude", []),
-        storage=StorageOptions(**{k: v for k, v in storage.items() if v is not None}),
-        output=output,
-        task=getattr(args, "task", "ocr"),
-        extract=ExtractOptions(**{k: v for k, v in extract.items() if v is not None}),
-        model=ModelOptions(**{k: v for k, v in model.items() if v is not None}),
-        render=RenderOptions(**{k: v for k, v in render.items() if v is not None}),
-        num_actors=args.num_actors,
-        progress=not args.no_progress,
-        fail_fast=getattr(args, "fail_fast", False),
-        resume=not getattr(args, "no_resume", False),
-        **({"checkpoint_s": args.checkpoint_seconds} if getattr(args, "checkpoint_seconds", None) else {}),
-    )
+    flags = {
+        "inputs": inputs or None,
+        "output": output,
+        "manifests": getattr(args, "manifest", None) or None,
+        "include": getattr(args, "include", None) or None,
+        "exclude": getattr(args, "exclude", None) or None,
+        "task": getattr(args, "task", None),
+        "num_actors": args.num_actors,
+        "progress": False if args.no_progress else None,
+        "fail_fast": True if getattr(args, "fail_fast", False) else None,
+        "resume": False if getattr(args, "no_resume", False) else None,
+        "checkpoint_s": getattr(args, "checkpoint_seconds", None),
+        "model": {k: v for k, v in model.items() if v is not None},
+        "render": {k: v for k, v in render.items() if v is not None},
+        "storage": {k: v for k, v in storage.items() if v is not None},
+        "extract": {("schema" if k == "schema_spec" else k): v for k, v in extract.items() if v is not None},
+    }
+    flags = {k: v for k, v in flags.items() if v is not None and v != {}}
+    base = load_config_file(args.config) if getattr(args, "config", None) else {}
+    merged = _deep_merge(base, flags)
+    if "output" not in merged:
+        from pipeline.errors import ConfigError
+
+        raise ConfigError("no output: give --output, or 'output' in the --config file")
+    return RunConfig.model_validate(merged)
 
 
 def print_summary(result, out=sys.stdout) -> None:
@@ -122,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
             from jobs.demo import main as demo_main
 
             demo_main(args)
+        elif args.command == "config":
+            import json
+
+            print(json.dumps(RunConfig.model_json_schema(by_alias=True), indent=2))
         elif args.command == "bench":
             from jobs.bench import main as bench_main
 

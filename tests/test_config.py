@@ -1,0 +1,52 @@
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.cli import load_config_file
+from pipeline.config import RunConfig
+from tests.conftest import REPO, run_cli
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "jobs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_job_configs_validate(path: Path):
+    config = RunConfig.model_validate(load_config_file(str(path)))
+    assert config.output and (config.inputs or config.manifests)
+
+
+def test_unknown_keys_and_wrong_types_are_one_line_errors(tmp_path):
+    for body, expected in [
+        ("output: out\nmodel:\n  nmae: x\n", "docpipe: error: invalid option model.nmae: Extra inputs are not permitted"),
+        ("output: out\nmodel:\n  batch_size: lots\n", "docpipe: error: invalid option model.batch_size:"),
+        ("output: out\n!!python/object/apply:os.system ['true']: 1\n", "docpipe: error: cannot read config"),
+        ("- just\n- a list\n", "must be a mapping of options"),
+    ]:
+        path = tmp_path / "job.yaml"
+        path.write_text(body)
+        proc = run_cli("run", "--config", path, tmp_path)
+        assert proc.returncode == 2, proc.stderr
+        [line] = proc.stderr.strip().splitlines()
+        assert expected in line
+
+
+def test_config_schema_documents_every_option():
+    proc = run_cli("config", "schema")
+    assert proc.returncode == 0
+    schema = json.loads(proc.stdout)
+    assert schema["additionalProperties"] is False
+    extract = schema["$defs"]["ExtractOptions"]["properties"]
+    assert "schema" in extract and extract["page_cap"]["description"]
+
+
+def test_a_config_file_with_command_line_overrides(sample_docs, tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text(f"inputs: ['{sample_docs / 'receipt.png'}']\noutput: {tmp_path / 'from-file'}\n"
+                    "model:\n  name: tiny-random\n  max_new_tokens: 2\nprogress: false\n")
+    proc = run_cli("run", "--config", path, "--output", tmp_path / "from-flag")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not (tmp_path / "from-file").exists()
+    [manifest] = [json.loads(p.read_text()) for p in (tmp_path / "from-flag" / "_runs").glob("*.json")]
+    assert manifest["config"]["model"]["max_new_tokens"] == 2 and manifest["config"]["progress"] is False
+    pages = pq.read_table(tmp_path / "from-flag" / "pages").to_pylist()
+    assert len(pages) == 1 and pages[0]["output_tokens"] <= 2
