@@ -68,6 +68,7 @@ def _model_actor(model_opts, extract_opts, task: str):
             self.ready_at = time.time()  # tells the driver when the model could start work
 
         def __call__(self, batch):
+            _maybe_die()
             records = batch.to_pylist()
             for stage in self.stages:
                 records = stage(records)
@@ -76,6 +77,18 @@ def _model_actor(model_opts, extract_opts, task: str):
             return to_table(records, RESULT_SCHEMA)
 
     return ModelActor
+
+
+def _maybe_die() -> None:
+    """Fault injection for tests: if DOCPIPE_FAULT_DIE_ONCE names an existing file, remove it and kill this
+    process, as a crashed GPU worker would die. Ray restarts the actor and retries its batch."""
+    marker = os.environ.get("DOCPIPE_FAULT_DIE_ONCE")
+    if marker:
+        try:
+            os.remove(marker)
+        except FileNotFoundError:
+            return
+        os._exit(1)
 
 
 def new_run_id() -> str:

@@ -171,3 +171,18 @@ def test_a_flaky_s3_endpoint_loses_nothing(s3, s3_env, sample_docs, tmp_path):
     fs = s3fs(s3_env)
     assert pq.read_table("flaky/out/documents", filesystem=fs).num_rows == 6
     assert pq.read_table("flaky/out/pages", filesystem=fs).num_rows == 9
+
+
+def test_a_model_actor_that_dies_is_restarted_and_its_pages_retried(sample_docs, tmp_path):
+    marker = tmp_path / "die-once"
+    marker.write_text("x")
+    out = tmp_path / "out"
+    proc = run_cli("run", sample_docs, "--output", out, "--model", "tiny-random", "--max-new-tokens", "2",
+                   "--num-actors", "1", "--no-progress", env={"DOCPIPE_FAULT_DIE_ONCE": str(marker)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not marker.exists()  # the actor really died once
+    inputs = sorted(str(p) for p in sample_docs.iterdir())
+    docs = check_accounting(out, inputs)
+    assert Counter(d["status"] for d in docs) == {"ok": 5, "error": 1}
+    pages = pq.read_table(out / "pages").to_pylist()
+    assert len(pages) == 9 and all(p["status"] == "ok" for p in pages)
