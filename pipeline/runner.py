@@ -105,7 +105,8 @@ def init_ray() -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, logging_level="WARNING")
+        # "local": a new instance, even if `ray start` left a cluster on this machine (ray.init() would join it)
+        ray.init(address=address or "local", include_dashboard=False, logging_level="WARNING")
 
 
 def run(config: RunConfig) -> RunResult:
