@@ -168,7 +168,8 @@ class RunConfig(_Options):
     )
     actors_per_gpu: int = Field(1, ge=1, le=8, description="Model actors sharing each GPU (each gets 1/N of it).")
     actor_memory_gb: float = Field(
-        2.0, gt=0, description="Host memory (GiB) Ray reserves for each model actor, for staging weights."
+        4.0, gt=0, description="Host memory (GiB) Ray reserves for each model actor (torch, the processor and staged "
+        "weights: a tiny-random CPU actor peaked at 2.9 GiB here)."
     )
     read_concurrency: int | None = Field(
         None, ge=1, description="Parallel read-and-render tasks. Default: let Ray Data decide."
