@@ -70,16 +70,26 @@ def prepare_output(output: str, storage: StorageOptions | None = None) -> Output
 
 
 def previous_ok(out: Output) -> dict[str, dict[str, Any]]:
-    """Documents recorded ok in OUT by earlier runs, by source URI (only sealed files are read)."""
+    """Documents recorded ok in OUT by earlier runs, by source URI (only sealed files are read).
+
+    Reading them must succeed: treating an unreadable table as empty would redo finished documents and
+    write a second ok row for each.
+    """
     import pyarrow.dataset as pads
+    from pyarrow.fs import FileSelector, FileType
 
     try:
-        table = pads.dataset(out.path("documents"), filesystem=out.fs, format="parquet").to_table(
+        files = [f.path for f in out.fs.get_file_info(FileSelector(out.path("documents"), allow_not_found=True))
+                 if f.type == FileType.File and f.base_name.startswith("part-")]
+        if not files:
+            return {}
+        table = pads.dataset(files, filesystem=out.fs, format="parquet").to_table(
             columns=["source_uri", "doc_id", "size_bytes", "status", "run_id"],
             filter=pads.field("status") == "ok",
         )
-    except (OSError, ValueError, FileNotFoundError):  # no earlier run, or no documents table yet
-        return {}
+    except Exception as exc:
+        raise OutputError(explain(f"cannot read earlier results in {out.uri} to resume: {describe(exc)} "
+                                  "(--no-resume processes everything)")) from None
     return {r["source_uri"]: r for r in table.to_pylist()}
 
 
@@ -279,7 +289,8 @@ class RunSink:
     def consume(self, records: list[dict[str, Any]]) -> None:
         finished = []
         for rec in records:
-            self.counters["output_tokens"] += rec.get("output_tokens") or 0 if rec["kind"] != DOCUMENT else 0
+            if rec["kind"] != DOCUMENT:
+                self.counters["output_tokens"] += rec.get("output_tokens") or 0
             if rec["kind"] == PAGE:
                 self.counters["model_retries"] += rec.get("retries") or 0
             if rec["kind"] == CHUNK:

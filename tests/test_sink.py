@@ -66,3 +66,16 @@ def test_table_writer_leaves_an_empty_file_with_the_schema(tmp_path):
     w = TableWriter(Output(str(tmp_path)), "pages", PAGES_SCHEMA, "r1", rows_per_file=10)
     assert w.close() == ["pages/part-r1-00000.parquet"]
     assert pq.read_table(tmp_path / "pages").schema.names == PAGES_SCHEMA.names
+
+
+def test_resume_refuses_to_guess_when_earlier_results_are_unreadable(tmp_path):
+    import pytest
+
+    from pipeline.errors import OutputError
+    from pipeline.sink import previous_ok, prepare_output
+
+    out = prepare_output(str(tmp_path / "out"))
+    assert previous_ok(out) == {}  # no earlier run
+    (tmp_path / "out" / "documents" / "part-r0-00000.parquet").write_bytes(b"not parquet")
+    with pytest.raises(OutputError, match="cannot read earlier results"):
+        previous_ok(out)
