@@ -55,6 +55,11 @@ class ModelOptions(_Options):
     processor_device: Literal["model", "cpu"] = Field(
         "model", description="Where the image processor runs: on the model's device (GPU when there is one) or the CPU."
     )
+    @property
+    def rows_per_call(self) -> int:
+        """Pages an actor takes at once: sort_window batches' worth, sorted by shape, then run batch by batch."""
+        return self.batch_size * self.sort_window
+
     cpu_threads: int | None = Field(
         None, ge=1, description="torch threads in a CPU model actor. Default: the CPUs the actor was given."
     )

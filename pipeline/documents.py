@@ -148,7 +148,7 @@ class _PdfPage:
 
 
 def _image_frames(data: bytes, media_type: str) -> Iterator:
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError
 
     try:
         img = Image.open(io.BytesIO(data))
@@ -159,15 +159,15 @@ def _image_frames(data: bytes, media_type: str) -> Iterator:
         raise RowError("corrupt_document", f"cannot open {media_type}: {describe(exc)}") from None
     yield frames
     for index in range(frames):
-        yield _ImageFrame(img, index, ImageOps)
+        yield _ImageFrame(img, index)
 
 
 class _ImageFrame:
-    def __init__(self, img, index: int, image_ops):
-        self.img, self.index, self.ops = img, index, image_ops
+    def __init__(self, img, index: int):
+        self.img, self.index = img, index
 
     def __call__(self, opts: RenderOptions, longest_edge: int):
-        from PIL import Image
+        from PIL import Image, ImageOps
 
         w, h = self.img.size
         if w * h > opts.max_pixels * 4:
@@ -175,7 +175,7 @@ class _ImageFrame:
             raise RowError("image_too_large", f"image is {w}x{h} pixels, over 4 x max_pixels ({opts.max_pixels})")
         try:
             self.img.seek(self.index)
-            frame = self.ops.exif_transpose(self.img)  # scanners and phones store rotation in EXIF
+            frame = ImageOps.exif_transpose(self.img)  # scanners and phones store rotation in EXIF
             return render_image(frame, opts, longest_edge)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             raise RowError("image_decode_error", describe(exc)) from None

@@ -31,19 +31,26 @@ class RunResult:
     manifest: RunManifest
     output: str
 
-    @property
-    def pages_per_s(self) -> float:
-        return self.manifest.timings["pages_per_s"]
 
 
-def _expand_documents(batch, render_opts, longest_edge: int, storage, ocr: bool, chunk_pages: int | None,
-                      skip_ids: frozenset[str]):
+def _expand_documents(batch, **render_args):
     """Ray Data UDF: document refs in, one-record tables out; a generator, so pages stream out lazily."""
-    register_secrets(storage)
+    register_secrets(render_args["storage"])
     for uri in batch.column("source_uri").to_pylist():
-        for rec in expand_document(uri, render_opts, longest_edge, storage, ocr=ocr, chunk_pages=chunk_pages,
-                                   skip_ids=skip_ids):
+        for rec in expand_document(uri, **render_args):
             yield to_table([rec], RENDERED_SCHEMA)
+
+
+def _render_args(config: RunConfig, longest_edge: int, skip_ids: frozenset[str]) -> dict[str, Any]:
+    """expand_document's settings for this run, the same for both executors."""
+    return {
+        "opts": config.render,
+        "longest_edge": longest_edge,
+        "storage": config.storage,
+        "ocr": "ocr" in config.task.split("+"),
+        "chunk_pages": config.extract.page_cap if "extract" in config.task else None,
+        "skip_ids": skip_ids,
+    }
 
 
 def _model_actor(model_opts, extract_opts, task: str):
@@ -151,7 +158,7 @@ def run(config: RunConfig) -> RunResult:
             pages_seen += sum(1 for r in records if r["kind"] == "page")
             ready = [r["actor_ready_at"] for r in records if r.get("actor_ready_at")]
             if ready:
-                first_ready = min(ready + ([first_ready] if first_ready else []))
+                first_ready = min(ready + [first_ready] if first_ready else ready)
             sink.consume(records)
 
     wall = time.perf_counter() - t0
@@ -177,16 +184,12 @@ def _execute_local(config: RunConfig, todo, longest_edge: int, skip_ids: frozens
     errors.FAIL_FAST = config.fail_fast
     try:
         actor = _model_actor(config.model, config.extract, config.task)()
-        rows_per_call = config.model.batch_size * config.model.sort_window
-        ocr = "ocr" in config.task.split("+")
-        chunk_pages = config.extract.page_cap if "extract" in config.task else None
+        render_args = _render_args(config, longest_edge, skip_ids)
         for ref in todo:
-            stream = expand_document(ref.source_uri, config.render, longest_edge, config.storage, ocr=ocr,
-                                     chunk_pages=chunk_pages, skip_ids=skip_ids)
             batch = []
-            for rec in stream:
+            for rec in expand_document(ref.source_uri, **render_args):
                 batch.append(rec)
-                if len(batch) == rows_per_call:
+                if len(batch) == config.model.rows_per_call:
                     yield actor(to_table(batch, RENDERED_SCHEMA)).to_pylist()
                     batch = []
             if batch:
@@ -236,24 +239,19 @@ def _execute(config: RunConfig, todo, longest_edge: int, skip_ids: frozenset[str
     ds = ray.data.from_items([{"source_uri": r.source_uri} for r in todo], override_num_blocks=min(len(todo), 1000))
     ds = ds.map_batches(
         _expand_documents,
-        fn_kwargs={"render_opts": config.render, "longest_edge": longest_edge, "storage": config.storage,
-                   "ocr": "ocr" in config.task.split("+"),
-                   "chunk_pages": config.extract.page_cap if "extract" in config.task else None,
-                   "skip_ids": skip_ids},
+        fn_kwargs=_render_args(config, longest_edge, skip_ids),
         concurrency=config.read_concurrency,
         batch_size=1,
         batch_format="pyarrow",
         num_cpus=render_cpus,
     )
-    # The actor sorts sort_window model batches' worth of pages by shape, then runs them batch by batch.
-    rows_per_call = config.model.batch_size * config.model.sort_window
     ds = ds.map_batches(
         _model_actor(model_opts, config.extract, config.task),
         # One call per actor at a time: a busy actor must not queue blocks that an idle one could take
         # (measured: with two in flight, one of two CPU actors sat idle). A call lasts seconds, so the
         # round trip between calls costs the model next to nothing.
         compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),
-        batch_size=rows_per_call,
+        batch_size=config.model.rows_per_call,
         batch_format="pyarrow",
         **actor_resources,
     )
