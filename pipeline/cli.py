@@ -23,11 +23,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide Ray Data's progress bars")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="docpipe", description="PDFs and images -> Idefics2 OCR -> Parquet.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    run = sub.add_parser("run", help="process documents into OUT/pages, OUT/documents and OUT/_runs")
+def _add_run_args(run: argparse.ArgumentParser) -> None:
     run.add_argument("inputs", nargs="*", metavar="INPUT",
                      help="file, folder or glob; local or s3://bucket/prefix (also gs://, abfs://)")
     run.add_argument("--config", metavar="FILE", help="a job configuration (YAML or JSON); flags given here override it")
@@ -47,8 +43,34 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--fail-fast", action="store_true",
                      help="stop at the first error and show its traceback (runs in this process, without Ray)")
     run.add_argument("--no-resume", action="store_true", help="process every input, even those already ok in OUT")
-    run.add_argument("--checkpoint-seconds", type=float, help="seal output files at least this often (default 60)")
+    run.add_argument("--checkpoint-seconds", type=float, help="seal output files at least this often (default 300)")
+    run.add_argument("--partition-by", choices=["ingest_date", "none"],
+                     help="Hive partition folders for pages/ and documents/ (default ingest_date)")
+    run.add_argument("--progress-interval", type=float, metavar="SECONDS",
+                     help="seconds between progress lines when there are no progress bars (default 30)")
     _add_engine_args(run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="docpipe", description="PDFs and images -> Idefics2 OCR -> Parquet.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="process documents into OUT/pages, OUT/documents and OUT/_runs")
+    _add_run_args(run)
+    run.add_argument("--config-json", help=argparse.SUPPRESS)  # how `docpipe submit` hands a job its configuration
+
+    submit = sub.add_parser("submit", help="run on a Ray cluster as a Ray job (Job Submission API)")
+    submit.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://HEAD:8265")
+    submit.add_argument("--wait", action="store_true", help="follow the job's logs until it ends; exit 0 only if "
+                        "it succeeded")
+    submit.add_argument("--working-dir", help="folder uploaded as the job's working directory (default: this "
+                        "docpipe source tree when run from a checkout)")
+    submit.add_argument("--no-working-dir", action="store_true", help="upload nothing: docpipe is installed in the "
+                        "cluster's image")
+    submit.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="an environment variable for the job (repeatable)")
+    submit.add_argument("--submission-id", help="the job id to use (default: Ray picks one)")
+    _add_run_args(submit)
 
     demo = sub.add_parser("demo", help="write sample documents, run the pipeline over them, print a summary")
     demo.add_argument("--workdir", default="demo_output", help="where samples and results go (default ./demo_output)")
@@ -122,6 +144,8 @@ def config_from_args(args: argparse.Namespace, inputs: list[str], output: str | 
         "fail_fast": True if getattr(args, "fail_fast", False) else None,
         "resume": False if getattr(args, "no_resume", False) else None,
         "checkpoint_s": getattr(args, "checkpoint_seconds", None),
+        "partition_by": getattr(args, "partition_by", None),
+        "progress_interval_s": getattr(args, "progress_interval", None),
         "model": {k: v for k, v in model.items() if v is not None},
         "render": {k: v for k, v in render.items() if v is not None},
         "storage": {k: v for k, v in storage.items() if v is not None},
@@ -129,6 +153,10 @@ def config_from_args(args: argparse.Namespace, inputs: list[str], output: str | 
     }
     flags = {k: v for k, v in flags.items() if v is not None and v != {}}
     base = load_config_file(args.config) if getattr(args, "config", None) else {}
+    if getattr(args, "config_json", None):
+        import json
+
+        base = _deep_merge(base, json.loads(args.config_json))
     merged = _deep_merge(base, flags)
     if "output" not in merged:
         from pipeline.errors import ConfigError
@@ -157,6 +185,12 @@ def main(argv: list[str] | None = None) -> int:
 
             result = run(config_from_args(args, args.inputs, args.output))
             print_summary(result)
+        elif args.command == "submit":
+            from pipeline.submit import source_tree, submit
+
+            working_dir = None if args.no_working_dir else (args.working_dir or source_tree())
+            return submit(config_from_args(args, args.inputs, args.output), args.address, working_dir=working_dir,
+                          env=args.env, wait=args.wait, submission_id=args.submission_id)
         elif args.command == "demo":
             from jobs.demo import main as demo_main
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_serializer
 
 DEFAULT_MODEL = "HuggingFaceM4/idefics2-8b"
 TINY_MODEL = "tiny-random"
@@ -143,6 +143,32 @@ class StorageOptions(_Options):
     retry_time_limit_s: float = Field(120.0, gt=0, description="Retry budget for gs:// requests, in seconds.")
 
 
+class IcebergOptions(_Options):
+    """Append each run's rows to Apache Iceberg tables, one commit per table, so lake readers see a run appear
+    whole. The Parquet dataset under ``output`` is written either way."""
+
+    catalog: dict[str, str] | None = Field(
+        None,
+        description="pyiceberg catalog properties; null turns the append off. E.g. {type: sql, uri: "
+        "'sqlite:////data/catalog.db', warehouse: 'file:///data/warehouse'}, or {type: rest, uri: ...}.",
+    )
+    catalog_name: str = Field("docpipe", description="Name given to the catalog (pyiceberg's load_catalog).")
+
+    @field_serializer("catalog")
+    def _redact(self, catalog: dict[str, str] | None):
+        # Manifests record the configuration: keep credentials out of them.
+        import re
+
+        if catalog is None:
+            return None
+        secret = re.compile(r"secret|password|token|credential|key", re.I)
+        return {k: "**********" if secret.search(k) else re.sub(r"(://[^:/@]+:)[^@]*@", r"\1**********@", v)
+                for k, v in catalog.items()}
+    namespace: str = Field("docpipe", description="Namespace holding the tables; created if missing.")
+    pages_table: str = Field("pages", description="Table for page rows; created on first use, with ingest_date.")
+    documents_table: str = Field("documents", description="Table for document rows; created on first use.")
+
+
 class RunConfig(_Options):
     inputs: list[str] = Field(
         default_factory=list,
@@ -181,12 +207,19 @@ class RunConfig(_Options):
     )
     rows_per_file: int = Field(100_000, ge=1, description="Rows per Parquet file before a new file is started.")
     checkpoint_s: float = Field(
-        60.0, gt=0, description="Seal the open Parquet files at least this often, so a crashed run loses at most "
-        "this much finished work: a rerun skips what was sealed.",
+        300.0, gt=0, description="Seal the open Parquet files at least this often, so a crashed run loses at most "
+        "this much finished work: a rerun skips what was sealed. Each seal starts new files, so this and "
+        "rows_per_file set the file sizes: a run writes about one file per table per checkpoint.",
     )
+    partition_by: Literal["ingest_date", "none"] = Field(
+        "ingest_date", description="Hive-style partition folders: 'ingest_date' writes pages/ingest_date=YYYY-MM-DD/"
+        "part-*.parquet (the run's UTC start date); 'none' writes straight into pages/ and documents/.",
+    )
+    iceberg: IcebergOptions = Field(default_factory=IcebergOptions)
     resume: bool = Field(
-        True, description="Skip documents already recorded ok in this output (same URI and size, or same bytes); "
-        "retry those in error. Each skipped input gets a 'skipped' row.",
+        True, description="Incremental runs: skip documents already recorded ok (or skipped) in this output with "
+        "the same URI, size and modification time, or with the same bytes (doc_id); process new and changed ones "
+        "and retry those in error. Each skipped input gets a 'skipped' row.",
     )
     fail_fast: bool = Field(
         False, description="Stop at the first error and show its traceback (for development). Runs the stages in "
@@ -196,4 +229,8 @@ class RunConfig(_Options):
         "ray", description="'ray': the Ray Data plan (local Ray, or the cluster in RAY_ADDRESS). 'local': the same "
         "stages in a plain loop in this process, for debugging.",
     )
-    progress: bool = Field(True, description="Show Ray Data's progress bars.")
+    progress: bool = Field(True, description="Show Ray Data's progress bars (when stderr is a terminal).")
+    progress_interval_s: float = Field(
+        30.0, gt=0, description="Without progress bars (--no-progress, or not a terminal, as in Ray Jobs), log a "
+        "progress line (documents and pages done, pages/s, errors) at least this often.",
+    )

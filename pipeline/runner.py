@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +21,7 @@ from pipeline.documents import expand_document
 from pipeline.errors import InputError
 from pipeline.model import render_edge_for, resolve_checkpoint
 from pipeline.records import RENDERED_SCHEMA, RESULT_SCHEMA, to_table
-from pipeline.sink import RunSink, prepare_output, previous_ok
+from pipeline.sink import RunSink, prepare_output, previous_ok, unchanged
 from pipeline.sources import list_inputs
 from pipeline.storage import register_secrets
 from schemas import RunManifest
@@ -98,6 +99,27 @@ def _maybe_die() -> None:
         os._exit(1)
 
 
+class Progress:
+    """Periodic progress lines on stderr, for runs without progress bars: batch jobs, Ray Jobs (whose logs
+    are not a terminal, so Ray Data's bars are off), --no-progress."""
+
+    def __init__(self, sink: RunSink, total: int, interval_s: float, enabled: bool):
+        self.sink, self.total, self.interval_s, self.enabled = sink, total, interval_s, enabled
+        self.t0 = self._last = time.monotonic()
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        if not self.enabled or now - self._last < self.interval_s:
+            return
+        self._last = now
+        docs, pages = self.sink.doc_counts, self.sink.page_counts
+        done, page_total = sum(docs.values()), sum(pages.values())
+        errors = docs["error"] + docs["partial"]
+        print(f"docpipe: progress: documents {done}/{self.total}, pages {page_total} "
+              f"({page_total / (now - self.t0):.2f} pages/s), documents with errors {errors}, "
+              f"pages with errors {pages['error']}", file=sys.stderr, flush=True)
+
+
 def new_run_id() -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
 
@@ -140,12 +162,13 @@ def run(config: RunConfig) -> RunResult:
     checkpoint = resolve_checkpoint(config.model.name)
     longest_edge = config.render.longest_edge or render_edge_for(checkpoint, config.model)
     run_id = new_run_id()
-    sink = RunSink(out, run_id, refs, config.rows_per_file, schema, config.checkpoint_s)
+    partition = "" if config.partition_by == "none" else f"ingest_date={started_at[:10]}"
+    sink = RunSink(out, run_id, refs, config.rows_per_file, schema, config.checkpoint_s, partition)
     done = previous_ok(out) if config.resume else {}
     todo = []
     for ref in refs:
         prev = done.get(ref.source_uri)
-        if prev and (ref.size_bytes is None or prev["size_bytes"] == ref.size_bytes):
+        if prev and unchanged(prev, ref):
             sink.skip(ref, prev["doc_id"], prev["run_id"])
         else:
             todo.append(ref)
@@ -153,6 +176,8 @@ def run(config: RunConfig) -> RunResult:
 
     pages_seen, first_ready = 0, None
     execute = _execute_local if config.fail_fast or config.executor == "local" else _execute
+    progress = Progress(sink, len(refs), config.progress_interval_s,
+                        enabled=not (config.progress and sys.stderr.isatty()))
     if todo:  # with everything already done, there is nothing to execute
         for records in execute(config, todo, longest_edge, skip_ids):
             pages_seen += sum(1 for r in records if r["kind"] == "page")
@@ -160,6 +185,7 @@ def run(config: RunConfig) -> RunResult:
             if ready:
                 first_ready = min(ready + [first_ready] if first_ready else ready)
             sink.consume(records)
+            progress.tick()
 
     wall = time.perf_counter() - t0
     timings = {"wall_s": round(wall, 3), "pages_per_s": round(pages_seen / wall, 4) if wall else 0.0}
@@ -172,8 +198,17 @@ def run(config: RunConfig) -> RunResult:
         timings=timings,
         version=__version__,
         listing={"documents": len(refs), "filtered_out": listing.filtered_out},
+        lake=_lake_step(config, out),
     )
     return RunResult(manifest, out.uri)
+
+
+def _lake_step(config: RunConfig, out):
+    if not config.iceberg.catalog:
+        return None
+    from pipeline.lake import append_runs
+
+    return lambda: append_runs(config.iceberg, out)
 
 
 def _execute_local(config: RunConfig, todo, longest_edge: int, skip_ids: frozenset[str]):
@@ -226,9 +261,11 @@ def _execute(config: RunConfig, todo, longest_edge: int, skip_ids: frozenset[str
         # Without GPUs the model is the bottleneck and rendering needs a few percent of a core: the render
         # tasks get a small logical share and the actors the rest. One single-threaded actor per core avoids
         # torch's intra-op loss (on 2 cores, two threads ran the tiny model 1.7x as fast as one).
+        # The shares are per core, not per cluster, so every node keeps room for a render task: sized from
+        # the cluster total, actors filled each node of a multi-node cluster and rendering never started.
         actors = config.num_actors or max(1, int(cpus))
         render_cpus = 0.25
-        actor_resources = {"num_cpus": max(0.25, (cpus - render_cpus) / actors)}
+        actor_resources = {"num_cpus": max(0.25, min(1 - render_cpus, (cpus - render_cpus) / actors))}
         if model_opts.cpu_threads is None:
             model_opts = model_opts.model_copy(update={"cpu_threads": max(1, round(cpus / actors))})
     # Host memory for staging weights. Requesting it also makes the model stage's resources differ

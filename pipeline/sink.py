@@ -21,7 +21,7 @@ from pipeline.errors import OutputError, describe
 from pipeline.records import CHUNK, DOCUMENT, PAGE
 from pipeline.sources import DocumentRef
 from pipeline.storage import explain, is_remote, join, resolve
-from schemas import DOCUMENTS_SCHEMA, PAGES_SCHEMA, RunManifest
+from schemas import CONTRACT_VERSION, DOCUMENTS_SCHEMA, PAGES_SCHEMA, RunManifest
 
 
 class Output:
@@ -70,34 +70,57 @@ def prepare_output(output: str, storage: StorageOptions | None = None) -> Output
 
 
 def previous_ok(out: Output) -> dict[str, dict[str, Any]]:
-    """Documents recorded ok in OUT by earlier runs, by source URI (only sealed files are read).
+    """What earlier runs finished in OUT, by source URI: the latest ok or skipped row of each (only sealed
+    files are read). A skipped row carries the doc_id of the ok row it stands for, and the size and
+    modification time seen when it was skipped, so a merely touched file is hashed once, not every run.
 
     Reading them must succeed: treating an unreadable table as empty would redo finished documents and
     write a second ok row for each.
     """
     import pyarrow.dataset as pads
-    from pyarrow.fs import FileSelector, FileType
 
     try:
-        files = [f.path for f in out.fs.get_file_info(FileSelector(out.path("documents"), allow_not_found=True))
-                 if f.type == FileType.File and f.base_name.startswith("part-")]
+        files = sealed_files(out, "documents")
         if not files:
             return {}
-        table = pads.dataset(files, filesystem=out.fs, format="parquet").to_table(
-            columns=["source_uri", "doc_id", "size_bytes", "status", "run_id"],
-            filter=pads.field("status") == "ok",
+        # The contract's schema: files from before a column existed read it as null.
+        table = pads.dataset(files, schema=DOCUMENTS_SCHEMA, filesystem=out.fs, format="parquet").to_table(
+            columns=["source_uri", "doc_id", "size_bytes", "source_mtime", "status", "run_id"],
+            filter=pads.field("status").isin(["ok", "skipped"]) & pads.field("doc_id").is_valid(),
         )
     except Exception as exc:
         raise OutputError(explain(f"cannot read earlier results in {out.uri} to resume: {describe(exc)} "
                                   "(--no-resume processes everything)")) from None
-    return {r["source_uri"]: r for r in table.to_pylist()}
+    latest: dict[str, dict[str, Any]] = {}
+    for row in sorted(table.to_pylist(), key=lambda r: r["run_id"]):  # run ids start with their UTC time
+        latest[row["source_uri"]] = row
+    return latest
+
+
+def unchanged(prev: dict[str, Any], ref: DocumentRef) -> bool:
+    """Whether a listed document is the one an earlier run finished: same size and modification time where
+    both sides know them. Otherwise it is read again, and its bytes (doc_id) decide."""
+    if ref.size_bytes is not None and prev["size_bytes"] != ref.size_bytes:
+        return False
+    return ref.mtime is None or prev["source_mtime"] is None or prev["source_mtime"] == ref.mtime
+
+
+def sealed_files(out: Output, table: str) -> list[str]:
+    """A table's finished Parquet files, in every partition folder (never the _tmp- ones being written)."""
+    from pyarrow.fs import FileSelector, FileType
+
+    infos = out.fs.get_file_info(FileSelector(out.path(table), recursive=True, allow_not_found=True))
+    return sorted(f.path for f in infos if f.type == FileType.File and f.base_name.startswith("part-")
+                  and f.base_name.endswith(".parquet"))
 
 
 class TableWriter:
     """Rows of one table, rolled into Parquet files of at most ``rows_per_file`` rows."""
 
-    def __init__(self, out: Output, table: str, schema: pa.Schema, run_id: str, rows_per_file: int):
+    def __init__(self, out: Output, table: str, schema: pa.Schema, run_id: str, rows_per_file: int,
+                 partition: str = ""):
         self.out, self.table, self.schema, self.run_id = out, table, schema, run_id
+        self.folder = f"{table}/{partition}" if partition else table  # e.g. pages/ingest_date=2026-11-25
         self.rows_per_file = rows_per_file
         self.files: list[str] = []
         self._writer: pq.ParquetWriter | None = None
@@ -129,12 +152,14 @@ class TableWriter:
         return self.files
 
     def _name(self) -> str:
-        return f"{self.table}/part-{self.run_id}-{len(self.files):05d}.parquet"
+        return f"{self.folder}/part-{self.run_id}-{len(self.files):05d}.parquet"
 
     def _open(self) -> None:
         final = self._name()
         out = self.out
-        self._target = out.path(self.table, "_tmp-" + os.path.basename(final)) if out.rename else out.path(final)
+        if out.rename:  # a local folder must exist; object stores have none to make
+            out.fs.create_dir(out.path(self.folder), recursive=True)
+        self._target = out.path(self.folder, "_tmp-" + os.path.basename(final)) if out.rename else out.path(final)
         self._stream = out.fs.open_output_stream(self._target)  # a multipart upload on S3
         self._writer = pq.ParquetWriter(self._stream, self.schema, compression="zstd")
         self._rows_in_file = 0
@@ -191,7 +216,8 @@ class DocumentLedger:
     def skip(self, ref: DocumentRef, doc_id: str, run_id: str) -> dict[str, Any]:
         """The row for an input skipped at listing time: already ok in this output."""
         self.done.add(ref.source_uri)
-        return {"doc_id": doc_id, "source_uri": ref.source_uri, "size_bytes": ref.size_bytes, "status": "skipped",
+        return {"doc_id": doc_id, "source_uri": ref.source_uri, "size_bytes": ref.size_bytes,
+                "source_mtime": ref.mtime, "status": "skipped",
                 "error_message": f"already ok in this output (run {run_id})", "run_id": self.run_id}
 
     def _document_row(self, uri: str, st: dict[str, Any], lost: str | None) -> dict[str, Any]:
@@ -201,6 +227,7 @@ class DocumentLedger:
             "doc_id": doc.get("doc_id"),
             "source_uri": uri,
             "size_bytes": doc.get("size_bytes", ref.size_bytes if ref else None),
+            "source_mtime": ref.mtime if ref else None,
             "media_type": doc.get("media_type"),
             "page_count": doc.get("page_count"),
             "status": doc.get("status", "error"),
@@ -276,11 +303,11 @@ class RunSink:
     """Consumes the run's result stream on the driver: writes pages as they come, documents as they complete."""
 
     def __init__(self, out: Output, run_id: str, refs: list[DocumentRef], rows_per_file: int, schema=None,
-                 checkpoint_s: float = 60.0):
+                 checkpoint_s: float = 300.0, partition: str = ""):
         self.out, self.run_id, self.checkpoint_s = out, run_id, checkpoint_s
         self._sealed_at = time.monotonic()
-        self.pages = TableWriter(out, "pages", PAGES_SCHEMA, run_id, rows_per_file)
-        self.documents = TableWriter(out, "documents", DOCUMENTS_SCHEMA, run_id, rows_per_file)
+        self.pages = TableWriter(out, "pages", PAGES_SCHEMA, run_id, rows_per_file, partition)
+        self.documents = TableWriter(out, "documents", DOCUMENTS_SCHEMA, run_id, rows_per_file, partition)
         self.ledger = DocumentLedger(refs, run_id, schema)
         self.page_counts: Counter[str] = Counter()
         self.doc_counts: Counter[str] = Counter()
@@ -304,9 +331,9 @@ class RunSink:
         self._write([(self.ledger.skip(ref, doc_id, run_id), [])])
 
     def _write(self, finished) -> None:
-        page_rows = [{name: rec.get(name) for name in PAGES_SCHEMA.names} | {"run_id": self.run_id}
-                     for _, pages in finished for rec in pages]
-        doc_rows = [doc for doc, _ in finished]
+        stamp = {"run_id": self.run_id, "schema_version": CONTRACT_VERSION}
+        page_rows = [{name: rec.get(name) for name in PAGES_SCHEMA.names} | stamp for _, pages in finished for rec in pages]
+        doc_rows = [doc | stamp for doc, _ in finished]
         self.pages.write(page_rows)
         self.documents.write(doc_rows)
         self.page_counts.update(r["status"] for r in page_rows)
@@ -321,9 +348,12 @@ class RunSink:
         self._sealed_at = time.monotonic()
 
     def close(self, *, config: dict[str, Any], started_at: str, finished_at: str, timings: dict[str, float],
-              version: str, listing: dict[str, int]) -> RunManifest:
+              version: str, listing: dict[str, int], lake=None) -> RunManifest:
+        """Account for every input, close the tables, run ``lake`` (the Iceberg append, if any) on the
+        closed files, and write the manifest last."""
         self._write(self.ledger.finish_all())
         files = {"pages": self.pages.close(), "documents": self.documents.close()}  # pages first, as in checkpoint
+        iceberg = lake() if lake else None
         manifest = RunManifest(
             run_id=self.run_id,
             docpipe_version=version,
@@ -335,6 +365,7 @@ class RunSink:
             timings=timings,
             counters=dict(self.counters) | {f"listing_{k}": v for k, v in listing.items()},
             files=files,
+            iceberg=iceberg,
         )
         self.out.write_bytes(f"_runs/{self.run_id}.json", json.dumps(manifest.model_dump(mode="json"), indent=2).encode())
         return manifest

@@ -11,6 +11,7 @@ import glob
 import io
 import os
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 
 from pipeline.config import StorageOptions
 from pipeline.errors import InputError, describe
@@ -23,6 +24,17 @@ class DocumentRef:
 
     source_uri: str
     size_bytes: int | None = None
+    mtime: datetime | None = None  # UTC; with the size, what incremental runs compare
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def _utc(ts: datetime | None) -> datetime | None:
+    """A listing's modification time, UTC, to the microsecond (what Parquet keeps)."""
+    if ts is None:
+        return None
+    return ts.replace(tzinfo=timezone.utc) if ts.tzinfo is None else ts.astimezone(timezone.utc)
 
 
 @dataclass
@@ -79,7 +91,12 @@ def _expand_local(arg: str) -> list[DocumentRef]:
             raise InputError(f"input pattern matches no files: {arg}")
     else:
         raise InputError(f"input not found: {arg}")
-    return [DocumentRef(os.path.abspath(p), os.path.getsize(p)) for p in paths]
+    refs = []
+    for p in paths:
+        st = os.stat(p)
+        mtime = _EPOCH + timedelta(microseconds=st.st_mtime_ns // 1000)  # exact, unlike a float timestamp
+        refs.append(DocumentRef(os.path.abspath(p), st.st_size, mtime))
+    return refs
 
 
 def _expand_remote(arg: str, storage: StorageOptions) -> list[DocumentRef]:
@@ -95,13 +112,13 @@ def _expand_remote(arg: str, storage: StorageOptions) -> list[DocumentRef]:
     try:
         info = fs.get_file_info(path)
         if pattern is None and info.type == FileType.File:
-            return [DocumentRef(f"{scheme}://{path}", info.size)]
+            return [DocumentRef(f"{scheme}://{path}", info.size, _utc(info.mtime))]
         # The SDK pages through ListObjectsV2 (1,000 keys a request); only names and sizes come back.
         entries = fs.get_file_info(FileSelector(path, recursive=True, allow_not_found=True))
     except OSError as exc:
         raise InputError(explain(f"cannot list {arg}: {describe(exc)}")) from None
     refs = [
-        DocumentRef(f"{scheme}://{e.path}", e.size)
+        DocumentRef(f"{scheme}://{e.path}", e.size, _utc(e.mtime))
         for e in entries
         if e.type == FileType.File and (pattern is None or pattern.match(e.path))
     ]

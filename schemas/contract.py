@@ -6,13 +6,15 @@ column can't be added to one and forgotten in the other.
 
 from __future__ import annotations
 
+from datetime import datetime
 from enum import Enum
 from typing import Any
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
-CONTRACT_VERSION = 1
+# 2: schema_version and source_mtime columns; tables partitioned by ingest_date=YYYY-MM-DD/.
+CONTRACT_VERSION = 2
 
 
 class PageStatus(str, Enum):
@@ -71,6 +73,7 @@ class PageRow(_Row):
     output_tokens: int | None = Field(None, ge=0, description="Tokens generated for this page.")
     finish_reason: FinishReason | None = None
     run_id: str
+    schema_version: int = Field(CONTRACT_VERSION, description="Version of this table's layout (the contract).")
 
 
 class DocumentRow(_Row):
@@ -79,6 +82,10 @@ class DocumentRow(_Row):
     doc_id: str | None = Field(None, description="Hex SHA-256 of the bytes; null only if they could not be read.")
     source_uri: str
     size_bytes: int | None = Field(None, ge=0)
+    source_mtime: datetime | None = Field(
+        None, description="The source's modification time when listed; with size_bytes, how incremental runs "
+        "tell a changed document from a seen one."
+    )
     media_type: str | None = Field(None, description="Sniffed from the bytes, e.g. application/pdf, image/png.")
     page_count: int | None = Field(None, ge=0, description="Pages found; null if the document could not be opened.")
     status: DocumentStatus
@@ -95,6 +102,7 @@ class DocumentRow(_Row):
         None, description="stop, length (cut at max_new_tokens) or repetition (run-away loop stopped)."
     )
     extraction_attempts: int | None = Field(None, ge=0, description="Generations run: 2 when a retry was needed.")
+    schema_version: int = Field(CONTRACT_VERSION, description="Version of this table's layout (the contract).")
 
 
 class RunManifest(BaseModel):
@@ -118,6 +126,10 @@ class RunManifest(BaseModel):
         default_factory=dict, description="Other counts, e.g. model_retries: pages re-run after their batch failed."
     )
     files: dict[str, list[str]] = Field(description="Parquet files this run wrote, relative to OUT.")
+    iceberg: dict[str, dict[str, int]] | None = Field(
+        None, description="With an Iceberg catalog configured: per table, the runs appended by this run (its own, "
+        "and any an earlier run left out) and their snapshot ids."
+    )
 
 
 PAGES_SCHEMA = pa.schema(
@@ -136,6 +148,7 @@ PAGES_SCHEMA = pa.schema(
         pa.field("output_tokens", pa.int32()),
         pa.field("finish_reason", pa.string()),
         pa.field("run_id", pa.string(), nullable=False),
+        pa.field("schema_version", pa.int16(), nullable=False),
     ],
     metadata={"docpipe.contract_version": str(CONTRACT_VERSION), "docpipe.table": "pages"},
 )
@@ -145,6 +158,7 @@ DOCUMENTS_SCHEMA = pa.schema(
         pa.field("doc_id", pa.string()),
         pa.field("source_uri", pa.string(), nullable=False),
         pa.field("size_bytes", pa.int64()),
+        pa.field("source_mtime", pa.timestamp("us", tz="UTC")),
         pa.field("media_type", pa.string()),
         pa.field("page_count", pa.int32()),
         pa.field("status", pa.string(), nullable=False),
@@ -159,6 +173,7 @@ DOCUMENTS_SCHEMA = pa.schema(
         pa.field("raw_output", pa.large_string()),
         pa.field("extraction_finish_reason", pa.string()),
         pa.field("extraction_attempts", pa.int32()),
+        pa.field("schema_version", pa.int16(), nullable=False),
     ],
     metadata={"docpipe.contract_version": str(CONTRACT_VERSION), "docpipe.table": "documents"},
 )

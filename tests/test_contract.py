@@ -15,8 +15,8 @@ def test_pydantic_and_arrow_contracts_agree(model, schema):
     assert list(model.model_fields) == schema.names
     for name, field in model.model_fields.items():
         arrow = schema.field(name)
-        required = field.is_required() and type(None) not in getattr(field.annotation, "__args__", ())
-        assert arrow.nullable != required, f"{name}: nullable={arrow.nullable} but required={required}"
+        takes_none = type(None) in getattr(field.annotation, "__args__", ())
+        assert arrow.nullable == takes_none, f"{name}: nullable={arrow.nullable} but takes None={takes_none}"
 
 
 def test_rows_reject_unknown_status_and_columns():

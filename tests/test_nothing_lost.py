@@ -121,7 +121,7 @@ def test_killed_midway_then_resumed_ends_with_every_document_ok_once(sample_docs
     victim = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
     deadline = time.time() + 300
-    while time.time() < deadline and not list((out / "documents").glob("part-*.parquet")):
+    while time.time() < deadline and not list((out / "documents").rglob("part-*.parquet")):
         time.sleep(0.2)
     os.killpg(victim.pid, signal.SIGKILL)  # the driver and the local Ray processes it started
     victim.wait()
@@ -139,7 +139,7 @@ def test_killed_midway_then_resumed_ends_with_every_document_ok_once(sample_docs
     assert sorted(d["source_uri"] for d in resumed) == inputs
     assert {d["source_uri"] for d in resumed if d["status"] == "skipped"} == done_before
     # whatever the killed run left half-written is invisible to readers
-    assert all(not p.name.startswith("part-") for p in (out / "pages").glob("_tmp-*"))
+    assert all(not p.name.startswith("part-") for p in (out / "pages").rglob("_tmp-*"))
     pages = pq.read_table(out / "pages").to_pylist()
     ok_runs = {(d["source_uri"], d["run_id"]) for d in docs if d["status"] == "ok"}
     for uri in inputs:

@@ -35,8 +35,15 @@ def test_run_writes_the_contract(cli_run, sample_docs):
     proc, out = cli_run
     pages_t = pq.read_table(out / "pages")
     docs_t = pq.read_table(out / "documents")
+    [day] = {m["started_at"][:10] for m in map(json.loads, map(Path.read_text, (out / "_runs").glob("*.json")))}
+    for table in (pages_t, docs_t):  # Hive partitions: the run's UTC start date, kept in the folder name
+        assert set(table.column("ingest_date").to_pylist()) == {day}
+    pages_t, docs_t = pages_t.drop_columns(["ingest_date"]), docs_t.drop_columns(["ingest_date"])
     assert pages_t.schema.remove_metadata() == PAGES_SCHEMA.remove_metadata()
     assert docs_t.schema.remove_metadata() == DOCUMENTS_SCHEMA.remove_metadata()
+    files = [f for f in out.rglob("*.parquet")]
+    assert files and all(f.parent.name == f"ingest_date={day}" for f in files)
+    assert all(pq.read_schema(f).metadata[b"docpipe.contract_version"] == b"2" for f in files)
     pages = [PageRow(**r) for r in pages_t.to_pylist()]
     docs = [DocumentRow(**r) for r in docs_t.to_pylist()]
 

@@ -1,0 +1,90 @@
+"""Ad-hoc runs on a Ray cluster: `docpipe submit` sends `docpipe run` as a Ray job.
+
+The configuration is validated here, before anything is sent, and travels inside the job's
+entrypoint as JSON. Credentials never travel with it: the job reads them from the cluster's
+environment (instance roles, or variables given with --env).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from pipeline.config import RunConfig
+from pipeline.errors import ConfigError, FatalError
+
+# Never uploaded with the working directory (Ray also honours the tree's .gitignore).
+EXCLUDES = [".git", ".venv", "demo_output", "*.egg-info", "__pycache__", ".pytest_cache"]
+_SECRETS = {"access_key_id", "secret_access_key", "session_token"}
+
+
+def source_tree() -> str | None:
+    """The checkout docpipe runs from, if it is one (not an installed package)."""
+    root = Path(__file__).resolve().parent.parent
+    return str(root) if (root / "pyproject.toml").exists() and (root / "pipeline").is_dir() else None
+
+
+def job_entrypoint(config: RunConfig) -> str:
+    if any(getattr(config.storage, name) is not None for name in _SECRETS):
+        raise ConfigError("explicit storage credentials are not sent with a job: give them to the cluster "
+                          "(instance roles, or --env AWS_ACCESS_KEY_ID=... and friends)")
+    payload = json.dumps(config.model_dump(mode="json", exclude_defaults=True), separators=(",", ":"))
+    return f"python -m pipeline.cli run --config-json {shlex.quote(payload)}"
+
+
+def runtime_env(working_dir: str | None, env: list[str]) -> dict:
+    env_vars = {}
+    for item in env:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--env takes KEY=VALUE, got {item!r}")
+        env_vars[key] = value
+    renv: dict = {"env_vars": env_vars} if env_vars else {}
+    if working_dir:
+        if not os.path.isdir(working_dir):
+            raise ConfigError(f"--working-dir is not a folder: {working_dir}")
+        renv.update(working_dir=working_dir, excludes=EXCLUDES)
+    return renv
+
+
+def submit(config: RunConfig, address: str, *, working_dir: str | None, env: list[str], wait: bool,
+           submission_id: str | None = None, out=sys.stdout) -> int:
+    """Submit the run; print the job id; with ``wait``, follow its logs and return 0 only if it succeeded."""
+    try:
+        from ray.job_submission import JobStatus, JobSubmissionClient
+    except ImportError:
+        raise FatalError("docpipe submit needs Ray's job client: pip install 'ray[default]'") from None
+    entrypoint = job_entrypoint(config)
+    try:
+        client = JobSubmissionClient(address)
+        job_id = client.submit_job(
+            entrypoint=entrypoint,
+            runtime_env=runtime_env(working_dir, env),
+            submission_id=submission_id,
+            metadata={"tool": "docpipe", "output": config.output},
+        )
+    except FatalError:
+        raise
+    except Exception as exc:  # connection refused, a bad address, the server's refusal
+        raise FatalError(f"cannot submit to {address}: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from None
+    print(f"submitted  {job_id}", file=out, flush=True)
+    if not wait:
+        print(f"follow     ray job logs --address {address} --follow {job_id}", file=out, flush=True)
+        return 0
+    import asyncio
+
+    async def follow():
+        async for lines in client.tail_job_logs(job_id):
+            print(lines, end="", file=out, flush=True)
+
+    asyncio.run(follow())
+    import time
+
+    while not client.get_job_status(job_id).is_terminal():  # the log stream may close a moment before
+        time.sleep(0.5)
+    info = client.get_job_info(job_id)
+    print(f"job        {job_id} {info.status}" + (f": {info.message}" if info.message else ""), file=out, flush=True)
+    return 0 if info.status == JobStatus.SUCCEEDED else 1

@@ -1,0 +1,129 @@
+"""Scheduled, incremental runs into a data lake: Hive partitions, a schema version, DuckDB read-back, Iceberg."""
+
+import datetime as dt
+import json
+import os
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from schemas import CONTRACT_VERSION
+from tests.conftest import run_cli
+
+
+def manifests(out):
+    return sorted((json.loads(p.read_text()) for p in (out / "_runs").glob("*.json")), key=lambda m: m["run_id"])
+
+
+def docs_of(out, run_id):
+    return {d["source_uri"].rsplit("/", 1)[-1]: d for d in pq.read_table(out / "documents").to_pylist()
+            if d["run_id"] == run_id}
+
+
+@pytest.fixture(scope="module")
+def nightly(sample_docs, tmp_path_factory):
+    """Three scheduled runs over a growing folder: the first without the Iceberg step (so the second must
+    catch it up), the second after a new, a changed and a touched file, the third with nothing new."""
+    root = tmp_path_factory.mktemp("nightly")
+    inbox = root / "inbox"
+    inbox.mkdir()
+    for name in ("receipt.png", "scan.jpg", "minutes.pdf"):
+        shutil.copy(sample_docs / name, inbox / name)
+    catalog = {"type": "sql", "uri": f"sqlite:///{root / 'catalog.db'}", "warehouse": f"file://{root / 'warehouse'}"}
+    config = root / "nightly.yaml"
+    config.write_text(json.dumps({
+        "inputs": [str(inbox)], "output": str(root / "out"), "progress": False,
+        "model": {"name": "tiny-random", "max_new_tokens": 2},
+    }))
+    with_iceberg = root / "nightly-iceberg.yaml"
+    with_iceberg.write_text(json.dumps({**json.loads(config.read_text()), "iceberg": {"catalog": catalog}}))
+
+    runs = [run_cli("run", "--config", config)]
+    Image.new("RGB", (300, 200), "white").save(inbox / "new.png")
+    with open(inbox / "scan.jpg", "ab") as f:
+        f.write(b"\0" * 16)  # changed: new size (JPEG readers ignore bytes after the end marker)
+    later = (inbox / "receipt.png").stat().st_mtime + 3600
+    os.utime(inbox / "receipt.png", (later, later))  # touched: new modification time, same bytes
+    runs.append(run_cli("run", "--config", with_iceberg, "--progress-interval", "0.01"))
+    runs.append(run_cli("run", "--config", with_iceberg))
+    for proc in runs:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return root, runs, catalog
+
+
+def test_incremental_runs_process_only_new_and_changed_documents(nightly):
+    root, runs, _ = nightly
+    out = root / "out"
+    first, second, third = manifests(out)
+    assert first["documents"] == {"ok": 3, "total": 3}
+    assert second["documents"] == {"ok": 2, "skipped": 2, "total": 4}
+    d2 = docs_of(out, second["run_id"])
+    assert d2["new.png"]["status"] == d2["scan.jpg"]["status"] == "ok"
+    assert d2["minutes.pdf"]["status"] == "skipped" and "already ok" in d2["minutes.pdf"]["error_message"]
+    # touched, not changed: read again, recognised by its bytes, and recorded with its new time
+    assert d2["receipt.png"]["status"] == "skipped" and "same bytes" in d2["receipt.png"]["error_message"]
+    mtime = dt.datetime.fromtimestamp((root / "inbox" / "receipt.png").stat().st_mtime, dt.timezone.utc)
+    assert abs((d2["receipt.png"]["source_mtime"] - mtime).total_seconds()) < 1e-3
+    # nothing new: nothing is read, nothing reaches the model
+    assert third["documents"] == {"skipped": 4, "total": 4} and third["pages"]["total"] == 0
+    d3 = docs_of(out, third["run_id"])
+    assert all("already ok in this output" in d["error_message"] for d in d3.values())
+    ok = [d for d in pq.read_table(out / "documents").to_pylist() if d["status"] == "ok"]
+    assert sorted(d["source_uri"].rsplit("/", 1)[-1] for d in ok) == ["minutes.pdf", "new.png", "receipt.png",
+                                                                      "scan.jpg", "scan.jpg"]  # scan.jpg changed
+
+
+def test_output_is_a_hive_partitioned_dataset_that_duckdb_reads(nightly):
+    duckdb = pytest.importorskip("duckdb")
+    root, _, _ = nightly
+    out = root / "out"
+    runs = manifests(out)
+    day = runs[0]["started_at"][:10]
+    for m in runs:
+        assert all(f.startswith(f"{t}/ingest_date={m['started_at'][:10]}/part-") for t, fs in m["files"].items()
+                   for f in fs)
+    con = duckdb.connect()
+    docs = con.execute(
+        f"SELECT run_id, status, ingest_date, schema_version, source_mtime FROM read_parquet("
+        f"'{out}/documents/*/part-*.parquet', hive_partitioning = true)").fetchall()
+    assert len(docs) == sum(m["documents"]["total"] for m in runs) == 11
+    assert {r[2] for r in docs} == {dt.date.fromisoformat(day)} and {r[3] for r in docs} == {CONTRACT_VERSION}
+    assert all(isinstance(r[4], dt.datetime) for r in docs)
+    pages = con.execute(
+        f"SELECT count(*), count(DISTINCT source_uri) FROM read_parquet('{out}/pages/*/part-*.parquet', "
+        "hive_partitioning = true) WHERE status = 'ok'").fetchone()
+    assert pages == (sum(m["pages"].get("ok", 0) for m in runs), 4)
+    # a run writes one file per table (rows_per_file and checkpoints set the size), not one per batch
+    assert all(len(fs) == 1 for m in runs for fs in m["files"].values())
+
+
+def test_each_run_is_one_iceberg_commit_and_the_first_is_caught_up(nightly):
+    from pyiceberg.catalog import load_catalog
+
+    root, _, catalog = nightly
+    out = root / "out"
+    first, second, third = manifests(out)
+    assert first["iceberg"] is None  # that run had no catalog configured
+    assert set(second["iceberg"]["documents"]) == {first["run_id"], second["run_id"]}  # caught up, oldest first
+    assert set(third["iceberg"]["documents"]) == {third["run_id"]}  # appended once, never twice
+    table = load_catalog("docpipe", **catalog).load_table("docpipe.documents")
+    snapshots = [s.summary.additional_properties for s in table.snapshots()]
+    assert [s["docpipe.run_id"] for s in snapshots] == [first["run_id"], second["run_id"], third["run_id"]]
+    assert [int(s["added-records"]) for s in snapshots] == [3, 4, 4]
+    rows = table.scan().to_arrow().to_pylist()
+    dataset = pq.read_table(out / "documents").to_pylist()
+    key = lambda r: (r["run_id"], r["source_uri"])  # noqa: E731
+    assert sorted(map(key, rows)) == sorted(map(key, dataset))
+    assert {r["ingest_date"] for r in rows} == {dt.date.fromisoformat(first["started_at"][:10])}
+    pages = load_catalog("docpipe", **catalog).load_table("docpipe.pages").scan().to_arrow()
+    assert pages.num_rows == pq.read_table(out / "pages").num_rows
+    assert "sqlite" in json.dumps(second["config"]["iceberg"])  # recorded, with credentials masked
+
+
+def test_runs_without_progress_bars_log_progress_lines(nightly):
+    _, runs, _ = nightly
+    lines = [ln for ln in runs[1].stderr.splitlines() if ln.startswith("docpipe: progress:")]
+    assert lines and "documents 4/4" in lines[-1] and "pages/s" in lines[-1]
+    assert "documents  4 (ok 2, skipped 2)" in runs[1].stdout  # and the summary table at the end
