@@ -92,6 +92,15 @@ class RenderOptions(_Options):
         2_000_000, ge=1, description="Largest 'raw' page image shipped between stages before falling back to JPEG."
     )
     jpeg_quality: int = Field(92, ge=1, le=100, description="JPEG quality (image_format jpeg, or the raw fallback).")
+    document_timeout_s: float | None = Field(
+        600.0, gt=0, description="Longest time to read and render one document. Rendering runs in a child "
+        "process (MuPDF can't be interrupted in-process), killed when over time: the pages not yet rendered get "
+        "error rows (error_type timeout) and the run goes on. A crash of the child is recorded the same way. "
+        "null, with page_timeout_s null too, renders in-process without limits.",
+    )
+    page_timeout_s: float | None = Field(
+        120.0, gt=0, description="Longest time for one page (or, before the first page, for opening the document).",
+    )
 
 
 class ExtractOptions(_Options):

@@ -19,6 +19,8 @@ from pipeline.render import render_image, render_pdf_page
 from pipeline.storage import read_bytes
 
 PDF = "application/pdf"
+SAME_BYTES = "the same bytes are already ok in this output"
+STARTUP_S = 120  # for a render process to start
 IMAGE_TYPES = {
     b"\x89PNG\r\n\x1a\n": "image/png",
     b"\xff\xd8\xff": "image/jpeg",
@@ -62,7 +64,7 @@ def expand_document(
         return
     doc.update(doc_id=hashlib.sha256(data).hexdigest(), size_bytes=len(data), media_type=sniff_media_type(data))
     if doc["doc_id"] in skip_ids:  # resume: the same bytes are already ok in this output, under some URI
-        yield {**doc, "status": "skipped", "error_message": "the same bytes are already ok in this output"}
+        yield {**doc, "status": "skipped", "error_message": SAME_BYTES}
         return
     try:
         pages = _open(data, doc["media_type"])
@@ -80,6 +82,7 @@ def expand_document(
     for number in range(1, page_count + 1):
         row = {**base, "kind": PAGE, "page_number": number, "status": "ok"}
         try:
+            _maybe_stall(source_uri, number)
             page = next(pages)
             rendered = page(opts, longest_edge)
             row.update(image=rendered.image, image_codec=rendered.codec, width=rendered.width, height=rendered.height)
@@ -95,6 +98,24 @@ def expand_document(
         if chunk_pages and (number % chunk_pages == 0 or number == page_count):
             yield _chunk_record(base, (number - 1) // chunk_pages, chunk_count, chunk)
             chunk = []
+
+
+def _maybe_stall(source_uri: str, number: int) -> None:
+    """Fault injection for tests: DOCPIPE_FAULT_RENDER="name@page=seconds,..." sleeps before rendering that
+    page of documents whose URI contains name (page * for every page); seconds "crash" kills the process."""
+    import os
+
+    for spec in filter(None, os.environ.get("DOCPIPE_FAULT_RENDER", "").split(",")):
+        target, _, action = spec.partition("=")
+        name, _, page = target.partition("@")
+        if name in source_uri and page in ("*", str(number)):
+            if action == "crash":
+                import signal
+
+                os.kill(os.getpid(), signal.SIGSEGV)  # as a crash inside MuPDF would
+            import time
+
+            time.sleep(float(action))
 
 
 def _chunk_record(base: dict[str, Any], index: int, count: int, pages: list[dict[str, Any]]) -> dict[str, Any]:
@@ -179,3 +200,103 @@ class _ImageFrame:
             return render_image(frame, opts, longest_edge)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             raise RowError("image_decode_error", describe(exc)) from None
+
+
+def expand_document_isolated(source_uri: str, opts: RenderOptions, *args, **kwargs) -> Iterator[dict[str, Any]]:
+    """``expand_document`` in a child process, under ``opts``' document and page time limits.
+
+    MuPDF's C code can't be interrupted from Python, so a hanging or crashing document is contained in a
+    process that can be killed. Records stream back one at a time; if the child is killed or dies, the
+    document is finished here with error rows for what it did not deliver, so its accounting stays whole.
+    """
+    import multiprocessing as mp
+    import time
+
+    if opts.document_timeout_s is None and opts.page_timeout_s is None:
+        yield from expand_document(source_uri, opts, *args, **kwargs)
+        return
+    # The resume set can hold millions of ids: it stays here, and is checked on the child's first record.
+    skip_ids = kwargs.pop("skip_ids", frozenset())
+    ctx = mp.get_context("forkserver")  # forks from a clean server process, not from a threaded Ray worker
+    ctx.set_forkserver_preload(["pipeline.documents"])
+    receiver, sender = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_render_child, args=(sender, source_uri, opts, args, kwargs), daemon=True)
+    child.start()
+    sender.close()
+    doc, delivered = None, {PAGE: set(), CHUNK: set()}
+    failure = None
+    try:
+        # The limits are the document's: they start once the child is up (the first start of the fork
+        # server, which imports PyMuPDF, would otherwise count against the first document).
+        failure = _await_start(receiver, child)
+        # Only time spent waiting for the child counts: while this generator is paused (Ray Data's
+        # backpressure), the child's finished page waits in the pipe and its clock must not run.
+        waited = 0.0
+        doc_limit, page_limit = opts.document_timeout_s or float("inf"), opts.page_timeout_s or float("inf")
+        while failure is None:
+            t = time.monotonic()
+            ready = receiver.poll(min(page_limit, doc_limit - waited))
+            waited += time.monotonic() - t
+            if not ready:
+                which, limit = ("document", doc_limit) if waited >= doc_limit else ("page", page_limit)
+                failure = ("timeout", f"rendering exceeded the {which} time limit ({limit:g} s)")
+                break
+            try:
+                rec = receiver.recv()
+            except EOFError:  # the child died without saying goodbye
+                child.join(5)
+                failure = ("renderer_crashed", f"the rendering process died (exit code {child.exitcode})")
+                break
+            if rec is None:
+                return
+            if rec["kind"] == DOCUMENT:
+                if rec.get("doc_id") in skip_ids:
+                    yield {k: v for k, v in rec.items() if k not in ("page_count", "chunk_count")} | {
+                        "status": "skipped", "error_message": SAME_BYTES}
+                    return
+                doc = rec
+            else:
+                delivered[rec["kind"]].add(rec.get("page_number") or rec.get("chunk_index"))
+            yield rec
+    finally:
+        if child.is_alive():
+            child.kill()
+        child.join(5)
+        receiver.close()
+    yield from _finish_undelivered(source_uri, doc, delivered, failure, kwargs.get("chunk_pages"))
+
+
+def _await_start(receiver, child) -> tuple[str, str] | None:
+    try:
+        if receiver.poll(STARTUP_S) and receiver.recv() == "started":
+            return None
+    except EOFError:
+        pass
+    child.join(1)
+    return "renderer_crashed", f"the rendering process did not start (exit code {child.exitcode})"
+
+
+def _render_child(sender, source_uri, opts, args, kwargs) -> None:
+    try:
+        sender.send("started")
+        for rec in expand_document(source_uri, opts, *args, **kwargs):
+            sender.send(rec)
+        sender.send(None)
+    finally:
+        sender.close()
+
+
+def _finish_undelivered(source_uri, doc, delivered, failure, chunk_pages) -> Iterator[dict[str, Any]]:
+    error_type, message = failure
+    if doc is None:  # killed while reading or opening
+        yield {"kind": DOCUMENT, "source_uri": source_uri, "status": "error", "error_type": error_type,
+               "error_message": message}
+        return
+    base = {"source_uri": source_uri, "doc_id": doc["doc_id"], "page_count": doc["page_count"]}
+    error = {"status": "error", "error_type": error_type, "error_message": message}
+    for number in range(1, (doc["page_count"] or 0) + 1):
+        if number not in delivered[PAGE]:
+            yield {**base, "kind": PAGE, "page_number": number, **error}
+    for index in range(doc.get("chunk_count") or 0):
+        if index not in delivered[CHUNK]:
+            yield {**base, "kind": CHUNK, "chunk_index": index, "chunk_count": doc["chunk_count"], **error}

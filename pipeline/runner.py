@@ -17,7 +17,7 @@ from typing import Any
 
 from pipeline import __version__
 from pipeline.config import RunConfig
-from pipeline.documents import expand_document
+from pipeline.documents import expand_document, expand_document_isolated
 from pipeline.errors import InputError
 from pipeline.model import render_edge_for, resolve_checkpoint
 from pipeline.records import RENDERED_SCHEMA, RESULT_SCHEMA, to_table
@@ -38,7 +38,7 @@ def _expand_documents(batch, **render_args):
     """Ray Data UDF: document refs in, one-record tables out; a generator, so pages stream out lazily."""
     register_secrets(render_args["storage"])
     for uri in batch.column("source_uri").to_pylist():
-        for rec in expand_document(uri, **render_args):
+        for rec in expand_document_isolated(uri, **render_args):
             yield to_table([rec], RENDERED_SCHEMA)
 
 
@@ -222,7 +222,8 @@ def _execute_local(config: RunConfig, todo, longest_edge: int, skip_ids: frozens
         render_args = _render_args(config, longest_edge, skip_ids)
         for ref in todo:
             batch = []
-            for rec in expand_document(ref.source_uri, **render_args):
+            expand = expand_document if config.fail_fast else expand_document_isolated  # fail-fast: one traceback
+            for rec in expand(ref.source_uri, **render_args):
                 batch.append(rec)
                 if len(batch) == config.model.rows_per_call:
                     yield actor(to_table(batch, RENDERED_SCHEMA)).to_pylist()

@@ -46,6 +46,8 @@ class ErrorType(str, Enum):
     render_error = "render_error"
     image_decode_error = "image_decode_error"
     image_too_large = "image_too_large"  # a decompression bomb, or over the pixel cap
+    timeout = "timeout"  # rendering took longer than the document or page limit
+    renderer_crashed = "renderer_crashed"  # the rendering process died (e.g. a crash inside MuPDF)
     model_error = "model_error"
     all_pages_failed = "all_pages_failed"
     extraction_failed = "extraction_failed"

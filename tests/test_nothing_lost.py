@@ -186,3 +186,91 @@ def test_a_model_actor_that_dies_is_restarted_and_its_pages_retried(sample_docs,
     assert Counter(d["status"] for d in docs) == {"ok": 5, "error": 1}
     pages = pq.read_table(out / "pages").to_pylist()
     assert len(pages) == 9 and all(p["status"] == "ok" for p in pages)
+
+
+@pytest.mark.parametrize("gpus_per_worker", [1, 0], ids=["gpu-workers", "cpu-only"])
+def test_a_worker_node_killed_mid_run_loses_nothing(sample_docs, tmp_path, gpus_per_worker):
+    """A three-node Ray cluster on loopback (Ray's own multi-node test harness): a CPU head for the driver and
+    rendering, two workers for the model (given a logical GPU each, as in the GPU cluster of infra/, or plain
+    CPU nodes). One worker is killed, with its model actor, once results are flowing."""
+    from ray.cluster_utils import Cluster
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(6):
+        for name in ("report.pdf", "minutes.pdf", "receipt.png"):
+            (folder / f"{i}-{name}").write_bytes((sample_docs / name).read_bytes() + f"\n% copy {i}\n".encode())
+    inputs = sorted(str(p) for p in folder.iterdir())
+    out = tmp_path / "out"
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1"})
+    try:
+        workers = [cluster.add_node(num_cpus=1, num_gpus=gpus_per_worker, node_ip_address="127.0.0.1")
+                   for _ in range(2)]
+        cluster.wait_for_nodes()
+        args = [sys.executable, "-m", "pipeline.cli", "run", str(folder), "--output", str(out), "--model",
+                "tiny-random", "--max-new-tokens", "2", "--checkpoint-seconds", "0.5", "--no-progress"]
+        if not gpus_per_worker:
+            args += ["--num-actors", "2"]
+        proc = subprocess.Popen(args, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO),
+                                                     "RAY_ADDRESS": cluster.address},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 300
+        while time.time() < deadline and not list((out / "documents").rglob("part-*.parquet")):
+            time.sleep(0.2)
+        assert not list((out / "_runs").glob("*.json")), "the run finished before the node could be killed"
+        cluster.remove_node(workers[0], allow_graceful=False)  # SIGKILL: its raylet, workers and model actor
+        stdout, stderr = proc.communicate(timeout=400)
+        assert proc.returncode == 0, stderr[-3000:]
+    finally:
+        if "proc" in locals() and proc.poll() is None:
+            proc.kill()
+        cluster.shutdown()
+    docs = check_accounting(out, inputs)
+    assert Counter(d["status"] for d in docs) == {"ok": len(inputs)}
+    pages = pq.read_table(out / "pages").to_pylist()
+    assert len(pages) == 36 and all(p["status"] == "ok" for p in pages)
+    assert Counter(p["source_uri"] for p in pages) == {u: 3 if "report" in u else 2 if "minutes" in u else 1
+                                                        for u in inputs}
+
+
+def test_hanging_slow_and_crashing_renders_are_cut_off_and_recorded(sample_docs, tmp_path):
+    """Rendering runs in a child process under per-page and per-document limits: a page that hangs, a document
+    that is slow overall, and a renderer that crashes each end in error rows, and the run goes on."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name, source in [("hang.pdf", "report.pdf"), ("slow.pdf", "report.pdf"), ("crash.pdf", "minutes.pdf"),
+                         ("fine.pdf", "report.pdf")]:
+        shutil.copy(sample_docs / source, folder / name)
+    slow = pymupdf.open()
+    for i in range(10):
+        slow.new_page().insert_text((72, 72), f"page {i + 1}")
+    slow.save(folder / "slow.pdf")
+    (folder / "hang.pdf").write_bytes((sample_docs / "report.pdf").read_bytes() + b"\n% hang\n")
+    config = tmp_path / "job.yaml"
+    config.write_text(f"inputs: ['{folder}']\noutput: {tmp_path / 'out'}\nprogress: false\n"
+                      "model: {name: tiny-random, max_new_tokens: 2}\n"
+                      "render: {page_timeout_s: 4, document_timeout_s: 14}\n")
+    faults = "hang.pdf@2=3600,slow.pdf@*=2,crash.pdf@2=crash"
+    proc = run_cli("run", "--config", config, env={"DOCPIPE_FAULT_RENDER": faults}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "out"
+    docs = {d["source_uri"].rsplit("/", 1)[-1]: d for d in check_accounting(out, sorted(map(str, folder.iterdir())))}
+    pages = {}
+    for p in pq.read_table(out / "pages").to_pylist():
+        pages.setdefault(p["source_uri"].rsplit("/", 1)[-1], {})[p["page_number"]] = p
+    assert docs["fine.pdf"]["status"] == "ok"
+    # page 2 hangs: cut off at the page limit; pages 2 and 3 become error rows, page 1 keeps its text
+    assert docs["hang.pdf"]["status"] == "partial" and docs["hang.pdf"]["error_type"] == "timeout"
+    assert pages["hang.pdf"][1]["status"] == "ok" and pages["hang.pdf"][1]["text"] is not None
+    assert [pages["hang.pdf"][n]["error_type"] for n in (2, 3)] == ["timeout", "timeout"]
+    assert "page time limit (4 s)" in pages["hang.pdf"][2]["error_message"]
+    # 2 s a page is within the page limit, but 10 pages take longer than the 14 s document limit
+    statuses = [pages["slow.pdf"][n]["status"] for n in range(1, 11)]
+    assert statuses[0] == "ok" and statuses[-1] == "error" and statuses == sorted(statuses, reverse=True)
+    assert all("document time limit (14 s)" in p["error_message"] for p in pages["slow.pdf"].values()
+               if p["status"] == "error")
+    assert docs["slow.pdf"]["status"] == "partial"
+    # the renderer dies on page 2: page 1 survives, page 2 is recorded as a crash
+    assert pages["crash.pdf"][1]["status"] == "ok"
+    assert pages["crash.pdf"][2]["error_type"] == "renderer_crashed"
+    assert docs["crash.pdf"]["status"] == "partial"
