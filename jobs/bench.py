@@ -81,7 +81,7 @@ def _best_rate(fn, pages: int, rounds: int = 2) -> float:
 def measure_render(paths: list[Path], opts, longest_edge: int) -> dict[str, float]:
     import pymupdf
 
-    from pipeline.documents import expand_document
+    from pipeline.documents import expand_document, expand_document_isolated
     from pipeline.records import RENDERED_SCHEMA, to_table
     from pipeline.render import _zstd, pdf_zoom
 
@@ -106,9 +106,17 @@ def measure_render(paths: list[Path], opts, longest_edge: int) -> dict[str, floa
                 if compact:
                     codec.compress(pix.samples_mv, asbytes=True)
 
+    def isolated():
+        # as runs render: in a child process under time limits, records piped back (wall clock, two processes)
+        for p in paths:
+            for rec in expand_document_isolated(str(p), opts, longest_edge):
+                to_table([rec], RENDERED_SCHEMA)
+
     ours()  # warm-up: fonts and caches
+    isolated()  # warm-up: starts the fork server
     return {
         "render_pages_per_s_per_core": _best_rate(ours, pages),
+        "isolated_render_pages_per_s": _best_rate(isolated, pages),
         "bare_render_pages_per_s_per_core": _best_rate(lambda: bare(True), pages),
         "bare_raster_pages_per_s_per_core": _best_rate(lambda: bare(False), pages),
         "object_store_bytes_per_page": sum(sizes) / len(sizes),
@@ -221,6 +229,7 @@ ROWS = [
     ("render_pages_per_s_per_core", "render stage, pages/s per core", "{:.1f}"),
     ("bare_render_pages_per_s_per_core", "bare PyMuPDF loop, same bytes, pages/s per core", "{:.1f}"),
     ("bare_raster_pages_per_s_per_core", "bare PyMuPDF raster only (uncompacted), pages/s per core", "{:.1f}"),
+    ("isolated_render_pages_per_s", "render stage as runs use it (child process, time limits), pages/s", "{:.1f}"),
     ("render_vs_bare_render", "render stage / bare loop", "{:.2f}"),
     ("object_store_bytes_per_page", "object store bytes per page", "{:,.0f}"),
     ("pipeline_pages_per_s", "pipeline pages/s (from first model ready)", "{:.3f}"),
@@ -234,7 +243,88 @@ ROWS = [
 ]
 
 
+# Each engine option on its own, against the default engine, on the same pages (model stage only).
+ENGINES: list[tuple[str, dict[str, Any]]] = [
+    ("default (dtype auto, attention auto)", {}),
+    ("dtype float32", {"dtype": "float32"}),
+    ("dtype bfloat16", {"dtype": "bfloat16"}),
+    ("dtype float16", {"dtype": "float16"}),
+    ("attention eager", {"attention": "eager"}),
+    ("attention sdpa", {"attention": "sdpa"}),
+    ("attention flash_attention_2", {"attention": "flash_attention_2"}),
+    ("bitsandbytes 8-bit", {"quantization": "8bit"}),
+    ("bitsandbytes 4-bit nf4, double quant", {"quantization": "4bit"}),
+    ("static KV cache", {"static_cache": True}),
+    ("static KV cache + torch.compile", {"static_cache": True, "compile": True}),
+]
+
+
+def measure_engines(paths: list[Path], model_opts, longest_edge: int, pages: int) -> list[dict[str, Any]]:
+    """The OCR stage (fast processor + generate, forced output length) under each engine option."""
+    import gc
+
+    from pipeline.config import RenderOptions
+    from pipeline.documents import expand_document
+    from pipeline.model import load_model, pick_device
+    from pipeline.ocr import OcrStage
+
+    records = []
+    for p in paths:
+        records += [r for r in expand_document(str(p), RenderOptions(), longest_edge) if r["kind"] == "page"]
+        if len(records) >= pages:
+            break
+    records = records[:pages]
+    rows = []
+    for label, update in ENGINES:
+        row: dict[str, Any] = {"engine": label, "options": update}
+        reason = _engine_unavailable(update, pick_device(), model_opts.name)
+        if reason:
+            rows.append(row | {"status": f"not run: {reason}"})
+            continue
+        try:
+            opts = model_opts.model_copy(update=update)
+            loaded = load_model(opts)
+            stage = OcrStage(opts, loaded=loaded)
+            stage([dict(r) for r in records[: opts.batch_size]])  # warm-up (and compilation)
+            t0 = time.perf_counter()
+            done = stage([dict(r) for r in records])
+            wall = time.perf_counter() - t0
+            failed = [r for r in done if r["status"] != "ok"]
+            if failed:
+                raise RuntimeError(f"{len(failed)} pages failed: {failed[0]['error_message']}")
+            row |= {"status": "ok", "pages_per_s": len(done) / wall, "dtype": str(loaded.dtype).replace("torch.", ""),
+                    "attention": loaded.attention,
+                    "output_tokens_per_s": sum(r["output_tokens"] for r in done) / wall}
+        except Exception as exc:
+            row |= {"status": f"failed: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"}
+        finally:
+            loaded = stage = None
+            gc.collect()
+        rows.append(row)
+    base = rows[0].get("pages_per_s")
+    for row in rows:
+        if base and row.get("pages_per_s"):
+            row["vs_default"] = row["pages_per_s"] / base
+    return rows
+
+
+def _engine_unavailable(update: dict[str, Any], device: str, name: str) -> str | None:
+    import importlib.util
+
+    if update.get("attention") == "flash_attention_2" and (device != "cuda" or not importlib.util.find_spec("flash_attn")):
+        return "flash-attn needs CUDA and the flash-attn package (pip install 'docpipe[gpu]')"
+    if update.get("quantization"):
+        if not importlib.util.find_spec("bitsandbytes"):
+            return "bitsandbytes is not installed (pip install 'docpipe[gpu]')"
+        if name.startswith("random:"):
+            return "quantization applies when loading a checkpoint (from_pretrained), not to random:ARCH weights"
+    return None
+
+
 def main(args) -> None:
+    if args.engines:
+        return engines_main(args)
+    args.pages = args.pages or 200
     results = run_bench(args)
     print()
     print(f"device: {results['device']}; model: {results['model']}; pages: {results['pages']}")
@@ -243,4 +333,35 @@ def main(args) -> None:
         print(f"  {label:<58} {'n/a' if value is None else fmt.format(value)}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {args.json}")
+
+
+def engines_main(args) -> None:
+    from jobs.corpus import make_bench_corpus
+    from pipeline.config import TINY_MODEL, ModelOptions
+    from pipeline.model import pick_device, render_edge_for, resolve_checkpoint
+
+    gpu = pick_device() == "cuda"
+    name = f"random:{args.random_weights}" if args.random_weights else (args.model or TINY_MODEL)
+    tokens = args.output_tokens or (600 if gpu else 16)
+    pages = args.pages or 16
+    model_opts = ModelOptions(name=name, max_new_tokens=tokens, min_new_tokens=tokens,
+                              batch_size=args.batch_size or (16 if gpu else 4), cpu_threads=None)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="docpipe-bench-"))
+    paths = make_bench_corpus(work / "corpus", pages=pages)
+    longest_edge = render_edge_for(resolve_checkpoint(name), model_opts)
+    print(f"bench --engines: {pages} pages at {longest_edge} px; model {name}, {tokens} output tokens per page "
+          f"(forced), batch {model_opts.batch_size}; {describe_device()}", flush=True)
+    rows = measure_engines(paths, model_opts, longest_edge, pages)
+    print()
+    print(f"  {'engine':<40} {'pages/s':>8} {'tokens/s':>9} {'vs default':>10}  resolved / status")
+    for r in rows:
+        if r["status"] == "ok":
+            print(f"  {r['engine']:<40} {r['pages_per_s']:>8.3f} {r['output_tokens_per_s']:>9.1f} "
+                  f"{r.get('vs_default', 1.0):>10.2f}  {r['dtype']}, {r['attention']}")
+        else:
+            print(f"  {r['engine']:<40} {'':>8} {'':>9} {'':>10}  {r['status']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": describe_device(), "model": name, "pages": pages,
+                                               "output_tokens_per_page": tokens, "engines": rows}, indent=2) + "\n")
         print(f"wrote {args.json}")

@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("action", choices=["schema"], help="schema: print the configuration's JSON Schema")
 
     bench = sub.add_parser("bench", help="measure render, transfer and pipeline throughput against baselines")
-    bench.add_argument("--pages", type=int, default=200, help="pages in the synthetic corpus (default 200)")
+    bench.add_argument("--pages", type=int, help="pages in the synthetic corpus (default 200; 16 with --engines)")
     bench.add_argument("--json", metavar="FILE", help="also write the figures to FILE")
     bench.add_argument("--model", help="model to run (default: tiny-random, whose processor has the real sizes)")
     bench.add_argument("--random-weights", metavar="ARCH",
@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch-size", type=int, help="pages per generate() call in the pipeline")
     bench.add_argument("--num-actors", type=int, help="model actors in the pipeline (default as for docpipe run)")
     bench.add_argument("--workdir", help="where the corpus and outputs go (default: a temporary folder)")
+    bench.add_argument("--engines", action="store_true", help="instead: the model stage under each engine option "
+                       "(dtype, attention, bitsandbytes, static cache, torch.compile), side by side")
     return parser
 
 

@@ -8,7 +8,7 @@ from tests.conftest import run_cli
 KEYS = {
     "render_pages_per_s_per_core", "bare_render_pages_per_s_per_core", "object_store_bytes_per_page",
     "pipeline_pages_per_s", "baseline_pages_per_s", "model_output_tokens_per_s", "peak_rss_bytes",
-    "gpu_peak_memory_bytes", "device", "pages",
+    "gpu_peak_memory_bytes", "device", "pages", "isolated_render_pages_per_s",
 }
 
 

@@ -51,7 +51,8 @@ def test_ledger_records_documents_that_never_came_back():
 def test_table_writer_rolls_files_and_renames_them_when_complete(tmp_path):
     (tmp_path / "pages").mkdir()
     w = TableWriter(Output(str(tmp_path)), "pages", PAGES_SCHEMA, "r1", rows_per_file=2)
-    rows = [dict(doc_id="d", source_uri="s", page_number=i, page_count=5, status="ok", run_id="r1") for i in range(1, 6)]
+    rows = [dict(doc_id="d", source_uri="s", page_number=i, page_count=5, status="ok", run_id="r1", schema_version=2)
+            for i in range(1, 6)]
     w.write(rows[:3])
     assert sorted(p.name for p in (tmp_path / "pages").iterdir()) == ["_tmp-part-r1-00001.parquet",
                                                                        "part-r1-00000.parquet"]
