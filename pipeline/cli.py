@@ -17,6 +17,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, help="cap on generated tokens per page")
     p.add_argument("--longest-edge", type=int, help="rendered page size in pixels (default: from the processor)")
     p.add_argument("--image-format", choices=["raw", "png", "jpeg"], help="page image encoding between stages")
+    p.add_argument("--page-timeout", type=float, metavar="SECONDS", help="limit for rendering one page (default 120)")
+    p.add_argument("--document-timeout", type=float, metavar="SECONDS",
+                   help="limit for reading and rendering one document (default 600)")
     p.add_argument("--num-actors", type=int, help="model actors (default: one per GPU, or one CPU actor)")
     p.add_argument("--no-image-splitting", action="store_true", help="send each page as one image, not 5")
     p.add_argument("--adapter", help="a PEFT/LoRA adapter (path or hub id) to load on top of the model")
@@ -131,7 +134,8 @@ def config_from_args(args: argparse.Namespace, inputs: list[str], output: str | 
     }
     extract = {"schema_spec": getattr(args, "schema", None), "page_cap": getattr(args, "page_cap", None),
                "max_new_tokens": getattr(args, "extract_max_new_tokens", None)}
-    render = {"longest_edge": args.longest_edge, "image_format": args.image_format}
+    render = {"longest_edge": args.longest_edge, "image_format": args.image_format,
+              "page_timeout_s": args.page_timeout, "document_timeout_s": args.document_timeout}
     storage = {"endpoint_url": getattr(args, "endpoint_url", None), "region": getattr(args, "region", None),
                "anonymous": getattr(args, "anonymous", False) or None}
     flags = {
