@@ -21,6 +21,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--document-timeout", type=float, metavar="SECONDS",
                    help="limit for reading and rendering one document (default 600)")
     p.add_argument("--num-actors", type=int, help="model actors (default: one per GPU, or one CPU actor)")
+    p.add_argument("--actor-memory-gb", type=float, help="host memory Ray reserves for each model actor (default 4)")
     p.add_argument("--no-image-splitting", action="store_true", help="send each page as one image, not 5")
     p.add_argument("--adapter", help="a PEFT/LoRA adapter (path or hub id) to load on top of the model")
     p.add_argument("--no-progress", action="store_true", help="hide Ray Data's progress bars")
@@ -47,6 +48,9 @@ def _add_run_args(run: argparse.ArgumentParser) -> None:
                      help="stop at the first error and show its traceback (runs in this process, without Ray)")
     run.add_argument("--no-resume", action="store_true", help="process every input, even those already ok in OUT")
     run.add_argument("--checkpoint-seconds", type=float, help="seal output files at least this often (default 300)")
+    run.add_argument("--iceberg-catalog", action="append", default=[], metavar="KEY=VALUE",
+                     help="a pyiceberg catalog property (repeatable), e.g. type=sql uri=sqlite:///cat.db "
+                     "warehouse=file:///data/wh: append each run to Iceberg tables")
     run.add_argument("--partition-by", choices=["ingest_date", "none"],
                      help="Hive partition folders for pages/ and documents/ (default ingest_date)")
     run.add_argument("--progress-interval", type=float, metavar="SECONDS",
@@ -123,6 +127,18 @@ def _deep_merge(base: dict, override: dict) -> dict:
     return merged
 
 
+def key_values(items: list[str], flag: str) -> dict[str, str]:
+    from pipeline.errors import ConfigError
+
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{flag} takes KEY=VALUE, got {item!r}")
+        pairs[key] = value
+    return pairs
+
+
 def config_from_args(args: argparse.Namespace, inputs: list[str], output: str | None) -> RunConfig:
     """The run configuration: the --config file (if any), with every flag given on the command line on top."""
     model = {
@@ -138,6 +154,7 @@ def config_from_args(args: argparse.Namespace, inputs: list[str], output: str | 
               "page_timeout_s": args.page_timeout, "document_timeout_s": args.document_timeout}
     storage = {"endpoint_url": getattr(args, "endpoint_url", None), "region": getattr(args, "region", None),
                "anonymous": getattr(args, "anonymous", False) or None}
+    catalog = key_values(getattr(args, "iceberg_catalog", None) or [], "--iceberg-catalog")
     flags = {
         "inputs": inputs or None,
         "output": output,
@@ -146,6 +163,7 @@ def config_from_args(args: argparse.Namespace, inputs: list[str], output: str | 
         "exclude": getattr(args, "exclude", None) or None,
         "task": getattr(args, "task", None),
         "num_actors": args.num_actors,
+        "actor_memory_gb": args.actor_memory_gb,
         "progress": False if args.no_progress else None,
         "fail_fast": True if getattr(args, "fail_fast", False) else None,
         "resume": False if getattr(args, "no_resume", False) else None,
@@ -156,6 +174,7 @@ def config_from_args(args: argparse.Namespace, inputs: list[str], output: str | 
         "render": {k: v for k, v in render.items() if v is not None},
         "storage": {k: v for k, v in storage.items() if v is not None},
         "extract": {("schema" if k == "schema_spec" else k): v for k, v in extract.items() if v is not None},
+        "iceberg": {"catalog": catalog} if catalog else None,
     }
     flags = {k: v for k, v in flags.items() if v is not None and v != {}}
     base = load_config_file(args.config) if getattr(args, "config", None) else {}

@@ -273,6 +273,15 @@ def _execute(config: RunConfig, todo, longest_edge: int, skip_ids: frozenset[str
     # from the render stage's, so Ray won't fuse rendering into the model's process: CPU rendering
     # must overlap the model's work, not queue behind it.
     actor_resources["memory"] = int(config.actor_memory_gb * 2**30)
+    if not os.environ.get("RAY_ADDRESS"):
+        # A local instance can't grow: an actor that fits no node would wait forever. (A cluster may be
+        # about to add the node it needs, so there the request stands.)
+        largest = max(n["Resources"].get("memory", 0) for n in ray.nodes() if n["Alive"])
+        if actor_resources["memory"] > largest:
+            from pipeline.errors import ConfigError
+
+            raise ConfigError(f"actor_memory_gb is {config.actor_memory_gb:g} but this machine's Ray offers "
+                              f"{largest / 2**30:.1f} GiB: the model actors could never start (--actor-memory-gb)")
 
     ds = ray.data.from_items([{"source_uri": r.source_uri} for r in todo], override_num_blocks=min(len(todo), 1000))
     ds = ds.map_batches(

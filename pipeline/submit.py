@@ -31,17 +31,23 @@ def job_entrypoint(config: RunConfig) -> str:
     if any(getattr(config.storage, name) is not None for name in _SECRETS):
         raise ConfigError("explicit storage credentials are not sent with a job: give them to the cluster "
                           "(instance roles, or --env AWS_ACCESS_KEY_ID=... and friends)")
+    # The job runs in its own working directory: local paths are made absolute, so they mean what they meant
+    # here (on a cluster sharing this filesystem; elsewhere, use URIs).
+    from pipeline.storage import is_remote
+
+    def here(path: str) -> str:
+        return path if is_remote(path) else os.path.abspath(path)
+
+    config = config.model_copy(update={"inputs": [here(p) for p in config.inputs], "output": here(config.output),
+                                       "manifests": [here(p) for p in config.manifests]})
     payload = json.dumps(config.model_dump(mode="json", exclude_defaults=True), separators=(",", ":"))
     return f"python -m pipeline.cli run --config-json {shlex.quote(payload)}"
 
 
 def runtime_env(working_dir: str | None, env: list[str]) -> dict:
-    env_vars = {}
-    for item in env:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--env takes KEY=VALUE, got {item!r}")
-        env_vars[key] = value
+    from pipeline.cli import key_values
+
+    env_vars = key_values(env, "--env")
     renv: dict = {"env_vars": env_vars} if env_vars else {}
     if working_dir:
         if not os.path.isdir(working_dir):
@@ -53,6 +59,9 @@ def runtime_env(working_dir: str | None, env: list[str]) -> dict:
 def submit(config: RunConfig, address: str, *, working_dir: str | None, env: list[str], wait: bool,
            submission_id: str | None = None, out=sys.stdout) -> int:
     """Submit the run; print the job id; with ``wait``, follow its logs and return 0 only if it succeeded."""
+    if "RAY_AUTH_MODE" not in os.environ and (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+        # A token given means a cluster with token authentication; Ray's client only sends it in token mode.
+        os.environ["RAY_AUTH_MODE"] = "token"
     try:
         from ray.job_submission import JobStatus, JobSubmissionClient
     except ImportError:

@@ -15,11 +15,12 @@ import pytest
 from tests.conftest import REPO, _free_port, run_cli
 
 
-AUTH = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+TOKEN = secrets.token_hex(32)
+AUTH = {"RAY_AUTH_TOKEN": TOKEN}  # what a user exports; docpipe submit turns token mode on for it
 
 
 def _get(url: str) -> urllib.request.Request:
-    return urllib.request.Request(url, headers={"Authorization": f"Bearer {AUTH['RAY_AUTH_TOKEN']}"})
+    return urllib.request.Request(url, headers={"Authorization": f"Bearer {TOKEN}"})
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,8 @@ def ray_head(tmp_path_factory, docpipe_cache):
     token authentication on (Ray's default for clusters): clients need RAY_AUTH_TOKEN."""
     port, dashboard = _free_port(), _free_port()
     temp = tmp_path_factory.mktemp("ray-head")
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONPATH": str(REPO), **AUTH}
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONPATH": str(REPO),
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN}
     env.pop("RAY_ADDRESS", None)
     bin_dir = os.path.dirname(sys.executable)
     env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")  # as in an activated environment: jobs run `python`
