@@ -50,3 +50,13 @@ def test_a_config_file_with_command_line_overrides(sample_docs, tmp_path):
     assert manifest["config"]["model"]["max_new_tokens"] == 2 and manifest["config"]["progress"] is False
     pages = pq.read_table(tmp_path / "from-flag" / "pages").to_pylist()
     assert len(pages) == 1 and pages[0]["output_tokens"] <= 2
+
+
+def test_impossible_resources_and_malformed_flags_are_one_line_errors(sample_docs, tmp_path):
+    # a local Ray instance can't grow: an actor no node can hold would wait forever, so the run refuses it
+    proc = run_cli("run", sample_docs / "receipt.png", "--output", tmp_path / "o", "--model", "tiny-random",
+                   "--actor-memory-gb", "100000", "--no-progress")
+    assert proc.returncode == 2
+    assert "docpipe: error: actor_memory_gb is 100000 but this machine's Ray offers" in proc.stderr.splitlines()[-1]
+    proc = run_cli("run", sample_docs, "--output", tmp_path / "o", "--iceberg-catalog", "sqlite")
+    assert proc.returncode == 2 and "--iceberg-catalog takes KEY=VALUE, got 'sqlite'" in proc.stderr
