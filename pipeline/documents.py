@@ -261,7 +261,7 @@ def expand_document_isolated(source_uri: str, opts: RenderOptions, *args, **kwar
     finally:
         if not complete:  # mid-document (over time, dead, skipped or abandoned): its output must not leak
             _stop_render_worker()
-    yield from _finish_undelivered(source_uri, doc, delivered, failure, kwargs.get("chunk_pages"))
+    yield from _finish_undelivered(source_uri, doc, delivered, failure)
 
 
 @dataclass
@@ -322,7 +322,9 @@ def _render_server(conn) -> None:
         conn.send(None)
 
 
-def _finish_undelivered(source_uri, doc, delivered, failure, chunk_pages) -> Iterator[dict[str, Any]]:
+def _finish_undelivered(source_uri, doc, delivered, failure) -> Iterator[dict[str, Any]]:
+    """Error rows for what a killed or dead render process did not deliver: the document if it never came,
+    else its missing pages and chunks."""
     error_type, message = failure
     if doc is None:  # killed while reading or opening
         yield {"kind": DOCUMENT, "source_uri": source_uri, "status": "error", "error_type": error_type,

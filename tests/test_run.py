@@ -83,7 +83,7 @@ def test_run_manifest_is_written_and_adds_up(cli_run, sample_docs):
     for table, names in m.files.items():
         assert all((out / n).exists() for n in names)
     assert not [p for p in out.rglob("_tmp-*")]  # no half-written files left behind
-    assert f"documents  6 (error 1, ok 5)" in proc.stdout and m.run_id in proc.stdout
+    assert "documents  6 (error 1, ok 5)" in proc.stdout and m.run_id in proc.stdout
 
 
 def test_missing_input_is_fatal_with_one_line(tmp_path):
