@@ -21,7 +21,7 @@ from pipeline.documents import expand_document, expand_document_isolated
 from pipeline.errors import InputError
 from pipeline.model import render_edge_for, resolve_checkpoint
 from pipeline.records import RENDERED_SCHEMA, RESULT_SCHEMA, to_table
-from pipeline.sink import RunSink, prepare_output, previous_ok, unchanged
+from pipeline.sink import RunSink, prepare_output, previous_ok, remove_stale_tmp, unchanged
 from pipeline.sources import list_inputs
 from pipeline.storage import register_secrets
 from schemas import RunManifest
@@ -159,11 +159,13 @@ def run(config: RunConfig) -> RunResult:
         raise InputError("no files to process in: " + " ".join(config.inputs + config.manifests)
                          + (f" ({listing.filtered_out} listed, all filtered out)" if listing.filtered_out else ""))
     out = prepare_output(config.output, config.storage)
+    stale = remove_stale_tmp(out)
     checkpoint = resolve_checkpoint(config.model.name)
     longest_edge = config.render.longest_edge or render_edge_for(checkpoint, config.model)
     run_id = new_run_id()
     partition = "" if config.partition_by == "none" else f"ingest_date={started_at[:10]}"
     sink = RunSink(out, run_id, refs, config.rows_per_file, schema, config.checkpoint_s, partition)
+    sink.counters["stale_tmp_files_removed"] = stale
     done = previous_ok(out) if config.resume else {}
     todo = []
     for ref in refs:

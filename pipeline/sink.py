@@ -69,6 +69,19 @@ def prepare_output(output: str, storage: StorageOptions | None = None) -> Output
     return out
 
 
+def remove_stale_tmp(out: Output) -> int:
+    """Delete the ``_tmp-`` files that killed runs left (readers skip them, but they take space and confuse
+    globbing engines). Safe because one output takes one run at a time."""
+    from pyarrow.fs import FileSelector, FileType
+
+    stale = [f.path for table in ("pages", "documents")
+             for f in out.fs.get_file_info(FileSelector(out.path(table), recursive=True, allow_not_found=True))
+             if f.type == FileType.File and f.base_name.startswith("_tmp-")]
+    for path in stale:
+        out.fs.delete_file(path)
+    return len(stale)
+
+
 def previous_ok(out: Output) -> dict[str, dict[str, Any]]:
     """What earlier runs finished in OUT, by source URI: the latest ok or skipped row of each (only sealed
     files are read). A skipped row carries the doc_id of the ok row it stands for, and the size and

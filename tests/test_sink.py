@@ -80,3 +80,15 @@ def test_resume_refuses_to_guess_when_earlier_results_are_unreadable(tmp_path):
     (tmp_path / "out" / "documents" / "part-r0-00000.parquet").write_bytes(b"not parquet")
     with pytest.raises(OutputError, match="cannot read earlier results"):
         previous_ok(out)
+
+
+def test_stale_tmp_files_of_killed_runs_are_removed(tmp_path):
+    from pipeline.sink import prepare_output, remove_stale_tmp
+
+    out = prepare_output(str(tmp_path / "out"))
+    part = tmp_path / "out" / "pages" / "ingest_date=2026-11-25"
+    part.mkdir(parents=True)
+    (part / "_tmp-part-r0-00000.parquet").write_bytes(b"half")
+    (part / "part-r0-00000.parquet").write_bytes(b"sealed")
+    assert remove_stale_tmp(out) == 1
+    assert [p.name for p in part.iterdir()] == ["part-r0-00000.parquet"]
