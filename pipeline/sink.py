@@ -74,6 +74,8 @@ def remove_stale_tmp(out: Output) -> int:
     globbing engines). Safe because one output takes one run at a time."""
     from pyarrow.fs import FileSelector, FileType
 
+    if not out.rename:  # object stores: the final name is written directly, and an unfinished upload is invisible
+        return 0
     stale = [f.path for table in ("pages", "documents")
              for f in out.fs.get_file_info(FileSelector(out.path(table), recursive=True, allow_not_found=True))
              if f.type == FileType.File and f.base_name.startswith("_tmp-")]
