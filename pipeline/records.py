@@ -11,6 +11,8 @@ from typing import Any, Iterable
 
 import pyarrow as pa
 
+from schemas import DOCUMENTS_SCHEMA, EXTRACTION_COLUMNS
+
 DOCUMENT = "document"
 PAGE = "page"
 CHUNK = "chunk"  # up to page_cap pages of one document, for extraction
@@ -51,13 +53,8 @@ RESULT_SCHEMA = pa.schema(
         pa.field("finish_reason", pa.string()),
         pa.field("retries", pa.int32()),  # times this page's batch was split after a model failure
         pa.field("actor_ready_at", pa.float64()),  # epoch seconds the model actor finished loading
-        pa.field("raw_output", pa.large_string()),
-        pa.field("extraction", pa.large_string()),
-        pa.field("valid", pa.bool_()),
-        pa.field("validation_errors", pa.list_(pa.string())),
-        pa.field("extraction_finish_reason", pa.string()),
-        pa.field("extraction_attempts", pa.int32()),
     ]
+    + [DOCUMENTS_SCHEMA.field(name) for name in EXTRACTION_COLUMNS]  # a chunk's result, as documents rows keep it
 )
 
 

@@ -21,7 +21,7 @@ from pipeline.errors import OutputError, describe
 from pipeline.records import CHUNK, DOCUMENT, PAGE
 from pipeline.sources import DocumentRef
 from pipeline.storage import explain, is_remote, join, resolve
-from schemas import CONTRACT_VERSION, DOCUMENTS_SCHEMA, PAGES_SCHEMA, RunManifest
+from schemas import CONTRACT_VERSION, DOCUMENTS_SCHEMA, EXTRACTION_COLUMNS, PAGES_SCHEMA, RunManifest
 
 
 class Output:
@@ -280,8 +280,7 @@ class DocumentLedger:
                            error_message=f"extraction failed on {len(failed)} of {len(chunks)} chunks")
         if len(chunks) == 1 and not failed:
             c = chunks[0]
-            row.update({k: c[k] for k in ("extraction", "valid", "validation_errors", "raw_output",
-                                          "extraction_finish_reason", "extraction_attempts")})
+            row.update({k: c[k] for k in EXTRACTION_COLUMNS})
             return
         ok = [c for c in chunks if c["status"] == "ok"]
         merged = merge_chunks([json.loads(c["extraction"]) if c["extraction"] else None for c in ok])

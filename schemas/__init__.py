@@ -6,6 +6,7 @@ Importable without torch or Ray, so lake readers and tests can depend on it alon
 from schemas.contract import (
     CONTRACT_VERSION,
     DOCUMENTS_SCHEMA,
+    EXTRACTION_COLUMNS,
     PAGES_SCHEMA,
     DocumentRow,
     DocumentStatus,
@@ -19,6 +20,7 @@ from schemas.contract import (
 __all__ = [
     "CONTRACT_VERSION",
     "DOCUMENTS_SCHEMA",
+    "EXTRACTION_COLUMNS",
     "PAGES_SCHEMA",
     "DocumentRow",
     "DocumentStatus",

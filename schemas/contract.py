@@ -155,6 +155,11 @@ PAGES_SCHEMA = pa.schema(
     metadata={"docpipe.contract_version": str(CONTRACT_VERSION), "docpipe.table": "pages"},
 )
 
+# The per-document extraction result: produced by the extraction stage, written to documents rows as is.
+EXTRACTION_COLUMNS = (
+    "extraction", "valid", "validation_errors", "raw_output", "extraction_finish_reason", "extraction_attempts",
+)
+
 DOCUMENTS_SCHEMA = pa.schema(
     [
         pa.field("doc_id", pa.string()),
