@@ -72,13 +72,9 @@ def prepare_output(output: str, storage: StorageOptions | None = None) -> Output
 def remove_stale_tmp(out: Output) -> int:
     """Delete the ``_tmp-`` files that killed runs left (readers skip them, but they take space and confuse
     globbing engines). Safe because one output takes one run at a time."""
-    from pyarrow.fs import FileSelector, FileType
-
     if not out.rename:  # object stores: the final name is written directly, and an unfinished upload is invisible
         return 0
-    stale = [f.path for table in ("pages", "documents")
-             for f in out.fs.get_file_info(FileSelector(out.path(table), recursive=True, allow_not_found=True))
-             if f.type == FileType.File and f.base_name.startswith("_tmp-")]
+    stale = [path for table in ("pages", "documents") for path in table_files(out, table, "_tmp-")]
     for path in stale:
         out.fs.delete_file(path)
     return len(stale)
@@ -122,11 +118,15 @@ def unchanged(prev: dict[str, Any], ref: DocumentRef) -> bool:
 
 def sealed_files(out: Output, table: str) -> list[str]:
     """A table's finished Parquet files, in every partition folder (never the _tmp- ones being written)."""
+    return [path for path in table_files(out, table, "part-") if path.endswith(".parquet")]
+
+
+def table_files(out: Output, table: str, prefix: str) -> list[str]:
+    """Files under a table's folder, in every partition folder, whose names start with ``prefix``; sorted."""
     from pyarrow.fs import FileSelector, FileType
 
     infos = out.fs.get_file_info(FileSelector(out.path(table), recursive=True, allow_not_found=True))
-    return sorted(f.path for f in infos if f.type == FileType.File and f.base_name.startswith("part-")
-                  and f.base_name.endswith(".parquet"))
+    return sorted(f.path for f in infos if f.type == FileType.File and f.base_name.startswith(prefix))
 
 
 class TableWriter:
