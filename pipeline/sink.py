@@ -74,9 +74,12 @@ def remove_stale_tmp(out: Output) -> int:
     globbing engines). Safe because one output takes one run at a time."""
     if not out.rename:  # object stores: the final name is written directly, and an unfinished upload is invisible
         return 0
-    stale = [path for table in ("pages", "documents") for path in table_files(out, table, "_tmp-")]
-    for path in stale:
-        out.fs.delete_file(path)
+    try:
+        stale = [path for table in ("pages", "documents") for path in table_files(out, table, "_tmp-")]
+        for path in stale:
+            out.fs.delete_file(path)
+    except OSError as exc:
+        raise OutputError(f"cannot remove a killed run's unfinished files in {out.uri}: {describe(exc)}") from None
     return len(stale)
 
 
