@@ -256,7 +256,7 @@ def expand_document_isolated(source_uri: str, opts: RenderOptions, *args, **kwar
                     return
                 doc = rec
             else:
-                delivered[rec["kind"]].add(rec.get("page_number") or rec.get("chunk_index"))
+                delivered[rec["kind"]].add(rec["page_number"] if rec["kind"] == PAGE else rec["chunk_index"])
             yield rec
     finally:
         if not complete:  # mid-document (over time, dead, skipped or abandoned): its output must not leak

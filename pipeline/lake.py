@@ -57,7 +57,8 @@ def lake_schema(schema: pa.Schema) -> pa.Schema:
 def _append_table(catalog, identifier: str, schema: pa.Schema, out: Output, name: str) -> dict[str, int]:
     import pyarrow.parquet as pq
 
-    table = catalog.create_table_if_not_exists(identifier, schema=lake_schema(schema))
+    full = lake_schema(schema)
+    table = catalog.create_table_if_not_exists(identifier, schema=full)
     if not table.spec().fields:
         with table.update_spec() as spec:
             spec.add_identity("ingest_date")
@@ -74,8 +75,7 @@ def _append_table(catalog, identifier: str, schema: pa.Schema, out: Output, name
             part = pq.read_table(path, filesystem=out.fs, schema=schema)
             date = _DATE.search(path)
             day = dt.date.fromisoformat(date[1]) if date else dt.datetime.strptime(run_id[:8], "%Y%m%d").date()
-            parts.append(part.append_column(lake_schema(schema).field("ingest_date"),
-                                            pa.array([day] * part.num_rows, pa.date32())))
+            parts.append(part.append_column(full.field("ingest_date"), pa.array([day] * part.num_rows, pa.date32())))
         data = pa.concat_tables(parts)
         # One commit per run: readers see all of a run's rows or none of them.
         table.append(data, snapshot_properties={RUN_PROPERTY: run_id})

@@ -222,9 +222,9 @@ def _execute_local(config: RunConfig, todo, longest_edge: int, skip_ids: frozens
     try:
         actor = _model_actor(config.model, config.extract, config.task)()
         render_args = _render_args(config, longest_edge, skip_ids)
+        expand = expand_document if config.fail_fast else expand_document_isolated  # fail-fast: one traceback
         for ref in todo:
             batch = []
-            expand = expand_document if config.fail_fast else expand_document_isolated  # fail-fast: one traceback
             for rec in expand(ref.source_uri, **render_args):
                 batch.append(rec)
                 if len(batch) == config.model.rows_per_call:

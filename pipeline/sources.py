@@ -31,7 +31,7 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
 def _utc(ts: datetime | None) -> datetime | None:
-    """A listing's modification time, UTC, to the microsecond (what Parquet keeps)."""
+    """A listing's modification time as an aware UTC datetime (pyarrow may give a naive one)."""
     if ts is None:
         return None
     return ts.replace(tzinfo=timezone.utc) if ts.tzinfo is None else ts.astimezone(timezone.utc)
@@ -113,7 +113,7 @@ def _expand_remote(arg: str, storage: StorageOptions) -> list[DocumentRef]:
         info = fs.get_file_info(path)
         if pattern is None and info.type == FileType.File:
             return [DocumentRef(f"{scheme}://{path}", info.size, _utc(info.mtime))]
-        # The SDK pages through ListObjectsV2 (1,000 keys a request); only names and sizes come back.
+        # The SDK pages through ListObjectsV2 (1,000 keys a request); only names, sizes and times come back.
         entries = fs.get_file_info(FileSelector(path, recursive=True, allow_not_found=True))
     except OSError as exc:
         raise InputError(explain(f"cannot list {arg}: {describe(exc)}")) from None
