@@ -86,7 +86,8 @@ def expand_document(
             _maybe_stall(source_uri, number)
             page = next(pages)
             rendered = page(opts, longest_edge)
-            row.update(image=rendered.image, image_codec=rendered.codec, width=rendered.width, height=rendered.height)
+            row.update(image=rendered.image, image_codec=rendered.codec, width=rendered.width, height=rendered.height,
+                       renderer=page.renderer)
         except RowError as exc:
             reraise_if_fail_fast()
             row.update(status="error", error_type=exc.error_type, error_message=exc.message)
@@ -158,6 +159,8 @@ def _pdf_pages(data: bytes) -> Iterator:
 
 
 class _PdfPage:
+    renderer = "pymupdf"
+
     def __init__(self, pdf, index: int):
         self.pdf, self.index = pdf, index
 
@@ -185,6 +188,8 @@ def _image_frames(data: bytes, media_type: str) -> Iterator:
 
 
 class _ImageFrame:
+    renderer = "pillow"
+
     def __init__(self, img, index: int):
         self.img, self.index = img, index
 

@@ -59,6 +59,10 @@ def _append_table(catalog, identifier: str, schema: pa.Schema, out: Output, name
 
     full = lake_schema(schema)
     table = catalog.create_table_if_not_exists(identifier, schema=full)
+    if set(full.names) - set(table.schema().column_names):
+        # A newer contract adds columns: evolve the table (rows of older runs read them as null).
+        with table.update_schema() as update:
+            update.union_by_name(full)
     if not table.spec().fields:
         with table.update_spec() as spec:
             spec.add_identity("ingest_date")

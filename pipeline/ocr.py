@@ -101,6 +101,7 @@ class OcrStage:
                 output_tokens=len(tokens) if end is None else end + 1,
                 finish_reason="length" if end is None else "stop",
                 model=m.name,
+                text_source="model",
             )
 
 

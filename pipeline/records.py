@@ -30,6 +30,8 @@ RENDERED_SCHEMA = pa.schema(
         ("height", pa.int32()),
         ("image", pa.binary()),  # encoded page image; null on error
         ("image_codec", pa.string()),  # render.RAW_CODEC, "png" or "jpeg"
+        ("renderer", pa.string()),  # schemas.Renderer: what rendered the page
+        ("text_source", pa.string()),  # schemas.TextSource, once decided (the model stage sets "model")
         ("status", pa.string()),
         ("error_type", pa.string()),
         ("error_message", pa.string()),

@@ -14,7 +14,9 @@ from schemas.contract import (
     FinishReason,
     PageRow,
     PageStatus,
+    Renderer,
     RunManifest,
+    TextSource,
 )
 
 __all__ = [
@@ -28,5 +30,7 @@ __all__ = [
     "FinishReason",
     "PageRow",
     "PageStatus",
+    "Renderer",
     "RunManifest",
+    "TextSource",
 ]

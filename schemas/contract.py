@@ -14,7 +14,8 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 # 2: schema_version and source_mtime columns; tables partitioned by ingest_date=YYYY-MM-DD/.
-CONTRACT_VERSION = 2
+# 3: pages columns text_source (model, text_layer, blank) and renderer (pymupdf, pdfium, pillow).
+CONTRACT_VERSION = 3
 
 
 class PageStatus(str, Enum):
@@ -27,6 +28,22 @@ class DocumentStatus(str, Enum):
     partial = "partial"  # opened, but at least one page failed
     error = "error"  # could not be opened, or no page succeeded
     skipped = "skipped"  # already recorded ok in this output by an earlier run (resume)
+
+
+class TextSource(str, Enum):
+    """Where a page's text came from."""
+
+    model = "model"  # the vision-language model read the page image
+    text_layer = "text_layer"  # the PDF's own text layer, judged trustworthy (render.text_layer auto)
+    blank = "blank"  # the rendered page is blank: empty text, never sent to the model
+
+
+class Renderer(str, Enum):
+    """What turned the page into pixels (and, for text_layer pages, gave its text)."""
+
+    pymupdf = "pymupdf"  # MuPDF, for PDFs
+    pdfium = "pdfium"  # PDFium (pypdfium2), for PDFs MuPDF cannot open or render
+    pillow = "pillow"  # image files and their frames
 
 
 class FinishReason(str, Enum):
@@ -74,6 +91,8 @@ class PageRow(_Row):
     model: str | None = Field(None, description="Model id or path that produced the text.")
     output_tokens: int | None = Field(None, ge=0, description="Tokens generated for this page.")
     finish_reason: FinishReason | None = None
+    text_source: TextSource | None = Field(None, description="Where the text came from; null on error.")
+    renderer: Renderer | None = Field(None, description="What rendered the page; null if it was not rendered.")
     run_id: str
     schema_version: int = Field(CONTRACT_VERSION, description="Version of this table's layout (the contract).")
 
@@ -149,6 +168,8 @@ PAGES_SCHEMA = pa.schema(
         pa.field("model", pa.string()),
         pa.field("output_tokens", pa.int32()),
         pa.field("finish_reason", pa.string()),
+        pa.field("text_source", pa.string()),
+        pa.field("renderer", pa.string()),
         pa.field("run_id", pa.string(), nullable=False),
         pa.field("schema_version", pa.int16(), nullable=False),
     ],

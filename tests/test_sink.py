@@ -2,7 +2,7 @@ import pyarrow.parquet as pq
 
 from pipeline.sink import DocumentLedger, Output, TableWriter
 from pipeline.sources import DocumentRef
-from schemas import PAGES_SCHEMA
+from schemas import CONTRACT_VERSION, PAGES_SCHEMA
 
 
 def doc(uri, status="ok", pages=2, **kw):
@@ -51,7 +51,7 @@ def test_ledger_records_documents_that_never_came_back():
 def test_table_writer_rolls_files_and_renames_them_when_complete(tmp_path):
     (tmp_path / "pages").mkdir()
     w = TableWriter(Output(str(tmp_path)), "pages", PAGES_SCHEMA, "r1", rows_per_file=2)
-    rows = [dict(doc_id="d", source_uri="s", page_number=i, page_count=5, status="ok", run_id="r1", schema_version=2)
+    rows = [dict(doc_id="d", source_uri="s", page_number=i, page_count=5, status="ok", run_id="r1", schema_version=CONTRACT_VERSION)
             for i in range(1, 6)]
     w.write(rows[:3])
     assert sorted(p.name for p in (tmp_path / "pages").iterdir()) == ["_tmp-part-r1-00001.parquet",
