@@ -33,8 +33,9 @@ class ModelOptions(_Options):
     attention: Literal["auto", "flash_attention_2", "sdpa", "eager"] = Field(
         "auto", description="Attention kernel. 'auto': flash_attention_2 when installed and on a GPU, else sdpa."
     )
-    do_image_splitting: bool = Field(
-        True, description="Split each page into 4 crops plus the whole page (5 images), as Idefics2 was trained."
+    do_image_splitting: bool | None = Field(
+        None, description="Split each page into 4 crops plus the whole page (5 images). Default (null): the "
+        "checkpoint's own setting (on for idefics2-8b, off for idefics2-8b-base); it sets the render size too.",
     )
     max_new_tokens: int = Field(1024, ge=1, description="Cap on generated tokens per page.")
     min_new_tokens: int = Field(

@@ -64,10 +64,18 @@ def render_edge_for(checkpoint: str, opts: ModelOptions) -> int:
     config = _image_processor_config(checkpoint, opts)
     size = config.get("size") or {}
     longest = int(size.get("longest_edge") or max(size.get("height", 980), size.get("width", 980)))
-    splitting = opts.do_image_splitting and config.get("do_image_splitting", False)
-    if config.get("image_processor_type", "").startswith("Idefics2") and splitting:
+    if config.get("image_processor_type", "").startswith("Idefics2") and image_splitting(opts, config):
         return 2 * longest
     return longest
+
+
+def image_splitting(opts: ModelOptions, processor_config: dict[str, Any]) -> bool:
+    """Whether pages are split into crops: the option when set, else the checkpoint's own setting. The one
+    decision behind both the render size and the processor, so a page is never rendered for one and fed
+    to the other."""
+    if opts.do_image_splitting is not None:
+        return opts.do_image_splitting
+    return bool(processor_config.get("do_image_splitting", False))
 
 
 def _image_processor_config(checkpoint: str, opts: ModelOptions) -> dict[str, Any]:
@@ -139,7 +147,8 @@ def load_model(opts: ModelOptions, checkpoint: str | None = None) -> LoadedModel
         raise ModelLoadError(f"cannot load model {opts.name!r}: {describe(exc)}") from None
     processor.tokenizer.padding_side = "left"  # decoder-only generation appends on the right
     if hasattr(processor.image_processor, "do_image_splitting"):
-        processor.image_processor.do_image_splitting = opts.do_image_splitting
+        own = {"do_image_splitting": processor.image_processor.do_image_splitting}
+        processor.image_processor.do_image_splitting = image_splitting(opts, own)
     model.eval()
     if opts.compile:
         model.forward = torch.compile(model.forward, dynamic=True)

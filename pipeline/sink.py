@@ -333,6 +333,12 @@ class RunSink:
     def consume(self, records: list[dict[str, Any]]) -> None:
         finished = []
         for rec in records:
+            if rec["kind"] == DOCUMENT and rec.get("doc_id"):
+                # What incremental runs cost: documents whose bytes were read (and hashed), and how many bytes.
+                self.counters["documents_read"] += 1
+                self.counters["bytes_read"] += rec.get("size_bytes") or 0
+                if rec["status"] == "skipped":
+                    self.counters["skipped_same_bytes"] += 1
             if rec["kind"] != DOCUMENT:
                 self.counters["output_tokens"] += rec.get("output_tokens") or 0
             if rec["kind"] == PAGE:
@@ -345,6 +351,7 @@ class RunSink:
         self._write(finished)
 
     def skip(self, ref: DocumentRef, doc_id: str, run_id: str) -> None:
+        self.counters["skipped_unchanged_listing"] += 1  # never read: same URI, size and time as before
         self._write([(self.ledger.skip(ref, doc_id, run_id), [])])
 
     def _write(self, finished) -> None:

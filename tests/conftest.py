@@ -45,7 +45,9 @@ def sample_docs(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("docs")
     make_samples(folder)
-    (folder / "corrupt.pdf").write_bytes(os.urandom(4096))
+    from tests.bad_inputs import noise
+
+    (folder / "corrupt.pdf").write_bytes(noise(4096))  # never starts with a real signature
     return folder
 
 
@@ -96,15 +98,16 @@ def _start_moto(extra_env=None):
         env={**os.environ, **(extra_env or {})},
     )
     url = f"http://127.0.0.1:{port}"
-    for _ in range(100):
+    deadline = time.monotonic() + 60  # a loaded 2-core machine can take a while to import moto
+    while True:
         try:
             urllib.request.urlopen(url + "/moto-api/", timeout=1)
             break
         except Exception:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError("moto server did not start") from None
             time.sleep(0.1)
-    else:
-        proc.kill()
-        raise RuntimeError("moto server did not start")
     return proc, url
 
 

@@ -66,8 +66,16 @@ def test_incremental_runs_process_only_new_and_changed_documents(nightly):
     assert d2["receipt.png"]["status"] == "skipped" and "same bytes" in d2["receipt.png"]["error_message"]
     mtime = dt.datetime.fromtimestamp((root / "inbox" / "receipt.png").stat().st_mtime, dt.timezone.utc)
     assert abs((d2["receipt.png"]["source_mtime"] - mtime).total_seconds()) < 1e-3
+    # what each run read tells a skip at listing (never read) from a skip after hashing (read, same bytes)
+    inbox = root / "inbox"
+    assert first["counters"]["documents_read"] == 3 and first["counters"].get("skipped_unchanged_listing", 0) == 0
+    c2 = second["counters"]
+    assert (c2["skipped_unchanged_listing"], c2["skipped_same_bytes"], c2["documents_read"]) == (1, 1, 3)
+    assert c2["bytes_read"] == sum((inbox / n).stat().st_size for n in ("new.png", "scan.jpg", "receipt.png"))
     # nothing new: nothing is read, nothing reaches the model
     assert third["documents"] == {"skipped": 4, "total": 4} and third["pages"]["total"] == 0
+    c3 = third["counters"]
+    assert c3["skipped_unchanged_listing"] == 4 and c3.get("documents_read", 0) == c3.get("bytes_read", 0) == 0
     d3 = docs_of(out, third["run_id"])
     assert all("already ok in this output" in d["error_message"] for d in d3.values())
     ok = [d for d in pq.read_table(out / "documents").to_pylist() if d["status"] == "ok"]
@@ -80,7 +88,7 @@ def test_output_is_a_hive_partitioned_dataset_that_duckdb_reads(nightly):
     root, _, _ = nightly
     out = root / "out"
     runs = manifests(out)
-    day = runs[0]["started_at"][:10]
+    day_of = {m["run_id"]: dt.date.fromisoformat(m["started_at"][:10]) for m in runs}  # runs may span midnight
     for m in runs:
         assert all(f.startswith(f"{t}/ingest_date={m['started_at'][:10]}/part-") for t, fs in m["files"].items()
                    for f in fs)
@@ -89,7 +97,7 @@ def test_output_is_a_hive_partitioned_dataset_that_duckdb_reads(nightly):
         f"SELECT run_id, status, ingest_date, schema_version, source_mtime FROM read_parquet("
         f"'{out}/documents/*/part-*.parquet', hive_partitioning = true)").fetchall()
     assert len(docs) == sum(m["documents"]["total"] for m in runs) == 11
-    assert {r[2] for r in docs} == {dt.date.fromisoformat(day)} and {r[3] for r in docs} == {CONTRACT_VERSION}
+    assert all(r[2] == day_of[r[0]] for r in docs) and {r[3] for r in docs} == {CONTRACT_VERSION}
     assert all(isinstance(r[4], dt.datetime) for r in docs)
     pages = con.execute(
         f"SELECT count(*), count(DISTINCT source_uri) FROM read_parquet('{out}/pages/*/part-*.parquet', "
@@ -116,7 +124,11 @@ def test_each_run_is_one_iceberg_commit_and_the_first_is_caught_up(nightly):
     dataset = pq.read_table(out / "documents").to_pylist()
     key = lambda r: (r["run_id"], r["source_uri"])  # noqa: E731
     assert sorted(map(key, rows)) == sorted(map(key, dataset))
-    assert {r["ingest_date"] for r in rows} == {dt.date.fromisoformat(first["started_at"][:10])}
+    assert all(r["ingest_date"] == dt.date.fromisoformat(m["started_at"][:10]) for m in (first, second, third)
+               for r in rows if r["run_id"] == m["run_id"])
+    # partitioned by ingest_date (identity), as the README says
+    [field] = table.spec().fields
+    assert (table.schema().find_field(field.source_id).name, str(field.transform)) == ("ingest_date", "identity")
     pages = load_catalog("docpipe", **catalog).load_table("docpipe.pages").scan().to_arrow()
     assert pages.num_rows == pq.read_table(out / "pages").num_rows
     assert "sqlite" in json.dumps(second["config"]["iceberg"])  # recorded, with credentials masked
@@ -127,3 +139,21 @@ def test_runs_without_progress_bars_log_progress_lines(nightly):
     lines = [ln for ln in runs[1].stderr.splitlines() if ln.startswith("docpipe: progress:")]
     assert lines and "documents 4/4" in lines[-1] and "pages/s" in lines[-1]
     assert "documents  4 (ok 2, skipped 2)" in runs[1].stdout  # and the summary table at the end
+
+
+def test_a_catalog_outage_fails_the_append_and_a_later_append_catches_up(nightly, tmp_path):
+    from pipeline.config import IcebergOptions
+    from pipeline.errors import OutputError
+    from pipeline.lake import append_runs
+    from pipeline.sink import Output
+
+    root, _, _ = nightly
+    out = Output(str(root / "out"))
+    down = {"type": "sql", "uri": f"sqlite:///{tmp_path}/unreachable/catalog.db", "warehouse": f"file://{tmp_path}/wh"}
+    with pytest.raises(OutputError, match="iceberg append failed: .*the next run appends whatever is missing"):
+        append_runs(IcebergOptions(catalog=down), out)
+    back = {**down, "uri": f"sqlite:///{tmp_path}/catalog.db"}
+    appended = append_runs(IcebergOptions(catalog=back), out)
+    run_ids = [m["run_id"] for m in manifests(root / "out")]
+    assert list(appended["documents"]) == list(appended["pages"]) == run_ids  # all caught up, oldest first
+    assert append_runs(IcebergOptions(catalog=back), out) == {"pages": {}, "documents": {}}  # and only once

@@ -25,7 +25,7 @@ def test_tiny_checkpoint_has_the_real_processor_setup(tiny_checkpoint, tiny_mode
 
 
 def test_render_size_comes_from_the_processor(tiny_checkpoint):
-    assert render_edge_for(str(tiny_checkpoint), ModelOptions()) == 1960
+    assert render_edge_for(str(tiny_checkpoint), ModelOptions()) == 1960  # the checkpoint's own: splitting on
     assert render_edge_for(str(tiny_checkpoint), ModelOptions(do_image_splitting=False)) == 980
 
 
@@ -187,3 +187,47 @@ def test_model_inputs_match_the_reference_processor(tiny_model, sample_docs):
     expected = torch.cat([real[5 * i : 5 * i + 5] for i in order])  # the stage batches pages sorted by shape
     assert received.shape == expected.shape
     assert torch.allclose(received, expected, atol=2 / 255 + 1e-6)
+
+
+@pytest.fixture(scope="module")
+def no_splitting_checkpoint(tiny_checkpoint, tmp_path_factory):
+    """The tiny checkpoint as a fine-tune saved with image splitting off (like idefics2-8b-base)."""
+    import shutil
+
+    copy = tmp_path_factory.mktemp("no-split") / "ckpt"
+    shutil.copytree(tiny_checkpoint, copy)
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        path = copy / name
+        if path.exists():
+            data = json.loads(path.read_text())
+            target = data.get("image_processor", data)
+            if "do_image_splitting" in target:
+                target["do_image_splitting"] = False
+                path.write_text(json.dumps(data))
+    return copy
+
+
+def test_a_checkpoint_saved_without_splitting_is_rendered_and_fed_unsplit(no_splitting_checkpoint, sample_docs):
+    """One decision for render size and processor: the checkpoint's own unless the option overrides it."""
+    from pipeline.model import load_model
+
+    ckpt = str(no_splitting_checkpoint)
+    assert render_edge_for(ckpt, ModelOptions()) == 980
+    assert render_edge_for(ckpt, ModelOptions(do_image_splitting=True)) == 1960
+    opts = ModelOptions(name=ckpt, max_new_tokens=2)
+    loaded = load_model(opts)
+    assert loaded.processor.image_processor.do_image_splitting is False
+    pages = [r for r in expand_document(str(sample_docs / "report.pdf"), RenderOptions(), render_edge_for(ckpt, opts))
+             if r["kind"] == "page"][:2]
+    assert [max(p["width"], p["height"]) for p in pages] == [980, 980]
+    images = []
+    handle = loaded.model.model.vision_model.register_forward_pre_hook(
+        lambda mod, args, kwargs: images.append(kwargs["pixel_values"].shape), with_kwargs=True)
+    try:
+        out = OcrStage(opts, loaded=loaded)(pages)
+    finally:
+        handle.remove()
+    assert [r["status"] for r in out] == ["ok", "ok"]
+    assert len(images) == 1 and images[0][0] == 2 and max(images[0][2:]) == 980  # one whole-page image per page
+    forced = load_model(ModelOptions(name=ckpt, do_image_splitting=True))
+    assert forced.processor.image_processor.do_image_splitting is True  # the option overrides the checkpoint
