@@ -243,9 +243,13 @@ def main(argv: list[str] | None = None) -> int:
             where = ".".join(str(p) for p in first["loc"])
             print(f"docpipe: error: invalid option {where}: {first['msg']}", file=sys.stderr)
             return 2
-        if os.environ.get("DOCPIPE_DEBUG") or getattr(args, "fail_fast", False):
+        if getattr(args, "fail_fast", False):
             traceback.print_exc()
             print(f"docpipe: stopped at the first error (--fail-fast): {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 1
+        if os.environ.get("DOCPIPE_DEBUG"):
+            traceback.print_exc()
+            print(f"docpipe: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
             return 1
         print(f"docpipe: internal error: {type(exc).__name__}: {exc} (set DOCPIPE_DEBUG=1 for the traceback)",
               file=sys.stderr)

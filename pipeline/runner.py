@@ -304,5 +304,35 @@ def _execute(config: RunConfig, todo, longest_edge: int, skip_ids: frozenset[str
         batch_format="pyarrow",
         **actor_resources,
     )
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        yield batch.to_pylist()
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            yield batch.to_pylist()
+    except Exception as exc:
+        load_error = _model_load_error(exc)
+        if load_error is None:
+            raise
+        raise load_error from None
+
+
+def _model_load_error(exc: BaseException):
+    """The ModelLoadError behind a model actor that died while loading, if that is what ended the run.
+
+    Ray reports it as an ActorDiedError whose message carries the actor's traceback; the original
+    exception object does not always travel, so its line is recovered from the text as a last resort.
+    """
+    import re
+
+    from pipeline.errors import ModelLoadError
+
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop()
+        if not isinstance(e, BaseException) or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, ModelLoadError):
+            return e
+        todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    m = re.search(r"ModelLoadError: ([^\n]+)", text)
+    return ModelLoadError(m.group(1).strip()) if m else None

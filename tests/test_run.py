@@ -104,3 +104,78 @@ def test_bad_option_value_is_fatal(tmp_path, sample_docs):
     proc = run_cli("run", sample_docs, "--output", tmp_path, "--batch-size", "0")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "batch_size" in proc.stderr
+
+
+def test_a_model_that_cannot_be_loaded_is_fatal_with_exit_2(tmp_path, sample_docs, tiny_checkpoint):
+    import shutil
+
+    # nothing there: found on the driver, which reads the processor's sizes before Ray starts
+    proc = run_cli("run", sample_docs / "receipt.png", "--output", tmp_path / "a", "--model", tmp_path / "nothing")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith(f"docpipe: error: cannot read the image processor of {tmp_path / 'nothing'}: ")
+    # a checkpoint without weights: it fails inside the Ray model actor, and still ends as one fatal line
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_checkpoint, broken, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    proc = run_cli("run", sample_docs / "receipt.png", "--output", tmp_path / "b", "--model", broken, "--no-progress")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    ours = [ln for ln in proc.stderr.splitlines() if ln.startswith("docpipe:")]  # Ray logs the actor's traceback
+    assert len(ours) == 1 and ours[0].startswith(f"docpipe: error: cannot load model '{broken}': OSError: "), ours
+    assert not list((tmp_path / "b").rglob("_runs/*.json"))
+
+
+def test_internal_errors_exit_1_and_docpipe_debug_shows_the_traceback(monkeypatch, capsys, tmp_path):
+    import pipeline.runner
+    from pipeline.cli import main
+
+    def broken(config):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(pipeline.runner, "run", broken)
+    monkeypatch.delenv("DOCPIPE_DEBUG", raising=False)
+    argv = ["run", str(tmp_path), "--output", str(tmp_path / "out")]
+    assert main(argv) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "docpipe: internal error: RuntimeError: boom (set DOCPIPE_DEBUG=1 for the traceback)"]
+    monkeypatch.setenv("DOCPIPE_DEBUG", "1")
+    assert main(argv) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0] == "Traceback (most recent call last):" and 'raise RuntimeError("boom")' in lines[-3]
+    assert lines[-1] == "docpipe: internal error: RuntimeError: boom"  # not the --fail-fast message
+
+
+def test_local_executor_flat_output_and_no_resume(sample_docs, tmp_path):
+    """executor: local (in this process, no Ray), --partition-by none (flat folders), --no-resume (everything
+    processed again), each through the command line's parsing."""
+    from pipeline.cli import build_parser, config_from_args
+    from pipeline.runner import run
+
+    job = tmp_path / "job.yaml"
+    job.write_text("executor: local\nprogress: false\n")
+    out = tmp_path / "out"
+
+    def config(*extra):
+        args = build_parser().parse_args(["run", str(sample_docs / "receipt.png"), str(sample_docs / "fax.tiff"),
+                                          "--output", str(out), "--config", str(job), "--model", "tiny-random",
+                                          "--max-new-tokens", "2", "--partition-by", "none", *extra])
+        return config_from_args(args, args.inputs, args.output)
+
+    assert config().resume and not config("--no-resume").resume
+    import sys
+
+    def ray_started():
+        return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+    assert not ray_started()
+    first = run(config()).manifest
+    assert not ray_started(), "the local executor started Ray"
+    assert first.documents == {"ok": 2, "total": 2} and first.pages == {"ok": 3, "total": 3}
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.parquet")) == [
+        f"documents/part-{first.run_id}-00000.parquet", f"pages/part-{first.run_id}-00000.parquet"]
+    again = run(config("--no-resume")).manifest
+    assert again.documents == {"ok": 2, "total": 2} and again.counters["documents_read"] == 2
+    skipped = run(config()).manifest
+    assert skipped.documents == {"skipped": 2, "total": 2} and skipped.counters["skipped_unchanged_listing"] == 2
+    rows = pq.read_table(out / "documents").to_pylist()
+    assert sorted((r["run_id"], r["status"]) for r in rows) == sorted(
+        [(first.run_id, "ok")] * 2 + [(again.run_id, "ok")] * 2 + [(skipped.run_id, "skipped")] * 2)
