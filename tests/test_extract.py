@@ -103,6 +103,53 @@ def test_chunks_merge_first_value_wins_and_lists_concatenate():
                       "vendor": {"name": "V", "address": "Rd"}}
 
 
+def test_a_runaway_loop_ends_as_finish_reason_repetition(tiny_model, sample_docs, tmp_path):
+    """The guard inside real generation: a schema whose only valid string is one character repeated (a
+    single-token character in the tiny vocabulary) makes the model loop, and the guard ends it."""
+    from pipeline.config import ModelOptions, RenderOptions
+    from pipeline.documents import expand_document
+    from pipeline.extract import ExtractStage
+
+    schema = tmp_path / "loop.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"note": {"type": "string", "const": "~" * 40}},
+                                  "required": ["note"]}))
+    assert tiny_model.processor.tokenizer.tokenize("~~~") == ["~", "~", "~"]
+    [chunk] = [r for r in expand_document(str(sample_docs / "receipt.png"), RenderOptions(), 1960, chunk_pages=8)
+               if r["kind"] == "chunk"]
+    stage = ExtractStage(ModelOptions(name="tiny-random"),
+                         ExtractOptions(schema=str(schema), max_repeat=8, max_new_tokens=100), tiny_model)
+    [out] = stage([chunk])
+    assert out["status"] == "ok" and out["extraction_finish_reason"] == "repetition"
+    assert out["raw_output"] == '{"note":"' + "~" * 8 and out["valid"] is False  # stopped at 8, far before 100
+
+
+def test_a_chunk_whose_extraction_raises_makes_the_document_partial(tiny_model, sample_docs):
+    """extraction_failed: one chunk's extraction raised; the others' results are kept, the document is partial."""
+    from pipeline.config import ModelOptions, RenderOptions
+    from pipeline.documents import expand_document
+    from pipeline.extract import ExtractStage
+    from pipeline.sink import DocumentLedger
+    from pipeline.sources import DocumentRef
+
+    class FailsOnSecondChunk(ExtractStage):
+        def extract_one(self, pixels, seed):
+            if len(pixels) == 1:  # report.pdf at --page-cap 2: chunks of 2 pages and 1 page
+                raise RuntimeError("CUDA out of memory (simulated)")
+            return super().extract_one(pixels, seed)
+
+    uri = str(sample_docs / "report.pdf")
+    records = list(expand_document(uri, RenderOptions(), 1960, ocr=False, chunk_pages=2))
+    stage = FailsOnSecondChunk(ModelOptions(name="tiny-random"),
+                               ExtractOptions(schema="invoice", max_new_tokens=64), tiny_model)
+    ledger = DocumentLedger([DocumentRef(uri)], "run", load_schema("invoice"))
+    done = [ledger.add(r) for r in stage(records)]
+    [(row, pages)] = [d for d in done if d]
+    assert (row["status"], row["error_type"]) == ("partial", "extraction_failed")
+    assert row["error_message"] == "extraction failed on 1 of 2 chunks" and row["valid"] is False
+    assert row["validation_errors"] == ["chunk 2: model_error: RuntimeError: CUDA out of memory (simulated)"]
+    assert row["extraction"] is not None and len(pages) == 3  # the first chunk's result and every page kept
+
+
 def test_repetition_guard_stops_a_loop():
     import torch
 
@@ -136,24 +183,43 @@ def test_ocr_and_invoice_extraction_in_one_pass(sample_docs, tmp_path):
     assert len(pages) == 9 and all(p["text"] is not None for p in pages)
 
 
-def test_receipt_extraction_with_a_lora_adapter(sample_docs, tmp_path, tiny_checkpoint):
+def test_receipt_extraction_with_a_lora_adapter(sample_docs, tmp_path, tiny_checkpoint, tiny_model):
+    import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText
 
+    from pipeline.config import ModelOptions, RenderOptions
+    from pipeline.documents import expand_document
+    from pipeline.extract import ExtractStage
+
+    torch.manual_seed(0)  # a fixed random adapter, strong enough (alpha 16) to change what the tiny model writes
     base = AutoModelForImageTextToText.from_pretrained(tiny_checkpoint)
-    lora = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    lora = get_peft_model(base, LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                           init_lora_weights=False))
     lora.save_pretrained(tmp_path / "adapter")
     out = tmp_path / "out"
     proc = run_cli("run", sample_docs / "receipt.png", sample_docs / "scan.jpg", "--output", out, "--task", "extract",
                    "--schema", "receipt", "--model", "tiny-random", "--adapter", tmp_path / "adapter", "--no-progress")
     assert proc.returncode == 0, proc.stderr[-3000:]
     docs = read_docs(out)
-    assert {d["status"] for d in docs.values()} == {"ok"}
+    assert sorted(docs) == ["receipt.png", "scan.jpg"] and {d["status"] for d in docs.values()} == {"ok"}
     for d in docs.values():
         assert d["valid"] is True, d["validation_errors"]
         Receipt.model_validate_json(d["extraction"])
     pages = pq.read_table(out / "pages").to_pylist()
-    assert all(p["text"] is None for p in pages)  # extract only: no OCR text
+    assert len(pages) == 2 and all(p["text"] is None for p in pages)  # extract only: no OCR text
+    # the adapter changed what the run produced: the base model, given the same pages, writes something else
+    base = ExtractStage(ModelOptions(name="tiny-random"), ExtractOptions(schema="receipt"), tiny_model)
+    same = []
+    for name in ("receipt.png", "scan.jpg"):
+        [chunk] = [r for r in expand_document(str(sample_docs / name), RenderOptions(), 1960, chunk_pages=8)
+                   if r["kind"] == "chunk"]
+        [plain] = base([chunk])
+        assert plain["status"] == "ok"
+        same.append(plain["raw_output"] == docs[name]["raw_output"])
+        if not same[-1]:
+            break
+    assert not all(same), "the adapter changed no output"
 
 
 def test_adapter_changes_the_model(tiny_checkpoint, tmp_path):
