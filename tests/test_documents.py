@@ -40,12 +40,18 @@ def test_pdf_expands_to_one_record_per_page_at_the_target_size(sample_docs):
         assert (img.width, img.height) == (p["width"], p["height"])
 
 
-def test_pages_are_rendered_lazily(sample_docs):
+def test_pages_are_rendered_lazily(sample_docs, monkeypatch):
+    import pipeline.documents
+
+    rendered = []
+    real = pipeline.documents.render_pdf_page
+    monkeypatch.setattr(pipeline.documents, "render_pdf_page",
+                        lambda page, *a: rendered.append(page.number + 1) or real(page, *a))
     gen = expand_document(str(sample_docs / "report.pdf"), OPTS, 1960)
-    assert next(gen)["kind"] == "document"
-    first = next(gen)
-    assert first["page_number"] == 1  # the generator stops here: pages 2 and 3 are not yet rendered
-    assert gen.gi_frame is not None
+    assert next(gen)["kind"] == "document" and rendered == []  # opened, nothing rendered yet
+    assert next(gen)["page_number"] == 1
+    assert rendered == [1]  # page 1 is out before pages 2 and 3 are rendered
+    assert [r["page_number"] for r in gen] == [2, 3] and rendered == [1, 2, 3]
 
 
 def test_multipage_tiff_frames_become_pages(sample_docs):
@@ -67,6 +73,9 @@ def test_images_are_never_enlarged(sample_docs):
         ("notes.txt", b"just some text\n", "unsupported_media_type"),
         ("broken.pdf", b"%PDF-1.7\n" + b"\x00" * 50, "corrupt_document"),
         ("broken.png", b"\x89PNG\r\n\x1a\n" + b"\x00" * 50, "corrupt_document"),
+        ("nopages.pdf", b"%PDF-1.4\n1 0 obj <</Type /Catalog /Pages 2 0 R>> endobj\n"
+                        b"2 0 obj <</Type /Pages /Kids [] /Count 0>> endobj\ntrailer <</Root 1 0 R>>\n%%EOF\n",
+         "empty_document"),
     ],
 )
 def test_bad_documents_become_error_records(tmp_path, name, data, error_type):
@@ -93,7 +102,8 @@ def test_pixel_cap_shrinks_huge_pages(tmp_path):
     path = tmp_path / "poster.pdf"
     pdf.save(path)
     _, [page] = expand(path, edge=100_000, opts=RenderOptions(max_pixels=1_000_000))
-    assert page["width"] * page["height"] <= 1_000_000
+    # shrunk to the cap, not merely under it: a square page of about 1000 x 1000
+    assert page["width"] == page["height"] and 990 <= page["width"] <= 1000
 
 
 @pytest.mark.parametrize("fmt", ["raw", "png", "jpeg"])
@@ -163,6 +173,8 @@ def _save(img, path, **kw):
     [
         ("a.webp", lambda p: _save(Image.new("RGB", (64, 48), "red"), p), "image/webp", 1),
         ("a.bmp", lambda p: _save(Image.new("RGB", (64, 48), "red"), p), "image/bmp", 1),
+        ("anim.webp", lambda p: _save(Image.new("RGB", (64, 48), "red"), p, save_all=True, lossless=True,
+                                      append_images=[Image.new("RGB", (64, 48), "blue")]), "image/webp", 2),
         ("a.gif", lambda p: _save(Image.new("RGB", (64, 48), "red"), p, save_all=True,
                                   append_images=[Image.new("RGB", (64, 48), "blue")]), "image/gif", 2),
         ("deep.png", lambda p: _save(Image.new("I;16", (64, 48), 40000), p), "image/png", 1),
@@ -181,6 +193,8 @@ def test_image_formats_become_rgb_pages(tmp_path, name, make, media_type, frames
     px = page_pil(pages[0]).getpixel((0, 0))
     if name == "deep.png":
         assert px == (156, 156, 156)  # 40000 / 65535 of white, not clipped to 255
+    if name in ("a.gif", "anim.webp"):  # each frame is its own page, with its own pixels
+        assert [page_pil(p).getpixel((0, 0)) for p in pages] == [(255, 0, 0), (0, 0, 255)]
     if name in ("alpha.png", "cmyk.jpg"):
         assert px == (255, 255, 255)  # transparent on white; CMYK (0,0,0,0) is white
 

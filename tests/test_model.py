@@ -231,3 +231,18 @@ def test_a_checkpoint_saved_without_splitting_is_rendered_and_fed_unsplit(no_spl
     assert len(images) == 1 and images[0][0] == 2 and max(images[0][2:]) == 980  # one whole-page image per page
     forced = load_model(ModelOptions(name=ckpt, do_image_splitting=True))
     assert forced.processor.image_processor.do_image_splitting is True  # the option overrides the checkpoint
+
+
+def test_pages_end_on_their_own_or_at_the_token_cap(tiny_model, sample_docs):
+    """finish_reason: 'stop' when the model ended the text itself, 'length' when max_new_tokens cut it."""
+    pages = _pages(sample_docs / "fax.tiff") + _pages(sample_docs / "receipt.png")
+    out = OcrStage(ModelOptions(name="tiny-random", max_new_tokens=8), loaded=tiny_model)([dict(p) for p in pages])
+    assert {r["finish_reason"] for r in out} == {"stop", "length"}
+    assert all(r["output_tokens"] == 8 for r in out if r["finish_reason"] == "length")
+    stopped = [r for r in out if r["finish_reason"] == "stop"]
+    # a page that stopped stops at the same token with room to go on, and gives the same text
+    key = lambda r: (r["source_uri"], r["page_number"])  # noqa: E731
+    again = OcrStage(ModelOptions(name="tiny-random", max_new_tokens=12), loaded=tiny_model)(
+        [dict(p) for p in pages if key(p) in {key(r) for r in stopped}])
+    assert sorted((key(r), r["output_tokens"], r["text"], r["finish_reason"]) for r in again) == sorted(
+        (key(r), r["output_tokens"], r["text"], "stop") for r in stopped)
