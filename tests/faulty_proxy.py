@@ -20,6 +20,7 @@ class FaultyProxy:
         self.upstream = urlparse(upstream)
         self.faulty_requests, self.every = faulty_requests, every
         self.seen = self.errors_503 = self.resets = 0
+        self.requests: list[tuple[str, str, str | None]] = []  # (method, path with query, Authorization)
         self.lock = threading.Lock()
         proxy = self
 
@@ -46,6 +47,7 @@ class FaultyProxy:
                 with proxy.lock:
                     proxy.seen += 1
                     n = proxy.seen
+                    proxy.requests.append((self.command, self.path, self.headers.get("Authorization")))
                 fault = n <= proxy.faulty_requests and n % proxy.every == 0
                 if fault and (n // proxy.every) % 2:
                     with proxy.lock:

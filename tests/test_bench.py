@@ -54,6 +54,11 @@ def test_bench_engines_reports_every_engine_option(tmp_path):
     assert default["status"] == "ok" and default["vs_default"] == 1.0 and default["dtype"] == "float32"
     assert by_name["dtype bfloat16"]["dtype"] == "bfloat16" and by_name["attention eager"]["attention"] == "eager"
     assert by_name["attention flash_attention_2"]["status"].startswith("not run: flash-attn needs CUDA")
+    # what any CPU runs with the base install; bitsandbytes and torch.compile (a C compiler) may say why not
+    must_run = ["default (dtype auto, attention auto)", "dtype float32", "dtype bfloat16", "dtype float16",
+                "attention eager", "attention sdpa", "static KV cache"]
+    assert {name: by_name[name]["status"] for name in must_run} == dict.fromkeys(must_run, "ok")
+    assert all(by_name[name]["pages_per_s"] > 0 for name in must_run)
     for row in rows:  # each option ran, or says why not: none is silently left out
         assert row["status"] == "ok" or row["status"].startswith(("not run: ", "failed: ")), row
         assert row["engine"] in proc.stdout

@@ -2,6 +2,7 @@
 
 import json
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -37,9 +38,26 @@ def assert_no_secret(*texts):
 
 
 def test_run_from_s3_to_s3(docs_bucket, s3_env, tmp_path):
-    proc = run_cli("run", "s3://docs/in", "--output", "s3://docs/out", "--model", "tiny-random",
-                   "--max-new-tokens", "3", "--no-progress", env=s3_env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    """With the credentials given only in the run's configuration: they work, and the secret appears nowhere,
+    not in the output, the manifest, or the logs of Ray's processes."""
+    import shutil
+    import tempfile
+
+    config = tmp_path / "job.json"
+    config.write_text(json.dumps({"storage": {"access_key_id": s3_env["AWS_ACCESS_KEY_ID"],
+                                              "secret_access_key": S3_SECRET}}))
+    env = {k: v for k, v in s3_env.items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    ray_tmp = tempfile.mkdtemp(prefix="dp-ray-", dir="/tmp")  # Ray's session and logs; short for its sockets
+    try:
+        proc = run_cli("run", "s3://docs/in", "--output", "s3://docs/out", "--model", "tiny-random", "--config",
+                       config, "--max-new-tokens", "3", "--no-progress", env={**env, "RAY_TMPDIR": ray_tmp})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        logs = [p for p in Path(ray_tmp).rglob("*") if p.is_file() and "/logs/" in str(p)]
+        assert any(p.name.startswith("worker-") for p in logs) and sum(p.stat().st_size for p in logs) > 0
+        for path in logs:
+            assert S3_SECRET.encode() not in path.read_bytes(), path
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     fs = s3fs(s3_env)
     docs = [DocumentRow(**r) for r in pq.read_table("docs/out/documents", filesystem=fs).drop_columns(
         ["ingest_date"]).to_pylist()]
@@ -55,6 +73,7 @@ def test_run_from_s3_to_s3(docs_bucket, s3_env, tmp_path):
     [run_file] = fs.get_file_info(__import__("pyarrow.fs").fs.FileSelector("docs/out/_runs"))
     manifest = fs.open_input_file(run_file.path).read().decode()
     assert json.loads(manifest)["documents"]["total"] == 6
+    assert json.loads(manifest)["config"]["storage"]["secret_access_key"] == "**********"
     assert_no_secret(manifest, proc.stdout, proc.stderr)
     # no temporary objects: on S3 each Parquet file is written straight to its final key
     names = [i.path for i in fs.get_file_info(__import__("pyarrow.fs").fs.FileSelector("docs/out", recursive=True))]
@@ -134,3 +153,32 @@ def test_redaction_and_settings_from_the_environment(monkeypatch):
     with pytest.raises(InputError):
         list_inputs(["s3://bucket/x"], storage=StorageOptions(endpoint_url="http://127.0.0.1:9", max_attempts=1,
                                                               connect_timeout_s=1))
+
+
+def test_listing_reads_no_object_body_and_the_storage_flags_reach_the_requests(docs_bucket, s3_env, tmp_path,
+                                                                                  monkeypatch):
+    """Every request passes through a recording proxy: listing is ListObjectsV2 (and HEAD), never a GET of an
+    object; --endpoint-url sends the requests there, --region signs for that region, --anonymous signs nothing."""
+    from urllib.parse import urlsplit
+
+    from pipeline.cli import build_parser, config_from_args
+    from tests.faulty_proxy import FaultyProxy
+
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(k, s3_env[k])
+    with FaultyProxy(s3_env["AWS_ENDPOINT_URL"], faulty_requests=0) as proxy:
+        def listed(*flags):
+            args = build_parser().parse_args(["run", "s3://docs/in", "--output", str(tmp_path), "--endpoint-url",
+                                              proxy.url, *flags])
+            proxy.requests.clear()
+            return list_inputs(args.inputs, storage=config_from_args(args, args.inputs, args.output).storage).refs
+
+        refs = listed("--region", "eu-west-3")
+        assert len(refs) == 6 and proxy.requests
+        for method, path, auth in proxy.requests:
+            # a GET is a ListObjectsV2 of the bucket, never an object; a HEAD returns no body
+            assert (method, urlsplit(path).path) in (("GET", "/docs"), ("GET", "/docs/"), ("HEAD", urlsplit(path).path))
+            assert method == "HEAD" or "list-type=2" in urlsplit(path).query, path
+            assert auth and "/eu-west-3/s3/aws4_request" in auth  # signed for the region given
+        assert any(method == "GET" for method, _, _ in proxy.requests)
+        assert listed("--anonymous") and all(auth is None for _, _, auth in proxy.requests)

@@ -92,3 +92,15 @@ def test_a_failing_job_is_reported_and_a_bad_config_is_never_sent(ray_head, tmp_
     assert "submitted" not in proc.stdout
     proc = run_cli("submit", "--address", "http://127.0.0.1:9", "--output", tmp_path / "o", str(tmp_path))
     assert proc.returncode == 2 and "cannot submit to http://127.0.0.1:9" in proc.stderr
+
+
+def test_no_working_dir_uploads_nothing(ray_head, tmp_path):
+    """--no-working-dir: the job runs the docpipe the cluster has (here: the head's PYTHONPATH, as an image's
+    install would be), and nothing is uploaded."""
+    proc = run_cli("submit", "--address", ray_head, "--wait", "--no-working-dir", "--submission-id", "docpipe-nowd",
+                   str(tmp_path / "missing"), "--output", tmp_path / "o", "--model", "tiny-random", env=AUTH)
+    assert proc.returncode == 1  # the job ran docpipe, which found no input
+    assert "docpipe: error: input not found" in proc.stdout
+    with urllib.request.urlopen(_get(f"{ray_head}/api/jobs/docpipe-nowd"), timeout=10) as r:
+        info = json.load(r)
+    assert "working_dir" not in (info["runtime_env"] or {})
