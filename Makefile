@@ -1,24 +1,43 @@
 # make demo: set up, then run the main job on sample documents.
 # make test: set up, then run the test suite.
+# make lock: re-resolve the dependencies in a throw-away virtualenv and rewrite constraints.txt (the pins that
+#            make setup and infra/Dockerfile install).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test clean
+LOCK_VENV ?= .lock-venv
+
+.PHONY: setup demo test lock clean
 
 setup: $(VENV)/.docpipe-installed
 
-$(VENV)/.docpipe-installed: pyproject.toml
+$(VENV)/.docpipe-installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $@
 
 demo: setup
 	$(VENV)/bin/docpipe demo --workdir demo_output
 
 test: setup
-	HF_HUB_OFFLINE=1 $(PY) -m pytest tests
+	HF_HUB_OFFLINE=1 $(PY) -m pytest tests --durations=20
+
+# Resolved without the old pins (that is the point), in a fresh virtualenv, so the file lists exactly what
+# pyproject.toml pulls in today. Written to a temporary file first: a failed resolution leaves the pins as they were.
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LOCK_VENV)/bin/python -m pip install --quiet -e '.[dev]'
+	{ echo "# Pinned versions for make setup and infra/Dockerfile (pip install -c constraints.txt ...): what a fresh"; \
+	  echo "# install of '.[dev]' resolved to with $$($(LOCK_VENV)/bin/python -V). Refresh with 'make lock' after"; \
+	  echo "# changing dependencies in pyproject.toml; never edit by hand."; \
+	  $(LOCK_VENV)/bin/python -m pip freeze --exclude-editable --exclude docpipe; } > constraints.txt.new
+	$(LOCK_VENV)/bin/python -m pip check
+	mv constraints.txt.new constraints.txt
+	rm -rf $(LOCK_VENV)
 
 clean:
-	rm -rf demo_output .pytest_cache
+	rm -rf demo_output .pytest_cache $(LOCK_VENV) constraints.txt.new

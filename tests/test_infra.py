@@ -4,7 +4,6 @@ import re
 import shlex
 
 import pytest
-import ray
 import yaml
 
 from pipeline.cli import load_config_file
@@ -14,6 +13,14 @@ from tests.conftest import REPO
 INFRA = REPO / "infra"
 IMAGE_JOBS = "/home/ray/docpipe/jobs/"  # where the Dockerfile puts jobs/
 _QUANTITY = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "K": 10**3, "M": 10**6, "G": 10**9, "": 1}
+
+
+def pinned(package: str) -> str:
+    """The version constraints.txt pins (what make setup and the image install), not whatever is installed here:
+    a Ray release after the pin must not break the tests on a fresh machine."""
+    pins = dict(line.split("==", 1) for line in (REPO / "constraints.txt").read_text().splitlines()
+                if "==" in line and not line.startswith("#"))
+    return {k.lower(): v for k, v in pins.items()}[package]
 
 
 def gib(quantity: str) -> float:
@@ -71,7 +78,7 @@ def test_every_manifest_parses_and_names_its_kind():
 
 @pytest.mark.parametrize("where,spec,job", ray_clusters(), ids=lambda v: v if isinstance(v, str) else "")
 def test_clusters_have_a_cpu_head_a_cpu_render_group_and_a_gpu_model_group(where, spec, job):
-    assert spec["rayVersion"].split(".")[:2] == ray.__version__.split(".")[:2]  # the Ray the image installs
+    assert spec["rayVersion"].split(".")[:2] == pinned("ray").split(".")[:2]  # the Ray the image installs
     assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
     groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
     containers = [c for g in groups.values() for c in g["template"]["spec"]["containers"]]
@@ -126,8 +133,20 @@ def test_the_nightly_schedule_cannot_overlap_and_may_create_ray_jobs():
 
 def test_the_image_installs_docpipe_with_its_gpu_extra_and_ships_the_job_configs():
     text = (INFRA / "Dockerfile").read_text()
-    assert re.search(rf"FROM rayproject/ray:{re.escape(ray.__version__)}-py3\d+-cu\d+", text)
+    assert re.search(rf"FROM rayproject/ray:{re.escape(pinned('ray'))}-py3\d+-cu\d+", text)
+    assert "COPY --chown=ray:users pyproject.toml README.md constraints.txt ./" in text
     assert "COPY --chown=ray:users jobs ./jobs" in text and "WORKDIR /home/ray/docpipe" in text
-    assert 'pip install --no-cache-dir ".[gpu,iceberg]"' in text
+    assert 'pip install --no-cache-dir -c constraints.txt ".[gpu,iceberg]"' in text
     pyproject = (REPO / "pyproject.toml").read_text()
     assert '"ray[data,default]' in pyproject  # the Job Submission server and client
+
+
+def test_setup_installs_the_pins_and_make_lock_refreshes_them():
+    makefile = (REPO / "Makefile").read_text()
+    assert "pip install --quiet -c constraints.txt -e '.[dev]'" in makefile
+    assert "$(VENV)/.docpipe-installed: pyproject.toml constraints.txt" in makefile  # new pins, new install
+    assert "\nlock:" in makefile and "pip freeze --exclude-editable --exclude docpipe" in makefile
+    lines = [ln for ln in (REPO / "constraints.txt").read_text().splitlines() if ln and not ln.startswith("#")]
+    assert all(re.fullmatch(r"[A-Za-z0-9_.-]+==[^\s=]+", ln) for ln in lines), "pins only: name==version"
+    for package in ("ray", "torch", "transformers", "pymupdf", "pyarrow", "pydantic", "pytest", "moto"):
+        assert pinned(package)
