@@ -243,3 +243,71 @@ class RunConfig(_Options):
         30.0, gt=0, description="Without progress bars (--no-progress, or not a terminal, as in Ray Jobs), log a "
         "progress line (documents and pages done, pages/s, errors) at least this often.",
     )
+
+
+class LoraOptions(_Options):
+    """The LoRA adapter trained on the text model (PEFT)."""
+
+    rank: int = Field(16, ge=1, description="LoRA rank r: the size of each low-rank update.")
+    alpha: float = Field(32.0, gt=0, description="LoRA alpha: updates are scaled by alpha / rank.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA path during training.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1,
+        description="Projections of the text model's layers (self_attn.* and mlp.*) that get an adapter; the "
+        "vision tower and the perceiver stay frozen and unadapted.",
+    )
+
+
+class FinetuneConfig(_Options):
+    """`docpipe finetune`: a LoRA adapter trained on reviewed output, loadable with `docpipe run --adapter`."""
+
+    train: str = Field(
+        description="Training examples in the shape docpipe writes: pages rows (source_uri, page_number, text) "
+        "for OCR, or documents rows (source_uri, extraction, and schema or schema_name) for extraction. A Parquet "
+        "file or folder (e.g. OUT/pages), or JSONL (one object a line with those keys).",
+        examples=["corrected/pages.parquet", "reviewed.jsonl"],
+    )
+    eval: str | None = Field(None, description="Evaluation examples, same shape as train: a loss per epoch.")
+    output: str = Field(description="Folder for the adapter, its record (docpipe_finetune.json) and checkpoints.")
+    model: ModelOptions = Field(
+        default_factory=ModelOptions,
+        description="The base model, loaded as `docpipe run` loads it (the same dtype, attention and image "
+        "splitting; quantization 4bit here means QLoRA, on CUDA only). Use the same options when running.",
+    )
+    render: RenderOptions = Field(default_factory=RenderOptions, description="Page rendering, as in runs.")
+    extract: ExtractOptions = Field(
+        default_factory=ExtractOptions,
+        description="Extraction examples: the schema (when rows don't name one), the prompt and page_cap, as in runs.",
+    )
+    storage: StorageOptions = Field(default_factory=StorageOptions)
+    lora: LoraOptions = Field(default_factory=LoraOptions)
+    epochs: int = Field(3, ge=1, description="Passes over the training examples.")
+    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate (AdamW).")
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "linear", description="Learning-rate schedule after warm-up (transformers' get_scheduler)."
+    )
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Share of the optimizer steps spent warming up.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    batch_size: int = Field(1, ge=1, description="Examples per forward pass (per worker).")
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, description="Forward passes per optimizer step: the effective batch is batch_size x this x workers."
+    )
+    gradient_checkpointing: bool = Field(
+        True, description="Recompute activations in the backward pass: less memory for about a third more time."
+    )
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip gradients to this norm (null: no clipping).")
+    seed: int = Field(0, description="Seeds the adapter's initialisation, dropout and the example order.")
+    checkpoint_steps: int = Field(
+        50, ge=1, description="Save a checkpoint every this many optimizer steps (and at each epoch's end); a "
+        "killed run started again with the same options resumes from the last one.",
+    )
+    resume: bool = Field(True, description="Resume from the output's last checkpoint when there is one.")
+    skip_invalid: bool = Field(
+        False, description="Drop examples that can't be used (unreadable document, page out of range, extraction "
+        "not valid for its schema) with a count, instead of stopping before training.",
+    )
+    num_workers: int = Field(
+        1, ge=1, description="Data-parallel training workers through Ray Train (TorchTrainer): one per GPU, or CPU "
+        "processes (gloo) without GPUs. 1: train in this process, without Ray.",
+    )

@@ -27,6 +27,10 @@ class ModelLoadError(FatalError):
     """The model or its processor could not be loaded."""
 
 
+class ExamplesError(FatalError):
+    """Fine-tuning examples that can't be used, found before training starts."""
+
+
 # Set by the local executor for --fail-fast: stages re-raise instead of recording an error row.
 FAIL_FAST = False
 
