@@ -7,7 +7,7 @@ import os
 import sys
 import traceback
 
-from pipeline.config import DEFAULT_MODEL, RunConfig
+from pipeline.config import DEFAULT_MODEL, FinetuneConfig, RunConfig
 from pipeline.errors import FatalError
 
 
@@ -83,8 +83,33 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", default="demo_output", help="where samples and results go (default ./demo_output)")
     _add_engine_args(demo)
 
+    ft = sub.add_parser("finetune", help="train a LoRA adapter on reviewed pages or documents rows, for run --adapter")
+    ft.add_argument("--train", metavar="FILE", help="examples: pages rows (source_uri, page_number, text) or documents "
+                    "rows (source_uri, extraction, schema); Parquet file or folder, or JSONL")
+    ft.add_argument("--eval", metavar="FILE", help="evaluation examples, same shape: a loss per epoch")
+    ft.add_argument("--output", "-o", metavar="ADAPTER_DIR", help="folder for the adapter, its record and checkpoints")
+    ft.add_argument("--config", metavar="FILE", help="a fine-tuning job file (YAML or JSON); flags override it")
+    ft.add_argument("--model", help=f"base model: hub id, local path, or 'tiny-random' (default {DEFAULT_MODEL})")
+    ft.add_argument("--epochs", type=int, help="passes over the examples (default 3)")
+    ft.add_argument("--learning-rate", type=float, help="peak learning rate (default 1e-4)")
+    ft.add_argument("--lora-rank", type=int, help="LoRA rank (default 16)")
+    ft.add_argument("--batch-size", type=int, help="examples per forward pass (default 1)")
+    ft.add_argument("--gradient-accumulation", type=int, help="forward passes per optimizer step (default 1)")
+    ft.add_argument("--num-workers", type=int, help="data-parallel workers through Ray Train (default 1: no Ray)")
+    ft.add_argument("--schema", help="extraction schema for documents rows that don't name a loadable one")
+    ft.add_argument("--qlora", action="store_true", help="4-bit base weights (bitsandbytes nf4; CUDA only)")
+    ft.add_argument("--skip-invalid", action="store_true", help="drop unusable examples (with a count) instead of "
+                    "stopping")
+    ft.add_argument("--no-resume", action="store_true", help="start over even if OUTPUT has checkpoints")
+    ft.add_argument("--seed", type=int, help="seed for the adapter's initialisation, dropout and example order")
+    ft.add_argument("--longest-edge", type=int, help="rendered page size (default: from the processor, as in runs)")
+    ft.add_argument("--no-image-splitting", action="store_true", help="one image per page, not 5 (as in the runs "
+                    "the adapter will serve)")
+
     config = sub.add_parser("config", help="job configuration tools")
-    config.add_argument("action", choices=["schema"], help="schema: print the configuration's JSON Schema")
+    config.add_argument("action", choices=["schema"], help="schema: print the configuration's JSON Schema (run "
+                        "options; fine-tuning options under $defs.FinetuneConfig)")
+    config.add_argument("--finetune", action="store_true", help="print the fine-tuning job file's schema alone")
 
     bench = sub.add_parser("bench", help="measure render, transfer and pipeline throughput against baselines")
     bench.add_argument("--pages", type=int, help="pages in the synthetic corpus (default 200; 16 with --engines)")
@@ -190,6 +215,53 @@ def config_from_args(args: argparse.Namespace, inputs: list[str], output: str | 
     return RunConfig.model_validate(merged)
 
 
+def finetune_config_from_args(args: argparse.Namespace) -> FinetuneConfig:
+    """The fine-tuning configuration: the --config file (if any), with the flags given on top."""
+    from pipeline.errors import ConfigError
+
+    model = {"name": args.model, "quantization": "4bit" if args.qlora else None,
+             "do_image_splitting": False if args.no_image_splitting else None}
+    flags = {
+        "train": args.train, "eval": args.eval, "output": args.output, "epochs": args.epochs,
+        "learning_rate": args.learning_rate, "batch_size": args.batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation, "num_workers": args.num_workers,
+        "seed": args.seed, "skip_invalid": True if args.skip_invalid else None,
+        "resume": False if args.no_resume else None,
+        "lora": {"rank": args.lora_rank} if args.lora_rank else None,
+        "extract": {"schema": args.schema} if args.schema else None,
+        "render": {"longest_edge": args.longest_edge} if args.longest_edge else None,
+        "model": {k: v for k, v in model.items() if v is not None} or None,
+    }
+    flags = {k: v for k, v in flags.items() if v is not None}
+    merged = _deep_merge(load_config_file(args.config) if args.config else {}, flags)
+    for key, flag in (("train", "--train"), ("output", "--output")):
+        if key not in merged:
+            raise ConfigError(f"no {key}: give {flag}, or '{key}' in the --config file")
+    return FinetuneConfig.model_validate(merged)
+
+
+def config_schema(finetune: bool = False) -> dict:
+    """The run configuration's JSON Schema, with the fine-tuning options beside it in $defs (or those alone)."""
+    tune = FinetuneConfig.model_json_schema(by_alias=True)
+    if finetune:
+        return tune
+    schema = RunConfig.model_json_schema(by_alias=True)
+    schema["$defs"].update(tune.pop("$defs", {}))
+    schema["$defs"]["FinetuneConfig"] = tune
+    return schema
+
+
+def print_finetune_summary(record: dict, output: str, out=sys.stdout) -> None:
+    losses = record["losses"]
+    ex = record["examples"]
+    print(f"adapter    {output} (base {record['base_model']}; load it with: docpipe run --adapter {output})", file=out)
+    print(f"examples   {ex['train']} train, {ex['eval']} eval, {ex['skipped_invalid']} skipped (hash "
+          f"{ex['hash'][:12]})", file=out)
+    print(f"train loss {' '.join(f'{v:.4g}' for v in losses['train'])} (per epoch)", file=out)
+    if losses["eval"]:
+        print(f"eval loss  {' '.join(f'{v:.4g}' for v in losses['eval'])}", file=out)
+
+
 def print_summary(result, out=sys.stdout) -> None:
     m = result.manifest
     docs = ", ".join(f"{k} {v}" for k, v in sorted(m.documents.items()) if k != "total")
@@ -223,7 +295,12 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "config":
             import json
 
-            print(json.dumps(RunConfig.model_json_schema(by_alias=True), indent=2))
+            print(json.dumps(config_schema(args.finetune), indent=2))
+        elif args.command == "finetune":
+            from pipeline.runner import finetune
+
+            config = finetune_config_from_args(args)
+            print_finetune_summary(finetune(config), config.output)
         elif args.command == "bench":
             from jobs.bench import main as bench_main
 

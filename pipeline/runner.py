@@ -2,7 +2,8 @@
 
 One Ray Data plan per run: inputs -> read and render (CPU tasks, lazily, page by page)
 -> model (a fixed-size actor pool, one actor per GPU) -> the driver's sink, which writes
-Parquet as results stream in and accounts for every input document.
+Parquet as results stream in and accounts for every input document. Fine-tuning with
+several workers runs its loop (pipeline/finetune.py) under Ray Train (``finetune``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline import __version__
-from pipeline.config import RunConfig
+from pipeline.config import FinetuneConfig, RunConfig
 from pipeline.documents import expand_document, expand_document_isolated
 from pipeline.errors import InputError
 from pipeline.model import render_edge_for, resolve_checkpoint
@@ -306,3 +307,53 @@ def _execute(config: RunConfig, todo, longest_edge: int, skip_ids: frozenset[str
     )
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         yield batch.to_pylist()
+
+
+def finetune(config: FinetuneConfig) -> dict[str, Any]:
+    """`docpipe finetune`: examples checked and rendered here, before any training; then the training loop in
+    this process, or, with num_workers > 1, in Ray Train workers (data-parallel, DDP over NCCL or gloo)."""
+    import json
+    from pathlib import Path
+
+    from pipeline.finetune import RECORD, prepare_examples, train
+
+    register_secrets(config.storage)
+    prepared = prepare_examples(config)
+    if prepared.skipped:
+        print(f"docpipe: skipped {prepared.skipped} invalid example(s) (--skip-invalid)", file=sys.stderr)
+    if config.num_workers == 1:
+        return train(config, prepared)
+
+    init_ray()
+    import ray
+    from ray.train import RunConfig as TrainRunConfig
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    cpus = ray.cluster_resources().get("CPU", 1)
+    per_worker = {"CPU": 1} if gpus else {"CPU": max(0.5, min(1.0, cpus / config.num_workers))}
+    if not gpus and config.model.cpu_threads is None:
+        # One torch thread per core share: more only contend (as for the CPU model actors of a run).
+        threads = max(1, int(cpus // config.num_workers))
+        config = config.model_copy(update={"model": config.model.model_copy(update={"cpu_threads": threads})})
+    output = Path(config.output).resolve()
+    output.mkdir(parents=True, exist_ok=True)
+    trainer = TorchTrainer(
+        _finetune_worker,
+        train_loop_config={"config": config, "prepared": prepared},
+        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=bool(gpus),
+                                     resources_per_worker=per_worker),
+        torch_config=TorchConfig(backend="nccl" if gpus else "gloo"),
+        # Ray Train's own run records; the adapter and docpipe's checkpoints go to the output itself.
+        run_config=TrainRunConfig(name="docpipe-finetune", storage_path=str(output / "_ray_train")),
+    )
+    trainer.fit()
+    return json.loads((output / RECORD).read_text())
+
+
+def _finetune_worker(loop_config: dict[str, Any]) -> None:
+    """One Ray Train worker: torch.distributed is already set up; pipeline.finetune.train does the rest."""
+    from pipeline.finetune import train
+
+    train(loop_config["config"], loop_config["prepared"])
