@@ -256,6 +256,18 @@ def answer_labels(input_ids, attention_mask, prompt_lens: list[int], prompt_ids:
     return labels
 
 
+def training_text(processor, ex: Example) -> str:
+    """The prompt and the answer as inference will produce them. OCR: the chat template's assistant turn
+    (the model's free text follows the cue after a space; runs strip it). Extraction: the JSON straight after
+    the cue, since the grammar allows no whitespace before it; a space learned there would be a token the
+    grammar forbids at the first step."""
+    from pipeline.model import chat_prompt
+
+    if ex.kind == "extract":
+        return chat_prompt(processor, len(ex.images), ex.instruction) + ex.answer + "<end_of_utterance>"
+    return chat_prompt(processor, len(ex.images), ex.instruction, ex.answer)
+
+
 def encode(m, examples: list[Example], processor_device: str) -> dict[str, Any]:
     """Model inputs with labels for a batch of examples: the inference prompt (``chat_prompt``) followed by the
     answer, through the run's ``model_inputs`` and ``decode_page``."""
@@ -264,7 +276,7 @@ def encode(m, examples: list[Example], processor_device: str) -> dict[str, Any]:
 
     processor = m.processor
     tok = processor.tokenizer
-    texts = [chat_prompt(processor, len(ex.images), ex.instruction, ex.answer) for ex in examples]
+    texts = [training_text(processor, ex) for ex in examples]
     pixels = [[decode_page(*img) for img in ex.images] for ex in examples]
     inputs = model_inputs(m, texts, pixels, processor_device)
     prompts = [chat_prompt(processor, len(ex.images), ex.instruction) for ex in examples]
