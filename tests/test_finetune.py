@@ -270,3 +270,24 @@ def test_config_schema_includes_the_finetune_options():
     assert schema["$defs"]["LoraOptions"]["properties"]["rank"]["description"]
     alone = json.loads(run_cli("config", "schema", "--finetune").stdout)
     assert alone["additionalProperties"] is False and "train" in alone["required"]
+
+
+def test_an_extraction_example_is_the_extraction_prompt_then_the_json_as_the_grammar_writes_it(tiny_model,
+                                                                                                 sample_docs):
+    from pipeline.config import ExtractOptions, FinetuneConfig, ModelOptions
+    from pipeline.extract import ExtractStage
+    from pipeline.finetune import IGNORE, encode, examples_from_rows, render_examples
+
+    schema = "tests.extraction_models:PurchaseOrder"
+    config = FinetuneConfig(train="t", output="o", model={"name": "tiny-random"}, extract={"schema": schema})
+    row = {"source_uri": str(sample_docs / "receipt.png"), "extraction": '{"quantities": [2], "po_number": "A1"}'}
+    [ex] = examples_from_rows([row], "t", config)
+    render_examples([ex], config, 1960)
+    assert ex.problem is None and ex.answer == '{"po_number":"A1","quantities":[2]}'  # schema order, compact
+    inputs = encode(tiny_model, [ex], "cpu")
+    ids, labels = inputs["input_ids"][0].tolist(), inputs["labels"][0].tolist()
+    learned = [i for i, label in enumerate(labels) if label != IGNORE]
+    tok = tiny_model.processor.tokenizer
+    assert tok.decode(ids[learned[0]:learned[-1] + 1]) == ex.answer + "<end_of_utterance>"
+    stage = ExtractStage(ModelOptions(name="tiny-random"), ExtractOptions(schema=schema), tiny_model)
+    assert ids[: learned[0]] == list(tiny_model.processor(text=[stage.prompt(1)])["input_ids"][0])
