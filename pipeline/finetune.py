@@ -223,69 +223,74 @@ def prepare_examples(config: FinetuneConfig) -> Prepared:
 # ---------------------------------------------------------------- batches and labels
 
 
-def prompt_lengths(processor, examples: list[Example]) -> list[int]:
-    """Tokens of each example's prompt (the user turn and the assistant's cue), image tokens expanded."""
-    from pipeline.model import chat_prompt
-
-    prompts = [chat_prompt(processor, len(ex.images), ex.instruction) for ex in examples]
-    return [len(ids) for ids in processor(text=prompts)["input_ids"]]
+EOU = "<end_of_utterance>"
 
 
-def answer_labels(input_ids, attention_mask, prompt_lens: list[int], prompt_ids: list[list[int]] | None,
-                  end_id: int, never: set[int]):
-    """Labels that teach only the answer: every position is IGNORE except the answer's tokens and the
-    <end_of_utterance> that closes it. Padding, the user turn (its image and fake image tokens included),
-    the assistant's cue and whatever the template writes after the answer are all IGNORE."""
-    import torch
-
-    labels = torch.full_like(input_ids, IGNORE)
-    for row in range(input_ids.shape[0]):
-        real = attention_mask[row].nonzero().flatten()
-        start = int(real[0])  # left or right padding alike
-        first = start + prompt_lens[row]
-        ids = input_ids[row].tolist()
-        if prompt_ids is not None and ids[start:first] != prompt_ids[row]:
-            raise ValueError("the tokenizer joins the prompt and the answer into different tokens than the prompt "
-                             "alone: the answer would not follow the inference prompt")
-        end = next((i for i in range(first, int(real[-1]) + 1) if ids[i] == end_id), None)
-        if end is None:
-            raise ValueError("no <end_of_utterance> after the answer")
-        labels[row, first : end + 1] = input_ids[row, first : end + 1]
-    for token in never:  # an answer that spells out "<image>" must not teach image tokens
-        labels[input_ids == token] = IGNORE
-    return labels
-
-
-def training_text(processor, ex: Example) -> str:
-    """The prompt and the answer as inference will produce them. OCR: the chat template's assistant turn
-    (the model's free text follows the cue after a space; runs strip it). Extraction: the JSON straight after
-    the cue, since the grammar allows no whitespace before it; a space learned there would be a token the
-    grammar forbids at the first step."""
+def answer_text(processor, ex: Example, prompt: str) -> str:
+    """What follows the prompt, as inference produces it, up to and including the closing <end_of_utterance>.
+    OCR: the chat template's assistant turn (the model's free text follows the cue after a space; runs strip
+    it). Extraction: the JSON straight after the cue, since the grammar allows no whitespace before it (a
+    space learned there would be a token the grammar forbids at the first step)."""
     from pipeline.model import chat_prompt
 
     if ex.kind == "extract":
-        return chat_prompt(processor, len(ex.images), ex.instruction) + ex.answer + "<end_of_utterance>"
-    return chat_prompt(processor, len(ex.images), ex.instruction, ex.answer)
+        return ex.answer + EOU
+    full = chat_prompt(processor, len(ex.images), ex.instruction, ex.answer)
+    if not full.startswith(prompt) or EOU not in full[len(prompt):]:
+        raise ValueError("the chat template's answer turn does not extend the inference prompt")
+    rest = full[len(prompt):]
+    return rest[: rest.index(EOU) + len(EOU)]
+
+
+def answer_ids(processor, prompt: str, prompt_ids: list[int], text: str) -> list[int]:
+    """The answer's tokens after the prompt's: as the tokenizer splits them in context, unless that merges
+    tokens across the boundary (then the prompt's tokens would differ from inference's), else on their own."""
+    joined = list(processor(text=[prompt + text])["input_ids"][0])
+    if joined[: len(prompt_ids)] == prompt_ids:
+        return joined[len(prompt_ids) :]
+    return list(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def encode(m, examples: list[Example], processor_device: str) -> dict[str, Any]:
-    """Model inputs with labels for a batch of examples: the inference prompt (``chat_prompt``) followed by the
-    answer, through the run's ``model_inputs`` and ``decode_page``."""
+    """Model inputs with labels for a batch: each row is the prompt exactly as a run's model stage gets it
+    (``chat_prompt``, ``decode_page`` and ``model_inputs``: the same tokens and pixels), then the answer's
+    tokens; rows are padded on the right, so every row's positions start at 0 as in generation.
+
+    Labels teach only the answer: every position is IGNORE except the answer's tokens and the
+    <end_of_utterance> that closes it. Padding and the user turn (its image and fake image tokens included)
+    and the assistant's cue are all IGNORE."""
+    import torch
+
     from pipeline.model import chat_prompt
     from pipeline.ocr import decode_page, model_inputs
 
     processor = m.processor
     tok = processor.tokenizer
-    texts = [training_text(processor, ex) for ex in examples]
-    pixels = [[decode_page(*img) for img in ex.images] for ex in examples]
-    inputs = model_inputs(m, texts, pixels, processor_device)
     prompts = [chat_prompt(processor, len(ex.images), ex.instruction) for ex in examples]
-    prompt_ids = processor(text=prompts)["input_ids"]
-    prompt_ids = [list(ids) for ids in prompt_ids]
+    pixels = [[decode_page(*img) for img in ex.images] for ex in examples]
+    inputs = model_inputs(m, prompts, pixels, processor_device)
+    eou = tok.convert_tokens_to_ids(EOU)
     never = {tok.convert_tokens_to_ids(t) for t in ("<image>", "<fake_token_around_image>")} - {tok.unk_token_id}
-    inputs["labels"] = answer_labels(inputs["input_ids"].cpu(), inputs["attention_mask"].cpu(),
-                                     [len(p) for p in prompt_ids], prompt_ids,
-                                     tok.convert_tokens_to_ids("<end_of_utterance>"), never).to(m.device)
+    rows, spans = [], []
+    for r, (ex, prompt) in enumerate(zip(examples, prompts)):
+        ids = inputs["input_ids"][r][inputs["attention_mask"][r].bool()].tolist()  # the prompt without padding
+        answer = answer_ids(processor, prompt, ids, answer_text(processor, ex, prompt))
+        if not answer or answer[-1] != eou:
+            raise ValueError(f"{ex.where}: the answer's tokens do not end with {EOU}")
+        rows.append(ids + answer)
+        spans.append((len(ids), len(ids) + len(answer)))
+    width = max(map(len, rows))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eou
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    for r, (row, (first, end)) in enumerate(zip(rows, spans)):
+        input_ids[r, : len(row)] = torch.tensor(row)
+        attention[r, : len(row)] = 1
+        labels[r, first:end] = input_ids[r, first:end]
+    for token in never:  # an answer that spells out "<image>" must not teach image tokens
+        labels[input_ids == token] = IGNORE
+    inputs.update(input_ids=input_ids.to(m.device), attention_mask=attention.to(m.device), labels=labels.to(m.device))
     return inputs
 
 
@@ -304,13 +309,13 @@ def _target_modules(names: list[str]) -> str:
 def _load_for_training(config: FinetuneConfig):
     import torch
 
-    from pipeline.model import load_model
+    from pipeline.model import load_model, pick_device
 
-    m = load_model(config.model)
+    if config.model.quantization != "none" and pick_device() != "cuda":
+        raise ConfigError("QLoRA (model.quantization 4bit/8bit, --qlora) needs a CUDA GPU: bitsandbytes "
+                          "quantises on the GPU")
+    m = load_model(config.model)  # as runs load it: dtype (bf16 where the GPU has it), attention, quantisation
     torch.set_grad_enabled(True)  # load_model turns autograd off for inference
-    if config.model.quantization != "none" and m.device != "cuda":
-        raise ConfigError("QLoRA (model.quantization 4bit/8bit) needs a CUDA GPU")
-    m.processor.tokenizer.padding_side = "right"  # positions from 0, as generate() gives a left-padded row
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     model = m.model

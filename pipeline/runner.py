@@ -337,8 +337,9 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
         # One torch thread per core share: more only contend (as for the CPU model actors of a run).
         threads = max(1, int(cpus // config.num_workers))
         config = config.model_copy(update={"model": config.model.model_copy(update={"cpu_threads": threads})})
-    output = Path(config.output).resolve()
+    output = Path(config.output).resolve()  # workers don't share the driver's working directory
     output.mkdir(parents=True, exist_ok=True)
+    config = config.model_copy(update={"output": str(output)})
     trainer = TorchTrainer(
         _finetune_worker,
         train_loop_config={"config": config, "prepared": prepared},

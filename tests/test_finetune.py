@@ -61,10 +61,9 @@ def test_labels_mask_everything_but_the_answer_and_training_sees_the_inference_i
     tok = tiny_model.processor.tokenizer
 
     learned = [i for i, label in enumerate(labels) if label != IGNORE]
-    # One span (a batch of one has no padding); the template's newline after the answer is not learned.
-    assert learned == list(range(learned[0], len(ids) - 1)) and tok.decode(ids[-1:]) == "\n"
-    assert [labels[i] for i in learned] == ids[learned[0]:-1]
-    assert tok.decode(ids[learned[0]:-1]) == " Total 42<end_of_utterance>"
+    assert learned == list(range(learned[0], len(ids)))  # one span, at the end (a batch of one has no padding)
+    assert [labels[i] for i in learned] == ids[learned[0]:]
+    assert tok.decode(ids[learned[0]:]) == " Total 42<end_of_utterance>"
     assert ids[learned[-1]] == tok.convert_tokens_to_ids("<end_of_utterance>")
     image, fake = tok.convert_tokens_to_ids("<image>"), tok.convert_tokens_to_ids("<fake_token_around_image>")
     assert ids.count(image) == 5 * 64 and ids.count(fake) == 6  # the page as 5 images, all before the answer
@@ -81,7 +80,7 @@ def test_labels_mask_everything_but_the_answer_and_training_sees_the_inference_i
     assert torch.equal(inputs["pixel_attention_mask"], reference["pixel_attention_mask"])
 
 
-def test_a_batch_pads_on_either_side_and_still_learns_only_the_answers(tiny_model, sample_docs):
+def test_a_batch_learns_only_the_answers_whatever_the_processor_padding(tiny_model, sample_docs):
     from pipeline.config import RenderOptions
     from pipeline.documents import expand_document
     from pipeline.finetune import IGNORE, Example, encode
@@ -97,9 +96,12 @@ def test_a_batch_pads_on_either_side_and_still_learns_only_the_answers(tiny_mode
         finally:
             tok.padding_side = "left"
         for row, ex in enumerate(batch):
-            kept = [t for t, label in zip(inputs["input_ids"][row].tolist(), inputs["labels"][row].tolist())
-                    if label != IGNORE]
+            ids, labels = inputs["input_ids"][row].tolist(), inputs["labels"][row].tolist()
+            kept = [t for t, label in zip(ids, labels) if label != IGNORE]
             assert tok.decode(kept) == f" {ex.answer}<end_of_utterance>"
+            # right padding: the row's real tokens first, so its positions start at 0 as in generation
+            real = inputs["attention_mask"][row].tolist()
+            assert real == sorted(real, reverse=True) and real[0] == 1
 
 
 def test_finetune_learns_page_labels_and_run_with_the_adapter_writes_them(sample_docs, tmp_path):
@@ -211,9 +213,12 @@ def _adapter_weights(folder: Path) -> dict:
 def test_a_killed_run_resumes_from_its_last_checkpoint_to_the_same_adapter(sample_docs, tmp_path):
     import torch
 
+    import pyarrow as pa
+
     rows = [{"source_uri": str(sample_docs / "receipt.png"), "page_number": 1, "text": "one"},
             {"source_uri": str(sample_docs / "scan.jpg"), "page_number": 1, "text": "two"}]
-    train = _jsonl(tmp_path / "train.jsonl", rows)
+    train = tmp_path / "train.parquet"  # as a run's pages table holds them
+    pq.write_table(pa.Table.from_pylist(rows), train)
     # Dropout on, so the resumed run must also restore the random state; a checkpoint every 2 steps and a
     # kill after step 3, so the resumed run redoes a step.
     job = _job(tmp_path / "finetune.yaml", model=MODEL, render=RENDER, epochs=3, learning_rate=1e-2,
@@ -291,3 +296,11 @@ def test_an_extraction_example_is_the_extraction_prompt_then_the_json_as_the_gra
     assert tok.decode(ids[learned[0]:learned[-1] + 1]) == ex.answer + "<end_of_utterance>"
     stage = ExtractStage(ModelOptions(name="tiny-random"), ExtractOptions(schema=schema), tiny_model)
     assert ids[: learned[0]] == list(tiny_model.processor(text=[stage.prompt(1)])["input_ids"][0])
+
+
+def test_qlora_without_a_gpu_is_a_clear_error(sample_docs, tmp_path):
+    train = _jsonl(tmp_path / "train.jsonl", [{"source_uri": str(sample_docs / "receipt.png"), "page_number": 1,
+                                                "text": "x"}])
+    proc = run_cli("finetune", "--train", train, "--output", tmp_path / "a", "--model", "tiny-random", "--qlora",
+                   "--longest-edge", "448")
+    assert proc.returncode == 2 and "QLoRA" in proc.stderr and "needs a CUDA GPU" in proc.stderr
