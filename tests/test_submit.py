@@ -167,13 +167,16 @@ def test_run_without_the_token_or_with_a_wrong_one_is_one_line(head, tiny_checkp
     assert not list((tmp_path / "out").rglob("*.parquet")) and not list((tmp_path / "out").rglob("*.json"))
 
 
-def test_run_against_a_port_where_nothing_listens_is_one_line(tiny_checkpoint, sample_docs, tmp_path):
+def test_run_against_a_port_where_nothing_listens_or_a_dashboard_address_is_one_line(tiny_checkpoint, sample_docs, tmp_path):
     address = f"127.0.0.1:{_free_port()}"
     proc = run_cli("run", sample_docs, "--output", tmp_path / "out", "--model", "tiny-random",
                    env={"RAY_ADDRESS": address, "RAY_AUTH_TOKEN": TOKEN}, unset=new_user(), timeout=60)
     assert _one_error_line(proc) == (
         f"docpipe: error: no Ray cluster answers at {address} (Connection refused): start one with "
         "`ray start --head`, or set RAY_ADDRESS to the head's GCS address (HOST:6379 by default)")
+    proc = run_cli("run", sample_docs, "--output", tmp_path / "out", "--model", "tiny-random",
+                   env={"RAY_ADDRESS": "http://127.0.0.1:8265"}, unset=new_user(), timeout=60)
+    assert "is a dashboard (job server) address: docpipe run joins the cluster's GCS address" in _one_error_line(proc)
 
 
 _SET_CLUSTER_RAY_VERSION = """
