@@ -108,7 +108,7 @@ def joining(address: str, token_given: bool):
     probe(address)
     debug = bool(os.environ.get("DOCPIPE_DEBUG"))
     saved = os.environ.get("RAY_gcs_server_port_wait_time_s")
-    if saved is None:  # the user's own budget stands
+    if saved is None:  # a budget the user set stands
         os.environ["RAY_gcs_server_port_wait_time_s"] = str(JOIN_ATTEMPTS)
     # Ray's C++ client logs each failed try straight to file descriptor 2, so that is what is captured.
     log = tempfile.TemporaryFile(mode="w+b")
