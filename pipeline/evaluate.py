@@ -274,6 +274,8 @@ def write_scores(per_page: list[dict[str, Any]], out, path: str | None) -> str:
         pq.write_table(table, path)
         return path
     rel = f"_eval/page-scores-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.parquet"
+    if out.rename:  # a local folder must exist; object stores have none to make
+        out.fs.create_dir(out.path("_eval"), recursive=True)
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     out.write_bytes(rel, sink.getvalue().to_pybytes())
