@@ -8,12 +8,13 @@ The trust rules (``trust_text_layer``), each a reason to send the page to the mo
 - ``unmapped_font``: a composite (Type0, Identity) font without a ToUnicode map: its text is glyph ids;
 - ``full_page_image``: an image covers 90% of the page: a scan, whose text is in the pixels even when an
   invisible OCR layer lies on top (unless ``trust_ocr_layer``: then that layer counts as visible text);
-- ``hidden_text``: more than ``max_hidden_char_fraction`` of the characters are white, fully transparent,
-  invisible (render mode 3) or outside the page;
+- ``hidden_text``: more than ``max_hidden_char_fraction`` of the characters are white, fully transparent or
+  invisible (render mode 3); text outside the page is clipped away, so a layer that lies there is ``sparse``;
 - ``bad_chars``: more than ``max_bad_char_fraction`` are U+FFFD, private-use or control characters;
 - ``sparse``: fewer visible characters than ``min_chars`` or ``min_chars_per_in2`` times the page's area.
 
-The text of a trusted page is PyMuPDF's sorted extraction (blocks top-left to bottom-right), normalised by
+The text of a trusted page is PyMuPDF's block-sorted extraction (``TextPage.extractText(sort=True)``: MuPDF's
+text blocks ordered top-left to bottom-right, so a column stays whole), normalised by
 ``normalise_layout``: trailing spaces dropped, runs of blank lines collapsed to one, no blank lines at the ends.
 """
 
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from pipeline.config import RouteOptions
 
 FULL_PAGE_IMAGE = 0.9  # share of the page an image must cover to make it a scan
-WHITE = 0.95  # every colour component at least this light (CMYK: at most 1 - this)
+WHITE = 0.95  # every sRGB component at least this light
 CELLS = 256  # blank detection: cells along the page's longest side
 
 
@@ -38,8 +39,8 @@ class TextLayer:
     width_pt: float
     height_pt: float
     chars: int  # non-space characters drawn, wherever and however
-    hidden_chars: int  # of those: white, fully transparent, or outside the page (not invisible-mode ones)
-    invisible_chars: int  # of those: render mode 3 (or other never-painted text): what OCR layers use
+    hidden_chars: int  # of those: drawn in white
+    invisible_chars: int  # of those: never painted (render mode 3, as OCR layers are, or fully transparent)
     bad_chars: int  # of those: U+FFFD, private-use, control
     unmapped_fonts: int  # Type0 Identity fonts with no ToUnicode map
     image_coverage: float  # share of the page covered by its largest image
@@ -83,25 +84,29 @@ def normalise_layout(text: str) -> str:
 
 
 def pymupdf_text_layer(page) -> TextLayer:
-    """A PyMuPDF page's text layer: sorted text, and per-character facts from its text trace."""
+    """A PyMuPDF page's text layer, from one text page: MuPDF's blocks sorted top-left to bottom-right (columns
+    stay whole; PyMuPDF's line-sorted ``get_text(sort=True)`` interleaves them), and per-span facts. Text
+    outside the page is clipped away by MuPDF, so it is neither counted nor kept."""
     import pymupdf
 
-    rect = page.rect
+    tp = page.get_textpage(flags=pymupdf.TEXTFLAGS_TEXT)
     chars = hidden = invisible = bad = 0
-    for span in page.get_texttrace():
-        drawn = [chr(c[0]) for c in span["chars"] if c[0] >= 0 and not chr(c[0]).isspace()]
-        chars += len(drawn)
-        bad += sum(1 for ch in drawn if is_bad_char(ch))
-        if span["type"] == 3:  # text render mode 3: laid out, never painted
-            invisible += len(drawn)
-        elif (span["opacity"] == 0 or _is_white(span["colorspace"], span["color"])
-              or not pymupdf.Rect(span["bbox"]).intersects(rect)):
-            hidden += len(drawn)
+    for block in tp.extractDICT()["blocks"]:
+        for line in block.get("lines", ()):
+            for span in line["spans"]:
+                drawn = [ch for ch in span["text"] if not ch.isspace()]
+                chars += len(drawn)
+                bad += sum(1 for ch in drawn if is_bad_char(ch))
+                if span.get("alpha", 255) == 0:  # render mode 3 (OCR layers) or fully transparent
+                    invisible += len(drawn)
+                elif _is_white(span["color"]):
+                    hidden += len(drawn)
+    rect = page.rect
     area = abs(rect) or 1.0
     coverage = max((abs(pymupdf.Rect(bbox) & rect) / area for kind, bbox in page.get_bboxlog()
                     if kind in ("fill-image", "fill-imgmask")), default=0.0)
     return TextLayer(
-        text=page.get_text("text", sort=True),
+        text=tp.extractText(sort=True),
         width_pt=rect.width,
         height_pt=rect.height,
         chars=chars,
@@ -113,12 +118,8 @@ def pymupdf_text_layer(page) -> TextLayer:
     )
 
 
-def _is_white(colorspace: int, color) -> bool:
-    if not color:
-        return False
-    if colorspace == 4:  # CMYK: no ink
-        return all(c <= 1 - WHITE for c in color)
-    return all(c >= WHITE for c in color)
+def _is_white(srgb: int) -> bool:
+    return all((srgb >> shift) & 0xFF >= WHITE * 255 for shift in (16, 8, 0))
 
 
 def _unmapped_fonts(page) -> int:
@@ -141,10 +142,13 @@ def is_blank(pixels, opts: RouteOptions) -> bool:
         pixels = pixels[mh : h - mh, mw : w - mw]
         h, w = pixels.shape[:2]
     cell = max(1, round(max(h, w) / CELLS))
-    h, w = max(cell, h - h % cell), max(cell, w - w % cell)
-    gray = pixels[:h, :w].astype(np.uint16).sum(axis=2)  # 0..765
-    if gray.shape[0] < cell or gray.shape[1] < cell:  # smaller than one cell: uniform by definition
+    hc, wc = h // cell, w // cell
+    if not hc or not wc:  # smaller than one cell: uniform by definition
         return True
-    cells = gray.reshape(h // cell, cell, w // cell, cell).mean(axis=(1, 3)) / 3.0
+    block = pixels[: hc * cell, : wc * cell]  # a view: reshaping it below needs no copy
+    # Integer sums, rows of a cell first (in uint16: at most cell * 255), then its columns and channels: a
+    # float copy of a 1960 px page cost ten times more.
+    rows = block.reshape(hc, cell, wc * cell * 3).sum(axis=1, dtype=np.uint16)
+    cells = rows.reshape(hc, wc, cell * 3).sum(axis=2, dtype=np.uint32) / (cell * cell * 3)
     ink = np.abs(cells - np.median(cells)) > opts.blank_ink_delta
     return float(ink.mean()) <= opts.blank_max_ink_fraction
