@@ -113,7 +113,11 @@ def _route(page, rendered, route: RouteOptions) -> dict[str, Any]:
     from pipeline.route import is_blank, normalise_layout, trust_text_layer
 
     if route.text_layer == "auto":
-        layer = page.text_layer()
+        try:
+            layer = page.text_layer()
+        except Exception:  # a layer MuPDF can't read is one not to trust: the model reads the page instead
+            reraise_if_fail_fast()
+            layer = None
         if trust_text_layer(layer, route).trusted:
             return {"text": normalise_layout(layer.text), "text_source": "text_layer"}
     if route.skip_blank and is_blank(_pixels(rendered), route):

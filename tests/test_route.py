@@ -332,3 +332,18 @@ def test_mixed_run_through_ray_keeps_the_contract(sample_docs, docs, tmp_path):
                       ("with_blank.pdf", 2, "blank"), ("with_blank.pdf", 3, "text_layer")]
     assert all(p.status == "ok" and (p.model is not None) == (p.text_source == "model") for p in pages)
     assert "text from  model 2, text_layer 5, blank 1" in proc.stdout
+
+
+def test_a_text_layer_that_cannot_be_read_sends_the_page_to_the_model(sample_docs):
+    from pipeline.documents import _route
+    from pipeline.render import render_image
+
+    class Broken:
+        def text_layer(self):
+            raise RuntimeError("MuPDF: syntax error in content stream")
+
+    from PIL import Image
+
+    with Image.open(sample_docs / "receipt.png") as img:
+        rendered = render_image(img, RenderOptions(), 980)
+    assert _route(Broken(), rendered, AUTO) == {}
