@@ -115,7 +115,7 @@ def _route(page, rendered, route: RouteOptions) -> dict[str, Any]:
     if route.text_layer == "auto":
         try:
             layer = page.text_layer()
-        except Exception:  # a layer MuPDF can't read is one not to trust: the model reads the page instead
+        except Exception:  # a layer the renderer cannot read is not trusted: the model reads the page
             reraise_if_fail_fast()
             layer = None
         if trust_text_layer(layer, route).trusted:
