@@ -55,6 +55,12 @@ def _add_run_args(run: argparse.ArgumentParser) -> None:
                      help="Hive partition folders for pages/ and documents/ (default ingest_date)")
     run.add_argument("--progress-interval", type=float, metavar="SECONDS",
                      help="seconds between progress lines when there are no progress bars (default 30)")
+    run.add_argument("--text-layer", choices=["never", "auto"],
+                     help="never (default): the model reads every page; auto: a PDF page with a trustworthy text "
+                     "layer takes its text from it (cheaper for born-digital documents)")
+    run.add_argument("--trust-ocr-layer", action="store_true",
+                     help="with --text-layer auto, also trust a scan's invisible OCR layer")
+    run.add_argument("--no-skip-blank", action="store_true", help="send blank pages to the model too")
     _add_engine_args(run)
 
 
@@ -82,6 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="write sample documents, run the pipeline over them, print a summary")
     demo.add_argument("--workdir", default="demo_output", help="where samples and results go (default ./demo_output)")
     _add_engine_args(demo)
+
+    ev = sub.add_parser("eval", help="score OUT's page text (CER, WER) and extractions against references")
+    ev.add_argument("output", metavar="OUT", help="a docpipe output folder or URI")
+    reference = ev.add_mutually_exclusive_group(required=True)
+    reference.add_argument("--labels", metavar="FILE", help="Parquet, JSONL or CSV: source_uri or doc_id, then "
+                           "page_number and text (pages) or extraction, a JSON object (documents)")
+    reference.add_argument("--against", choices=["text-layer"], help="text-layer: score model-read PDF pages "
+                           "against their own trustworthy text layer (no labels needed)")
+    ev.add_argument("--json", metavar="FILE", help="also write the summary as JSON to FILE")
+    ev.add_argument("--scores", metavar="FILE", help="per-page scores Parquet (default OUT/_eval/page-scores-*.parquet)")
 
     config = sub.add_parser("config", help="job configuration tools")
     config.add_argument("action", choices=["schema"], help="schema: print the configuration's JSON Schema")
@@ -154,6 +170,9 @@ def config_from_args(args: argparse.Namespace, inputs: list[str], output: str | 
               "page_timeout_s": args.page_timeout, "document_timeout_s": args.document_timeout}
     storage = {"endpoint_url": getattr(args, "endpoint_url", None), "region": getattr(args, "region", None),
                "anonymous": getattr(args, "anonymous", False) or None}
+    route = {"text_layer": getattr(args, "text_layer", None),
+             "trust_ocr_layer": True if getattr(args, "trust_ocr_layer", False) else None,
+             "skip_blank": False if getattr(args, "no_skip_blank", False) else None}
     catalog = key_values(getattr(args, "iceberg_catalog", None) or [], "--iceberg-catalog")
     flags = {
         "inputs": inputs or None,
@@ -172,6 +191,7 @@ def config_from_args(args: argparse.Namespace, inputs: list[str], output: str | 
         "progress_interval_s": getattr(args, "progress_interval", None),
         "model": {k: v for k, v in model.items() if v is not None},
         "render": {k: v for k, v in render.items() if v is not None},
+        "route": {k: v for k, v in route.items() if v is not None},
         "storage": {k: v for k, v in storage.items() if v is not None},
         "extract": {("schema" if k == "schema_spec" else k): v for k, v in extract.items() if v is not None},
         "iceberg": {"catalog": catalog} if catalog else None,
@@ -197,6 +217,9 @@ def print_summary(result, out=sys.stdout) -> None:
     print(f"run        {m.run_id}", file=out)
     print(f"documents  {m.documents['total']} ({docs or 'none'})", file=out)
     print(f"pages      {m.pages['total']} ({pages or 'none'})", file=out)
+    sources = {s: m.counters.get(f"pages_{s}", 0) for s in ("model", "text_layer", "blank")}
+    if any(sources.values()):
+        print("text from  " + ", ".join(f"{k} {v}" for k, v in sources.items()), file=out)
     print(f"time       {m.timings['wall_s']:.1f} s, {m.timings['pages_per_s']:.2f} pages/s", file=out)
     print(f"output     {result.output}/pages, {result.output}/documents, {result.output}/_runs/{m.run_id}.json",
           file=out)
@@ -220,6 +243,16 @@ def main(argv: list[str] | None = None) -> int:
             from jobs.demo import main as demo_main
 
             demo_main(args)
+        elif args.command == "eval":
+            import json
+
+            from pipeline.evaluate import evaluate, print_report
+
+            summary = evaluate(args.output, labels=args.labels, against=args.against, scores=args.scores)
+            print_report(summary)
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(summary, f, indent=2)
         elif args.command == "config":
             import json
 

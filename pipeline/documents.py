@@ -13,7 +13,7 @@ import io
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from pipeline.config import RenderOptions, StorageOptions
+from pipeline.config import RenderOptions, RouteOptions, StorageOptions
 from pipeline.errors import RowError, describe, reraise_if_fail_fast
 from pipeline.records import CHUNK, DOCUMENT, PAGE
 from pipeline.render import render_image, render_pdf_page
@@ -53,9 +53,11 @@ def expand_document(
     ocr: bool = True,
     chunk_pages: int | None = None,
     skip_ids: frozenset[str] = frozenset(),
+    route: RouteOptions | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Yield the document record, its page records (with images when ``ocr``) and, when ``chunk_pages`` is
-    set, one chunk record per ``chunk_pages`` pages carrying their images for extraction."""
+    set, one chunk record per ``chunk_pages`` pages carrying their images for extraction. With ``route``
+    (and ``ocr``), a page answered by its text layer or found blank carries its text and no image."""
     doc: dict[str, Any] = {"kind": DOCUMENT, "source_uri": source_uri, "status": "ok"}
     try:
         data = read_bytes(source_uri, storage)
@@ -88,6 +90,8 @@ def expand_document(
             rendered = page(opts, longest_edge)
             row.update(image=rendered.image, image_codec=rendered.codec, width=rendered.width, height=rendered.height,
                        renderer=page.renderer)
+            if ocr and route is not None:
+                row.update(_route(page, rendered, route))
         except RowError as exc:
             reraise_if_fail_fast()
             row.update(status="error", error_type=exc.error_type, error_message=exc.message)
@@ -96,10 +100,41 @@ def expand_document(
             row.update(status="error", error_type="render_error", error_message=describe(exc))
         if chunk_pages and row["status"] == "ok":
             chunk.append(row)
-        yield row if ocr else {k: v for k, v in row.items() if k not in ("image", "image_codec")}
+        # Pages the model won't read travel without their image (chunks above keep theirs, for extraction).
+        routed = row.get("text_source") is not None
+        yield row if ocr and not routed else {k: v for k, v in row.items() if k not in ("image", "image_codec")}
         if chunk_pages and (number % chunk_pages == 0 or number == page_count):
             yield _chunk_record(base, (number - 1) // chunk_pages, chunk_count, chunk)
             chunk = []
+
+
+def _route(page, rendered, route: RouteOptions) -> dict[str, Any]:
+    """text and text_source for a page answered without the model; nothing for a page the model must read."""
+    from pipeline.route import is_blank, normalise_layout, trust_text_layer
+
+    if route.text_layer == "auto":
+        try:
+            layer = page.text_layer()
+        except Exception:  # a layer the renderer cannot read is not trusted: the model reads the page
+            reraise_if_fail_fast()
+            layer = None
+        if trust_text_layer(layer, route).trusted:
+            return {"text": normalise_layout(layer.text), "text_source": "text_layer"}
+    if route.skip_blank and is_blank(_pixels(rendered), route):
+        return {"text": "", "text_source": "blank"}
+    return {}
+
+
+def _pixels(rendered):
+    """A rendered page as an (H, W, 3) uint8 array."""
+    from pipeline.render import RAW_CODEC, decode_raw
+
+    if rendered.codec == RAW_CODEC:
+        return decode_raw(rendered.image, rendered.width, rendered.height)
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(rendered.image)).convert("RGB"))
 
 
 def _maybe_stall(source_uri: str, number: int) -> None:
@@ -159,10 +194,18 @@ def _pdf_pages(data: bytes) -> Iterator:
 
 
 class _PdfPage:
+    """A page callable: called, it renders; every page class also has ``text_layer()`` for routing."""
+
     renderer = "pymupdf"
 
     def __init__(self, pdf, index: int):
         self.pdf, self.index = pdf, index
+
+    def text_layer(self):
+        """This renderer's view of the page's text layer (route.TextLayer), or None if it offers none."""
+        from pipeline.route import pymupdf_text_layer
+
+        return pymupdf_text_layer(self.pdf.load_page(self.index))
 
     def __call__(self, opts: RenderOptions, longest_edge: int):
         page = self.pdf.load_page(self.index)
@@ -192,6 +235,9 @@ class _ImageFrame:
 
     def __init__(self, img, index: int):
         self.img, self.index = img, index
+
+    def text_layer(self):
+        return None  # pixels only: the model reads it
 
     def __call__(self, opts: RenderOptions, longest_edge: int):
         from PIL import Image, ImageOps

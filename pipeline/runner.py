@@ -51,6 +51,7 @@ def _render_args(config: RunConfig, longest_edge: int, skip_ids: frozenset[str])
         "ocr": "ocr" in config.task.split("+"),
         "chunk_pages": config.extract.page_cap if "extract" in config.task else None,
         "skip_ids": skip_ids,
+        "route": config.route,
     }
 
 

@@ -21,7 +21,7 @@ from pipeline.errors import OutputError, describe
 from pipeline.records import CHUNK, DOCUMENT, PAGE
 from pipeline.sources import DocumentRef
 from pipeline.storage import explain, is_remote, join, resolve
-from schemas import CONTRACT_VERSION, DOCUMENTS_SCHEMA, EXTRACTION_COLUMNS, PAGES_SCHEMA, RunManifest
+from schemas import CONTRACT_VERSION, DOCUMENTS_SCHEMA, EXTRACTION_COLUMNS, PAGES_SCHEMA, RunManifest, TextSource
 
 
 class Output:
@@ -329,6 +329,7 @@ class RunSink:
         self.page_counts: Counter[str] = Counter()
         self.doc_counts: Counter[str] = Counter()
         self.counters: Counter[str] = Counter()
+        self.source_counts: Counter[str] = Counter()  # ok pages by text_source
 
     def consume(self, records: list[dict[str, Any]]) -> None:
         finished = []
@@ -354,6 +355,7 @@ class RunSink:
         self.pages.write(page_rows)
         self.documents.write(doc_rows)
         self.page_counts.update(r["status"] for r in page_rows)
+        self.source_counts.update(r["text_source"] for r in page_rows if r["status"] == "ok" and r["text_source"])
         self.doc_counts.update(r["status"] for r in doc_rows)
         if time.monotonic() - self._sealed_at >= self.checkpoint_s:
             self.checkpoint()
@@ -380,7 +382,8 @@ class RunSink:
             documents=dict(self.doc_counts) | {"total": sum(self.doc_counts.values())},
             pages=dict(self.page_counts) | {"total": sum(self.page_counts.values())},
             timings=timings,
-            counters=dict(self.counters) | {f"listing_{k}": v for k, v in listing.items()},
+            counters=dict(self.counters) | {f"listing_{k}": v for k, v in listing.items()}
+            | {f"pages_{s.value}": self.source_counts[s.value] for s in TextSource},
             files=files,
             iceberg=iceberg,
         )

@@ -144,7 +144,8 @@ class RunManifest(BaseModel):
         "actor had loaded its model."
     )
     counters: dict[str, int] = Field(
-        default_factory=dict, description="Other counts, e.g. model_retries: pages re-run after their batch failed."
+        default_factory=dict, description="Other counts, e.g. model_retries: pages re-run after their batch failed; "
+        "pages_model, pages_text_layer, pages_blank: ok pages by text_source."
     )
     files: dict[str, list[str]] = Field(description="Parquet files this run wrote, relative to OUT.")
     iceberg: dict[str, dict[str, int]] | None = Field(
