@@ -94,7 +94,7 @@ def render_pdfium_page(page, opts: RenderOptions, longest_edge: int) -> Rendered
     # Our own bitmap, not page.render(): it sizes by plain ceil and is a pixel wider than MuPDF on many pages.
     bitmap = pdfium.PdfBitmap.new_native(w, h, format=c.FPDFBitmap_BGR, rev_byteorder=True)
     try:
-        bitmap.fill_rect((255, 255, 255, 255), 0, 0, w, h)
+        c.FPDFBitmap_FillRect(bitmap, 0, 0, w, h, 0xFFFFFFFF)  # white paper, as MuPDF's alpha=False pixmaps
         flags = c.FPDF_ANNOT | c.FPDF_REVERSE_BYTE_ORDER  # RGB byte order, annotations drawn (as MuPDF)
         c.FPDF_RenderPageBitmap(bitmap, page, 0, 0, w, h, 0, flags)
         if page.formenv:

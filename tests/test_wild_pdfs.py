@@ -311,3 +311,31 @@ def test_a_run_counts_the_fallbacks_and_records_the_renderer(wild_dir, tmp_path,
         "intact.pdf": ("ok", "pymupdf"), "loop.pdf": ("ok", "pdfium")}
     docs = pq.read_table(tmp_path / "out" / "documents").to_pylist()
     assert {d["status"] for d in docs} == {"ok"} and len(docs) == 4
+
+
+def test_pdfium_pages_match_mupdf_pages_in_size_and_ink():
+    """Same sizing rules, pixel cap included, on rotated, cropped and odd-sized pages."""
+    from pipeline.documents import _PdfPage
+    from pipeline.pdfium import PdfiumPage, open_pdfium
+    from pipeline.render import decode_raw
+
+    doc = pymupdf.open()
+    for width, height, rotate, crop in [(612, 792, 0, None), (595.28, 841.89, 90, None), (612.5, 791.3, 0, None),
+                                        (1000, 700, 270, (100, 50, 800, 650)), (14400, 14400, 0, None)]:
+        page = doc.new_page(width=width, height=height)
+        k = width / 612  # content in proportion to the page
+        page.insert_text((160 * k, 120 * k), "Same page, two engines", fontsize=30 * k)
+        page.draw_rect(pymupdf.Rect(160, 200, 400, 300) * k, color=(0, 0, 0), fill=(0.2, 0.4, 0.8))
+        if crop:
+            page.set_cropbox(pymupdf.Rect(*crop))
+        page.set_rotation(rotate)
+    data = doc.tobytes()
+    mupdf, pdfium = pymupdf.open(stream=data, filetype="pdf"), open_pdfium(data)
+    opts = RenderOptions(max_pixels=3_000_000)  # the poster goes over it, the others stay under
+    for index in range(len(doc)):
+        a, b = _PdfPage(mupdf, index)(opts, 1960), PdfiumPage(pdfium, index)(opts, 1960)
+        assert (a.width, a.height, a.codec) == (b.width, b.height, b.codec), index
+        pa, pb = decode_raw(a.image, a.width, a.height), decode_raw(b.image, b.width, b.height)
+        ink_a, ink_b = pa.min(axis=2) < 160, pb.min(axis=2) < 160
+        assert ink_a.sum() > 300 and (ink_a & ink_b).sum() / (ink_a | ink_b).sum() > 0.8, index
+    assert (a.width, a.height) == (1733, 1733)  # the poster, shrunk by both to the cap: sqrt(3e6), rounded up
