@@ -86,20 +86,13 @@ def mupdf_verdict(data: bytes) -> str:
         return "count raises"
 
 
-def mupdf_page_pixels(data: bytes, opts=OPTS, edge: int = 1960) -> np.ndarray:
-    """How MuPDF renders the intact version of these files' page, through the same stage."""
-    path_free = list(expand_document_bytes(data, opts, edge))
-    return page_pixels(path_free[1])
-
-
-def expand_document_bytes(data: bytes, opts, edge):
-    import tempfile
-    from pathlib import Path
-
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "doc.pdf"
-        path.write_bytes(data)
-        yield from expand_document(str(path), opts, edge)
+def mupdf_page_pixels(data: bytes, tmp_path) -> np.ndarray:
+    """How the stage renders an intact file's page with MuPDF."""
+    path = tmp_path / "intact-reference.pdf"
+    path.write_bytes(data)
+    doc, page = list(expand_document(str(path), OPTS, 1960))
+    assert page["renderer"] == "pymupdf"
+    return page_pixels(page)
 
 
 def page_pixels(rec) -> np.ndarray:
@@ -118,10 +111,10 @@ def wild_dir(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", list(WILD))
-def test_pdfs_mupdf_gives_up_on_render_through_pdfium_in_the_same_render_process(wild_dir, name):
+def test_pdfs_mupdf_gives_up_on_render_through_pdfium_in_the_same_render_process(wild_dir, name, tmp_path):
     data, verdict = WILD[name]
     assert mupdf_verdict(data) == verdict  # the premise: MuPDF alone would lose this document
-    intact = mupdf_page_pixels(one_page_pdf())
+    intact = mupdf_page_pixels(one_page_pdf(), tmp_path)
 
     before = list(expand_document_isolated(str(wild_dir / "intact.pdf"), OPTS, 1960))
     from pipeline import documents
