@@ -205,7 +205,7 @@ class _PdfiumFallback:
     """The PDFium copy of a document MuPDF opened, made the first time MuPDF fails on one of its pages."""
 
     def __init__(self, data: bytes):
-        self.data, self.pdf, self.error = data, None, None
+        self.data, self.pdf, self.error = data, None, None  # error: why PDFium could not open it
 
     def page(self, index: int):
         from pipeline.pdfium import PdfiumOpenError, PdfiumPage, open_pdfium
@@ -215,9 +215,9 @@ class _PdfiumFallback:
                 self.pdf = open_pdfium(self.data)
             except Exception as exc:
                 why = str(exc) if isinstance(exc, PdfiumOpenError) else describe(exc)
-                self.error = RowError("render_error", f"cannot open the document: {why}")
+                self.error = f"cannot open the document: {why}"
         if self.error is not None:
-            raise self.error
+            raise RowError("render_error", self.error)
         return PdfiumPage(self.pdf, index)
 
 
@@ -231,9 +231,10 @@ class _WithFallback:
     def __call__(self, opts: RenderOptions, longest_edge: int):
         try:
             return self.page(opts, longest_edge)
+        except RowError as exc:
+            error_type, first = exc.error_type, exc.message
         except Exception as exc:
-            error_type, first = (exc.error_type, exc.message) if isinstance(exc, RowError) else ("render_error",
-                                                                                               describe(exc))
+            error_type, first = "render_error", describe(exc)
         try:
             second = self._fallback()
             rendered = second(opts, longest_edge)
