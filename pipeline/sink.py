@@ -328,7 +328,7 @@ class RunSink:
         self.ledger = DocumentLedger(refs, run_id, schema)
         self.page_counts: Counter[str] = Counter()
         self.doc_counts: Counter[str] = Counter()
-        self.counters: Counter[str] = Counter()
+        self.counters: Counter[str] = Counter(documents_opened_pdfium=0, pages_rendered_pdfium=0)  # 0s shown too
         self.source_counts: Counter[str] = Counter()  # ok pages by text_source
 
     def consume(self, records: list[dict[str, Any]]) -> None:
@@ -336,8 +336,12 @@ class RunSink:
         for rec in records:
             if rec["kind"] != DOCUMENT:
                 self.counters["output_tokens"] += rec.get("output_tokens") or 0
+            elif rec.get("renderer") == "pdfium":  # MuPDF gave up on the whole document
+                self.counters["documents_opened_pdfium"] += 1
             if rec["kind"] == PAGE:
                 self.counters["model_retries"] += rec.get("retries") or 0
+                if rec.get("renderer") == "pdfium":  # those documents' pages, and pages MuPDF failed on
+                    self.counters["pages_rendered_pdfium"] += 1
             if rec["kind"] == CHUNK:
                 self.counters["extractions"] += 1
             done = self.ledger.add(rec)
