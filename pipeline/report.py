@@ -370,7 +370,7 @@ def plot_rate(points: list[tuple[float, int]], average: float | None) -> bytes:
     ax.set_xlabel("seconds since the run started")
     ax.set_ylabel("pages/s")
     ax.set_ylim(bottom=0)
-    ax.legend(loc="lower right", frameon=False)
+    ax.legend(loc="best", frameon=False)
     ax.spines[["top", "right"]].set_visible(False)
     fig.tight_layout()
     return _svg(fig)

@@ -21,6 +21,20 @@ HOSTILE_VALUE = "<script>window.pwned=3</script>"
 BAD = ["empty.pdf", "encrypted.pdf", "notes.txt", "truncated.pdf", "multi.tiff"]
 
 
+def _second_frame_cut() -> bytes:
+    """A 2-page TIFF whose second frame's pixel data is cut short: page 1 renders, page 2 fails."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    frames = [Image.effect_noise((200, 200), 60).convert("RGB") for _ in range(2)]
+    frames[0].save(buf, format="TIFF", save_all=True, append_images=frames[1:])
+    img = Image.open(io.BytesIO(buf.getvalue()))
+    img.seek(1)
+    return buf.getvalue()[: img.tile[0].offset + 1000]
+
+
 @pytest.fixture(scope="module")
 def browser():
     from tests.browser import chromium_path
@@ -53,32 +67,39 @@ def extract_run(tmp_path_factory, tiny_checkpoint, sample_docs):
     shutil.copy(sample_docs / "scan.jpg", folder / HOSTILE_NAME)
     for name in BAD:
         (folder / name).write_bytes(CORPUS[name][0]())
+    (folder / "cut.tiff").write_bytes(_second_frame_cut())
     out = tmp_path_factory.mktemp("report-out")
     config = RunConfig(inputs=[str(folder)], output=str(out), task="ocr+extract", executor="local",
                        model={"name": "tiny-random", "max_new_tokens": 6},
-                       extract={"schema": "tests.extraction_models:AuditedTotal", "max_new_tokens": 48})
+                       extract={"schema": "tests.extraction_models:AuditedTotal", "max_new_tokens": 48},
+                       checkpoint_s=0.001)  # a file per finished document: points for the pages/s curve
     manifest = run(config).manifest.model_dump()
 
     # What a model could write: the report must show it as text.
-    (pages_file,) = manifest["files"]["pages"]
-    pages = pq.read_table(out / pages_file).to_pylist()
-    for p in pages:
-        if p["source_uri"].endswith("report.pdf") and p["page_number"] == 1:
-            p["text"] = HOSTILE_TEXT
-    _rewrite(out / pages_file, pages)
-    (docs_file,) = manifest["files"]["documents"]
-    docs = pq.read_table(out / docs_file).to_pylist()
-    for d in docs:
-        if d["source_uri"].endswith("report.pdf"):
-            assert any(e.startswith("total: ") for e in d["validation_errors"]), d["validation_errors"]
-            d["extraction"] = json.dumps(json.loads(d["extraction"]) | {"note": HOSTILE_VALUE})
-    _rewrite(out / docs_file, docs)
+    pages, docs = [], []
+    for rel in manifest["files"]["pages"]:
+        rows = pq.read_table(out / rel).to_pylist()
+        for p in rows:
+            if p["source_uri"].endswith("report.pdf") and p["page_number"] == 1:
+                p["text"] = HOSTILE_TEXT
+        _rewrite(out / rel, rows)
+        pages += rows
+    for rel in manifest["files"]["documents"]:
+        rows = pq.read_table(out / rel).to_pylist()
+        for d in rows:
+            if d["source_uri"].endswith("report.pdf"):
+                assert any(e.startswith("total: ") for e in d["validation_errors"]), d["validation_errors"]
+                d["extraction"] = json.dumps(json.loads(d["extraction"]) | {"note": HOSTILE_VALUE})
+        _rewrite(out / rel, rows)
+        docs += rows
     return out, manifest, pages, {d["source_uri"].rsplit("/", 1)[-1]: d for d in docs}
 
 
 def _rewrite(path, rows):
-    schema = pq.read_schema(path)
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+    """Write the rows back, keeping the file's modification time (the report's pages/s curve reads it)."""
+    stat = os.stat(path)
+    pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(path)), path)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
 
 @pytest.fixture(scope="module")
@@ -109,15 +130,18 @@ def test_overview_counts_are_the_manifests(browser, site, extract_run):
     for table in ("documents", "pages"):
         for status, n in manifest[table].items():
             assert _count(page, f"{table}.{status}") == n, (table, status)
-    assert manifest["documents"]["error"] == 4 and manifest["documents"]["total"] == 8
+    assert manifest["documents"] == {"ok": 4, "partial": 1, "error": 4, "total": 9}
     for error_type in ("empty_file", "encrypted_document", "unsupported_media_type", "corrupt_document"):
         assert _count(page, f"documents.error.{error_type}") == 1
+    assert _count(page, "pages.error.image_decode_error") == manifest["pages"]["error"] == 1
     assert _count(page, "extraction.invalid") == sum(1 for d in docs.values() if d["valid"] is False) > 0
     assert _count(page, "text_source.model") == manifest["pages"]["ok"]
     # The plots are the site's own files and they load.
     for img in page.locator(".plots img").all():
         assert img.evaluate("el => el.complete && el.naturalWidth > 0"), img.get_attribute("src")
-    assert page.locator(".plots img").count() == 2  # status counts and output tokens (one sealed file: no rate)
+    # Status counts, output tokens, and pages/s from the times the run's pages files were sealed.
+    assert page.locator(".plots img").evaluate_all("els => els.map(e => e.getAttribute('src'))") == [
+        "plots/status.svg", "plots/tokens.svg", "plots/rate.svg"]
 
     # Filtering the list by status and by error type.
     page.select_option("#filter-status", "error")
@@ -127,6 +151,8 @@ def test_overview_counts_are_the_manifests(browser, site, extract_run):
     page.select_option("#filter-status", "")
     page.select_option("#filter-error", "encrypted_document")
     assert visible.all_inner_texts()[0].startswith("encrypted.pdf") and visible.count() == 1
+    page.select_option("#filter-error", "image_decode_error")
+    assert visible.all_inner_texts()[0].startswith("cut.tiff") and visible.count() == 1
     assert page.errors == []
 
 
@@ -194,7 +220,7 @@ def _views(page) -> dict[str, str]:
 
 
 def test_every_page_shows_its_text_or_error(browser, site, extract_run):
-    """All documents get a full view here (8 < the cap): each shows every recorded page, with its text or its
+    """All documents get a full view here (9 < the cap): each shows every recorded page, with its text or its
     error, and documents that could not be opened show why."""
     _, _, rows, docs = extract_run
     page = _open(browser, site / "index.html")
@@ -209,8 +235,14 @@ def test_every_page_shows_its_text_or_error(browser, site, extract_run):
             has_text = article.locator(".page-markdown").count() == 1
             has_error = article.locator(".page-error").count() == 1
             assert has_text != has_error, name
-        if doc["status"] == "error":
+        if doc["status"] != "ok":
             assert page.locator("#doc-error").inner_text() == f"{doc['error_type']} {doc['error_message']}"
+    # The failed page: its recorded error beside why the report has no image of it either.
+    failed = next(r for r in rows if r["status"] == "error")
+    page.goto(views["cut.tiff"])
+    assert page.locator("#page-2 .page-error").inner_text() == f"image_decode_error {failed['error_message']}"
+    assert page.locator("#page-2 .noimage").inner_text().startswith("no image: image_decode_error: OSError")
+    assert page.locator("#page-1 img").evaluate("el => el.naturalWidth") == 200
     assert page.errors == []
 
 
