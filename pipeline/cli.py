@@ -243,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
             options = ReportOptions(**{k: v for k, v in (("max_documents", args.max_documents),
                                                          ("max_page_images", args.max_page_images),
                                                          ("image_edge", args.image_edge)) if v is not None})
-            result = write_report(args.out, args.run, args.output, storage, options)
+            result = write_report(args.out, args.run, args.output, storage, options,
+                                  log=lambda line: print(line, file=sys.stderr, flush=True))
             docs = ", ".join(f"{k} {v}" for k, v in result.documents.items())
             print(f"run        {result.run_id}")
             print(f"documents  {sum(result.documents.values())} ({docs or 'none'}); {result.full_views} with a full "

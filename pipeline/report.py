@@ -28,6 +28,9 @@ from schemas import DOCUMENTS_SCHEMA, PAGES_SCHEMA
 
 ERROR_FIRST = ("error", "partial")  # statuses whose documents get a full view before any sample
 STATUS_ORDER = ("ok", "partial", "error", "skipped")
+# What the overview and the list need, for every row: no page text, JSON or raw output.
+DOCUMENT_LIST_COLUMNS = ["source_uri", "doc_id", "size_bytes", "media_type", "page_count", "status", "error_type",
+                         "error_message", "schema_name", "valid", "extraction_finish_reason"]
 PAGE_STAT_COLUMNS = ["source_uri", "page_number", "status", "error_type", "error_message", "output_tokens",
                      "finish_reason", "text_source", "renderer"]
 
@@ -128,8 +131,12 @@ def choose_full_views(documents: list[dict[str, Any]], cap: int, seed: str) -> t
     troubled = [d for d in documents if d["status"] in ERROR_FIRST]
     others = [d for d in documents if d["status"] not in ERROR_FIRST]
     chosen = troubled[:cap]
-    room = cap - len(chosen)
-    sample = random.Random(seed).sample(others, min(room, len(others))) if room > 0 else []
+    rnd = random.Random(seed)
+    sample = []
+    # Skipped documents have no pages in this run: they come last.
+    for group in ([d for d in others if d["status"] != "skipped"], [d for d in others if d["status"] == "skipped"]):
+        room = cap - len(chosen) - len(sample)
+        sample += rnd.sample(group, min(room, len(group))) if room > 0 else []
     chosen += sample
     if len(chosen) == len(documents):
         note = f"Every document ({len(documents)}) has a full view."
@@ -190,9 +197,9 @@ def json_tree(value: Any, errors: list[str]) -> tuple[dict[str, Any] | None, lis
     return root, apart
 
 
-def summarize(manifest: dict[str, Any], documents: list[dict[str, Any]], pages) -> dict[str, Any]:
+def summarize(manifest: dict[str, Any], documents: list[dict[str, Any]], page_rows: list[dict[str, Any]]
+              ) -> dict[str, Any]:
     """The overview's figures, counted from the rows themselves (and checked against the manifest)."""
-    page_rows = pages.to_pylist()
     doc_counts = Counter(d["status"] for d in documents)
     page_counts = Counter(p["status"] for p in page_rows)
 
@@ -477,11 +484,11 @@ def write_report(output_uri: str, run_id: str | None = None, site_uri: str | Non
     except Exception as exc:
         raise OutputError(explain(f"cannot write the report to {site_uri}: {describe(exc)}")) from None
 
-    documents = _read_table(out, manifest, "documents", DOCUMENTS_SCHEMA.names).to_pylist()
+    documents = _read_table(out, manifest, "documents", DOCUMENT_LIST_COLUMNS).to_pylist()
     documents.sort(key=lambda d: d["source_uri"])
-    pages = _read_table(out, manifest, "pages", PAGE_STAT_COLUMNS)
+    pages = _read_table(out, manifest, "pages", PAGE_STAT_COLUMNS).to_pylist()  # no text: small even for big runs
     summary = summarize(manifest, documents, pages)
-    failed_pages = Counter(p["source_uri"] for p in pages.to_pylist() if p["status"] != "ok")
+    failed_pages = Counter(p["source_uri"] for p in pages if p["status"] != "ok")
 
     chosen, views_note = choose_full_views(documents, options.max_documents, run_id)
     view_of = {d["source_uri"]: f"docs/{i + 1:05d}.html" for i, d in enumerate(chosen)}
@@ -511,16 +518,21 @@ def write_report(output_uri: str, run_id: str | None = None, site_uri: str | Non
                           f"{len(points)} non-empty pages file(s); a curve needs at least 2 (one per checkpoint, "
                           f"every checkpoint_s = {config.get('checkpoint_s', '?')} s). The run's average is above.")
 
-    # Document views: pages rendered afresh beside what the run recorded for them.
+    # Document views: pages rendered afresh beside what the run recorded for them. Only these documents' text,
+    # JSON and raw output are read.
     image_count = 0
     page_rows = defaultdict(list)
     if chosen:
-        for p in _read_table(out, manifest, "pages", PAGES_SCHEMA.names, {d["source_uri"] for d in chosen}).to_pylist():
+        uris = {d["source_uri"] for d in chosen}
+        for p in _read_table(out, manifest, "pages", PAGES_SCHEMA.names, uris).to_pylist():
             page_rows[p["source_uri"]].append(p)
+        full = {d["source_uri"]: d for d in _read_table(out, manifest, "documents", DOCUMENTS_SCHEMA.names,
+                                                        uris).to_pylist()}
+        chosen = [full[d["source_uri"]] for d in chosen]
     md = _markdown()
     template = env.get_template("document.html")
     for n, doc in enumerate(chosen, 1):
-        log(f"document {n}/{len(chosen)}: {doc['source_uri']}")
+        log(f"rendering document {n}/{len(chosen)}: {doc['source_uri']}")
         rows = sorted(page_rows[doc["source_uri"]], key=lambda p: p["page_number"])
         images, failed, notes = {}, {}, []
         if rows:

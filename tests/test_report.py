@@ -262,12 +262,35 @@ def test_json_tree_places_errors_at_their_fields():
 
 def test_full_views_put_errors_first_then_a_sample():
     docs = [{"source_uri": f"d{i:02d}", "status": "ok"} for i in range(20)] + [
+        {"source_uri": f"s{i}", "status": "skipped"} for i in range(5)] + [
         {"source_uri": "e1", "status": "error"}, {"source_uri": "p1", "status": "partial"}]
     chosen, note = choose_full_views(docs, 5, "run-1")
     assert {"e1", "p1"} <= {d["source_uri"] for d in chosen} and len(chosen) == 5
+    assert not [d for d in chosen if d["status"] == "skipped"]  # no pages in this run: last in line
     assert chosen == choose_full_views(docs, 5, "run-1")[0]  # the same run gives the same sample
-    assert note == ("Full views for 5 of 22 documents (the cap is 5): 2 of 2 in error or partial, then a random "
-                    "sample of 3 of the 20 others.")
+    assert note == ("Full views for 5 of 27 documents (the cap is 5): 2 of 2 in error or partial, then a random "
+                    "sample of 3 of the 25 others.")
+    chosen, note = choose_full_views(docs, 24, "run-1")
+    assert sum(d["status"] == "skipped" for d in chosen) == 2
+    assert choose_full_views(docs, 27, "run-1")[1] == "Every document (27) has a full view."
+
+
+def test_an_output_older_than_contract_v3_is_shown(extract_run, tmp_path):
+    """Pages files from before text_source and renderer existed: the report reads them as not recorded."""
+    from pipeline.report import ReportOptions, write_report
+
+    out, manifest, _, _ = extract_run
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    for rel in manifest["files"]["pages"]:
+        table = pq.read_table(old / rel)
+        pq.write_table(table.drop_columns(["text_source", "renderer"]), old / rel)
+    result = write_report(str(old), site_uri=str(tmp_path / "site"), options=ReportOptions(max_documents=1))
+    assert result.pages == {"ok": manifest["pages"]["ok"], "error": 1} and result.full_views == 1
+    index = (tmp_path / "site" / "index.html").read_text()
+    assert (f'<td data-count="text_source.not recorded (output older than contract v3)">{manifest["pages"]["ok"]}'
+            in index)
+    assert "Full views for 1 of 9 documents (the cap is 1): 1 of 5 in error or partial" in index
 
 
 def test_report_errors_are_one_line(tmp_path, extract_run):
