@@ -16,7 +16,10 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 
 
 def chromium_path() -> str | None:
-    return os.environ.get("DOCPIPE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    """The browser: DOCPIPE_CHROMIUM when set (None if no such file), else chromium on the PATH."""
+    if os.environ.get("DOCPIPE_CHROMIUM"):
+        return os.environ["DOCPIPE_CHROMIUM"] if os.path.isfile(os.environ["DOCPIPE_CHROMIUM"]) else None
+    return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @contextmanager
