@@ -98,6 +98,19 @@ def build_parser() -> argparse.ArgumentParser:
                            "against their own trustworthy text layer (no labels needed)")
     ev.add_argument("--json", metavar="FILE", help="also write the summary as JSON to FILE")
     ev.add_argument("--scores", metavar="FILE", help="per-page scores Parquet (default OUT/_eval/page-scores-*.parquet)")
+    report = sub.add_parser("report", help="write a static HTML report of a run: overview, documents, pages "
+                            "beside their text and JSON")
+    report.add_argument("out", metavar="OUT", help="a docpipe output folder or URI (what `docpipe run -o` wrote)")
+    report.add_argument("--run", metavar="RUN_ID", help="the run to show (default: the latest in OUT)")
+    report.add_argument("--output", "-o", metavar="DIR", help="where the site goes, a folder or URI "
+                        "(default OUT/_reports/RUN_ID)")
+    report.add_argument("--max-documents", type=int, help="documents with a full view (default 100): errors and "
+                        "partials first, then a sample")
+    report.add_argument("--max-page-images", type=int, help="pages per document shown as images (default 50)")
+    report.add_argument("--image-edge", type=int, help="longest side of page images in pixels (default 1000)")
+    report.add_argument("--endpoint-url", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)")
+    report.add_argument("--region", help="S3 region (default: AWS_REGION / AWS_DEFAULT_REGION)")
+    report.add_argument("--anonymous", action="store_true", help="unsigned S3 requests (public buckets)")
 
     config = sub.add_parser("config", help="job configuration tools")
     config.add_argument("action", choices=["schema"], help="schema: print the configuration's JSON Schema")
@@ -253,6 +266,24 @@ def main(argv: list[str] | None = None) -> int:
             if args.json:
                 with open(args.json, "w") as f:
                     json.dump(summary, f, indent=2)
+        elif args.command == "report":
+            from pipeline.config import StorageOptions
+            from pipeline.report import ReportOptions, write_report
+
+            storage = StorageOptions(**{k: v for k, v in (("endpoint_url", args.endpoint_url), ("region", args.region),
+                                                            ("anonymous", args.anonymous or None)) if v is not None})
+            options = ReportOptions(**{k: v for k, v in (("max_documents", args.max_documents),
+                                                         ("max_page_images", args.max_page_images),
+                                                         ("image_edge", args.image_edge)) if v is not None})
+            result = write_report(args.out, args.run, args.output, storage, options,
+                                  log=lambda line: print(line, file=sys.stderr, flush=True))
+            docs = ", ".join(f"{k} {v}" for k, v in result.documents.items())
+            print(f"run        {result.run_id}")
+            print(f"documents  {sum(result.documents.values())} ({docs or 'none'}); {result.full_views} with a full "
+                  f"view, {result.page_images} page images")
+            for note in result.notes:
+                print(f"warning    {note}")
+            print(f"report     {result.index}")
         elif args.command == "config":
             import json
 
