@@ -103,6 +103,52 @@ class RenderOptions(_Options):
     )
 
 
+class RouteOptions(_Options):
+    """Which pages go to the model. Decided per page in the render stage (pipeline/route.py); a page answered
+    otherwise (its PDF text layer, or blank) is never shipped to the model actors."""
+
+    text_layer: Literal["never", "auto"] = Field(
+        "never",
+        description="'never': every page goes to the model. 'auto': a PDF page whose text layer passes the "
+        "trust rules (enough visible characters for its area, few replacement or private-use characters, "
+        "every font mapped to Unicode, not a full-page image) takes its text from that layer, in PyMuPDF's "
+        "sorted reading order; the other pages go to the model. The cheaper choice for born-digital collections.",
+    )
+    trust_ocr_layer: bool = Field(
+        False, description="With text_layer auto, also trust the invisible OCR layer that scanners put over a "
+        "full-page image (its quality is that of the scanner's OCR, unknown here).",
+    )
+    min_chars: int = Field(20, ge=0, description="Fewest visible characters a text layer must have to be trusted.")
+    min_chars_per_in2: float = Field(
+        0.5, ge=0, description="Fewest visible characters per square inch of page (a letter page: 47). A sparser "
+        "layer suggests the page's text is in its pixels.",
+    )
+    max_bad_char_fraction: float = Field(
+        0.01, ge=0, le=1, description="Largest share of replacement (U+FFFD), private-use and control characters: "
+        "fonts without a Unicode map produce them.",
+    )
+    max_hidden_char_fraction: float = Field(
+        0.02, ge=0, le=1, description="Largest share of characters nobody sees: white, fully transparent, "
+        "invisible (render mode 3) or outside the page.",
+    )
+    skip_blank: bool = Field(
+        True, description="Give blank pages (near-uniform rendered image) empty text without the model.",
+    )
+    blank_ink_delta: int = Field(
+        48, ge=1, le=255, description="A cell of the rendered page (about 1/256 of its longest side, averaged, "
+        "which evens out scanner noise) is ink when it differs from the page's median by more than this many "
+        "grey levels.",
+    )
+    blank_max_ink_fraction: float = Field(
+        0.0002, ge=0, le=1, description="A page whose ink cells are at most this share of its cells is blank "
+        "(0.0002: less ink than a short word; dust specks stay under it).",
+    )
+    blank_margin: float = Field(
+        0.04, ge=0, lt=0.5, description="Share of each side ignored by blank detection: scanner edges, shadows "
+        "and faint borders.",
+    )
+
+
 class ExtractOptions(_Options):
     """JSON extraction (task 'extract' or 'ocr+extract')."""
 
@@ -203,6 +249,7 @@ class RunConfig(_Options):
     extract: ExtractOptions = Field(default_factory=ExtractOptions)
     model: ModelOptions = Field(default_factory=ModelOptions)
     render: RenderOptions = Field(default_factory=RenderOptions)
+    route: RouteOptions = Field(default_factory=RouteOptions)
     num_actors: int | None = Field(
         None, ge=1, description="Model actors. Default: actors_per_gpu per GPU in the cluster, or one CPU actor."
     )

@@ -23,6 +23,10 @@ class ConfigError(FatalError):
     """A setting that can't work (an unknown schema, say), found before any document is read."""
 
 
+class ClusterError(FatalError):
+    """The Ray cluster named by the user can't be joined: nothing answers, a refused token, other versions."""
+
+
 class ModelLoadError(FatalError):
     """The model or its processor could not be loaded."""
 

@@ -52,6 +52,7 @@ def _render_args(config: RunConfig, longest_edge: int, skip_ids: frozenset[str])
         "ocr": "ocr" in config.task.split("+"),
         "chunk_pages": config.extract.page_cap if "extract" in config.task else None,
         "skip_ids": skip_ids,
+        "route": config.route,
     }
 
 
@@ -127,16 +128,28 @@ def new_run_id() -> str:
 
 def init_ray() -> None:
     """Join the cluster named by RAY_ADDRESS, or start a local Ray instance bound to loopback."""
+    from pipeline import cluster
+
     address = os.environ.get("RAY_ADDRESS") or None
-    if address is None:
+    token_given = False
+    if address is None or cluster.is_loopback(address):
         # A local instance needs no other host: without this, Ray listens on every interface and advertises
-        # the machine's network address. Read when Ray is first imported.
+        # the machine's network address. A head joined on loopback is on this machine: without this, Ray
+        # swaps 127.0.0.1 for the network address, where a head bound to loopback never answers. Read when
+        # Ray is first imported.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if address is not None:
+        token_given = cluster.use_token_auth()  # before Ray is imported, which reads the mode once
     import ray
 
-    if not ray.is_initialized():
+    if ray.is_initialized():
+        return
+    if address is None:
         # "local": a new instance, even if `ray start` left a cluster on this machine (ray.init() would join it)
-        ray.init(address=address or "local", include_dashboard=False, logging_level="WARNING")
+        ray.init(address="local", include_dashboard=False, logging_level="WARNING")
+    else:
+        with cluster.joining(address, token_given):
+            ray.init(address=address, include_dashboard=False, logging_level="WARNING")
 
 
 def run(config: RunConfig) -> RunResult:
