@@ -220,6 +220,27 @@ def prepare_examples(config: FinetuneConfig) -> Prepared:
     return Prepared(train, evals, len(bad), examples_hash(train, evals), longest_edge)
 
 
+def adapter_mismatches(adapter: str, run, longest_edge: int) -> list[str]:
+    """How a run's options differ from those its adapter (a docpipe_finetune.json beside it) was trained with,
+    in what shapes the model's input: page size, image splitting, prompts, base model. Empty when they match,
+    or when the adapter has no record (trained elsewhere)."""
+    record_path = Path(adapter) / RECORD
+    if not record_path.is_file():
+        return []
+    record = json.loads(record_path.read_text())
+    trained = record.get("options", {})
+    model, extract = trained.get("model", {}), trained.get("extract", {})
+    checks = [
+        ("base model", record.get("base_model"), run.model.name),
+        ("rendered page size (longest_edge)", record.get("rendered_longest_edge"), longest_edge),
+        ("image splitting", model.get("do_image_splitting"), run.model.do_image_splitting),
+        ("OCR prompt", model.get("prompt"), run.model.prompt),
+        ("extraction prompt", extract.get("prompt"), run.extract.prompt),
+    ]
+    return [f"adapter {adapter} was trained with {what} {was!r}, this run uses {now!r}: the model sees other "
+            "inputs than it was tuned on" for what, was, now in checks if was != now]
+
+
 # ---------------------------------------------------------------- batches and labels
 
 

@@ -176,6 +176,11 @@ def run(config: RunConfig) -> RunResult:
     stale = remove_stale_tmp(out)
     checkpoint = resolve_checkpoint(config.model.name)
     longest_edge = config.render.longest_edge or render_edge_for(checkpoint, config.model)
+    if config.model.adapter:
+        from pipeline.finetune import adapter_mismatches
+
+        for problem in adapter_mismatches(config.model.adapter, config, longest_edge):
+            print(f"docpipe: warning: {problem}", file=sys.stderr)
     run_id = new_run_id()
     partition = "" if config.partition_by == "none" else f"ingest_date={started_at[:10]}"
     sink = RunSink(out, run_id, refs, config.rows_per_file, schema, config.checkpoint_s, partition)

@@ -38,6 +38,7 @@ def _run_with_adapter(tmp_path: Path, inputs: list, adapter: Path, **extra) -> P
                model={**MODEL, "adapter": str(adapter), "max_new_tokens": 12}, render=RENDER, **extra)
     proc = run_cli("run", "--config", job, "--no-progress")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "docpipe: warning: adapter" not in proc.stderr  # run with the options the adapter was trained with
     return out
 
 
@@ -131,8 +132,22 @@ def test_finetune_learns_page_labels_and_run_with_the_adapter_writes_them(sample
     out = _run_with_adapter(tmp_path, [sample_docs / n for n in ("report.pdf", "minutes.pdf", "receipt.png",
                                                                   "fax.tiff")], adapter)
     texts = {(r["source_uri"], r["page_number"]): r["text"] for r in pq.read_table(out / "pages").to_pylist()}
+    from pipeline.config import RunConfig
+    from pipeline.finetune import adapter_mismatches
+
+    same = RunConfig(output="o", model=MODEL, render=RENDER)
+    assert adapter_mismatches(str(adapter), same, 448) == []
+    other = RunConfig(output="o", model={**MODEL, "do_image_splitting": True})
+    [warning] = adapter_mismatches(str(adapter), other, 448)
+    assert "image splitting False, this run uses True" in warning
     assert {(r["source_uri"], r["page_number"]): texts[(r["source_uri"], r["page_number"])] for r in rows} == {
         (r["source_uri"], r["page_number"]): r["text"] for r in rows}
+
+    # The loop closes with docpipe eval, on the same rows as labels: no character wrong.
+    proc = run_cli("eval", out, "--labels", train, "--json", tmp_path / "eval.json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scores = json.loads((tmp_path / "eval.json").read_text())
+    assert scores["cer"] == 0 and scores["pages_scored"] == 4
 
     # The adapter is a plain PEFT adapter: it loads on the base model with PEFT directly.
     from peft import PeftModel
