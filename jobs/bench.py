@@ -123,6 +123,25 @@ def measure_render(paths: list[Path], opts, longest_edge: int) -> dict[str, floa
     }
 
 
+def measure_routing(paths: list[Path], opts, longest_edge: int) -> dict[str, float]:
+    """The render stage with --text-layer auto: the share of pages still sent to the model, and its speed."""
+    from pipeline.config import RouteOptions
+    from pipeline.documents import expand_document
+
+    route = RouteOptions(text_layer="auto")
+    sources: list[str | None] = []
+
+    def routed():
+        sources.clear()
+        for p in paths:
+            sources.extend(rec.get("text_source") for rec in expand_document(str(p), opts, longest_edge, route=route)
+                           if rec["kind"] == "page" and rec["status"] == "ok")
+
+    routed()  # warm-up
+    return {"model_page_fraction": sum(s is None for s in sources) / len(sources),
+            "routed_render_pages_per_s_per_core": _best_rate(routed, len(sources))}
+
+
 def measure_baseline(paths: list[Path], model_opts, longest_edge: int) -> dict[str, float]:
     """Render, processor, generate: one page at a time, the way a first script would do it."""
     import pymupdf
@@ -193,6 +212,7 @@ def run_bench(args) -> dict[str, Any]:
     results: dict[str, Any] = {"pages": args.pages, "device": describe_device(), "model": name,
                                "output_tokens_per_page": tokens, "longest_edge": longest_edge}
     results.update(measure_render(paths, render_opts, longest_edge))
+    results.update(measure_routing(paths, render_opts, longest_edge))
     print("render figures done", flush=True)
 
     init_ray()
@@ -231,6 +251,8 @@ ROWS = [
     ("bare_raster_pages_per_s_per_core", "bare PyMuPDF raster only (uncompacted), pages/s per core", "{:.1f}"),
     ("isolated_render_pages_per_s", "render stage as runs use it (child process, time limits), pages/s", "{:.1f}"),
     ("render_vs_bare_render", "render stage / bare loop", "{:.2f}"),
+    ("routed_render_pages_per_s_per_core", "render stage with --text-layer auto, pages/s per core", "{:.1f}"),
+    ("model_page_fraction", "pages still sent to the model with --text-layer auto", "{:.3f}"),
     ("object_store_bytes_per_page", "object store bytes per page", "{:,.0f}"),
     ("pipeline_pages_per_s", "pipeline pages/s (from first model ready)", "{:.3f}"),
     ("pipeline_wall_pages_per_s", "pipeline pages/s (whole run, start-up included)", "{:.3f}"),

@@ -103,3 +103,4 @@ def main(args) -> None:
     if first:
         print(f"first page ({Path(first['source_uri']).name} p{first['page_number']}, "
               f"{first['width']}x{first['height']} px): {first['text'][:80]!r}")
+    print(f"see it: docpipe report {result.output}")

@@ -7,7 +7,7 @@ import os
 import sys
 import traceback
 
-from pipeline.config import DEFAULT_MODEL, RunConfig
+from pipeline.config import DEFAULT_MODEL, FinetuneConfig, RunConfig
 from pipeline.errors import FatalError
 
 
@@ -55,6 +55,12 @@ def _add_run_args(run: argparse.ArgumentParser) -> None:
                      help="Hive partition folders for pages/ and documents/ (default ingest_date)")
     run.add_argument("--progress-interval", type=float, metavar="SECONDS",
                      help="seconds between progress lines when there are no progress bars (default 30)")
+    run.add_argument("--text-layer", choices=["never", "auto"],
+                     help="never (default): the model reads every page; auto: a PDF page with a trustworthy text "
+                     "layer takes its text from it (cheaper for born-digital documents)")
+    run.add_argument("--trust-ocr-layer", action="store_true",
+                     help="with --text-layer auto, also trust a scan's invisible OCR layer")
+    run.add_argument("--no-skip-blank", action="store_true", help="send blank pages to the model too")
     _add_engine_args(run)
 
 
@@ -83,8 +89,56 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", default="demo_output", help="where samples and results go (default ./demo_output)")
     _add_engine_args(demo)
 
+    ft = sub.add_parser("finetune", help="train a LoRA adapter on reviewed pages or documents rows, for run --adapter")
+    ft.add_argument("--train", metavar="FILE", help="examples: pages rows (source_uri, page_number, text) or documents "
+                    "rows (source_uri, extraction, schema); Parquet file or folder, or JSONL")
+    ft.add_argument("--eval", metavar="FILE", help="evaluation examples, same shape: a loss per epoch")
+    ft.add_argument("--output", "-o", metavar="ADAPTER_DIR", help="folder for the adapter, its record and checkpoints")
+    ft.add_argument("--config", metavar="FILE", help="a fine-tuning job file (YAML or JSON); flags override it")
+    ft.add_argument("--model", help=f"base model: hub id, local path, or 'tiny-random' (default {DEFAULT_MODEL})")
+    ft.add_argument("--epochs", type=int, help="passes over the examples (default 3)")
+    ft.add_argument("--learning-rate", type=float, help="peak learning rate (default 1e-4)")
+    ft.add_argument("--lora-rank", type=int, help="LoRA rank (default 16)")
+    ft.add_argument("--batch-size", type=int, help="examples per forward pass (default 1)")
+    ft.add_argument("--gradient-accumulation", type=int, help="forward passes per optimizer step (default 1)")
+    ft.add_argument("--num-workers", type=int, help="data-parallel workers through Ray Train (default 1: no Ray)")
+    ft.add_argument("--schema", help="extraction schema for documents rows that don't name a loadable one")
+    ft.add_argument("--qlora", action="store_true", help="4-bit base weights (bitsandbytes nf4; CUDA only)")
+    ft.add_argument("--skip-invalid", action="store_true", help="drop unusable examples (with a count) instead of "
+                    "stopping")
+    ft.add_argument("--no-resume", action="store_true", help="start over even if OUTPUT has checkpoints")
+    ft.add_argument("--seed", type=int, help="seed for the adapter's initialisation, dropout and example order")
+    ft.add_argument("--longest-edge", type=int, help="rendered page size (default: from the processor, as in runs)")
+    ft.add_argument("--no-image-splitting", action="store_true", help="one image per page, not 5 (as in the runs "
+                    "the adapter will serve)")
+
+    ev = sub.add_parser("eval", help="score OUT's page text (CER, WER) and extractions against references")
+    ev.add_argument("output", metavar="OUT", help="a docpipe output folder or URI")
+    reference = ev.add_mutually_exclusive_group(required=True)
+    reference.add_argument("--labels", metavar="FILE", help="Parquet, JSONL or CSV: source_uri or doc_id, then "
+                           "page_number and text (pages) or extraction, a JSON object (documents)")
+    reference.add_argument("--against", choices=["text-layer"], help="text-layer: score model-read PDF pages "
+                           "against their own trustworthy text layer (no labels needed)")
+    ev.add_argument("--json", metavar="FILE", help="also write the summary as JSON to FILE")
+    ev.add_argument("--scores", metavar="FILE", help="per-page scores Parquet (default OUT/_eval/page-scores-*.parquet)")
+    report = sub.add_parser("report", help="write a static HTML report of a run: overview, documents, pages "
+                            "beside their text and JSON")
+    report.add_argument("out", metavar="OUT", help="a docpipe output folder or URI (what `docpipe run -o` wrote)")
+    report.add_argument("--run", metavar="RUN_ID", help="the run to show (default: the latest in OUT)")
+    report.add_argument("--output", "-o", metavar="DIR", help="where the site goes, a folder or URI "
+                        "(default OUT/_reports/RUN_ID)")
+    report.add_argument("--max-documents", type=int, help="documents with a full view (default 100): errors and "
+                        "partials first, then a sample")
+    report.add_argument("--max-page-images", type=int, help="pages per document shown as images (default 50)")
+    report.add_argument("--image-edge", type=int, help="longest side of page images in pixels (default 1000)")
+    report.add_argument("--endpoint-url", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)")
+    report.add_argument("--region", help="S3 region (default: AWS_REGION / AWS_DEFAULT_REGION)")
+    report.add_argument("--anonymous", action="store_true", help="unsigned S3 requests (public buckets)")
+
     config = sub.add_parser("config", help="job configuration tools")
-    config.add_argument("action", choices=["schema"], help="schema: print the configuration's JSON Schema")
+    config.add_argument("action", choices=["schema"], help="schema: print the configuration's JSON Schema (run "
+                        "options; fine-tuning options under $defs.FinetuneConfig)")
+    config.add_argument("--finetune", action="store_true", help="print the fine-tuning job file's schema alone")
 
     bench = sub.add_parser("bench", help="measure render, transfer and pipeline throughput against baselines")
     bench.add_argument("--pages", type=int, help="pages in the synthetic corpus (default 200; 16 with --engines)")
@@ -154,6 +208,9 @@ def config_from_args(args: argparse.Namespace, inputs: list[str], output: str | 
               "page_timeout_s": args.page_timeout, "document_timeout_s": args.document_timeout}
     storage = {"endpoint_url": getattr(args, "endpoint_url", None), "region": getattr(args, "region", None),
                "anonymous": getattr(args, "anonymous", False) or None}
+    route = {"text_layer": getattr(args, "text_layer", None),
+             "trust_ocr_layer": True if getattr(args, "trust_ocr_layer", False) else None,
+             "skip_blank": False if getattr(args, "no_skip_blank", False) else None}
     catalog = key_values(getattr(args, "iceberg_catalog", None) or [], "--iceberg-catalog")
     flags = {
         "inputs": inputs or None,
@@ -172,6 +229,7 @@ def config_from_args(args: argparse.Namespace, inputs: list[str], output: str | 
         "progress_interval_s": getattr(args, "progress_interval", None),
         "model": {k: v for k, v in model.items() if v is not None},
         "render": {k: v for k, v in render.items() if v is not None},
+        "route": {k: v for k, v in route.items() if v is not None},
         "storage": {k: v for k, v in storage.items() if v is not None},
         "extract": {("schema" if k == "schema_spec" else k): v for k, v in extract.items() if v is not None},
         "iceberg": {"catalog": catalog} if catalog else None,
@@ -190,6 +248,53 @@ def config_from_args(args: argparse.Namespace, inputs: list[str], output: str | 
     return RunConfig.model_validate(merged)
 
 
+def finetune_config_from_args(args: argparse.Namespace) -> FinetuneConfig:
+    """The fine-tuning configuration: the --config file (if any), with the flags given on top."""
+    from pipeline.errors import ConfigError
+
+    model = {"name": args.model, "quantization": "4bit" if args.qlora else None,
+             "do_image_splitting": False if args.no_image_splitting else None}
+    flags = {
+        "train": args.train, "eval": args.eval, "output": args.output, "epochs": args.epochs,
+        "learning_rate": args.learning_rate, "batch_size": args.batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation, "num_workers": args.num_workers,
+        "seed": args.seed, "skip_invalid": True if args.skip_invalid else None,
+        "resume": False if args.no_resume else None,
+        "lora": {"rank": args.lora_rank} if args.lora_rank else None,
+        "extract": {"schema": args.schema} if args.schema else None,
+        "render": {"longest_edge": args.longest_edge} if args.longest_edge else None,
+        "model": {k: v for k, v in model.items() if v is not None} or None,
+    }
+    flags = {k: v for k, v in flags.items() if v is not None}
+    merged = _deep_merge(load_config_file(args.config) if args.config else {}, flags)
+    for key, flag in (("train", "--train"), ("output", "--output")):
+        if key not in merged:
+            raise ConfigError(f"no {key}: give {flag}, or '{key}' in the --config file")
+    return FinetuneConfig.model_validate(merged)
+
+
+def config_schema(finetune: bool = False) -> dict:
+    """The run configuration's JSON Schema, with the fine-tuning options beside it in $defs (or those alone)."""
+    tune = FinetuneConfig.model_json_schema(by_alias=True)
+    if finetune:
+        return tune
+    schema = RunConfig.model_json_schema(by_alias=True)
+    schema["$defs"].update(tune.pop("$defs", {}))
+    schema["$defs"]["FinetuneConfig"] = tune
+    return schema
+
+
+def print_finetune_summary(record: dict, output: str, out=sys.stdout) -> None:
+    losses = record["losses"]
+    ex = record["examples"]
+    print(f"adapter    {output} (base {record['base_model']}; load it with: docpipe run --adapter {output})", file=out)
+    print(f"examples   {ex['train']} train, {ex['eval']} eval, {ex['skipped_invalid']} skipped (hash "
+          f"{ex['hash'][:12]})", file=out)
+    print(f"train loss {' '.join(f'{v:.4g}' for v in losses['train'])} (per epoch)", file=out)
+    if losses["eval"]:
+        print(f"eval loss  {' '.join(f'{v:.4g}' for v in losses['eval'])}", file=out)
+
+
 def print_summary(result, out=sys.stdout) -> None:
     m = result.manifest
     docs = ", ".join(f"{k} {v}" for k, v in sorted(m.documents.items()) if k != "total")
@@ -197,6 +302,9 @@ def print_summary(result, out=sys.stdout) -> None:
     print(f"run        {m.run_id}", file=out)
     print(f"documents  {m.documents['total']} ({docs or 'none'})", file=out)
     print(f"pages      {m.pages['total']} ({pages or 'none'})", file=out)
+    sources = {s: m.counters.get(f"pages_{s}", 0) for s in ("model", "text_layer", "blank")}
+    if any(sources.values()):
+        print("text from  " + ", ".join(f"{k} {v}" for k, v in sources.items()), file=out)
     print(f"time       {m.timings['wall_s']:.1f} s, {m.timings['pages_per_s']:.2f} pages/s", file=out)
     print(f"output     {result.output}/pages, {result.output}/documents, {result.output}/_runs/{m.run_id}.json",
           file=out)
@@ -220,10 +328,43 @@ def main(argv: list[str] | None = None) -> int:
             from jobs.demo import main as demo_main
 
             demo_main(args)
+        elif args.command == "eval":
+            import json
+
+            from pipeline.evaluate import evaluate, print_report
+
+            summary = evaluate(args.output, labels=args.labels, against=args.against, scores=args.scores)
+            print_report(summary)
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(summary, f, indent=2)
+        elif args.command == "report":
+            from pipeline.config import StorageOptions
+            from pipeline.report import ReportOptions, write_report
+
+            storage = StorageOptions(**{k: v for k, v in (("endpoint_url", args.endpoint_url), ("region", args.region),
+                                                            ("anonymous", args.anonymous or None)) if v is not None})
+            options = ReportOptions(**{k: v for k, v in (("max_documents", args.max_documents),
+                                                         ("max_page_images", args.max_page_images),
+                                                         ("image_edge", args.image_edge)) if v is not None})
+            result = write_report(args.out, args.run, args.output, storage, options,
+                                  log=lambda line: print(line, file=sys.stderr, flush=True))
+            docs = ", ".join(f"{k} {v}" for k, v in result.documents.items())
+            print(f"run        {result.run_id}")
+            print(f"documents  {sum(result.documents.values())} ({docs or 'none'}); {result.full_views} with a full "
+                  f"view, {result.page_images} page images")
+            for note in result.notes:
+                print(f"warning    {note}")
+            print(f"report     {result.index}")
         elif args.command == "config":
             import json
 
-            print(json.dumps(RunConfig.model_json_schema(by_alias=True), indent=2))
+            print(json.dumps(config_schema(args.finetune), indent=2))
+        elif args.command == "finetune":
+            from pipeline.runner import finetune
+
+            config = finetune_config_from_args(args)
+            print_finetune_summary(finetune(config), config.output)
         elif args.command == "bench":
             from jobs.bench import main as bench_main
 

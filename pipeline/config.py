@@ -104,6 +104,52 @@ class RenderOptions(_Options):
     )
 
 
+class RouteOptions(_Options):
+    """Which pages go to the model. Decided per page in the render stage (pipeline/route.py); a page answered
+    otherwise (its PDF text layer, or blank) is never shipped to the model actors."""
+
+    text_layer: Literal["never", "auto"] = Field(
+        "never",
+        description="'never': every page goes to the model. 'auto': a PDF page whose text layer passes the "
+        "trust rules (enough visible characters for its area, few replacement or private-use characters, "
+        "every font mapped to Unicode, not a full-page image) takes its text from that layer, in PyMuPDF's "
+        "sorted reading order; the other pages go to the model. The cheaper choice for born-digital collections.",
+    )
+    trust_ocr_layer: bool = Field(
+        False, description="With text_layer auto, also trust the invisible OCR layer that scanners put over a "
+        "full-page image (its quality is that of the scanner's OCR, unknown here).",
+    )
+    min_chars: int = Field(20, ge=0, description="Fewest visible characters a text layer must have to be trusted.")
+    min_chars_per_in2: float = Field(
+        0.5, ge=0, description="Fewest visible characters per square inch of page (a letter page: 47). A sparser "
+        "layer suggests the page's text is in its pixels.",
+    )
+    max_bad_char_fraction: float = Field(
+        0.01, ge=0, le=1, description="Largest share of replacement (U+FFFD), private-use and control characters: "
+        "fonts without a Unicode map produce them.",
+    )
+    max_hidden_char_fraction: float = Field(
+        0.02, ge=0, le=1, description="Largest share of characters nobody sees: white, fully transparent, "
+        "invisible (render mode 3) or outside the page.",
+    )
+    skip_blank: bool = Field(
+        True, description="Give blank pages (near-uniform rendered image) empty text without the model.",
+    )
+    blank_ink_delta: int = Field(
+        48, ge=1, le=255, description="A cell of the rendered page (about 1/256 of its longest side, averaged, "
+        "which evens out scanner noise) is ink when it differs from the page's median by more than this many "
+        "grey levels.",
+    )
+    blank_max_ink_fraction: float = Field(
+        0.0002, ge=0, le=1, description="A page whose ink cells are at most this share of its cells is blank "
+        "(0.0002: less ink than a short word; dust specks stay under it).",
+    )
+    blank_margin: float = Field(
+        0.04, ge=0, lt=0.5, description="Share of each side ignored by blank detection: scanner edges, shadows "
+        "and faint borders.",
+    )
+
+
 class ExtractOptions(_Options):
     """JSON extraction (task 'extract' or 'ocr+extract')."""
 
@@ -204,6 +250,7 @@ class RunConfig(_Options):
     extract: ExtractOptions = Field(default_factory=ExtractOptions)
     model: ModelOptions = Field(default_factory=ModelOptions)
     render: RenderOptions = Field(default_factory=RenderOptions)
+    route: RouteOptions = Field(default_factory=RouteOptions)
     num_actors: int | None = Field(
         None, ge=1, description="Model actors. Default: actors_per_gpu per GPU in the cluster, or one CPU actor."
     )
@@ -243,4 +290,72 @@ class RunConfig(_Options):
     progress_interval_s: float = Field(
         30.0, gt=0, description="Without progress bars (--no-progress, or not a terminal, as in Ray Jobs), log a "
         "progress line (documents and pages done, pages/s, errors) at least this often.",
+    )
+
+
+class LoraOptions(_Options):
+    """The LoRA adapter trained on the text model (PEFT)."""
+
+    rank: int = Field(16, ge=1, description="LoRA rank r: the size of each low-rank update.")
+    alpha: float = Field(32.0, gt=0, description="LoRA alpha: updates are scaled by alpha / rank.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA path during training.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1,
+        description="Projections of the text model's layers (self_attn.* and mlp.*) that get an adapter; the "
+        "vision tower and the perceiver stay frozen and unadapted.",
+    )
+
+
+class FinetuneConfig(_Options):
+    """`docpipe finetune`: a LoRA adapter trained on reviewed output, loadable with `docpipe run --adapter`."""
+
+    train: str = Field(
+        description="Training examples in the shape docpipe writes: pages rows (source_uri, page_number, text) "
+        "for OCR, or documents rows (source_uri, extraction, and schema or schema_name) for extraction. A Parquet "
+        "file or folder (e.g. OUT/pages), or JSONL (one object a line with those keys).",
+        examples=["corrected/pages.parquet", "reviewed.jsonl"],
+    )
+    eval: str | None = Field(None, description="Evaluation examples, same shape as train: a loss per epoch.")
+    output: str = Field(description="Folder for the adapter, its record (docpipe_finetune.json) and checkpoints.")
+    model: ModelOptions = Field(
+        default_factory=ModelOptions,
+        description="The base model, loaded as `docpipe run` loads it (the same dtype, attention and image "
+        "splitting; quantization 4bit here means QLoRA, on CUDA only). Use the same options when running.",
+    )
+    render: RenderOptions = Field(default_factory=RenderOptions, description="Page rendering, as in runs.")
+    extract: ExtractOptions = Field(
+        default_factory=ExtractOptions,
+        description="Extraction examples: the schema (when rows don't name one), the prompt and page_cap, as in runs.",
+    )
+    storage: StorageOptions = Field(default_factory=StorageOptions)
+    lora: LoraOptions = Field(default_factory=LoraOptions)
+    epochs: int = Field(3, ge=1, description="Passes over the training examples.")
+    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate (AdamW).")
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "linear", description="Learning-rate schedule after warm-up (transformers' get_scheduler)."
+    )
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Share of the optimizer steps spent warming up.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    batch_size: int = Field(1, ge=1, description="Examples per forward pass (per worker).")
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, description="Forward passes per optimizer step: the effective batch is batch_size x this x workers."
+    )
+    gradient_checkpointing: bool = Field(
+        True, description="Recompute activations in the backward pass: less memory for about a third more time."
+    )
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip gradients to this norm (null: no clipping).")
+    seed: int = Field(0, description="Seeds the adapter's initialisation, dropout and the example order.")
+    checkpoint_steps: int = Field(
+        50, ge=1, description="Save a checkpoint every this many optimizer steps (and at each epoch's end); a "
+        "killed run started again with the same options resumes from the last one.",
+    )
+    resume: bool = Field(True, description="Resume from the output's last checkpoint when there is one.")
+    skip_invalid: bool = Field(
+        False, description="Drop examples that can't be used (unreadable document, page out of range, extraction "
+        "not valid for its schema) with a count, instead of stopping before training.",
+    )
+    num_workers: int = Field(
+        1, ge=1, description="Data-parallel training workers through Ray Train (TorchTrainer): one per GPU, or CPU "
+        "processes (gloo) without GPUs. 1: train in this process, without Ray.",
     )

@@ -13,7 +13,7 @@ import io
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from pipeline.config import RenderOptions, StorageOptions
+from pipeline.config import RenderOptions, RouteOptions, StorageOptions
 from pipeline.errors import RowError, describe, reraise_if_fail_fast
 from pipeline.records import CHUNK, DOCUMENT, PAGE
 from pipeline.render import render_image, render_pdf_page
@@ -53,9 +53,11 @@ def expand_document(
     ocr: bool = True,
     chunk_pages: int | None = None,
     skip_ids: frozenset[str] = frozenset(),
+    route: RouteOptions | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Yield the document record, its page records (with images when ``ocr``) and, when ``chunk_pages`` is
-    set, one chunk record per ``chunk_pages`` pages carrying their images for extraction."""
+    set, one chunk record per ``chunk_pages`` pages carrying their images for extraction. With ``route``
+    (and ``ocr``), a page answered by its text layer or found blank carries its text and no image."""
     doc: dict[str, Any] = {"kind": DOCUMENT, "source_uri": source_uri, "status": "ok"}
     try:
         data = read_bytes(source_uri, storage)
@@ -69,14 +71,20 @@ def expand_document(
         return
     try:
         pages = _open(data, doc["media_type"])
-        page_count = next(pages)
+        page_count, renderer = next(pages)
     except RowError as exc:
         reraise_if_fail_fast()
         yield {**doc, "status": "error", "error_type": exc.error_type, "error_message": exc.message}
         return
+    except Exception as exc:  # a reader's own failure while opening, not one it reported: the file is at fault
+        reraise_if_fail_fast()
+        yield {**doc, "status": "error", "error_type": "corrupt_document",
+               "error_message": f"cannot open: {describe(exc)}"}
+        return
     del data  # the opened document keeps what it needs
     chunk_count = -(-page_count // chunk_pages) if chunk_pages else 0
-    yield {**doc, "page_count": page_count, "chunk_count": chunk_count}
+    # renderer: what found the pages (pdfium when MuPDF gave up on the document), for the run's counters
+    yield {**doc, "page_count": page_count, "chunk_count": chunk_count, "renderer": renderer}
 
     base = {k: doc[k] for k in ("source_uri", "doc_id")} | {"page_count": page_count}
     chunk: list[dict[str, Any]] = []
@@ -88,6 +96,8 @@ def expand_document(
             rendered = page(opts, longest_edge)
             row.update(image=rendered.image, image_codec=rendered.codec, width=rendered.width, height=rendered.height,
                        renderer=page.renderer)
+            if ocr and route is not None:
+                row.update(_route(page, rendered, route))
         except RowError as exc:
             reraise_if_fail_fast()
             row.update(status="error", error_type=exc.error_type, error_message=exc.message)
@@ -96,10 +106,41 @@ def expand_document(
             row.update(status="error", error_type="render_error", error_message=describe(exc))
         if chunk_pages and row["status"] == "ok":
             chunk.append(row)
-        yield row if ocr else {k: v for k, v in row.items() if k not in ("image", "image_codec")}
+        # Pages the model won't read travel without their image (chunks above keep theirs, for extraction).
+        routed = row.get("text_source") is not None
+        yield row if ocr and not routed else {k: v for k, v in row.items() if k not in ("image", "image_codec")}
         if chunk_pages and (number % chunk_pages == 0 or number == page_count):
             yield _chunk_record(base, (number - 1) // chunk_pages, chunk_count, chunk)
             chunk = []
+
+
+def _route(page, rendered, route: RouteOptions) -> dict[str, Any]:
+    """text and text_source for a page answered without the model; nothing for a page the model must read."""
+    from pipeline.route import is_blank, normalise_layout, trust_text_layer
+
+    if route.text_layer == "auto":
+        try:
+            layer = page.text_layer()
+        except Exception:  # a layer the renderer cannot read is not trusted: the model reads the page
+            reraise_if_fail_fast()
+            layer = None
+        if trust_text_layer(layer, route).trusted:
+            return {"text": normalise_layout(layer.text), "text_source": "text_layer"}
+    if route.skip_blank and is_blank(_pixels(rendered), route):
+        return {"text": "", "text_source": "blank"}
+    return {}
+
+
+def _pixels(rendered):
+    """A rendered page as an (H, W, 3) uint8 array."""
+    from pipeline.render import RAW_CODEC, decode_raw
+
+    if rendered.codec == RAW_CODEC:
+        return decode_raw(rendered.image, rendered.width, rendered.height)
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(rendered.image)).convert("RGB"))
 
 
 def _maybe_stall(source_uri: str, number: int) -> None:
@@ -130,7 +171,8 @@ def _chunk_record(base: dict[str, Any], index: int, count: int, pages: list[dict
 
 
 def _open(data: bytes, media_type: str | None) -> Iterator:
-    """Generator: first yields the page count, then one render callable per page."""
+    """Generator: first yields the page count and the renderer that found the pages, then one render
+    callable per page."""
     if not data:
         raise RowError("empty_file", "file is empty (0 bytes)")
     if media_type == PDF:
@@ -142,27 +184,118 @@ def _open(data: bytes, media_type: str | None) -> Iterator:
 
 
 def _pdf_pages(data: bytes) -> Iterator:
+    """MuPDF's pages; PDFium's (pipeline.pdfium) for a document MuPDF cannot open, finds no pages in or asks a
+    password for, and for each page MuPDF fails on."""
+    pdf, page_count, problem = _open_mupdf(data)
+    if problem is not None:
+        yield from _pdfium_pages(data, *problem)
+        return
+    yield page_count, _PdfPage.renderer
+    fallback = _PdfiumFallback(data)
+    for index in range(page_count):
+        yield _WithFallback(_PdfPage(pdf, index), lambda index=index: fallback.page(index))
+
+
+def _open_mupdf(data: bytes):
+    """(document, page count, None), or (None, 0, (what, why)) with what one of corrupt, encrypted, empty."""
     import pymupdf
 
     pymupdf.TOOLS.mupdf_display_errors(False)  # MuPDF's repair chatter would flood worker logs
     try:
         pdf = pymupdf.open(stream=data, filetype="pdf")
+        if pdf.needs_pass:
+            return None, 0, ("encrypted", "needs a password")
+        page_count = pdf.page_count  # raises on some damaged page trees ("Invalid number of pages")
     except Exception as exc:
-        raise RowError("corrupt_document", f"cannot open PDF: {describe(exc)}") from None
-    if pdf.needs_pass:
-        raise RowError("encrypted_document", "PDF is encrypted and needs a password")
-    if pdf.page_count == 0:
-        raise RowError("empty_document", "PDF has no pages")
-    yield pdf.page_count
-    for index in range(pdf.page_count):
-        yield _PdfPage(pdf, index)
+        return None, 0, ("corrupt", describe(exc))
+    if page_count == 0:
+        return None, 0, ("empty", "no pages")
+    return pdf, page_count, None
+
+
+def _pdfium_pages(data: bytes, mupdf_what: str, mupdf_why: str) -> Iterator:
+    """PDFium's pages of a document MuPDF gave up on; if PDFium gives none either, the error both agree on."""
+    from pipeline.pdfium import PdfiumOpenError, PdfiumPage, open_pdfium
+
+    try:
+        pdf = open_pdfium(data)
+    except PdfiumOpenError as exc:
+        what, why = exc.what, str(exc)
+    except Exception as exc:
+        what, why = "corrupt", describe(exc)
+    else:
+        yield len(pdf), PdfiumPage.renderer
+        for index in range(len(pdf)):
+            yield PdfiumPage(pdf, index)
+        return
+    reasons = f"MuPDF: {mupdf_why}; PDFium: {why}"
+    if mupdf_what == what == "empty":
+        raise RowError("empty_document", f"PDF has no pages ({reasons})")
+    if "encrypted" in (mupdf_what, what):
+        raise RowError("encrypted_document", f"PDF is encrypted and needs a password ({reasons})")
+    raise RowError("corrupt_document", f"cannot open PDF: {reasons}")
+
+
+class _PdfiumFallback:
+    """The PDFium copy of a document MuPDF opened, made the first time MuPDF fails on one of its pages."""
+
+    def __init__(self, data: bytes):
+        self.data, self.pdf, self.error = data, None, None  # error: why PDFium could not open it
+
+    def page(self, index: int):
+        from pipeline.pdfium import PdfiumOpenError, PdfiumPage, open_pdfium
+
+        if self.pdf is None and self.error is None:
+            try:
+                self.pdf = open_pdfium(self.data)
+            except Exception as exc:
+                why = str(exc) if isinstance(exc, PdfiumOpenError) else describe(exc)
+                self.error = f"cannot open the document: {why}"
+        if self.error is not None:
+            raise RowError("render_error", self.error)
+        return PdfiumPage(self.pdf, index)
+
+
+class _WithFallback:
+    """A MuPDF page that PDFium draws if MuPDF fails on it; from then on it reads as the PDFium page
+    (``renderer``, its text layer), since that is where the page's pixels came from."""
+
+    def __init__(self, page, fallback):
+        self.page, self._fallback = page, fallback
+
+    def __call__(self, opts: RenderOptions, longest_edge: int):
+        try:
+            return self.page(opts, longest_edge)
+        except RowError as exc:
+            error_type, first = exc.error_type, exc.message
+        except Exception as exc:
+            error_type, first = "render_error", describe(exc)
+        try:
+            second = self._fallback()
+            rendered = second(opts, longest_edge)
+        except Exception as exc:
+            why = exc.message if isinstance(exc, RowError) else describe(exc)
+            raise RowError(error_type, f"MuPDF: {first}; PDFium: {why}") from None
+        self.page = second
+        return rendered
+
+    def __getattr__(self, name):
+        return getattr(self.page, name)
 
 
 class _PdfPage:
+    """A page callable: called, it renders; every page class also has ``text_layer()`` for routing."""
+
     renderer = "pymupdf"
 
     def __init__(self, pdf, index: int):
         self.pdf, self.index = pdf, index
+
+    def text_layer(self):
+        """This renderer's view of the page's text layer (route.TextLayer), or None if it offers none."""
+        from pipeline.route import pymupdf_text_layer
+
+        return pymupdf_text_layer(self.pdf.load_page(self.index))
 
     def __call__(self, opts: RenderOptions, longest_edge: int):
         page = self.pdf.load_page(self.index)
@@ -182,7 +315,7 @@ def _image_frames(data: bytes, media_type: str) -> Iterator:
         raise RowError("image_too_large", describe(exc)) from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise RowError("corrupt_document", f"cannot open {media_type}: {describe(exc)}") from None
-    yield frames
+    yield frames, _ImageFrame.renderer
     for index in range(frames):
         yield _ImageFrame(img, index)
 
@@ -192,6 +325,9 @@ class _ImageFrame:
 
     def __init__(self, img, index: int):
         self.img, self.index = img, index
+
+    def text_layer(self):
+        return None  # pixels only: the model reads it
 
     def __call__(self, opts: RenderOptions, longest_edge: int):
         from PIL import Image, ImageOps
@@ -254,6 +390,9 @@ def expand_document_isolated(source_uri: str, opts: RenderOptions, *args, **kwar
             if rec is None:
                 complete = True
                 return
+            if isinstance(rec, tuple):  # the render process failed this document and goes on (_render_server)
+                failure, complete = rec, True
+                break
             if rec["kind"] == DOCUMENT:
                 if rec.get("doc_id") in skip_ids:
                     yield {k: v for k, v in rec.items() if k not in ("page_count", "chunk_count")} | {
@@ -315,16 +454,42 @@ def _stop_render_worker() -> None:
 
 
 def _render_server(conn) -> None:
-    """The render process: documents in, their records out, one document at a time, until the pipe closes."""
+    """The render process: documents in, their records out, one document at a time, until the pipe closes.
+
+    It outlives every document: an exception that escapes ``expand_document`` (a bug, or a reader raising
+    where no one expected it) ends that document with an ``(error_type, message)`` tuple in place of the
+    closing None; the parent turns it into rows for what was not delivered, and the process takes the next
+    document. No traceback is printed.
+    """
     conn.send("started")
     while True:
         try:
             source_uri, opts, args, kwargs = conn.recv()
         except EOFError:
             return
-        for rec in expand_document(source_uri, opts, *args, **kwargs):
-            conn.send(rec)
-        conn.send(None)
+        try:
+            for rec in expand_document(source_uri, opts, *args, **kwargs):
+                _send(conn, rec)
+            end = None
+        except _ParentGone:
+            return
+        except Exception as exc:
+            end = ("render_error", f"rendering failed: {describe(exc)}")
+        try:
+            _send(conn, end)
+        except _ParentGone:
+            return
+
+
+class _ParentGone(Exception):
+    """The pipe to the parent is closed: the render process has no one left to serve."""
+
+
+def _send(conn, rec) -> None:
+    try:
+        conn.send(rec)
+    except OSError:  # BrokenPipeError and kin
+        raise _ParentGone() from None
 
 
 def _finish_undelivered(source_uri, doc, delivered, failure) -> Iterator[dict[str, Any]]:

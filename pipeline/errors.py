@@ -23,8 +23,16 @@ class ConfigError(FatalError):
     """A setting that can't work (an unknown schema, say), found before any document is read."""
 
 
+class ClusterError(FatalError):
+    """The Ray cluster named by the user can't be joined: nothing answers, a refused token, other versions."""
+
+
 class ModelLoadError(FatalError):
     """The model or its processor could not be loaded."""
+
+
+class ExamplesError(FatalError):
+    """Fine-tuning examples that can't be used, found before training starts."""
 
 
 # Set by the local executor for --fail-fast: stages re-raise instead of recording an error row.

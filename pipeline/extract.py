@@ -91,6 +91,34 @@ def load_schema(spec: str) -> SchemaSpec:
     raise ConfigError(f"unknown schema {spec!r}: use a built-in ({known}), module:Class, or a JSON Schema file")
 
 
+def instruction(spec: SchemaSpec, opts: ExtractOptions) -> str:
+    """The extraction instruction sent after the pages' images (in runs and in fine-tuning)."""
+    return opts.prompt or PROMPT_TEMPLATE.format(fields=describe_fields(spec.json_schema))
+
+
+def canonical_json(value: Any, schema: dict[str, Any]) -> str:
+    """``value`` written as the extraction grammar makes the model write it: compact separators, no
+    whitespace, object keys in the schema's order. A fine-tuning answer in this form is one the grammar allows."""
+    defs = schema.get("$defs", {})
+
+    def order(node: Any, value: Any) -> Any:
+        node = _deref(node or {}, defs)
+        for option in node.get("anyOf", []):  # nullable objects and lists: the branch that fits the value
+            option = _deref(option, defs)
+            if isinstance(value, dict) and option.get("properties") or isinstance(value, list) and "items" in option:
+                node = option
+                break
+        if isinstance(value, dict):
+            props = node.get("properties", {})
+            keys = [k for k in props if k in value] + [k for k in value if k not in props]
+            return {k: order(props.get(k), value[k]) for k in keys}
+        if isinstance(value, list):
+            return [order(node.get("items"), v) for v in value]
+        return value
+
+    return json.dumps(order(schema, value), ensure_ascii=False, separators=(",", ":"))
+
+
 def describe_fields(schema: dict[str, Any]) -> str:
     """The schema as a compact field list for the prompt: names, types and descriptions."""
     defs = schema.get("$defs", {})
@@ -227,12 +255,12 @@ class ExtractStage:
             tokenizer, vocab_size=loaded.model.get_output_embeddings().weight.shape[0], stop_token_ids=self.stop_ids
         )
         self.grammar = xgr.GrammarCompiler(info).compile_grammar(build_grammar(self.spec.json_schema, extract))
-        text = extract.prompt or PROMPT_TEMPLATE.format(fields=describe_fields(self.spec.json_schema))
-        self.text = text
+        self.text = instruction(self.spec, extract)
 
     def prompt(self, pages: int) -> str:
-        content = [{"type": "image"} for _ in range(pages)] + [{"type": "text", "text": self.text}]
-        return self.m.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        from pipeline.model import chat_prompt
+
+        return chat_prompt(self.m.processor, pages, self.text)
 
     def __call__(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         from pipeline.ocr import decode_page

@@ -156,6 +156,18 @@ def load_model(opts: ModelOptions, checkpoint: str | None = None) -> LoadedModel
     return LoadedModel(model, processor, device, dtype, attention, opts.name)
 
 
+def chat_prompt(processor, images: int, text: str, answer: str | None = None) -> str:
+    """The prompt as the model sees it: a user turn of ``images`` images then the instruction, and the
+    assistant's cue. With ``answer``, the whole exchange, as fine-tuning learns it. One function for
+    inference and training, so both see exactly the same prompt."""
+    content = [{"type": "image"} for _ in range(images)] + [{"type": "text", "text": text}]
+    messages = [{"role": "user", "content": content}]
+    if answer is None:
+        return processor.apply_chat_template(messages, add_generation_prompt=True)
+    messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    return processor.apply_chat_template(messages, add_generation_prompt=False)
+
+
 def stop_and_pad_ids(loaded: LoadedModel) -> tuple[list[int], int]:
     """Tokens that end an answer (the model's eos ids and Idefics2's <end_of_utterance>), and the pad id."""
     tokenizer = loaded.processor.tokenizer

@@ -11,7 +11,7 @@ from typing import Any
 
 from pipeline.config import ModelOptions
 from pipeline.errors import describe, reraise_if_fail_fast
-from pipeline.model import LoadedModel, load_model, stop_and_pad_ids
+from pipeline.model import LoadedModel, chat_prompt, load_model, stop_and_pad_ids
 from pipeline.records import PAGE
 from pipeline.render import RAW_CODEC, decode_raw
 
@@ -20,8 +20,7 @@ class OcrStage:
     def __init__(self, opts: ModelOptions, checkpoint: str | None = None, loaded: LoadedModel | None = None):
         self.opts = opts
         self.m = loaded or load_model(opts, checkpoint)
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": opts.prompt}]}]
-        self.prompt = self.m.processor.apply_chat_template(messages, add_generation_prompt=True)
+        self.prompt = chat_prompt(self.m.processor, 1, opts.prompt)  # one image: the page
         self.stop_ids, self.pad_id = stop_and_pad_ids(self.m)
         self.processor_device = self.m.device if opts.processor_device == "model" else "cpu"
 

@@ -32,6 +32,7 @@ RENDERED_SCHEMA = pa.schema(
         ("image_codec", pa.string()),  # render.RAW_CODEC, "png" or "jpeg"
         ("renderer", pa.string()),  # schemas.Renderer: what rendered the page
         ("text_source", pa.string()),  # schemas.TextSource, once decided (the model stage sets "model")
+        ("text", pa.large_string()),  # set by the render stage for text_layer and blank pages, else by the model
         ("status", pa.string()),
         ("error_type", pa.string()),
         ("error_message", pa.string()),
@@ -49,7 +50,6 @@ RENDERED_SCHEMA = pa.schema(
 RESULT_SCHEMA = pa.schema(
     [f for f in RENDERED_SCHEMA if f.name not in ("image", "image_codec", "images", "image_codecs", "widths", "heights")]
     + [
-        pa.field("text", pa.large_string()),
         pa.field("model", pa.string()),
         pa.field("output_tokens", pa.int32()),
         pa.field("finish_reason", pa.string()),

@@ -54,6 +54,14 @@ def pdf_zoom(page_width: float, page_height: float, opts: RenderOptions, longest
     return zoom
 
 
+def pdf_pixels(points: float, zoom: float) -> int:
+    """Pixels MuPDF gives a page side of ``points`` at ``zoom`` (float32 arithmetic, rounded up with a
+    1/1000 px tolerance), so PDFium's pages come out the same size."""
+    import numpy as np
+
+    return int(math.ceil(float(np.float32(np.float32(points) * np.float32(zoom))) - 0.001))
+
+
 def render_pdf_page(page, opts: RenderOptions, longest_edge: int) -> RenderedPage:
     import pymupdf
 

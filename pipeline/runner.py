@@ -2,7 +2,8 @@
 
 One Ray Data plan per run: inputs -> read and render (CPU tasks, lazily, page by page)
 -> model (a fixed-size actor pool, one actor per GPU) -> the driver's sink, which writes
-Parquet as results stream in and accounts for every input document.
+Parquet as results stream in and accounts for every input document. Fine-tuning with
+several workers runs its loop (pipeline/finetune.py) under Ray Train (``finetune``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline import __version__
-from pipeline.config import RunConfig
+from pipeline.config import FinetuneConfig, RunConfig
 from pipeline.documents import expand_document, expand_document_isolated
 from pipeline.errors import InputError
 from pipeline.model import render_edge_for, resolve_checkpoint
@@ -51,6 +52,7 @@ def _render_args(config: RunConfig, longest_edge: int, skip_ids: frozenset[str])
         "ocr": "ocr" in config.task.split("+"),
         "chunk_pages": config.extract.page_cap if "extract" in config.task else None,
         "skip_ids": skip_ids,
+        "route": config.route,
     }
 
 
@@ -126,16 +128,28 @@ def new_run_id() -> str:
 
 def init_ray() -> None:
     """Join the cluster named by RAY_ADDRESS, or start a local Ray instance bound to loopback."""
+    from pipeline import cluster
+
     address = os.environ.get("RAY_ADDRESS") or None
-    if address is None:
+    token_given = False
+    if address is None or cluster.is_loopback(address):
         # A local instance needs no other host: without this, Ray listens on every interface and advertises
-        # the machine's network address. Read when Ray is first imported.
+        # the machine's network address. A head joined on loopback is on this machine: without this, Ray
+        # swaps 127.0.0.1 for the network address, where a head bound to loopback never answers. Read when
+        # Ray is first imported.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if address is not None:
+        token_given = cluster.use_token_auth()  # before Ray is imported, which reads the mode once
     import ray
 
-    if not ray.is_initialized():
+    if ray.is_initialized():
+        return
+    if address is None:
         # "local": a new instance, even if `ray start` left a cluster on this machine (ray.init() would join it)
-        ray.init(address=address or "local", include_dashboard=False, logging_level="WARNING")
+        ray.init(address="local", include_dashboard=False, logging_level="WARNING")
+    else:
+        with cluster.joining(address, token_given):
+            ray.init(address=address, include_dashboard=False, logging_level="WARNING")
 
 
 def run(config: RunConfig) -> RunResult:
@@ -162,6 +176,11 @@ def run(config: RunConfig) -> RunResult:
     stale = remove_stale_tmp(out)
     checkpoint = resolve_checkpoint(config.model.name)
     longest_edge = config.render.longest_edge or render_edge_for(checkpoint, config.model)
+    if config.model.adapter:
+        from pipeline.finetune import adapter_mismatches
+
+        for problem in adapter_mismatches(config.model.adapter, config, longest_edge):
+            print(f"docpipe: warning: {problem}", file=sys.stderr)
     run_id = new_run_id()
     partition = "" if config.partition_by == "none" else f"ingest_date={started_at[:10]}"
     sink = RunSink(out, run_id, refs, config.rows_per_file, schema, config.checkpoint_s, partition)
@@ -336,3 +355,54 @@ def _model_load_error(exc: BaseException):
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
     m = re.search(r"ModelLoadError: ([^\n]+)", text)
     return ModelLoadError(m.group(1).strip()) if m else None
+
+
+def finetune(config: FinetuneConfig) -> dict[str, Any]:
+    """`docpipe finetune`: examples checked and rendered here, before any training; then the training loop in
+    this process, or, with num_workers > 1, in Ray Train workers (data-parallel, DDP over NCCL or gloo)."""
+    import json
+    from pathlib import Path
+
+    from pipeline.finetune import RECORD, prepare_examples, train
+
+    register_secrets(config.storage)
+    prepared = prepare_examples(config)
+    if prepared.skipped:
+        print(f"docpipe: skipped {prepared.skipped} invalid example(s) (--skip-invalid)", file=sys.stderr)
+    if config.num_workers == 1:
+        return train(config, prepared)
+
+    init_ray()
+    import ray
+    from ray.train import RunConfig as TrainRunConfig
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    cpus = ray.cluster_resources().get("CPU", 1)
+    per_worker = {"CPU": 1} if gpus else {"CPU": max(0.5, min(1.0, cpus / config.num_workers))}
+    if not gpus and config.model.cpu_threads is None:
+        # One torch thread per core share: more only contend (as for the CPU model actors of a run).
+        threads = max(1, int(cpus // config.num_workers))
+        config = config.model_copy(update={"model": config.model.model_copy(update={"cpu_threads": threads})})
+    output = Path(config.output).resolve()  # workers don't share the driver's working directory
+    output.mkdir(parents=True, exist_ok=True)
+    config = config.model_copy(update={"output": str(output)})
+    trainer = TorchTrainer(
+        _finetune_worker,
+        train_loop_config={"config": config, "prepared": prepared},
+        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=bool(gpus),
+                                     resources_per_worker=per_worker),
+        torch_config=TorchConfig(backend="nccl" if gpus else "gloo"),
+        # Ray Train's own run records; the adapter and docpipe's checkpoints go to the output itself.
+        run_config=TrainRunConfig(name="docpipe-finetune", storage_path=str(output / "_ray_train")),
+    )
+    trainer.fit()
+    return json.loads((output / RECORD).read_text())
+
+
+def _finetune_worker(loop_config: dict[str, Any]) -> None:
+    """One Ray Train worker: torch.distributed is already set up; pipeline.finetune.train does the rest."""
+    from pipeline.finetune import train
+
+    train(loop_config["config"], loop_config["prepared"])

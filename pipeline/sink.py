@@ -21,7 +21,7 @@ from pipeline.errors import OutputError, describe
 from pipeline.records import CHUNK, DOCUMENT, PAGE
 from pipeline.sources import DocumentRef
 from pipeline.storage import explain, is_remote, join, resolve
-from schemas import CONTRACT_VERSION, DOCUMENTS_SCHEMA, EXTRACTION_COLUMNS, PAGES_SCHEMA, RunManifest
+from schemas import CONTRACT_VERSION, DOCUMENTS_SCHEMA, EXTRACTION_COLUMNS, PAGES_SCHEMA, RunManifest, TextSource
 
 
 class Output:
@@ -328,7 +328,8 @@ class RunSink:
         self.ledger = DocumentLedger(refs, run_id, schema)
         self.page_counts: Counter[str] = Counter()
         self.doc_counts: Counter[str] = Counter()
-        self.counters: Counter[str] = Counter()
+        self.counters: Counter[str] = Counter(documents_opened_pdfium=0, pages_rendered_pdfium=0)  # 0s shown too
+        self.source_counts: Counter[str] = Counter()  # ok pages by text_source
 
     def consume(self, records: list[dict[str, Any]]) -> None:
         finished = []
@@ -341,8 +342,12 @@ class RunSink:
                     self.counters["skipped_same_bytes"] += 1
             if rec["kind"] != DOCUMENT:
                 self.counters["output_tokens"] += rec.get("output_tokens") or 0
+            elif rec.get("renderer") == "pdfium":  # MuPDF gave up on the whole document
+                self.counters["documents_opened_pdfium"] += 1
             if rec["kind"] == PAGE:
                 self.counters["model_retries"] += rec.get("retries") or 0
+                if rec.get("renderer") == "pdfium":  # those documents' pages, and pages MuPDF failed on
+                    self.counters["pages_rendered_pdfium"] += 1
             if rec["kind"] == CHUNK:
                 self.counters["extractions"] += 1
             done = self.ledger.add(rec)
@@ -361,6 +366,7 @@ class RunSink:
         self.pages.write(page_rows)
         self.documents.write(doc_rows)
         self.page_counts.update(r["status"] for r in page_rows)
+        self.source_counts.update(r["text_source"] for r in page_rows if r["status"] == "ok" and r["text_source"])
         self.doc_counts.update(r["status"] for r in doc_rows)
         if time.monotonic() - self._sealed_at >= self.checkpoint_s:
             self.checkpoint()
@@ -387,7 +393,8 @@ class RunSink:
             documents=dict(self.doc_counts) | {"total": sum(self.doc_counts.values())},
             pages=dict(self.page_counts) | {"total": sum(self.page_counts.values())},
             timings=timings,
-            counters=dict(self.counters) | {f"listing_{k}": v for k, v in listing.items()},
+            counters=dict(self.counters) | {f"listing_{k}": v for k, v in listing.items()}
+            | {f"pages_{s.value}": self.source_counts[s.value] for s in TextSource},
             files=files,
             iceberg=iceberg,
         )

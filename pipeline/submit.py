@@ -13,6 +13,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from pipeline.cluster import use_token_auth
 from pipeline.config import RunConfig
 from pipeline.errors import ConfigError, FatalError
 
@@ -59,9 +60,7 @@ def runtime_env(working_dir: str | None, env: list[str]) -> dict:
 def submit(config: RunConfig, address: str, *, working_dir: str | None, env: list[str], wait: bool,
            submission_id: str | None = None, out=sys.stdout) -> int:
     """Submit the run; print the job id; with ``wait``, follow its logs and return 0 only if it succeeded."""
-    if "RAY_AUTH_MODE" not in os.environ and (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
-        # A token given means a cluster with token authentication; Ray's client only sends it in token mode.
-        os.environ["RAY_AUTH_MODE"] = "token"
+    use_token_auth()  # before Ray is imported
     try:
         from ray.job_submission import JobStatus, JobSubmissionClient
     except ImportError:

@@ -144,7 +144,9 @@ class RunManifest(BaseModel):
         "actor had loaded its model."
     )
     counters: dict[str, int] = Field(
-        default_factory=dict, description="Other counts, e.g. model_retries: pages re-run after their batch failed."
+        default_factory=dict, description="Other counts, e.g. model_retries: pages re-run after their batch failed; "
+        "pages_model, pages_text_layer, pages_blank: ok pages by text_source; documents_opened_pdfium: PDFs MuPDF gave up on that PDFium opened; pages_rendered_pdfium: pages PDFium "
+        "rendered (those documents' pages, and pages MuPDF failed on)."
     )
     files: dict[str, list[str]] = Field(description="Parquet files this run wrote, relative to OUT.")
     iceberg: dict[str, dict[str, int]] | None = Field(

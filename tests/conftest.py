@@ -60,16 +60,18 @@ def ray_local(docpipe_cache):
     ray.shutdown()
 
 
-def run_cli(*args, env=None, timeout=600):
+def run_cli(*args, env=None, unset=(), timeout=600):
+    """The docpipe CLI in a subprocess; ``unset`` names variables of this process it must not inherit."""
     import subprocess
 
+    full = {k: v for k, v in os.environ.items() if k not in unset}
     return subprocess.run(
         [sys.executable, "-m", "pipeline.cli", *map(str, args)],
         capture_output=True,
         text=True,
         timeout=timeout,
         cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+        env={**full, "PYTHONPATH": str(REPO), **(env or {})},
     )
 
 

@@ -8,7 +8,8 @@ from tests.conftest import run_cli
 KEYS = {
     "render_pages_per_s_per_core", "bare_render_pages_per_s_per_core", "object_store_bytes_per_page",
     "pipeline_pages_per_s", "baseline_pages_per_s", "model_output_tokens_per_s", "peak_rss_bytes",
-    "gpu_peak_memory_bytes", "device", "pages", "isolated_render_pages_per_s",
+    "gpu_peak_memory_bytes", "device", "pages", "isolated_render_pages_per_s", "model_page_fraction",
+    "routed_render_pages_per_s_per_core",
 }
 
 
@@ -22,8 +23,9 @@ def test_bench_reports_every_figure(tmp_path):
     assert figures["gpu_peak_memory_bytes"] is None  # no GPU here
     assert 0 < figures["object_store_bytes_per_page"] <= 2.5e6  # compacted pages, image splitting on
     assert figures["longest_edge"] == 1960
-    for key in KEYS - {"device", "pages", "gpu_peak_memory_bytes"}:
+    for key in KEYS - {"device", "pages", "gpu_peak_memory_bytes", "model_page_fraction"}:
         assert figures[key] > 0, key
+    assert figures["model_page_fraction"] == 0.0  # the corpus is born-digital: every page takes its text layer
     assert "pipeline / baseline" in proc.stdout
 
 

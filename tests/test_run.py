@@ -9,7 +9,7 @@ import pymupdf
 import pytest
 from PIL import Image
 
-from schemas import DOCUMENTS_SCHEMA, PAGES_SCHEMA, DocumentRow, PageRow, RunManifest
+from schemas import CONTRACT_VERSION, DOCUMENTS_SCHEMA, PAGES_SCHEMA, DocumentRow, PageRow, RunManifest
 from tests.conftest import run_cli
 
 
@@ -43,7 +43,7 @@ def test_run_writes_the_contract(cli_run, sample_docs):
     assert docs_t.schema.remove_metadata() == DOCUMENTS_SCHEMA.remove_metadata()
     files = [f for f in out.rglob("*.parquet")]
     assert files and all(f.parent.name == f"ingest_date={day}" for f in files)
-    assert all(pq.read_schema(f).metadata[b"docpipe.contract_version"] == b"2" for f in files)
+    assert all(pq.read_schema(f).metadata[b"docpipe.contract_version"] == str(CONTRACT_VERSION).encode() for f in files)
     pages = [PageRow(**r) for r in pages_t.to_pylist()]
     docs = [DocumentRow(**r) for r in docs_t.to_pylist()]
 

@@ -79,6 +79,16 @@ def test_run_from_s3_to_s3(docs_bucket, s3_env, tmp_path):
     names = [i.path for i in fs.get_file_info(__import__("pyarrow.fs").fs.FileSelector("docs/out", recursive=True))]
     assert not [n for n in names if "/_tmp-" in n or ".probe-" in n]
 
+    # docpipe report reads the run from S3, renders its pages afresh from S3, and writes the site to S3.
+    proc = run_cli("report", "s3://docs/out", "--output", "s3://docs/site", env=s3_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "6 (ok 5, error 1); 6 with a full view, 9 page images" in proc.stdout
+    site = [i.path for i in fs.get_file_info(__import__("pyarrow.fs").fs.FileSelector("docs/site", recursive=True))]
+    assert sum(n.endswith(".jpg") for n in site) == 9 and "docs/site/index.html" in site
+    index = fs.open_input_file("docs/site/index.html").read().decode()
+    assert '<td data-count="documents.total">6</td>' in index
+    assert_no_secret(index, proc.stdout, proc.stderr)
+
 
 def test_manifest_input_from_s3_to_local_output(docs_bucket, s3, s3_env, tmp_path):
     listing = f"s3://docs/in/receipt.png\ns3://docs/{ODD_KEY}\ns3://docs/in/missing.pdf\n"

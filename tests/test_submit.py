@@ -1,4 +1,8 @@
-"""Ad-hoc submission: `docpipe submit` to a real Ray head started on loopback by the test."""
+"""docpipe on an existing cluster: a real Ray head started on loopback by the test, with token authentication.
+
+`docpipe submit` sends runs to its job server; `docpipe run` joins it as a driver (RAY_ADDRESS). Both share
+one head, as heads are expensive.
+"""
 
 import json
 import os
@@ -7,11 +11,14 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
+from schemas import DOCUMENTS_SCHEMA, PAGES_SCHEMA, DocumentRow, PageRow
 from tests.conftest import REPO, _free_port, run_cli
 
 
@@ -24,13 +31,15 @@ def _get(url: str) -> urllib.request.Request:
 
 
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory, docpipe_cache):
+def head(tmp_path_factory, docpipe_cache):
     """`ray start --head` with its dashboard (the job server) on 127.0.0.1, as its own process group, with
-    token authentication on (Ray's default for clusters): clients need RAY_AUTH_TOKEN."""
+    token authentication on (Ray's default for clusters): clients need RAY_AUTH_TOKEN. Yields its job server
+    address (for docpipe submit) and its GCS address (RAY_ADDRESS, for docpipe run)."""
     port, dashboard = _free_port(), _free_port()
     temp = tmp_path_factory.mktemp("ray-head")
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONPATH": str(REPO),
-           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN}
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN,
+           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}  # no 30 s drain at teardown: nothing serves here
     env.pop("RAY_ADDRESS", None)
     bin_dir = os.path.dirname(sys.executable)
     env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")  # as in an activated environment: jobs run `python`
@@ -53,12 +62,18 @@ def ray_head(tmp_path_factory, docpipe_cache):
         if proc.poll() is not None or time.time() > deadline:
             raise RuntimeError("the Ray head did not start")
         time.sleep(0.5)
-    yield address
+    yield {"jobs": address, "gcs": f"127.0.0.1:{port}"}
     os.killpg(proc.pid, signal.SIGTERM)  # this head's processes only, not other Ray instances
     try:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def ray_head(head):
+    """The head's job server (dashboard) address, for docpipe submit."""
+    return head["jobs"]
 
 
 def test_submit_runs_the_job_on_the_cluster_and_follows_it(ray_head, sample_docs, tmp_path):
@@ -104,3 +119,107 @@ def test_no_working_dir_uploads_nothing(ray_head, tmp_path):
     with urllib.request.urlopen(_get(f"{ray_head}/api/jobs/docpipe-nowd"), timeout=10) as r:
         info = json.load(r)
     assert "working_dir" not in (info["runtime_env"] or {})
+
+
+def test_the_job_server_refuses_requests_without_the_token(ray_head):
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"{ray_head}/api/version", timeout=10)
+    assert refused.value.code in (401, 403)
+
+
+def new_user() -> list[str]:
+    """For `docpipe run` joining the head as a new user would: none of this session's Ray variables (token mode,
+    set by any local Ray started before; loopback binding), only the RAY_ADDRESS and token a test gives."""
+    return [name for name in os.environ if name.startswith("RAY_")]
+
+
+def _one_error_line(proc) -> str:
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    [line] = proc.stderr.strip().splitlines()  # Ray's repeated connection warnings are kept off the terminal
+    assert line.startswith("docpipe: error: ")
+    return line
+
+
+def test_run_joins_a_token_cluster_with_only_the_address_and_token(head, sample_docs, tiny_checkpoint, tmp_path):
+    docs, out = tmp_path / "docs", tmp_path / "out"
+    docs.mkdir()
+    for name in ("receipt.png", "corrupt.pdf"):
+        (docs / name).write_bytes((sample_docs / name).read_bytes())
+    proc = run_cli("run", docs, "--output", out, "--model", "tiny-random", "--max-new-tokens", "2", "--no-progress",
+                   env={"RAY_ADDRESS": head["gcs"], "RAY_AUTH_TOKEN": TOKEN}, unset=new_user())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "documents  2 (error 1, ok 1)" in proc.stdout
+    [manifest] = [json.loads(p.read_text()) for p in (out / "_runs").glob("*.json")]
+    assert manifest["documents"] == {"ok": 1, "error": 1, "total": 2}
+    pages_t = pq.read_table(out / "pages").drop_columns(["ingest_date"])
+    docs_t = pq.read_table(out / "documents").drop_columns(["ingest_date"])
+    assert pages_t.schema.remove_metadata() == PAGES_SCHEMA.remove_metadata()
+    assert docs_t.schema.remove_metadata() == DOCUMENTS_SCHEMA.remove_metadata()
+    [page] = [PageRow(**r) for r in pages_t.to_pylist()]
+    assert page.source_uri == str(docs / "receipt.png") and page.status == "ok"
+    by_name = {Path(d.source_uri).name: d for d in (DocumentRow(**r) for r in docs_t.to_pylist())}
+    assert by_name["receipt.png"].status == "ok" and by_name["corrupt.pdf"].status == "error"
+    # the work ran on the head's workers: this driver joined the cluster rather than starting its own
+    with urllib.request.urlopen(_get(f"{head['jobs']}/api/jobs/"), timeout=10) as r:
+        drivers = [j for j in json.load(r) if j["type"] == "DRIVER"]
+    assert any("pipeline.cli" in (j.get("entrypoint") or "") and j["status"] == "SUCCEEDED" for j in drivers)
+
+
+def test_run_without_the_token_or_with_a_wrong_one_is_one_line(head, tiny_checkpoint, sample_docs, tmp_path):
+    args = ("run", sample_docs, "--output", tmp_path / "out", "--model", "tiny-random")
+    proc = run_cli(*args, env={"RAY_ADDRESS": head["gcs"]}, unset=new_user(), timeout=60)
+    assert _one_error_line(proc) == (
+        f"docpipe: error: the Ray cluster at {head['gcs']} requires a token: export RAY_AUTH_TOKEN=<the cluster's "
+        "token> (`ray get-auth-token` on the head), or RAY_AUTH_TOKEN_PATH=<its file>")
+    token_file = tmp_path / "token"
+    token_file.write_text(secrets.token_hex(32))
+    proc = run_cli(*args, env={"RAY_ADDRESS": head["gcs"], "RAY_AUTH_TOKEN_PATH": str(token_file)}, unset=new_user(),
+                   timeout=60)
+    assert "refused the token: set RAY_AUTH_TOKEN" in _one_error_line(proc)
+    assert not list((tmp_path / "out").rglob("*.parquet")) and not list((tmp_path / "out").rglob("*.json"))
+
+
+def test_run_against_a_port_where_nothing_listens_or_a_dashboard_address_is_one_line(tiny_checkpoint, sample_docs, tmp_path):
+    address = f"127.0.0.1:{_free_port()}"
+    proc = run_cli("run", sample_docs, "--output", tmp_path / "out", "--model", "tiny-random",
+                   env={"RAY_ADDRESS": address, "RAY_AUTH_TOKEN": TOKEN}, unset=new_user(), timeout=60)
+    assert _one_error_line(proc) == (
+        f"docpipe: error: no Ray cluster answers at {address} (Connection refused): start one with "
+        "`ray start --head`, or set RAY_ADDRESS to the head's GCS address (HOST:6379 by default)")
+    proc = run_cli("run", sample_docs, "--output", tmp_path / "out", "--model", "tiny-random",
+                   env={"RAY_ADDRESS": "http://127.0.0.1:8265"}, unset=new_user(), timeout=60)
+    assert "is a dashboard (job server) address: docpipe run joins the cluster's GCS address" in _one_error_line(proc)
+
+
+_SET_CLUSTER_RAY_VERSION = """
+import json, sys
+import ray
+from ray._common.usage import usage_constants
+from ray._private import ray_constants
+from ray._raylet import GcsClient
+
+client = GcsClient(address=sys.argv[1])
+key, namespace = usage_constants.CLUSTER_METADATA_KEY, ray_constants.KV_NAMESPACE_CLUSTER
+metadata = json.loads(client.internal_kv_get(key, namespace=namespace))
+metadata["ray_version"] = sys.argv[2] if len(sys.argv) > 2 else ray.__version__
+client.internal_kv_put(key, json.dumps(metadata).encode(), overwrite=True, namespace=namespace)
+"""
+
+
+def test_run_on_a_cluster_of_another_ray_version_is_one_line(head, tiny_checkpoint, sample_docs, tmp_path):
+    import ray
+
+    def set_version(*version):  # what the head recorded at start, which joining drivers check theirs against
+        subprocess.run([sys.executable, "-c", _SET_CLUSTER_RAY_VERSION, head["gcs"], *version], check=True,
+                       env={**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN}, timeout=120)
+
+    set_version("2.59.0")
+    try:
+        proc = run_cli("run", sample_docs, "--output", tmp_path / "out", "--model", "tiny-random",
+                       env={"RAY_ADDRESS": head["gcs"], "RAY_AUTH_TOKEN": TOKEN}, unset=new_user(), timeout=60)
+    finally:
+        set_version()
+    python = ".".join(map(str, sys.version_info[:3]))
+    assert _one_error_line(proc) == (
+        f"docpipe: error: version mismatch with the Ray cluster at {head['gcs']}: it runs Ray 2.59.0 on Python "
+        f"{python}, this machine Ray {ray.__version__} on Python {python}: install the cluster's versions here")

@@ -1,0 +1,138 @@
+"""Joining an existing Ray cluster: token authentication, and one clear line when joining fails.
+
+Shared by `docpipe run` (pipeline.runner joins the cluster named by RAY_ADDRESS) and `docpipe submit`
+(pipeline.submit talks to the cluster's job server). Ray itself is imported by those two modules only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import socket
+import sys
+import tempfile
+
+from pipeline.errors import ClusterError
+
+PROBE_TIMEOUT_S = 5.0
+# Ray tries to reach the GCS once a second, 20 times by default, and logs each failure; a refused token or a
+# version mismatch won't change between tries.
+JOIN_ATTEMPTS = 3
+
+
+def use_token_auth() -> bool:
+    """Turn Ray's token mode on when the user gave a token; True if one was given.
+
+    Ray's client sends the token only in token mode, and an explicit address never turns that mode on by
+    itself. Call before Ray is imported: Ray reads its mode once. RAY_AUTH_MODE, when set, is left alone.
+    """
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if path and not os.path.isfile(os.path.expanduser(path)):
+        raise ClusterError(f"RAY_AUTH_TOKEN_PATH names no file: {path}")
+    given = bool(os.environ.get("RAY_AUTH_TOKEN") or path)
+    if given and "RAY_AUTH_MODE" not in os.environ:
+        os.environ["RAY_AUTH_MODE"] = "token"
+    return given
+
+
+def gcs_host_port(address: str) -> tuple[str, int] | None:
+    """Host and port of a cluster address (HOST:PORT or ray://HOST:PORT); None for `auto` and the like."""
+    if address.startswith(("http://", "https://")):
+        raise ClusterError(f"RAY_ADDRESS={address} is a dashboard (job server) address: docpipe run joins the "
+                           "cluster's GCS address, HOST:6379 by default (or use docpipe submit --address "
+                           f"{address})")
+    match = re.fullmatch(r"(?:ray://)?\[?([^\[\]]+?)\]?:(\d+)", address.strip())
+    return (match.group(1), int(match.group(2))) if match else None
+
+
+def is_loopback(address: str) -> bool:
+    target = gcs_host_port(address)
+    return target is not None and (target[0] == "localhost" or target[0] == "::1" or target[0].startswith("127."))
+
+
+def probe(address: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
+    """Fail fast, in one line, when nothing answers at the address (Ray would retry for a long while)."""
+    target = gcs_host_port(address)
+    if target is None:
+        return
+    try:
+        with socket.create_connection(target, timeout=timeout_s):
+            pass
+    except socket.timeout:
+        raise ClusterError(f"no Ray cluster answers at {address} (no reply within {timeout_s:g} s): check "
+                           "RAY_ADDRESS (HOST:PORT of the head's GCS, 6379 by default) and that the host is reachable"
+                           ) from None
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ClusterError(f"no Ray cluster answers at {address} ({reason}): start one with `ray start --head`, "
+                           "or set RAY_ADDRESS to the head's GCS address (HOST:6379 by default)") from None
+
+
+def join_error(address: str, failure: BaseException, log: str, token_given: bool) -> ClusterError:
+    """One line for a failed join, from Ray's exception chain and its log output."""
+    chain, seen, exc = [], set(), failure
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        chain.append(f"{type(exc).__name__}: {exc}")
+        exc = exc.__cause__ or exc.__context__
+    text = "\n".join(chain) + "\n" + log
+    if "InvalidAuthToken" in text or "Unauthenticated" in text or "AuthenticationError" in text:
+        if token_given:
+            return ClusterError(f"the Ray cluster at {address} refused the token: set RAY_AUTH_TOKEN (or "
+                                "RAY_AUTH_TOKEN_PATH) to the cluster's token (`ray get-auth-token` on the head)")
+        return ClusterError(f"the Ray cluster at {address} requires a token: export RAY_AUTH_TOKEN=<the "
+                            "cluster's token> (`ray get-auth-token` on the head), or RAY_AUTH_TOKEN_PATH=<its file>")
+    versions = re.search(r"Version mismatch.*?Ray: (\S+)\s+Python: (\S+).*?Ray: (\S+)\s+Python: (\S+)", text, re.S)
+    if versions:
+        cluster_ray, cluster_py, here_ray, here_py = versions.groups()
+        return ClusterError(f"version mismatch with the Ray cluster at {address}: it runs Ray {cluster_ray} on "
+                            f"Python {cluster_py}, this machine Ray {here_ray} on Python {here_py}: install the "
+                            "cluster's versions here")
+    if "No node info found" in text:  # Ray looked for a node of the cluster on this machine for a minute
+        return ClusterError(f"no node of the Ray cluster at {address} runs on this machine: docpipe run joins as a "
+                            "driver from one of the cluster's machines; from elsewhere, use docpipe submit")
+    # Otherwise: the last thing Ray's client logged (" W "/" E " lines name the cause), else Ray's own message.
+    logged = re.findall(r"^\[[^\]]*\s[WEF]\s[^\]]*\]\s*\S+:\d+:\s*(.+)$", log, re.M)
+    cause = logged[-1] if logged else chain[0]
+    return ClusterError(f"cannot join the Ray cluster at {address}: {' '.join(cause.split())[:300]}")
+
+
+@contextlib.contextmanager
+def joining(address: str, token_given: bool):
+    """Around Ray's join: a bounded number of tries, and Ray's log lines kept off the terminal unless it works.
+
+    A failure becomes a ClusterError. On success, whatever Ray printed is passed on. DOCPIPE_DEBUG=1 shows
+    everything as it comes.
+    """
+    probe(address)
+    debug = bool(os.environ.get("DOCPIPE_DEBUG"))
+    saved = os.environ.get("RAY_gcs_server_port_wait_time_s")
+    if saved is None:  # a budget the user set stands
+        os.environ["RAY_gcs_server_port_wait_time_s"] = str(JOIN_ATTEMPTS)
+    # Ray's C++ client logs each failed try straight to file descriptor 2, so that is what is captured.
+    log = tempfile.TemporaryFile(mode="w+b")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    stderr_fd = os.dup(2)
+    if not debug:
+        os.dup2(log.fileno(), 2)
+    failure = None
+    try:
+        yield
+    except Exception as exc:
+        failure = exc
+    finally:
+        sys.stderr.flush()
+        os.dup2(stderr_fd, 2)
+        os.close(stderr_fd)
+        if saved is None:
+            os.environ.pop("RAY_gcs_server_port_wait_time_s", None)
+        log.seek(0)
+        captured = log.read().decode("utf-8", "replace")
+        log.close()
+    if failure is not None:
+        raise join_error(address, failure, captured, token_given) from None
+    if captured:
+        sys.stderr.write(captured)
+        sys.stderr.flush()

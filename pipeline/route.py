@@ -1,0 +1,154 @@
+"""Which pages need the model: the PDF text layer's trust rules, and blank-page detection.
+
+Pure functions, decided per page in the render stage. A page whose text layer is trusted, or whose
+rendered image is blank, gets its text here and never travels to the model actors.
+
+The trust rules (``trust_text_layer``), each a reason to send the page to the model instead:
+- ``no_text_layer``: the renderer offers none (image files; a renderer without text extraction);
+- ``unmapped_font``: a composite (Type0, Identity) font without a ToUnicode map: its text is glyph ids;
+- ``full_page_image``: an image covers 90% of the page: a scan, whose text is in the pixels even when an
+  invisible OCR layer lies on top (unless ``trust_ocr_layer``: then that layer counts as visible text);
+- ``hidden_text``: more than ``max_hidden_char_fraction`` of the characters are white, fully transparent or
+  invisible (render mode 3); text outside the page is clipped away, so a layer that lies there is ``sparse``;
+- ``bad_chars``: more than ``max_bad_char_fraction`` are U+FFFD, private-use or control characters;
+- ``sparse``: fewer visible characters than ``min_chars`` or ``min_chars_per_in2`` times the page's area.
+
+The text of a trusted page is PyMuPDF's block-sorted extraction (``TextPage.extractText(sort=True)``: MuPDF's
+text blocks ordered top-left to bottom-right, so a column stays whole), normalised by
+``normalise_layout``: trailing spaces dropped, runs of blank lines collapsed to one, no blank lines at the ends.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass
+
+from pipeline.config import RouteOptions
+
+FULL_PAGE_IMAGE = 0.9  # share of the page an image must cover to make it a scan
+WHITE = 0.95  # every sRGB component at least this light
+CELLS = 256  # blank detection: cells along the page's longest side
+
+
+@dataclass(frozen=True)
+class TextLayer:
+    """What the routing rules need from a page's text layer; renderer-neutral (see documents.py)."""
+
+    text: str  # the layer's text in reading order (before normalise_layout)
+    width_pt: float
+    height_pt: float
+    chars: int  # non-space characters drawn, wherever and however
+    hidden_chars: int  # of those: drawn in white
+    invisible_chars: int  # of those: never painted (render mode 3, as OCR layers are, or fully transparent)
+    bad_chars: int  # of those: U+FFFD, private-use, control
+    unmapped_fonts: int  # Type0 Identity fonts with no ToUnicode map
+    image_coverage: float  # share of the page covered by its largest image
+
+
+@dataclass(frozen=True)
+class Verdict:
+    trusted: bool
+    reason: str  # "trusted", or the first rule that failed (see the module docstring)
+
+
+def is_bad_char(ch: str) -> bool:
+    cat = unicodedata.category(ch)
+    return ch == "\ufffd" or cat == "Co" or (cat == "Cc" and ch not in "\t\n\r")
+
+
+def trust_text_layer(layer: TextLayer | None, opts: RouteOptions) -> Verdict:
+    """Whether a page's text layer can stand in for the model's reading, and if not, why."""
+    if layer is None:
+        return Verdict(False, "no_text_layer")
+    if layer.unmapped_fonts:
+        return Verdict(False, "unmapped_font")
+    if layer.image_coverage >= FULL_PAGE_IMAGE and not opts.trust_ocr_layer:
+        return Verdict(False, "full_page_image")
+    invisible_ok = opts.trust_ocr_layer and layer.image_coverage >= FULL_PAGE_IMAGE
+    hidden = layer.hidden_chars + (0 if invisible_ok else layer.invisible_chars)
+    if layer.chars and hidden / layer.chars > opts.max_hidden_char_fraction:
+        return Verdict(False, "hidden_text")
+    if layer.chars and layer.bad_chars / layer.chars > opts.max_bad_char_fraction:
+        return Verdict(False, "bad_chars")
+    area_in2 = layer.width_pt * layer.height_pt / 72**2
+    if layer.chars - hidden < max(opts.min_chars, opts.min_chars_per_in2 * area_in2):
+        return Verdict(False, "sparse")
+    return Verdict(True, "trusted")
+
+
+def normalise_layout(text: str) -> str:
+    """A text layer's text as pages carry it: trailing spaces dropped, blank-line runs collapsed, ends trimmed."""
+    lines = [line.rstrip() for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n")]
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip("\n")
+
+
+def pymupdf_text_layer(page) -> TextLayer:
+    """A PyMuPDF page's text layer, from one text page: MuPDF's blocks sorted top-left to bottom-right (columns
+    stay whole; PyMuPDF's line-sorted ``get_text(sort=True)`` interleaves them), and per-span facts. Text
+    outside the page is clipped away by MuPDF, so it is neither counted nor kept."""
+    import pymupdf
+
+    tp = page.get_textpage(flags=pymupdf.TEXTFLAGS_TEXT)
+    chars = hidden = invisible = bad = 0
+    for block in tp.extractDICT()["blocks"]:
+        for line in block.get("lines", ()):
+            for span in line["spans"]:
+                drawn = [ch for ch in span["text"] if not ch.isspace()]
+                chars += len(drawn)
+                bad += sum(1 for ch in drawn if is_bad_char(ch))
+                if span.get("alpha", 255) == 0:  # render mode 3 (OCR layers) or fully transparent
+                    invisible += len(drawn)
+                elif _is_white(span["color"]):
+                    hidden += len(drawn)
+    rect = page.rect
+    area = abs(rect) or 1.0
+    coverage = max((abs(pymupdf.Rect(bbox) & rect) / area for kind, bbox in page.get_bboxlog()
+                    if kind in ("fill-image", "fill-imgmask")), default=0.0)
+    return TextLayer(
+        text=tp.extractText(sort=True),
+        width_pt=rect.width,
+        height_pt=rect.height,
+        chars=chars,
+        hidden_chars=hidden,
+        invisible_chars=invisible,
+        bad_chars=bad,
+        unmapped_fonts=_unmapped_fonts(page),
+        image_coverage=coverage,
+    )
+
+
+def _is_white(srgb: int) -> bool:
+    return all((srgb >> shift) & 0xFF >= WHITE * 255 for shift in (16, 8, 0))
+
+
+def _unmapped_fonts(page) -> int:
+    doc, count = page.parent, 0
+    for xref, _ext, ftype, _base, _name, encoding, *_ in page.get_fonts():
+        if ftype == "Type0" and encoding.startswith("Identity") and xref:
+            count += doc.xref_get_key(xref, "ToUnicode")[0] == "null"
+    return count
+
+
+def is_blank(pixels, opts: RouteOptions) -> bool:
+    """Whether a rendered page (an (H, W, 3) uint8 array) is blank: near-uniform once averaged over small
+    cells (scanner noise evens out), outside a margin (scanner edges and faint borders), allowing a few
+    ink cells (dust). Light-on-dark counts as ink too, so a uniformly black page is blank."""
+    import numpy as np
+
+    h, w = pixels.shape[:2]
+    mh, mw = int(h * opts.blank_margin), int(w * opts.blank_margin)
+    if h - 2 * mh >= 1 and w - 2 * mw >= 1:
+        pixels = pixels[mh : h - mh, mw : w - mw]
+        h, w = pixels.shape[:2]
+    cell = max(1, round(max(h, w) / CELLS))
+    hc, wc = h // cell, w // cell
+    if not hc or not wc:  # smaller than one cell: uniform by definition
+        return True
+    block = pixels[: hc * cell, : wc * cell]  # a view: reshaping it below needs no copy
+    # Integer sums, rows of a cell first (in uint16: at most cell * 255), then its columns and channels: a
+    # float copy of a 1960 px page cost ten times more.
+    rows = block.reshape(hc, cell, wc * cell * 3).sum(axis=1, dtype=np.uint16)
+    cells = rows.reshape(hc, wc, cell * 3).sum(axis=2, dtype=np.uint32) / (cell * cell * 3)
+    ink = np.abs(cells - np.median(cells)) > opts.blank_ink_delta
+    return float(ink.mean()) <= opts.blank_max_ink_fraction
