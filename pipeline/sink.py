@@ -328,7 +328,9 @@ class RunSink:
         self.ledger = DocumentLedger(refs, run_id, schema)
         self.page_counts: Counter[str] = Counter()
         self.doc_counts: Counter[str] = Counter()
-        self.counters: Counter[str] = Counter(documents_opened_pdfium=0, pages_rendered_pdfium=0)  # 0s shown too
+        self.counters: Counter[str] = Counter(  # 0s shown too
+            documents_opened_pdfium=0, pages_rendered_pdfium=0, documents_read=0, bytes_read=0,
+            skipped_unchanged_listing=0, skipped_same_bytes=0)
         self.source_counts: Counter[str] = Counter()  # ok pages by text_source
 
     def consume(self, records: list[dict[str, Any]]) -> None:
