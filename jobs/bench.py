@@ -265,24 +265,44 @@ ROWS = [
 ]
 
 
-# Each engine option on its own, against the default engine, on the same pages (model stage only).
+# Each engine on its own, then each generate option, against the first row, on the same pages and the same
+# output lengths (model stage only).
 ENGINES: list[tuple[str, dict[str, Any]]] = [
-    ("default (dtype auto, attention auto)", {}),
-    ("dtype float32", {"dtype": "float32"}),
-    ("dtype bfloat16", {"dtype": "bfloat16"}),
-    ("dtype float16", {"dtype": "float16"}),
-    ("attention eager", {"attention": "eager"}),
-    ("attention sdpa", {"attention": "sdpa"}),
-    ("attention flash_attention_2", {"attention": "flash_attention_2"}),
-    ("bitsandbytes 8-bit", {"quantization": "8bit"}),
-    ("bitsandbytes 4-bit nf4, double quant", {"quantization": "4bit"}),
-    ("static KV cache", {"static_cache": True}),
-    ("static KV cache + torch.compile", {"static_cache": True, "compile": True}),
+    ("generate, default batch", {"engine": "generate"}),
+    ("generate, batch 64", {"engine": "generate", "batch_size": 64}),
+    ("continuous", {"engine": "continuous"}),
+    ("generate, dtype float32", {"engine": "generate", "dtype": "float32"}),
+    ("generate, dtype bfloat16", {"engine": "generate", "dtype": "bfloat16"}),
+    ("generate, dtype float16", {"engine": "generate", "dtype": "float16"}),
+    ("generate, attention eager", {"engine": "generate", "attention": "eager"}),
+    ("generate, attention sdpa", {"engine": "generate", "attention": "sdpa"}),
+    ("generate, attention flash_attention_2", {"engine": "generate", "attention": "flash_attention_2"}),
+    ("generate, bitsandbytes 8-bit", {"engine": "generate", "quantization": "8bit"}),
+    ("generate, bitsandbytes 4-bit nf4", {"engine": "generate", "quantization": "4bit"}),
+    ("generate, static KV cache", {"engine": "generate", "static_cache": True}),
+    ("generate, static KV cache + torch.compile", {"engine": "generate", "static_cache": True, "compile": True}),
 ]
 
+# The output length mix: each page is forced to stop at its own length, lognormal around a median with this
+# spread (sigma of the log), capped at max_new_tokens, drawn with a fixed seed, so every row decodes the same
+# tokens. Real OCR outputs range from a few tokens (a near-empty page) to over a thousand (a dense one).
+LENGTH_SPREAD = 0.9
+LENGTH_SEED = 0
 
-def measure_engines(paths: list[Path], model_opts, longest_edge: int, pages: int) -> list[dict[str, Any]]:
-    """The OCR stage (fast processor + generate, forced output length) under each engine option."""
+
+def length_mix(pages: int, median: int, cap: int) -> list[int]:
+    import numpy as np
+
+    rng = np.random.default_rng(LENGTH_SEED)
+    draws = median * np.exp(LENGTH_SPREAD * rng.standard_normal(pages))
+    return [int(x) for x in np.clip(np.round(draws), 1, cap)]
+
+
+def measure_engines(paths: list[Path], model_opts, longest_edge: int, pages: int,
+                    lengths: list[int]) -> list[dict[str, Any]]:
+    """The OCR stage (fast processor, then the engine) under each engine option, every page forced to its own
+    length. useful_decode_fraction: tokens kept / decode positions computed, the positions counted as rows
+    through the lm_head (a page padded along in a static batch still costs its row)."""
     import gc
 
     from pipeline.config import RenderOptions
@@ -303,30 +323,45 @@ def measure_engines(paths: list[Path], model_opts, longest_edge: int, pages: int
         if reason:
             rows.append(row | {"status": f"not run: {reason}"})
             continue
+        loaded = stage = hook = None
         try:
             opts = model_opts.model_copy(update=update)
             loaded = load_model(opts)
             stage = OcrStage(opts, loaded=loaded)
-            stage([dict(r) for r in records[: opts.batch_size]])  # warm-up (and compilation)
+            warm = records[: opts.batch_size]
+            stage([dict(r) for r in warm], lengths=lengths[: len(warm)])  # warm-up (and compilation)
+            computed = [0]
+            hook = loaded.model.lm_head.register_forward_hook(
+                lambda _m, inputs, _o: computed.__setitem__(0, computed[0] + inputs[0][..., 0].numel()))
             t0 = time.perf_counter()
-            done = stage([dict(r) for r in records])
+            done = stage([dict(r) for r in records], lengths=lengths)
             wall = time.perf_counter() - t0
             failed = [r for r in done if r["status"] != "ok"]
             if failed:
                 raise RuntimeError(f"{len(failed)} pages failed: {failed[0]['error_message']}")
-            row |= {"status": "ok", "pages_per_s": len(done) / wall, "dtype": str(loaded.dtype).replace("torch.", ""),
-                    "attention": loaded.attention,
-                    "output_tokens_per_s": sum(r["output_tokens"] for r in done) / wall}
+            kept = sum(r["output_tokens"] for r in done)
+            if kept != sum(lengths):
+                raise RuntimeError(f"{kept} tokens kept, {sum(lengths)} forced")
+            row |= {"status": "ok", "engine_ran": stage.engine.name, "batch_size": opts.batch_size,
+                    "pages_per_s": len(done) / wall, "output_tokens_per_s": kept / wall,
+                    "tokens_kept": kept, "decode_positions": computed[0],
+                    # CUDA graph replays skip Python hooks: then the positions can't be counted this way.
+                    "useful_decode_fraction": kept / computed[0] if computed[0] >= kept else None,
+                    "dtype": str(loaded.dtype).replace("torch.", ""), "attention": loaded.attention}
         except Exception as exc:
             row |= {"status": f"failed: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"}
         finally:
+            if hook is not None:
+                hook.remove()
+            if stage is not None:
+                stage.engine.close()
             loaded = stage = None
             gc.collect()
         rows.append(row)
     base = rows[0].get("pages_per_s")
     for row in rows:
         if base and row.get("pages_per_s"):
-            row["vs_default"] = row["pages_per_s"] / base
+            row["vs_first_row"] = row["pages_per_s"] / base
     return rows
 
 
@@ -365,25 +400,33 @@ def engines_main(args) -> None:
 
     gpu = pick_device() == "cuda"
     name = f"random:{args.random_weights}" if args.random_weights else (args.model or TINY_MODEL)
-    tokens = args.output_tokens or (600 if gpu else 16)
-    pages = args.pages or 16
-    model_opts = ModelOptions(name=name, max_new_tokens=tokens, min_new_tokens=tokens,
-                              batch_size=args.batch_size or (16 if gpu else 4), cpu_threads=None)
+    cap = args.output_tokens or (1024 if gpu else 64)
+    median = args.median_tokens or (400 if gpu else 24)
+    pages = args.pages or (256 if gpu else 64)
+    model_opts = ModelOptions(name=name, max_new_tokens=cap, batch_size=args.batch_size or (16 if gpu else 4),
+                              cpu_threads=None)
+    lengths = length_mix(pages, median, cap)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="docpipe-bench-"))
     paths = make_bench_corpus(work / "corpus", pages=pages)
     longest_edge = render_edge_for(resolve_checkpoint(name), model_opts)
-    print(f"bench --engines: {pages} pages at {longest_edge} px; model {name}, {tokens} output tokens per page "
-          f"(forced), batch {model_opts.batch_size}; {describe_device()}", flush=True)
-    rows = measure_engines(paths, model_opts, longest_edge, pages)
+    print(f"bench --engines: {pages} pages at {longest_edge} px; model {name}; output lengths lognormal, median "
+          f"{median}, spread {LENGTH_SPREAD}, cap {cap} (seed {LENGTH_SEED}): {sum(lengths)} tokens in all; default "
+          f"batch {model_opts.batch_size}; {describe_device()}", flush=True)
+    rows = measure_engines(paths, model_opts, longest_edge, pages, lengths)
     print()
-    print(f"  {'engine':<40} {'pages/s':>8} {'tokens/s':>9} {'vs default':>10}  resolved / status")
+    print(f"  {'engine':<42} {'pages/s':>8} {'tokens/s':>9} {'useful':>7} {'vs first':>8}  resolved / status")
     for r in rows:
         if r["status"] == "ok":
-            print(f"  {r['engine']:<40} {r['pages_per_s']:>8.3f} {r['output_tokens_per_s']:>9.1f} "
-                  f"{r.get('vs_default', 1.0):>10.2f}  {r['dtype']}, {r['attention']}")
+            useful = r["useful_decode_fraction"]
+            print(f"  {r['engine']:<42} {r['pages_per_s']:>8.3f} {r['output_tokens_per_s']:>9.1f} "
+                  f"{'n/a' if useful is None else format(useful, '.3f'):>7} {r.get('vs_first_row', 1.0):>8.2f}  "
+                  f"{r['dtype']}, {r['attention']}")
         else:
-            print(f"  {r['engine']:<40} {'':>8} {'':>9} {'':>10}  {r['status']}")
+            print(f"  {r['engine']:<42} {'':>8} {'':>9} {'':>7} {'':>8}  {r['status']}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": describe_device(), "model": name, "pages": pages,
-                                               "output_tokens_per_page": tokens, "engines": rows}, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps({
+            "device": describe_device(), "model": name, "pages": pages, "max_new_tokens": cap,
+            "length_mix": {"distribution": "lognormal", "median": median, "spread": LENGTH_SPREAD, "cap": cap,
+                           "seed": LENGTH_SEED, "tokens": sum(lengths)},
+            "engines": rows}, indent=2) + "\n")
         print(f"wrote {args.json}")

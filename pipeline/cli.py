@@ -13,7 +13,12 @@ from pipeline.errors import FatalError
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help=f"hub id, local path, or 'tiny-random' (default {DEFAULT_MODEL})")
-    p.add_argument("--batch-size", type=int, help="pages per generate() call")
+    p.add_argument("--batch-size", type=int, help="pages per generate() call (continuous engine: per vision call)")
+    p.add_argument("--engine", choices=["auto", "generate", "continuous"],
+                   help="decoding engine: continuous batching, static generate() batches, or auto (default: "
+                   "continuous on a GPU, generate on a CPU)")
+    p.add_argument("--calls-in-flight", type=int, metavar="N",
+                   help="blocks a model actor works on at once with the continuous engine (default 2)")
     p.add_argument("--max-new-tokens", type=int, help="cap on generated tokens per page")
     p.add_argument("--longest-edge", type=int, help="rendered page size in pixels (default: from the processor)")
     p.add_argument("--image-format", choices=["raw", "png", "jpeg"], help="page image encoding between stages")
@@ -141,17 +146,22 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("--finetune", action="store_true", help="print the fine-tuning job file's schema alone")
 
     bench = sub.add_parser("bench", help="measure render, transfer and pipeline throughput against baselines")
-    bench.add_argument("--pages", type=int, help="pages in the synthetic corpus (default 200; 16 with --engines)")
+    bench.add_argument("--pages", type=int,
+                       help="pages in the synthetic corpus (default 200; with --engines 256 GPU, 64 CPU)")
     bench.add_argument("--json", metavar="FILE", help="also write the figures to FILE")
     bench.add_argument("--model", help="model to run (default: tiny-random, whose processor has the real sizes)")
     bench.add_argument("--random-weights", metavar="ARCH",
                        help="a shipped architecture with random weights, e.g. idefics2-8b (for GPUs)")
-    bench.add_argument("--output-tokens", type=int, help="forced output tokens per page (default 600 GPU, 16 CPU)")
+    bench.add_argument("--output-tokens", type=int, help="forced output tokens per page (default 600 GPU, 16 CPU); "
+                       "with --engines, the cap of the length mix (default 1024 GPU, 64 CPU)")
+    bench.add_argument("--median-tokens", type=int,
+                       help="with --engines: median of the output length mix (default 400 GPU, 24 CPU)")
     bench.add_argument("--batch-size", type=int, help="pages per generate() call in the pipeline")
     bench.add_argument("--num-actors", type=int, help="model actors in the pipeline (default as for docpipe run)")
     bench.add_argument("--workdir", help="where the corpus and outputs go (default: a temporary folder)")
-    bench.add_argument("--engines", action="store_true", help="instead: the model stage under each engine option "
-                       "(dtype, attention, bitsandbytes, static cache, torch.compile), side by side")
+    bench.add_argument("--engines", action="store_true", help="instead: the model stage under each engine (generate, "
+                       "continuous) and option (dtype, attention, bitsandbytes, static cache, torch.compile), side by "
+                       "side, on a realistic output length mix; needs no Ray")
     return parser
 
 
@@ -198,6 +208,8 @@ def config_from_args(args: argparse.Namespace, inputs: list[str], output: str | 
     model = {
         "name": args.model,
         "batch_size": args.batch_size,
+        "engine": getattr(args, "engine", None),
+        "calls_in_flight": getattr(args, "calls_in_flight", None),
         "max_new_tokens": args.max_new_tokens,
         "do_image_splitting": False if args.no_image_splitting else None,
         "adapter": args.adapter,
@@ -305,6 +317,11 @@ def print_summary(result, out=sys.stdout) -> None:
     sources = {s: m.counters.get(f"pages_{s}", 0) for s in ("model", "text_layer", "blank")}
     if any(sources.values()):
         print("text from  " + ", ".join(f"{k} {v}" for k, v in sources.items()), file=out)
+    if m.engines:  # e.g. "engine     continuous 2 (requested)", or a fallback's reason
+        from collections import Counter
+
+        kinds = Counter((e["engine"], e["reason"]) for e in m.engines)
+        print("engine     " + "; ".join(f"{name} x{n} ({why})" for (name, why), n in sorted(kinds.items())), file=out)
     print(f"time       {m.timings['wall_s']:.1f} s, {m.timings['pages_per_s']:.2f} pages/s", file=out)
     print(f"output     {result.output}/pages, {result.output}/documents, {result.output}/_runs/{m.run_id}.json",
           file=out)

@@ -41,12 +41,26 @@ class ModelOptions(_Options):
     min_new_tokens: int = Field(
         0, ge=0, description="Force at least this many tokens per page (benchmarks: a fixed output length)."
     )
-    batch_size: int = Field(4, ge=1, description="Pages per generate() call.")
+    batch_size: int = Field(
+        4, ge=1, description="Pages per generate() call; with the continuous engine, pages per vision-encoder call."
+    )
     sort_window: int = Field(
         4,
         ge=1,
         description="Model batches the actor receives at once; their pages are sorted by shape before batching, "
         "so pages padded together are of similar size.",
+    )
+    engine: Literal["auto", "generate", "continuous"] = Field(
+        "auto",
+        description="How pages are decoded. 'continuous': transformers' continuous batching (a page leaves the "
+        "batch when it is done and the next takes its slot; image features reach it through a feature bank). "
+        "'generate': static batches of batch_size through generate(). 'auto': continuous on a CUDA GPU, falling "
+        "back to generate (with the reason in the run's manifest) if it cannot start there; generate on a CPU.",
+    )
+    calls_in_flight: int = Field(
+        2, ge=1, le=16,
+        description="Blocks of rows_per_call pages a model actor works on at once with the continuous engine, so it "
+        "takes new pages while earlier ones decode. Bounds the pages held per actor: calls_in_flight x rows_per_call.",
     )
     quantization: Literal["none", "8bit", "4bit"] = Field(
         "none", description="bitsandbytes weight quantisation (4bit: nf4 with double quantisation). CUDA only."
@@ -60,6 +74,11 @@ class ModelOptions(_Options):
     def rows_per_call(self) -> int:
         """Pages an actor takes at once: sort_window batches' worth, sorted by shape, then run batch by batch."""
         return self.batch_size * self.sort_window
+
+    @property
+    def pages_in_flight(self) -> int:
+        """The most pages a model actor holds at once (the continuous engine's feature bank is sized for it)."""
+        return self.rows_per_call * self.calls_in_flight
 
     cpu_threads: int | None = Field(
         None, ge=1, description="torch threads in a CPU model actor. Default: the CPUs the actor was given."

@@ -263,60 +263,96 @@ class ExtractStage:
         return chat_prompt(self.m.processor, pages, self.text)
 
     def __call__(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Chunks are extracted batch_size to a generate() call (one grammar matcher per row), sorted by page
+        count so a batch's prompts are of similar length. A batch that fails is retried chunk by chunk, so
+        one document's failure stays in its own row."""
         from pipeline.ocr import decode_page
 
+        todo = []
         for rec in records:
             if rec["kind"] != CHUNK or rec["status"] != "ok":
                 continue
             try:
                 pixels = [decode_page(img, codec, w, h) for img, codec, w, h in
                           zip(rec["images"], rec["image_codecs"], rec["widths"], rec["heights"])]
-                rec.update(self.extract_one(pixels, seed=int(rec["doc_id"][:8], 16) + rec["chunk_index"]))
-            except Exception as exc:  # one document's failure stays in its row
+                todo.append((rec, pixels, int(rec["doc_id"][:8], 16) + rec["chunk_index"]))
+            except Exception as exc:
                 reraise_if_fail_fast()
                 rec.update(status="error", error_type="model_error", error_message=describe(exc))
+        todo.sort(key=lambda item: len(item[1]))
+        size = self.opts.batch_size
+        for start in range(0, len(todo), size):
+            self._extract_batch(todo[start : start + size])
         return records
 
+    def _extract_batch(self, batch: list[tuple[dict[str, Any], list, int]]) -> None:
+        try:
+            firsts = self._attempts([pixels for _, pixels, _ in batch], temperature=None, seed=0)
+        except Exception as exc:
+            reraise_if_fail_fast()
+            if len(batch) == 1:
+                batch[0][0].update(status="error", error_type="model_error", error_message=describe(exc))
+                return
+            for item in batch:
+                self._extract_batch([item])
+            return
+        for (rec, pixels, seed), first in zip(batch, firsts):
+            try:
+                rec.update(self._with_retry(first, pixels, seed))
+            except Exception as exc:  # the retry failed: this document's row only
+                reraise_if_fail_fast()
+                rec.update(status="error", error_type="model_error", error_message=describe(exc))
+
     def extract_one(self, pixels: list, seed: int) -> dict[str, Any]:
-        """Greedy first; output that fails validation gets one retry at a higher temperature."""
-        result = self._attempt(pixels, temperature=None, seed=seed)
+        """One chunk on its own: greedy first, then the retry if its output fails validation."""
+        return self._with_retry(self._attempts([pixels], temperature=None, seed=seed)[0], pixels, seed)
+
+    def _with_retry(self, result: dict[str, Any], pixels: list, seed: int) -> dict[str, Any]:
+        """Output that fails validation gets one retry at a higher temperature."""
         attempts = 1
         if not result["valid"] and self.extract.retry_temperature > 0:
-            retry = self._attempt(pixels, temperature=self.extract.retry_temperature, seed=seed)
+            [retry] = self._attempts([pixels], temperature=self.extract.retry_temperature, seed=seed)
             attempts = 2
             if retry["valid"] or not result["parsed"]:
                 result = retry
         result["extraction_attempts"] = attempts
         return result
 
-    def _attempt(self, pixels: list, temperature: float | None, seed: int) -> dict[str, Any]:
+    def _attempts(self, pixels: list[list], temperature: float | None, seed: int) -> list[dict[str, Any]]:
+        """One generate() call for several chunks (each its own page images), one grammar matcher per row."""
         import torch
-        import xgrammar as xgr
-        from transformers import StoppingCriteriaList
+        from transformers import LogitsProcessorList, StoppingCriteriaList
 
         from pipeline.ocr import model_inputs
 
         m = self.m
         device = m.device if self.opts.processor_device == "model" else "cpu"
-        inputs = model_inputs(m, [self.prompt(len(pixels))], [pixels], device)
+        inputs = model_inputs(m, [self.prompt(len(p)) for p in pixels], pixels, device)
         sampling = {"do_sample": True, "temperature": temperature} if temperature else {"do_sample": False}
         if temperature:
             torch.manual_seed(seed)  # reproducible retries
         guard = RepetitionGuard(self.extract.max_repeat)
+        grammar = GrammarProcessor(self.grammar, len(pixels), guard)
         with torch.inference_mode():
             out = m.model.generate(
                 **inputs,
                 max_new_tokens=self.extract.max_new_tokens,
-                logits_processor=[xgr.contrib.hf.LogitsProcessor(self.grammar)],  # single use: one per call
+                logits_processor=LogitsProcessorList([grammar]),
                 stopping_criteria=StoppingCriteriaList([guard]),
                 eos_token_id=self.stop_ids,
                 pad_token_id=self.pad_id,
                 **sampling,
             )
-        tokens = out[0, inputs["input_ids"].shape[1] :].tolist()
+        return [self._result(tokens, row in guard.rows)
+                for row, tokens in enumerate(out[:, inputs["input_ids"].shape[1] :].tolist())]
+
+    def _result(self, tokens: list[int], repeated: bool) -> dict[str, Any]:
+        m = self.m
+        if repeated:  # what follows the guard's stop in a batch is padding
+            tokens = tokens[: _repetition_end(tokens, self.extract.max_repeat)]
         end = next((i for i, t in enumerate(tokens) if t in self.stop_ids), None)
         text = m.processor.tokenizer.decode(tokens if end is None else tokens[:end], skip_special_tokens=True)
-        finish = "stop" if end is not None else "repetition" if guard.tripped else "length"
+        finish = "stop" if end is not None else "repetition" if repeated else "length"
         parsed, errors = None, []
         try:
             parsed = json.loads(text)
@@ -336,11 +372,49 @@ class ExtractStage:
         }
 
 
+def _repetition_end(tokens: list[int], limit: int) -> int:
+    """Length of ``tokens`` up to the first run of ``limit`` equal tokens (where the guard stopped the row)."""
+    run = 1
+    for i in range(1, len(tokens)):
+        run = run + 1 if tokens[i] == tokens[i - 1] else 1
+        if run >= limit:
+            return i + 1
+    return len(tokens)
+
+
+class GrammarProcessor:
+    """xgrammar's token masks for a batch of rows, one matcher each. Unlike xgrammar's own HF processor it
+    leaves alone rows that generate() has finished by a stopping criterion (the repetition guard), which
+    then receive padding the grammar would refuse."""
+
+    def __init__(self, grammar, rows: int, guard: "RepetitionGuard"):
+        import xgrammar as xgr
+
+        self.matchers = [xgr.GrammarMatcher(grammar) for _ in range(rows)]
+        self.bitmask = xgr.allocate_token_bitmask(rows, grammar.tokenizer_info.vocab_size)
+        self.guard, self.started = guard, False
+
+    def __call__(self, input_ids, scores):
+        import xgrammar as xgr
+
+        for i, matcher in enumerate(self.matchers):
+            if self.started and i not in self.guard.rows and not matcher.is_terminated():
+                if not matcher.accept_token(input_ids[i, -1].item()):
+                    raise RuntimeError(f"row {i}: the grammar refused a token it had allowed")
+            if not matcher.is_terminated():
+                matcher.fill_next_token_bitmask(self.bitmask, i)
+        self.started = True
+        device = scores.device
+        scores = scores if device.type in ("cuda", "cpu") else scores.to("cpu")
+        xgr.apply_token_bitmask_inplace(scores, self.bitmask.to(scores.device))
+        return scores.to(device)
+
+
 class RepetitionGuard:
     """Stops generation when one token repeats ``limit`` times in a row: a run-away loop, not content."""
 
     def __init__(self, limit: int):
-        self.limit, self.tripped = limit, False
+        self.limit, self.tripped, self.rows = limit, False, set()
 
     def __call__(self, input_ids, scores, **kwargs):
         import torch
@@ -349,5 +423,7 @@ class RepetitionGuard:
         if input_ids.shape[1] >= self.limit:
             tail = input_ids[:, -self.limit :]
             done = (tail == tail[:, :1]).all(dim=1)
-            self.tripped = self.tripped or bool(done.any())
+            if done.any():
+                self.tripped = True
+                self.rows.update(i for i in done.nonzero().flatten().tolist())
         return done

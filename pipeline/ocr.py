@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.config import ModelOptions
+from pipeline import errors
 from pipeline.errors import describe, reraise_if_fail_fast
 from pipeline.model import LoadedModel, chat_prompt, load_model, stop_and_pad_ids
 from pipeline.records import PAGE
@@ -18,20 +19,27 @@ from pipeline.render import RAW_CODEC, decode_raw
 
 class OcrStage:
     def __init__(self, opts: ModelOptions, checkpoint: str | None = None, loaded: LoadedModel | None = None):
+        from pipeline.engine import choose_engine
+
         self.opts = opts
         self.m = loaded or load_model(opts, checkpoint)
         self.prompt = chat_prompt(self.m.processor, 1, opts.prompt)  # one image: the page
         self.stop_ids, self.pad_id = stop_and_pad_ids(self.m)
         self.processor_device = self.m.device if opts.processor_device == "model" else "cpu"
+        choice = choose_engine(self.m, opts, self.stop_ids, self.pad_id)
+        self.engine, self.engine_record = choice.engine, choice.record
+        self.forced = opts.min_new_tokens >= opts.max_new_tokens  # a fixed output length (benchmarks)
 
-    def __call__(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def __call__(self, records: list[dict[str, Any]], lengths: list[int] | None = None) -> list[dict[str, Any]]:
+        """``lengths``: per page record, an output length to force (benchmarks: a realistic length mix)."""
         out, todo = [], []
-        for rec in records:
+        for i, rec in enumerate(records):
             if rec["kind"] != PAGE:
                 out.append(rec)
                 continue
             rec = {k: v for k, v in rec.items() if k not in ("image", "image_codec")} | {
-                "_image": rec.get("image"), "_codec": rec.get("image_codec"), "retries": 0}
+                "_image": rec.get("image"), "_codec": rec.get("image_codec"), "retries": 0,
+                "_cap": lengths[i] if lengths else self.opts.max_new_tokens}
             if rec["status"] == "ok" and rec["_image"] is not None:  # no image: an extract-only run
                 try:
                     rec["_pixels"] = decode_page(rec["_image"], rec["_codec"], rec["width"], rec["height"])
@@ -43,21 +51,50 @@ class OcrStage:
             out.append(rec)
         # Pages padded into one batch should be of similar shape: padding is wasted vision compute.
         todo.sort(key=lambda r: (r["height"] / r["width"], r["height"] * r["width"]))
+        forced = self.forced or lengths is not None
         size = self.opts.batch_size
-        for start in range(0, len(todo), size):
-            self._generate_resilient(todo[start : start + size])
+        batches = [todo[start : start + size] for start in range(0, len(todo), size)]
+        if self.engine.streams:
+            self._stream(batches, forced)
+        else:
+            for batch in batches:
+                self._generate_resilient(batch, forced)
         for rec in out + todo:
-            for key in ("_image", "_codec", "_pixels"):
+            for key in ("_image", "_codec", "_pixels", "_cap"):
                 rec.pop(key, None)
         return out + todo
 
-    def _generate_resilient(self, batch: list[dict[str, Any]]) -> None:
+    def _stream(self, batches: list[list[dict[str, Any]]], forced: bool) -> None:
+        """Continuous engine: every batch is encoded and submitted before any result is awaited, so the
+        engine never drains between batches; each page's result or error lands in its own row."""
+        submitted = []
+        for batch in batches:
+            try:
+                submitted.append((batch, self.engine.submit(self.prepare_inputs(batch), [r["_cap"] for r in batch],
+                                                            forced)))
+            except Exception:
+                reraise_if_fail_fast()
+                _free_cuda_cache()
+                if len(batch) == 1:
+                    raise_or_mark(batch[0])
+                    continue
+                for rec in batch:  # the batch's encoding failed: each page on its own, so only a bad one fails
+                    rec["retries"] += 1
+                    try:
+                        submitted.append(([rec], self.engine.submit(self.prepare_inputs([rec]), [rec["_cap"]], forced)))
+                    except Exception:
+                        reraise_if_fail_fast()
+                        raise_or_mark(rec)
+        for batch, handles in submitted:
+            self._fill(batch, self.engine.wait(handles))
+
+    def _generate_resilient(self, batch: list[dict[str, Any]], forced: bool) -> None:
         """Generate for ``batch`` in place; on failure (CUDA out of memory, say) retry in halves, so only a
         failing page is marked and its batch-mates keep their results."""
         if not batch:
             return
         try:
-            self._generate(batch)
+            self._generate(batch, forced)
         except Exception as exc:
             reraise_if_fail_fast()
             _free_cuda_cache()
@@ -67,41 +104,40 @@ class OcrStage:
             for rec in batch:
                 rec["retries"] += 1
             half = len(batch) // 2
-            self._generate_resilient(batch[:half])
-            self._generate_resilient(batch[half:])
+            self._generate_resilient(batch[:half], forced)
+            self._generate_resilient(batch[half:], forced)
+
+    def _generate(self, batch: list[dict[str, Any]], forced: bool = False) -> None:
+        self._fill(batch, self.engine.generate(self.prepare_inputs(batch), [r["_cap"] for r in batch], forced))
+
+    def _fill(self, batch: list[dict[str, Any]], results: list) -> None:
+        tokenizer = self.m.processor.tokenizer
+        for rec, result in zip(batch, results):
+            if isinstance(result, Exception):
+                if errors.FAIL_FAST:
+                    raise result
+                rec.update(status="error", error_type="model_error", error_message=describe(result))
+                continue
+            kept = result.tokens[:-1] if result.finish_reason == "stop" else result.tokens
+            rec.update(
+                text=tokenizer.decode(kept, skip_special_tokens=True).strip(),
+                output_tokens=len(result.tokens),
+                finish_reason=result.finish_reason,
+                model=self.m.name,
+                text_source="model",
+            )
 
     def prepare_inputs(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
         """Processor output for a batch, on the model's device: input_ids, attention_mask, pixel_values, pixel_attention_mask."""
         return model_inputs(self.m, [self.prompt] * len(batch), [[rec["_pixels"]] for rec in batch],
                             self.processor_device)
 
-    def _generate(self, batch: list[dict[str, Any]]) -> None:
-        import torch
 
-        m = self.m
-        inputs = self.prepare_inputs(batch)
-        extra = {"cache_implementation": "static"} if self.opts.static_cache else {}
-        with torch.inference_mode():
-            generated = m.model.generate(
-                **inputs,
-                max_new_tokens=self.opts.max_new_tokens,
-                min_new_tokens=self.opts.min_new_tokens or None,
-                do_sample=False,
-                eos_token_id=self.stop_ids,
-                pad_token_id=self.pad_id,
-                **extra,
-            )
-        new_tokens = generated[:, inputs["input_ids"].shape[1] :].tolist()
-        for rec, tokens in zip(batch, new_tokens):
-            end = next((i for i, t in enumerate(tokens) if t in self.stop_ids), None)
-            kept = tokens if end is None else tokens[:end]
-            rec.update(
-                text=m.processor.tokenizer.decode(kept, skip_special_tokens=True).strip(),
-                output_tokens=len(tokens) if end is None else end + 1,
-                finish_reason="length" if end is None else "stop",
-                model=m.name,
-                text_source="model",
-            )
+def raise_or_mark(rec: dict[str, Any]) -> None:
+    """The current exception into ``rec``'s error row."""
+    import sys
+
+    rec.update(status="error", error_type="model_error", error_message=describe(sys.exc_info()[1]))
 
 
 def model_inputs(m: LoadedModel, prompts: list[str], images: list[list], processor_device: str) -> dict[str, Any]:

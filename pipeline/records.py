@@ -55,6 +55,7 @@ RESULT_SCHEMA = pa.schema(
         pa.field("finish_reason", pa.string()),
         pa.field("retries", pa.int32()),  # times this page's batch was split after a model failure
         pa.field("actor_ready_at", pa.float64()),  # epoch seconds the model actor finished loading
+        pa.field("actor_engine", pa.string()),  # JSON: the engine this actor runs and why (for the manifest)
     ]
     + [DOCUMENTS_SCHEMA.field(name) for name in EXTRACTION_COLUMNS]  # a chunk's result, as documents rows keep it
 )

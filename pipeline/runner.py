@@ -8,10 +8,13 @@ several workers runs its loop (pipeline/finetune.py) under Ray Train (``finetune
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
+import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -70,20 +73,32 @@ def _model_actor(model_opts, extract_opts, task: str):
 
             loaded = load_model(model_opts)
             # OCR passes chunk records through untouched; extraction passes page records through.
-            self.stages = [OcrStage(model_opts, loaded=loaded)]
+            self.ocr = OcrStage(model_opts, loaded=loaded)
+            self.stages = [self.ocr]
             if "extract" in task:
                 from pipeline.extract import ExtractStage
 
                 self.stages.append(ExtractStage(model_opts, extract_opts, loaded))
             self.ready_at = time.time()  # tells the driver when the model could start work
+            self.actor = f"{socket.gethostname()}:{os.getpid()}"
+            # With the continuous engine several calls run at once (threads): its OCR takes them all; a stage
+            # that drives generate() takes one at a time.
+            self.lock = threading.Lock()
 
         def __call__(self, batch):
             _maybe_die()
             records = batch.to_pylist()
             for stage in self.stages:
-                records = stage(records)
+                if stage is self.ocr and self.ocr.engine.streams:
+                    records = stage(records)
+                else:
+                    with self.lock:
+                        records = stage(records)
+            engine = json.dumps(self.ocr.engine_record | {
+                "actor": self.actor, "peak_pages_in_flight": getattr(self.ocr.engine, "peak_pages_in_flight", None)})
             for rec in records:
                 rec["actor_ready_at"] = self.ready_at
+                rec["actor_engine"] = engine
             return to_table(records, RESULT_SCHEMA)
 
     return ModelActor
@@ -195,7 +210,7 @@ def run(config: RunConfig) -> RunResult:
             todo.append(ref)
     skip_ids = frozenset(r["doc_id"] for r in done.values())
 
-    pages_seen, first_ready = 0, None
+    pages_seen, first_ready, engines = 0, None, {}
     execute = _execute_local if config.fail_fast or config.executor == "local" else _execute
     progress = Progress(sink, len(refs), config.progress_interval_s,
                         enabled=not (config.progress and sys.stderr.isatty()))
@@ -205,6 +220,10 @@ def run(config: RunConfig) -> RunResult:
             ready = [r["actor_ready_at"] for r in records if r.get("actor_ready_at")]
             if ready:
                 first_ready = min(ready + [first_ready] if first_ready else ready)
+            for rec in records:
+                if rec.get("actor_engine"):  # the latest report of each actor (its peak only grows)
+                    engine = json.loads(rec["actor_engine"])
+                    engines[engine["actor"]] = engine
             sink.consume(records)
             progress.tick()
 
@@ -220,6 +239,7 @@ def run(config: RunConfig) -> RunResult:
         version=__version__,
         listing={"documents": len(refs), "filtered_out": listing.filtered_out},
         lake=_lake_step(config, out),
+        engines=sorted(engines.values(), key=lambda e: e["actor"]),
     )
     return RunResult(manifest, out.uri)
 
@@ -313,12 +333,17 @@ def _execute(config: RunConfig, todo, longest_edge: int, skip_ids: frozenset[str
         batch_format="pyarrow",
         num_cpus=render_cpus,
     )
+    # generate: one call per actor at a time: a busy actor must not queue blocks that an idle one could take
+    # (measured: with two in flight, one of two CPU actors sat idle). The continuous engine instead takes
+    # calls_in_flight calls at once, each in its own thread, so new pages join the decode batch while earlier
+    # ones finish: it never drains between blocks. Either way an actor holds at most that many blocks.
+    streams = model_opts.engine == "continuous" or (model_opts.engine == "auto" and gpus > 0)
+    calls = model_opts.calls_in_flight if streams else 1
     ds = ds.map_batches(
         _model_actor(model_opts, config.extract, config.task),
-        # One call per actor at a time: a busy actor must not queue blocks that an idle one could take
-        # (measured: with two in flight, one of two CPU actors sat idle). A call lasts seconds, so the
-        # round trip between calls costs the model next to nothing.
-        compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),
+        compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=calls,
+                                           max_concurrent_calls_per_actor=calls,
+                                           enable_true_multi_threading=calls > 1),
         batch_size=config.model.rows_per_call,
         batch_format="pyarrow",
         **actor_resources,

@@ -380,7 +380,8 @@ class RunSink:
         self._sealed_at = time.monotonic()
 
     def close(self, *, config: dict[str, Any], started_at: str, finished_at: str, timings: dict[str, float],
-              version: str, listing: dict[str, int], lake=None) -> RunManifest:
+              version: str, listing: dict[str, int], lake=None,
+              engines: list[dict[str, Any]] | None = None) -> RunManifest:
         """Account for every input, close the tables, run ``lake`` (the Iceberg append, if any) on the
         closed files, and write the manifest last."""
         self._write(self.ledger.finish_all())
@@ -399,6 +400,7 @@ class RunSink:
             | {f"pages_{s.value}": self.source_counts[s.value] for s in TextSource},
             files=files,
             iceberg=iceberg,
+            engines=engines or [],
         )
         self.out.write_bytes(f"_runs/{self.run_id}.json", json.dumps(manifest.model_dump(mode="json"), indent=2).encode())
         return manifest

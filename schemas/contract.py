@@ -149,6 +149,11 @@ class RunManifest(BaseModel):
         "rendered (those documents' pages, and pages MuPDF failed on)."
     )
     files: dict[str, list[str]] = Field(description="Parquet files this run wrote, relative to OUT.")
+    engines: list[dict[str, Any]] = Field(
+        default_factory=list, description="Per model actor: the engine it ran ('generate' or 'continuous'), the "
+        "engine requested, why (e.g. 'auto on cpu', or 'fallback: ...' when the continuous engine could not start), "
+        "and peak_pages_in_flight, the most pages it held at once.",
+    )
     iceberg: dict[str, dict[str, int]] | None = Field(
         None, description="With an Iceberg catalog configured: per table, the runs appended by this run (its own, "
         "and any an earlier run left out) and their snapshot ids."

@@ -132,10 +132,13 @@ def test_a_chunk_whose_extraction_raises_makes_the_document_partial(tiny_model, 
     from pipeline.sources import DocumentRef
 
     class FailsOnSecondChunk(ExtractStage):
-        def extract_one(self, pixels, seed):
-            if len(pixels) == 1:  # report.pdf at --page-cap 2: chunks of 2 pages and 1 page
+        """Any generate() call holding the 1-page chunk fails: first the batch of both chunks, then that chunk
+        on its own, while the 2-page chunk, retried on its own, succeeds."""
+
+        def _attempts(self, pixels, temperature, seed):
+            if any(len(p) == 1 for p in pixels):  # report.pdf at --page-cap 2: chunks of 2 pages and 1 page
                 raise RuntimeError("CUDA out of memory (simulated)")
-            return super().extract_one(pixels, seed)
+            return super()._attempts(pixels, temperature, seed)
 
     uri = str(sample_docs / "report.pdf")
     records = list(expand_document(uri, RenderOptions(), 1960, ocr=False, chunk_pages=2))

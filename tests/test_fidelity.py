@@ -90,13 +90,60 @@ def test_a_batched_sorted_two_actor_ray_run_gives_each_page_its_own_text(alone, 
         assert got == (alone[key]["text"], alone[key]["output_tokens"], alone[key]["finish_reason"]), key
 
 
+def test_the_continuous_engine_gives_every_page_what_generate_gives_it_alone(alone, corpus, tmp_path):
+    """15 pages of 8 shapes, some stopping on their own after different lengths, others at the cap, through the
+    continuous engine (feature bank, transformers' continuous batching) on two actors with two calls in flight
+    each: text, output_tokens and finish_reason must equal generate's, batch 1."""
+    import json
+
+    out = tmp_path / "out"
+    proc = run_cli("run", corpus, "--output", out, "--model", "tiny-random", "--engine", "continuous",
+                   "--batch-size", "4", "--calls-in-flight", "2", "--num-actors", "2",
+                   "--max-new-tokens", MAX_NEW_TOKENS, "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    continuous = {_key(r): r for r in pq.read_table(out / "pages").to_pylist()}
+    assert continuous.keys() == alone.keys()
+    lengths = {r["output_tokens"] for r in alone.values() if r["finish_reason"] == "stop"}
+    assert len(lengths) >= 3  # pages really stop at different lengths
+    for key, row in continuous.items():
+        got = (row["text"], row["output_tokens"], row["finish_reason"])
+        assert got == (alone[key]["text"], alone[key]["output_tokens"], alone[key]["finish_reason"]), key
+    [manifest] = (out / "_runs").glob("*.json")
+    engines = json.loads(manifest.read_text())["engines"]
+    assert len(engines) == 2 and {e["engine"] for e in engines} == {"continuous"}
+
+
+def test_batched_extraction_gives_each_document_what_it_gets_alone(corpus, tiny_model):
+    """Several documents' chunks in one generate() call, one grammar matcher per row, prompts of different
+    lengths (1- to 3-page chunks) padded together: each result equals that chunk's extraction on its own."""
+    from pipeline.config import ExtractOptions
+    from pipeline.extract import ExtractStage
+    from pipeline.ocr import decode_page
+
+    stage = ExtractStage(ModelOptions(name="tiny-random", batch_size=4),
+                         ExtractOptions(schema="key_values", max_new_tokens=48, retry_temperature=0), tiny_model)
+    chunks = [r for name in ("report.pdf", "receipt.png", "scan.jpg", "minutes.pdf")
+              for r in expand_document(str(corpus / name), RenderOptions(), 1960, ocr=False, chunk_pages=8)
+              if r["kind"] == "chunk"]
+    assert sorted(len(c["images"]) for c in chunks) == [1, 1, 2, 3]
+    batched = stage([dict(c) for c in chunks])
+    for chunk, got in zip(chunks, batched):
+        pixels = [decode_page(*args) for args in zip(chunk["images"], chunk["image_codecs"], chunk["widths"],
+                                                       chunk["heights"])]
+        alone = stage.extract_one(pixels, seed=0)
+        assert got["status"] == "ok"
+        for field in ("raw_output", "extraction", "valid", "extraction_finish_reason", "output_tokens"):
+            assert got[field] == alone[field], (chunk["source_uri"], field)
+    assert len({r["raw_output"] for r in batched}) == 4
+
+
 class _FailsOnPage(OcrStage):
     """The real stage, made to fail whenever a batch holds the receipt (as a CUDA out-of-memory error would)."""
 
-    def _generate(self, batch):
+    def _generate(self, batch, forced=False):
         if any(r["source_uri"].endswith("receipt.png") for r in batch):
             raise RuntimeError("CUDA out of memory (simulated)")
-        super()._generate(batch)
+        super()._generate(batch, forced)
 
 
 def test_a_batch_retried_in_halves_keeps_each_pages_own_text(alone, corpus, tiny_model):

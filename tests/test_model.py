@@ -118,11 +118,11 @@ class _FailsOnPage(OcrStage):
 
     calls: list
 
-    def _generate(self, batch):
+    def _generate(self, batch, forced=False):
         self.calls.append([r["page_number"] for r in batch])
         if any(r["page_number"] == 3 for r in batch):
             raise RuntimeError("CUDA out of memory (simulated)")
-        super()._generate(batch)
+        super()._generate(batch, forced)
 
 
 def test_a_failing_batch_is_retried_in_halves_until_only_the_bad_page_fails(tiny_model, sample_docs):

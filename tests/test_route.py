@@ -268,10 +268,10 @@ def test_routed_and_blank_pages_never_reach_the_model(sample_docs, docs, tiny_ch
     generated: list[tuple[str, int]] = []
     original = OcrStage._generate
 
-    def counting(self, batch):
+    def counting(self, batch, forced=False):
         generated.extend((Path(r["source_uri"]).name, r["page_number"]) for r in batch)
         assert all(r["_pixels"] is not None for r in batch)
-        return original(self, batch)
+        return original(self, batch, forced)
 
     monkeypatch.setattr(OcrStage, "_generate", counting)
     config = RunConfig(inputs=[str(inputs)], output=str(tmp_path / "out"), executor="local",

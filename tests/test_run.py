@@ -22,11 +22,13 @@ def expected_pages(path: Path) -> int | None:
     return getattr(Image.open(path), "n_frames", 1)
 
 
-@pytest.fixture(scope="module")
-def cli_run(sample_docs, tmp_path_factory):
+@pytest.fixture(scope="module", params=["auto", "continuous"])
+def cli_run(request, sample_docs, tmp_path_factory):
+    """The mixed sample folder (a corrupt PDF among them) with the default engine (generate, on a CPU) and
+    with the continuous engine: both must keep the same contract."""
     out = tmp_path_factory.mktemp("out")
     proc = run_cli("run", sample_docs, "--output", out, "--model", "tiny-random", "--max-new-tokens", "4",
-                   "--batch-size", "3", "--no-progress")
+                   "--batch-size", "3", "--engine", request.param, "--no-progress")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc, out
 
@@ -84,6 +86,17 @@ def test_run_manifest_is_written_and_adds_up(cli_run, sample_docs):
         assert all((out / n).exists() for n in names)
     assert not [p for p in out.rglob("_tmp-*")]  # no half-written files left behind
     assert "documents  6 (error 1, ok 5)" in proc.stdout and m.run_id in proc.stdout
+    # which engine each model actor ran, and why: auto means generate on a CPU
+    requested = m.config["model"]["engine"]
+    assert m.engines and {e["requested"] for e in m.engines} == {requested}
+    assert {e["engine"] for e in m.engines} == {"generate" if requested == "auto" else "continuous"}
+    assert {e["reason"] for e in m.engines} == {"auto on cpu" if requested == "auto" else "requested"}
+    name = "generate" if requested == "auto" else "continuous"
+    assert f"engine     {name} x{len(m.engines)} ({m.engines[0]['reason']})" in proc.stdout
+    rows_per_call = m.config["model"]["batch_size"] * m.config["model"]["sort_window"]
+    for e in m.engines:  # pages an actor held at once: the continuous engine's bound (generate doesn't count)
+        assert e["peak_pages_in_flight"] is None if requested == "auto" else \
+            1 <= e["peak_pages_in_flight"] <= 2 * rows_per_call
 
 
 def test_missing_input_is_fatal_with_one_line(tmp_path):

@@ -1,0 +1,161 @@
+"""The engines: which one an actor runs and why, a failing page in the continuous engine, pages held in
+flight, and the engine bench (length mix, useful decode fraction, no Ray needed)."""
+
+import dataclasses
+import json
+import re
+
+import pyarrow.parquet as pq
+import pymupdf
+import pytest
+
+from pipeline.config import ModelOptions, RenderOptions
+from pipeline.documents import expand_document
+from pipeline.engine import choose_engine
+from pipeline.errors import ModelLoadError
+from pipeline.model import stop_and_pad_ids
+from pipeline.ocr import OcrStage
+from tests.conftest import run_cli
+
+
+def _pages(*paths):
+    return [r for p in paths for r in expand_document(str(p), RenderOptions(), 1960) if r["kind"] == "page"]
+
+
+def test_auto_on_a_device_where_the_continuous_engine_cannot_start_runs_generate_and_says_why(tiny_model):
+    """auto never gambles a run: here the engine's start fails for real (its feature bank asks for CUDA memory
+    on a machine without CUDA), the actor runs generate, and the record carries the reason."""
+    gpu_claimed = dataclasses.replace(tiny_model, device="cuda")
+    stop_ids, pad_id = stop_and_pad_ids(tiny_model)
+    choice = choose_engine(gpu_claimed, ModelOptions(name="tiny-random", engine="auto"), stop_ids, pad_id)
+    assert choice.engine.name == "generate"
+    assert choice.record["engine"] == "generate" and choice.record["requested"] == "auto"
+    assert re.match(r"fallback: could not start: .*(NVIDIA|CUDA)", choice.record["reason"])
+    # asked for explicitly, it is an error that names the reason and the way out
+    with pytest.raises(ModelLoadError, match=r"continuous engine cannot serve .*(NVIDIA|CUDA).*--engine generate"):
+        choose_engine(gpu_claimed, ModelOptions(name="tiny-random", engine="continuous"), stop_ids, pad_id)
+    with pytest.raises(ModelLoadError, match="static_cache and compile are generate options"):
+        choose_engine(tiny_model, ModelOptions(name="tiny-random", engine="continuous", static_cache=True),
+                      stop_ids, pad_id)
+
+
+def test_a_failing_page_in_the_continuous_engine_gets_its_error_row_and_its_neighbours_keep_their_text(
+        tiny_model, sample_docs):
+    pages = _pages(sample_docs / "report.pdf", sample_docs / "receipt.png", sample_docs / "scan.jpg")
+    opts = ModelOptions(name="tiny-random", max_new_tokens=8)
+    alone = {(r["source_uri"], r["page_number"]): r["text"]
+             for r in OcrStage(opts.model_copy(update={"engine": "generate", "batch_size": 1}), loaded=tiny_model)(
+                 [dict(p) for p in pages])}
+
+    class EncodingFailsOnTheReceipt(OcrStage):
+        """The vision encoding of any batch holding the receipt fails, as a CUDA out-of-memory error would."""
+
+        def prepare_inputs(self, batch):
+            if any(r["source_uri"].endswith("receipt.png") for r in batch):
+                raise RuntimeError("CUDA out of memory (simulated)")
+            return super().prepare_inputs(batch)
+
+    stage = EncodingFailsOnTheReceipt(opts.model_copy(update={"engine": "continuous", "batch_size": 5}),
+                                      loaded=tiny_model)
+    engine = stage.engine
+    submitted = []
+    original = engine._submit
+
+    def queue_fails_on_the_second_page(*args):  # a page the engine can't take, after its batch was encoded
+        submitted.append(1)
+        if len(submitted) == 2:
+            raise RuntimeError("cannot queue (simulated)")
+        return original(*args)
+
+    engine._submit = queue_fails_on_the_second_page
+    try:
+        out = stage([dict(p) for p in pages])
+    finally:
+        engine.close()
+    status = {(r["source_uri"], r["page_number"]): r for r in out}
+    errors = {k: r["error_message"] for k, r in status.items() if r["status"] == "error"}
+    assert len(out) == 5 and len(errors) == 2
+    assert errors.pop((str(sample_docs / "receipt.png"), 1)).endswith("CUDA out of memory (simulated)")
+    [message] = errors.values()
+    assert message.endswith("cannot queue (simulated)")
+    for key, row in status.items():
+        if row["status"] == "ok":
+            assert row["text"] == alone[key], key
+    # the bank's rows all came back: nothing leaks when pages fail
+    assert engine.pages_in_flight == 0 and engine._free == [range(0, engine.bank.shape[0])]
+
+
+def test_a_long_run_on_the_continuous_engine_holds_a_bounded_number_of_pages(tmp_path):
+    """240 pages, one actor taking two calls of 8 pages at once: every page comes back, and the actor never
+    held more than calls_in_flight x rows_per_call pages (its feature bank's size), whatever the run's size."""
+    doc = pymupdf.open()
+    for n in range(240):
+        page = doc.new_page(width=200, height=260)
+        page.insert_text((20, 40 + (n % 10) * 18), f"page {n + 1} " * 3)
+    doc.save(tmp_path / "long.pdf")
+    out = tmp_path / "out"
+    proc = run_cli("run", tmp_path / "long.pdf", "--output", out, "--model", "tiny-random", "--engine", "continuous",
+                   "--batch-size", "2", "--calls-in-flight", "2", "--num-actors", "1", "--max-new-tokens", "2",
+                   "--no-image-splitting", "--longest-edge", "200", "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pages = pq.read_table(out / "pages").to_pylist()
+    assert len(pages) == 240 and {p["status"] for p in pages} == {"ok"}
+    assert sorted(p["page_number"] for p in pages) == list(range(1, 241))
+    [manifest] = (out / "_runs").glob("*.json")
+    [engine] = json.loads(manifest.read_text())["engines"]
+    assert engine["engine"] == "continuous"
+    assert 1 <= engine["peak_pages_in_flight"] <= 2 * 2 * 4  # calls_in_flight x batch_size x sort_window
+
+
+def test_bench_engines_reports_every_engine_with_the_length_mix(tmp_path):
+    from jobs.bench import ENGINES, length_mix
+
+    out = tmp_path / "engines.json"
+    proc = run_cli("bench", "--engines", "--pages", "12", "--output-tokens", "16", "--median-tokens", "8",
+                   "--batch-size", "4", "--json", out, "--workdir", tmp_path / "w")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    lengths = length_mix(12, 8, 16)
+    assert report["length_mix"] == {"distribution": "lognormal", "median": 8, "spread": 0.9, "cap": 16, "seed": 0,
+                                    "tokens": sum(lengths)}
+    assert len(set(lengths)) >= 5 and max(lengths) <= 16
+    rows = report["engines"]
+    assert [r["engine"] for r in rows] == [label for label, _ in ENGINES]
+    by_name = {r["engine"]: r for r in rows}
+    # what any CPU runs with the base install; bitsandbytes and torch.compile (a C compiler) may say why not
+    must_run = ["generate, default batch", "generate, batch 64", "continuous", "generate, dtype float32",
+                "generate, dtype bfloat16", "generate, dtype float16", "generate, attention eager",
+                "generate, attention sdpa", "generate, static KV cache"]
+    assert {name: by_name[name]["status"] for name in must_run} == dict.fromkeys(must_run, "ok")
+    for name in must_run:  # every page stopped at its own length, whichever engine decoded it
+        row = by_name[name]
+        assert row["tokens_kept"] == sum(lengths) and row["pages_per_s"] > 0 and row["output_tokens_per_s"] > 0
+    first, big, continuous = (by_name[n] for n in ("generate, default batch", "generate, batch 64", "continuous"))
+    assert first["vs_first_row"] == 1.0 and first["dtype"] == "float32"
+    assert (first["engine_ran"], first["batch_size"]) == ("generate", 4)
+    assert (big["engine_ran"], big["batch_size"]) == ("generate", 64)
+    assert continuous["engine_ran"] == "continuous"
+    # a static batch decodes until its longest page is done; the continuous engine only what is kept
+    assert continuous["useful_decode_fraction"] >= 0.95
+    assert big["useful_decode_fraction"] < first["useful_decode_fraction"] < continuous["useful_decode_fraction"]
+    assert by_name["generate, attention flash_attention_2"]["status"].startswith("not run: flash-attn needs CUDA")
+    for row in rows:  # each option ran, or says why not: none is silently left out
+        assert row["status"] == "ok" or row["status"].startswith(("not run: ", "failed: ")), row
+        assert row["engine"] in proc.stdout
+
+
+def test_the_engine_bench_runs_where_ray_is_not_installed(tmp_path):
+    """The GPU machine has torch and transformers but no Ray: the engine bench must not import it (nor the
+    other packages a run needs and the bench does not)."""
+    blocked = tmp_path / "blocked"
+    for name in ("ray", "pyiceberg", "xgrammar", "peft", "rapidfuzz", "pypdfium2", "s3fs", "duckdb"):
+        (blocked / name).mkdir(parents=True)
+        (blocked / name / "__init__.py").write_text(f"raise ImportError('{name} is not installed here')\n")
+    out = tmp_path / "engines.json"
+    from tests.conftest import REPO
+
+    proc = run_cli("bench", "--engines", "--pages", "2", "--output-tokens", "2", "--median-tokens", "1",
+                   "--json", out, "--workdir", tmp_path / "w", env={"PYTHONPATH": f"{blocked}:{REPO}"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["engine"]: r for r in json.loads(out.read_text())["engines"]}
+    assert rows["continuous"]["status"] == "ok" and rows["generate, default batch"]["status"] == "ok"
