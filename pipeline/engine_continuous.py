@@ -196,12 +196,16 @@ class ContinuousEngine:
         return out
 
     def _submit(self, prompt: list[int], features, max_new_tokens: int, forced: bool) -> Future:
+        import torch
+
         positions = [i for i, t in enumerate(prompt) if t == self.image_token_id]
         if len(positions) != features.shape[0]:
             raise ValueError(f"{len(positions)} image positions in the prompt for {features.shape[0]} feature rows")
         rows = self._take_rows(len(positions))
         try:
             self.bank[rows.start : rows.stop].copy_(features.to(self.bank.dtype))
+            if self.bank.is_cuda:  # the manager's loop may read the bank from another stream: the rows must be there
+                torch.cuda.current_stream().synchronize()
             for pos, row in zip(positions, rows):
                 prompt[pos] = self.vocab + row
             future: Future = Future()

@@ -40,7 +40,8 @@ def mixed(sample_docs, tmp_path_factory):
     expected["hangs.pdf"] = ("partial", "timeout")
     out = tmp_path_factory.mktemp("out")
     proc = run_cli("run", folder, "--output", out, "--model", "tiny-random", "--max-new-tokens", "2", "--no-progress",
-                   "--page-timeout", "5", env={"DOCPIPE_FAULT_RENDER": "hangs.pdf@2=3600"})
+                   # long enough for a slow page on a loaded 2-core machine (5 s once cut off broken_xref.pdf)
+                   "--page-timeout", "15", env={"DOCPIPE_FAULT_RENDER": "hangs.pdf@2=3600"})
     return folder, out, expected, proc
 
 

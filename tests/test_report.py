@@ -135,7 +135,9 @@ def test_overview_counts_are_the_manifests(browser, site, extract_run):
         assert _count(page, f"documents.error.{error_type}") == 1
     assert _count(page, "pages.error.image_decode_error") == manifest["pages"]["error"] == 1
     assert _count(page, "extraction.invalid") == sum(1 for d in docs.values() if d["valid"] is False) > 0
-    assert _count(page, "text_source.model") == manifest["pages"]["ok"]
+    # where each ok page's text came from: the model, or routing (multi.tiff's two frames are blank)
+    assert _count(page, "text_source.model") == manifest["counters"]["pages_model"] == manifest["pages"]["ok"] - 2
+    assert _count(page, "text_source.blank") == manifest["counters"]["pages_blank"] == 2
     # The plots are the site's own files and they load.
     for img in page.locator(".plots img").all():
         assert img.evaluate("el => el.complete && el.naturalWidth > 0"), img.get_attribute("src")
@@ -234,7 +236,9 @@ def test_every_page_shows_its_text_or_error(browser, site, extract_run):
         for article in page.locator("article.page").all():
             has_text = article.locator(".page-markdown").count() == 1
             has_error = article.locator(".page-error").count() == 1
-            assert has_text != has_error, name
+            is_blank = article.locator(".page-blank").count() == 1  # routed away from the model: no text
+            assert [has_text, has_error, is_blank].count(True) == 1, name
+            assert is_blank == (name == "multi.tiff"), name
         if doc["status"] != "ok":
             assert page.locator("#doc-error").inner_text() == f"{doc['error_type']} {doc['error_message']}"
     # The failed page: its recorded error beside why the report has no image of it either.
