@@ -394,7 +394,7 @@ def main(args) -> None:
 
 
 def engines_main(args) -> None:
-    from jobs.corpus import make_bench_corpus
+    from jobs.corpus import make_bench_corpus, make_image_corpus
     from pipeline.config import TINY_MODEL, ModelOptions
     from pipeline.model import pick_device, render_edge_for, resolve_checkpoint
 
@@ -407,8 +407,13 @@ def engines_main(args) -> None:
                               cpu_threads=None)
     lengths = length_mix(pages, median, cap)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="docpipe-bench-"))
-    paths = make_bench_corpus(work / "corpus", pages=pages)
     longest_edge = render_edge_for(resolve_checkpoint(name), model_opts)
+    try:
+        import pymupdf  # noqa: F401
+
+        paths = make_bench_corpus(work / "corpus", pages=pages)
+    except ImportError:  # a bare CUDA machine: the same page sizes, drawn with Pillow
+        paths = make_image_corpus(work / "corpus-png", pages, longest_edge)
     print(f"bench --engines: {pages} pages at {longest_edge} px; model {name}; output lengths lognormal, median "
           f"{median}, spread {LENGTH_SPREAD}, cap {cap} (seed {LENGTH_SEED}): {sum(lengths)} tokens in all; default "
           f"batch {model_opts.batch_size}; {describe_device()}", flush=True)

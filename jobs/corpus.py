@@ -69,3 +69,32 @@ def make_bench_corpus(folder: str | Path, pages: int = 200, pages_per_doc: int =
         doc.save(path, garbage=3, deflate=True)
         paths.append(path)
     return paths
+
+
+def make_image_corpus(folder: str | Path, pages: int, longest_edge: int, seed: int = 0) -> list[Path]:
+    """The same kind of page drawn with Pillow, one PNG per page at the render size: for the engine bench on a
+    machine without PyMuPDF (a bare CUDA machine). What the engines cost depends on the page's size, which is
+    the same, not on how it was drawn."""
+    from PIL import Image, ImageDraw
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rnd = random.Random(seed)
+    width, height = round(longest_edge * 595 / 842), longest_edge
+    paths = []
+    for n in range(pages):
+        img = Image.new("RGB", (width, height), "white")
+        draw = ImageDraw.Draw(img)
+        scale = height / 842
+        draw.text((50 * scale, 50 * scale), f"Annual operations review, section {n + 1}", fill="black")
+        for line in range(60):  # two columns of text
+            for col in (50, 305):
+                draw.text((col * scale, (80 + line * 5.5) * scale), _paragraph(rnd, 6)[:48], fill="black")
+        for r in range(6):  # a ruled table
+            for c in range(5):
+                x, y = (50 + c * 82) * scale, (440 + r * 18) * scale
+                draw.rectangle((x, y, x + 82 * scale, y + 18 * scale), outline="black")
+        path = folder / f"page-{n:04d}.png"
+        img.save(path)
+        paths.append(path)
+    return paths

@@ -68,6 +68,7 @@ class _Pending:
 
 class ContinuousEngine:
     name = "continuous"
+    streams = True  # pages are queued and collected apart: a call never waits for a whole batch to decode
 
     def __init__(self, loaded, opts, stop_ids: list[int], pad_id: int, pages_in_flight: int):
         import torch
@@ -109,7 +110,6 @@ class ContinuousEngine:
 
     def _start(self, loaded, opts, stop_ids: list[int], pad_id: int, pages_in_flight: int) -> None:
         from transformers import ContinuousBatchingConfig, GenerationConfig
-        from transformers.generation.continuous_batching.utils import WorkloadHints
 
         from pipeline.model import chat_prompt
 
@@ -136,10 +136,15 @@ class ContinuousEngine:
             default_compile_level=0,
         )
         self.note = "bitsandbytes weights: no CUDA graphs" if cuda and quantized else ""
-        hints = WorkloadHints(max_prompt_length=prompt, max_generated_length=opts.max_new_tokens,
-                              num_requests=max(1, pages_in_flight))
+        try:  # sizes the per-request block table (transformers >= 5.2x; older ones size it themselves)
+            from transformers.generation.continuous_batching.utils import WorkloadHints
+
+            hints = {"workload_hints": WorkloadHints(max_prompt_length=prompt, max_generated_length=opts.max_new_tokens,
+                                                     num_requests=max(1, pages_in_flight))}
+        except ImportError:
+            hints = {}
         self.manager = lm.init_continuous_batching(generation_config=lm.generation_config,
-                                                   continuous_batching_config=cb, workload_hints=hints)
+                                                   continuous_batching_config=cb, **hints)
         self._pending: dict[str, _Pending] = {}
         self._lock = threading.Lock()
         self._counter = 0
@@ -155,8 +160,6 @@ class ContinuousEngine:
         self._dispatcher.start()
 
     # ---------------------------------------------------------------------------------------- requests
-    streams = True
-
     def generate(self, inputs: dict[str, Any], max_new_tokens: list[int], forced: bool = False
                  ) -> list[Generation | Exception]:
         """Processor output for a batch of pages in; one Generation per page (or the exception that page
@@ -213,8 +216,11 @@ class ContinuousEngine:
                 request_id = f"page-{self._counter}"
                 self._counter += 1
                 self._pending[request_id] = _Pending(future, rows, forced)
-            self.manager.add_request(prompt, request_id=request_id, max_new_tokens=max_new_tokens,
-                                     eos_token_id=-1 if forced else self.stop_ids)
+            queued = self.manager.add_request(prompt, request_id=request_id, max_new_tokens=max_new_tokens,
+                                              eos_token_id=-1 if forced else self.stop_ids)
+            if queued is None:  # the manager is stopping or failed: it dropped the page (and only logged it)
+                raise RuntimeError("the continuous-batching manager refused the page: "
+                                   + (self.manager.background_thread_status.can_accept_new_requests() or "stopped"))
         except Exception:
             with self._lock:
                 self._pending = {k: p for k, p in self._pending.items() if p.rows != rows}

@@ -145,10 +145,11 @@ def test_bench_engines_reports_every_engine_with_the_length_mix(tmp_path):
 
 
 def test_the_engine_bench_runs_where_ray_is_not_installed(tmp_path):
-    """The GPU machine has torch and transformers but no Ray: the engine bench must not import it (nor the
-    other packages a run needs and the bench does not)."""
+    """The GPU machine has torch and transformers but no Ray and no PyMuPDF (whose wheel is too large to carry
+    there): the engine bench must run without them, and without the other packages of ours a run needs and the
+    bench does not. Without PyMuPDF it draws its pages with Pillow."""
     blocked = tmp_path / "blocked"
-    for name in ("ray", "pyiceberg", "xgrammar", "peft", "rapidfuzz", "pypdfium2", "s3fs", "duckdb"):
+    for name in ("ray", "pymupdf", "fitz", "pyiceberg", "xgrammar", "peft", "rapidfuzz", "pypdfium2", "s3fs", "duckdb"):
         (blocked / name).mkdir(parents=True)
         (blocked / name / "__init__.py").write_text(f"raise ImportError('{name} is not installed here')\n")
     out = tmp_path / "engines.json"
@@ -159,3 +160,4 @@ def test_the_engine_bench_runs_where_ray_is_not_installed(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {r["engine"]: r for r in json.loads(out.read_text())["engines"]}
     assert rows["continuous"]["status"] == "ok" and rows["generate, default batch"]["status"] == "ok"
+    assert len(list((tmp_path / "w" / "corpus-png").glob("*.png"))) == 2  # drawn, not rendered
