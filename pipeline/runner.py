@@ -84,9 +84,21 @@ def _model_actor(model_opts, extract_opts, task: str):
             # With the continuous engine several calls run at once (threads): its OCR takes them all; a stage
             # that drives generate() takes one at a time.
             self.lock = threading.Lock()
+            self.calls = self.peak_calls = 0  # calls running at once: several with the continuous engine
+            self.count_lock = threading.Lock()
 
         def __call__(self, batch):
             _maybe_die()
+            with self.count_lock:
+                self.calls += 1
+                self.peak_calls = max(self.peak_calls, self.calls)
+            try:
+                return self._run(batch)
+            finally:
+                with self.count_lock:
+                    self.calls -= 1
+
+        def _run(self, batch):
             records = batch.to_pylist()
             for stage in self.stages:
                 if stage is self.ocr and self.ocr.engine.streams:
@@ -95,7 +107,8 @@ def _model_actor(model_opts, extract_opts, task: str):
                     with self.lock:
                         records = stage(records)
             engine = json.dumps(self.ocr.engine_record | {
-                "actor": self.actor, "peak_pages_in_flight": getattr(self.ocr.engine, "peak_pages_in_flight", None)})
+                "actor": self.actor, "peak_calls_in_flight": self.peak_calls,
+                "peak_pages_in_flight": getattr(self.ocr.engine, "peak_pages_in_flight", None)})
             for rec in records:
                 rec["actor_ready_at"] = self.ready_at
                 rec["actor_engine"] = engine

@@ -152,7 +152,8 @@ class RunManifest(BaseModel):
     engines: list[dict[str, Any]] = Field(
         default_factory=list, description="Per model actor: the engine it ran ('generate' or 'continuous'), the "
         "engine requested, why (e.g. 'auto on cpu', or 'fallback: ...' when the continuous engine could not start), "
-        "and peak_pages_in_flight, the most pages it held at once.",
+        "peak_calls_in_flight, the most blocks it worked on at once, and peak_pages_in_flight, the most pages its "
+        "continuous engine held at once.",
     )
     iceberg: dict[str, dict[str, int]] | None = Field(
         None, description="With an Iceberg catalog configured: per table, the runs appended by this run (its own, "

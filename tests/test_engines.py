@@ -86,24 +86,28 @@ def test_a_failing_page_in_the_continuous_engine_gets_its_error_row_and_its_neig
 
 
 def test_a_long_run_on_the_continuous_engine_holds_a_bounded_number_of_pages(tmp_path):
-    """240 pages, one actor taking two calls of 8 pages at once: every page comes back, and the actor never
-    held more than calls_in_flight x rows_per_call pages (its feature bank's size), whatever the run's size."""
-    doc = pymupdf.open()
-    for n in range(240):
-        page = doc.new_page(width=200, height=260)
-        page.insert_text((20, 40 + (n % 10) * 18), f"page {n + 1} " * 3)
-    doc.save(tmp_path / "long.pdf")
+    """240 pages in 24 documents, one actor taking two calls of 8 pages at once: every page comes back, the actor
+    took a second call while the first was still decoding, and it never held more than calls_in_flight x
+    rows_per_call pages (its feature bank's size), whatever the run's size."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for d in range(24):
+        doc = pymupdf.open()
+        for n in range(10):
+            doc.new_page(width=200, height=260).insert_text((20, 40 + n * 18), f"doc {d} page {n + 1} " * 2)
+        doc.save(inputs / f"d{d:02d}.pdf")
     out = tmp_path / "out"
-    proc = run_cli("run", tmp_path / "long.pdf", "--output", out, "--model", "tiny-random", "--engine", "continuous",
+    proc = run_cli("run", inputs, "--output", out, "--model", "tiny-random", "--engine", "continuous",
                    "--batch-size", "2", "--calls-in-flight", "2", "--num-actors", "1", "--max-new-tokens", "2",
                    "--no-image-splitting", "--longest-edge", "200", "--no-progress")
     assert proc.returncode == 0, proc.stderr[-3000:]
     pages = pq.read_table(out / "pages").to_pylist()
     assert len(pages) == 240 and {p["status"] for p in pages} == {"ok"}
-    assert sorted(p["page_number"] for p in pages) == list(range(1, 241))
+    assert sorted((p["source_uri"], p["page_number"]) for p in pages) == sorted(
+        (str(inputs / f"d{d:02d}.pdf"), n) for d in range(24) for n in range(1, 11))
     [manifest] = (out / "_runs").glob("*.json")
     [engine] = json.loads(manifest.read_text())["engines"]
-    assert engine["engine"] == "continuous"
+    assert engine["engine"] == "continuous" and engine["peak_calls_in_flight"] == 2
     assert 1 <= engine["peak_pages_in_flight"] <= 2 * 2 * 4  # calls_in_flight x batch_size x sort_window
 
 

@@ -94,6 +94,8 @@ def test_run_manifest_is_written_and_adds_up(cli_run, sample_docs):
     name = "generate" if requested == "auto" else "continuous"
     assert f"engine     {name} x{len(m.engines)} ({m.engines[0]['reason']})" in proc.stdout
     rows_per_call = m.config["model"]["batch_size"] * m.config["model"]["sort_window"]
+    calls = {e["peak_calls_in_flight"] for e in m.engines}  # one call at a time with generate, up to 2 else
+    assert calls == {1} if requested == "auto" else calls <= {1, 2}
     for e in m.engines:  # pages an actor held at once: the continuous engine's bound (generate doesn't count)
         assert e["peak_pages_in_flight"] is None if requested == "auto" else \
             1 <= e["peak_pages_in_flight"] <= 2 * rows_per_call
