@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.config import ModelOptions
 from pipeline import errors
+from pipeline.config import ModelOptions
 from pipeline.errors import describe, reraise_if_fail_fast
 from pipeline.model import LoadedModel, chat_prompt, load_model, stop_and_pad_ids
 from pipeline.records import PAGE
@@ -28,7 +28,9 @@ class OcrStage:
         self.processor_device = self.m.device if opts.processor_device == "model" else "cpu"
         choice = choose_engine(self.m, opts, self.stop_ids, self.pad_id)
         self.engine, self.engine_record = choice.engine, choice.record
-        self.forced = opts.min_new_tokens >= opts.max_new_tokens  # a fixed output length (benchmarks)
+        # A fixed output length (benchmarks): generate honours min_new_tokens itself; the continuous engine, which
+        # has no minimum, runs such pages with stopping off.
+        self.forced = opts.min_new_tokens >= opts.max_new_tokens and self.engine.streams
 
     def __call__(self, records: list[dict[str, Any]], lengths: list[int] | None = None) -> list[dict[str, Any]]:
         """``lengths``: per page record, an output length to force (benchmarks: a realistic length mix)."""
@@ -76,7 +78,7 @@ class OcrStage:
                 reraise_if_fail_fast()
                 _free_cuda_cache()
                 if len(batch) == 1:
-                    raise_or_mark(batch[0])
+                    _mark_failed(batch[0])
                     continue
                 for rec in batch:  # the batch's encoding failed: each page on its own, so only a bad one fails
                     rec["retries"] += 1
@@ -84,7 +86,7 @@ class OcrStage:
                         submitted.append(([rec], self.engine.submit(self.prepare_inputs([rec]), [rec["_cap"]], forced)))
                     except Exception:
                         reraise_if_fail_fast()
-                        raise_or_mark(rec)
+                        _mark_failed(rec)
         for batch, handles in submitted:
             self._fill(batch, self.engine.wait(handles))
 
@@ -133,8 +135,8 @@ class OcrStage:
                             self.processor_device)
 
 
-def raise_or_mark(rec: dict[str, Any]) -> None:
-    """The current exception into ``rec``'s error row."""
+def _mark_failed(rec: dict[str, Any]) -> None:
+    """The exception being handled, into ``rec``'s error row."""
     import sys
 
     rec.update(status="error", error_type="model_error", error_message=describe(sys.exc_info()[1]))
