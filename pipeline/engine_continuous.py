@@ -160,16 +160,12 @@ class ContinuousEngine:
         self._dispatcher.start()
 
     # ---------------------------------------------------------------------------------------- requests
-    def generate(self, inputs: dict[str, Any], max_new_tokens: list[int], forced: bool = False
-                 ) -> list[Generation | Exception]:
-        """Processor output for a batch of pages in; one Generation per page (or the exception that page
-        raised). ``forced``: no stop tokens, every page runs to its own max_new_tokens (benchmarks)."""
-        return self.wait(self.submit(inputs, max_new_tokens, forced))
-
     def submit(self, inputs: dict[str, Any], max_new_tokens: list[int], forced: bool = False
                ) -> list[Future | Exception]:
-        """Encode the batch's images and queue its pages; returns at once (``wait`` collects). Raises if the
-        vision encoder fails; a page that can't be queued gets its exception in its place."""
+        """Processor output for a batch of pages in: encode its images and queue its pages, and return at once;
+        ``wait`` gives one Generation per page (or the exception that page raised). Raises if the vision encoder
+        fails; a page that can't be queued gets its exception in its place. ``forced``: stopping off, every page
+        runs to its own max_new_tokens (benchmarks)."""
         import torch
 
         with torch.inference_mode():
