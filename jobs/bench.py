@@ -299,7 +299,7 @@ def length_mix(pages: int, median: int, cap: int) -> list[int]:
 
 
 def measure_engines(paths: list[Path], model_opts, longest_edge: int, pages: int,
-                    lengths: list[int]) -> list[dict[str, Any]]:
+                    lengths: list[int], only: list[str] | None = None) -> list[dict[str, Any]]:
     """The OCR stage (fast processor, then the engine) under each engine option, every page forced to its own
     length. useful_decode_fraction: tokens kept / decode positions computed, the positions counted as rows
     through the lm_head (a page padded along in a static batch still costs its row)."""
@@ -318,6 +318,8 @@ def measure_engines(paths: list[Path], model_opts, longest_edge: int, pages: int
     records = records[:pages]
     rows = []
     for label, update in ENGINES:
+        if only and label not in only:
+            continue
         row: dict[str, Any] = {"engine": label, "options": update}
         reason = _engine_unavailable(update, pick_device(), model_opts.name)
         if reason:
@@ -398,6 +400,12 @@ def engines_main(args) -> None:
     from pipeline.config import TINY_MODEL, ModelOptions
     from pipeline.model import pick_device, render_edge_for, resolve_checkpoint
 
+    unknown = set(args.engine_row or []) - {label for label, _ in ENGINES}
+    if unknown:
+        from pipeline.errors import ConfigError
+
+        raise ConfigError(f"no engine row {sorted(unknown)[0]!r}; the rows are: "
+                          + ", ".join(repr(label) for label, _ in ENGINES))
     gpu = pick_device() == "cuda"
     name = f"random:{args.random_weights}" if args.random_weights else (args.model or TINY_MODEL)
     cap = args.output_tokens or (1024 if gpu else 64)
@@ -417,7 +425,7 @@ def engines_main(args) -> None:
     print(f"bench --engines: {pages} pages at {longest_edge} px; model {name}; output lengths lognormal, median "
           f"{median}, spread {LENGTH_SPREAD}, cap {cap} (seed {LENGTH_SEED}): {sum(lengths)} tokens in all; default "
           f"batch {model_opts.batch_size}; {describe_device()}", flush=True)
-    rows = measure_engines(paths, model_opts, longest_edge, pages, lengths)
+    rows = measure_engines(paths, model_opts, longest_edge, pages, lengths, args.engine_row)
     print()
     print(f"  {'engine':<42} {'pages/s':>8} {'tokens/s':>9} {'useful':>7} {'vs first':>8}  resolved / status")
     for r in rows:

@@ -154,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a shipped architecture with random weights, e.g. idefics2-8b (for GPUs)")
     bench.add_argument("--output-tokens", type=int, help="forced output tokens per page (default 600 GPU, 16 CPU); "
                        "with --engines, the cap of the length mix (default 1024 GPU, 64 CPU)")
+    bench.add_argument("--engine-row", action="append", metavar="LABEL",
+                       help="with --engines: run only the row with this label (repeatable), e.g. 'continuous'")
     bench.add_argument("--median-tokens", type=int,
                        help="with --engines: median of the output length mix (default 400 GPU, 24 CPU)")
     bench.add_argument("--batch-size", type=int, help="pages per generate() call in the pipeline")

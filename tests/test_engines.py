@@ -111,30 +111,28 @@ def test_a_long_run_on_the_continuous_engine_holds_a_bounded_number_of_pages(tmp
     assert 1 <= engine["peak_pages_in_flight"] <= 2 * 2 * 4  # calls_in_flight x batch_size x sort_window
 
 
-def test_bench_engines_reports_every_engine_with_the_length_mix(tmp_path):
-    from jobs.bench import ENGINES, length_mix
+ENGINE_ROWS = ["generate, default batch", "generate, batch 64", "continuous"]
+
+
+def test_bench_engines_measures_the_waste_of_static_batches_on_the_length_mix(tmp_path):
+    from jobs.bench import length_mix
 
     out = tmp_path / "engines.json"
+    rows = [arg for label in ENGINE_ROWS for arg in ("--engine-row", label)]
     proc = run_cli("bench", "--engines", "--pages", "12", "--output-tokens", "16", "--median-tokens", "8",
-                   "--batch-size", "4", "--json", out, "--workdir", tmp_path / "w")
+                   "--batch-size", "4", *rows, "--json", out, "--workdir", tmp_path / "w")
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     lengths = length_mix(12, 8, 16)
     assert report["length_mix"] == {"distribution": "lognormal", "median": 8, "spread": 0.9, "cap": 16, "seed": 0,
                                     "tokens": sum(lengths)}
     assert len(set(lengths)) >= 5 and max(lengths) <= 16
-    rows = report["engines"]
-    assert [r["engine"] for r in rows] == [label for label, _ in ENGINES]
-    by_name = {r["engine"]: r for r in rows}
-    # what any CPU runs with the base install; bitsandbytes and torch.compile (a C compiler) may say why not
-    must_run = ["generate, default batch", "generate, batch 64", "continuous", "generate, dtype float32",
-                "generate, dtype bfloat16", "generate, dtype float16", "generate, attention eager",
-                "generate, attention sdpa", "generate, static KV cache"]
-    assert {name: by_name[name]["status"] for name in must_run} == dict.fromkeys(must_run, "ok")
-    for name in must_run:  # every page stopped at its own length, whichever engine decoded it
-        row = by_name[name]
-        assert row["tokens_kept"] == sum(lengths) and row["pages_per_s"] > 0 and row["output_tokens_per_s"] > 0
-    first, big, continuous = (by_name[n] for n in ("generate, default batch", "generate, batch 64", "continuous"))
+    assert [r["engine"] for r in report["engines"]] == ENGINE_ROWS
+    first, big, continuous = report["engines"]
+    for row in (first, big, continuous):  # every page stopped at its own length, whichever engine decoded it
+        assert row["status"] == "ok" and row["tokens_kept"] == sum(lengths)
+        assert row["pages_per_s"] > 0 and row["output_tokens_per_s"] > 0
+        assert row["useful_decode_fraction"] == row["tokens_kept"] / row["decode_positions"]
     assert first["vs_first_row"] == 1.0 and first["dtype"] == "float32"
     assert (first["engine_ran"], first["batch_size"]) == ("generate", 4)
     assert (big["engine_ran"], big["batch_size"]) == ("generate", 64)
@@ -142,26 +140,42 @@ def test_bench_engines_reports_every_engine_with_the_length_mix(tmp_path):
     # a static batch decodes until its longest page is done; the continuous engine only what is kept
     assert continuous["useful_decode_fraction"] >= 0.95
     assert big["useful_decode_fraction"] < first["useful_decode_fraction"] < continuous["useful_decode_fraction"]
-    assert by_name["generate, attention flash_attention_2"]["status"].startswith("not run: flash-attn needs CUDA")
-    for row in rows:  # each option ran, or says why not: none is silently left out
-        assert row["status"] == "ok" or row["status"].startswith(("not run: ", "failed: ")), row
-        assert row["engine"] in proc.stdout
+    # a batch of 12 pages decodes 12 positions a step until the longest page ends
+    assert big["decode_positions"] == 12 * max(lengths)
 
 
-def test_the_engine_bench_runs_where_ray_is_not_installed(tmp_path):
+def test_bench_engines_refuses_an_unknown_row(tmp_path):
+    proc = run_cli("bench", "--engines", "--engine-row", "warp drive", "--workdir", tmp_path / "w")
+    assert proc.returncode == 2 and "no engine row 'warp drive'; the rows are: 'generate, default batch'" in proc.stderr
+    assert not (tmp_path / "w").exists()
+
+
+def test_the_engine_bench_runs_every_row_where_ray_and_pymupdf_are_not_installed(tmp_path):
     """The GPU machine has torch and transformers but no Ray and no PyMuPDF (whose wheel is too large to carry
     there): the engine bench must run without them, and without the other packages of ours a run needs and the
-    bench does not. Without PyMuPDF it draws its pages with Pillow."""
+    bench does not. Without PyMuPDF it draws its pages with Pillow. Every row runs, or says why not."""
+    from jobs.bench import ENGINES
+    from tests.conftest import REPO
+
     blocked = tmp_path / "blocked"
     for name in ("ray", "pymupdf", "fitz", "pyiceberg", "xgrammar", "peft", "rapidfuzz", "pypdfium2", "s3fs", "duckdb"):
         (blocked / name).mkdir(parents=True)
         (blocked / name / "__init__.py").write_text(f"raise ImportError('{name} is not installed here')\n")
     out = tmp_path / "engines.json"
-    from tests.conftest import REPO
-
     proc = run_cli("bench", "--engines", "--pages", "2", "--output-tokens", "2", "--median-tokens", "1",
                    "--json", out, "--workdir", tmp_path / "w", env={"PYTHONPATH": f"{blocked}:{REPO}"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = {r["engine"]: r for r in json.loads(out.read_text())["engines"]}
-    assert rows["continuous"]["status"] == "ok" and rows["generate, default batch"]["status"] == "ok"
     assert len(list((tmp_path / "w" / "corpus-png").glob("*.png"))) == 2  # drawn, not rendered
+    rows = json.loads(out.read_text())["engines"]
+    assert [r["engine"] for r in rows] == [label for label, _ in ENGINES]
+    by_name = {r["engine"]: r for r in rows}
+    assert by_name["generate, dtype bfloat16"]["dtype"] == "bfloat16"
+    assert by_name["generate, attention eager"]["attention"] == "eager"
+    assert by_name["generate, attention flash_attention_2"]["status"].startswith("not run: flash-attn needs CUDA")
+    # what any CPU runs with the base install; bitsandbytes and torch.compile (a C compiler) may say why not
+    must_run = ENGINE_ROWS + ["generate, dtype float32", "generate, dtype bfloat16", "generate, dtype float16",
+                              "generate, attention eager", "generate, attention sdpa", "generate, static KV cache"]
+    assert {name: by_name[name]["status"] for name in must_run} == dict.fromkeys(must_run, "ok")
+    for row in rows:  # each option ran, or says why not: none is silently left out
+        assert row["status"] == "ok" or row["status"].startswith(("not run: ", "failed: ")), row
+        assert row["engine"] in proc.stdout
