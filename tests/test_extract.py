@@ -201,8 +201,11 @@ def test_receipt_extraction_with_a_lora_adapter(sample_docs, tmp_path, tiny_chec
                                            init_lora_weights=False))
     lora.save_pretrained(tmp_path / "adapter")
     out = tmp_path / "out"
+    local = tmp_path / "local.yaml"  # the model stages in the CLI's own process, loading the adapter as actors do
+    local.write_text("executor: local\n")
     proc = run_cli("run", sample_docs / "receipt.png", sample_docs / "scan.jpg", "--output", out, "--task", "extract",
-                   "--schema", "receipt", "--model", "tiny-random", "--adapter", tmp_path / "adapter", "--no-progress")
+                   "--schema", "receipt", "--model", "tiny-random", "--adapter", tmp_path / "adapter", "--no-progress",
+                   "--config", local)
     assert proc.returncode == 0, proc.stderr[-3000:]
     docs = read_docs(out)
     assert sorted(docs) == ["receipt.png", "scan.jpg"] and {d["status"] for d in docs.values()} == {"ok"}
@@ -246,11 +249,13 @@ def test_adapter_changes_the_model(tiny_checkpoint, tmp_path):
 def test_user_model_json_schema_file_and_failing_validator(sample_docs, tmp_path):
     schema_file = tmp_path / "po.json"
     schema_file.write_text(json.dumps(PO_SCHEMA))
+    local = tmp_path / "local.yaml"  # the stages in the CLI's own process: schemas are this test's subject, not Ray
+    local.write_text("executor: local\n")
     for spec, expect_valid in [("tests.extraction_models:PurchaseOrder", True), (str(schema_file), True),
                                ("tests.extraction_models:AuditedTotal", False)]:
         out = tmp_path / spec.rsplit(":", 1)[-1].replace("/", "_")
         proc = run_cli("run", sample_docs / "receipt.png", sample_docs / "minutes.pdf", "--output", out, "--task",
-                       "extract", "--schema", spec, "--model", "tiny-random", "--no-progress")
+                       "extract", "--schema", spec, "--model", "tiny-random", "--no-progress", "--config", local)
         assert proc.returncode == 0, proc.stderr[-3000:]
         for d in read_docs(out).values():
             assert d["status"] == "ok" and d["valid"] is expect_valid, (spec, d["validation_errors"])
