@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--engine-row", action="append", metavar="LABEL",
                        help="with --engines: run only the row with this label (repeatable), e.g. 'continuous'")
     bench.add_argument("--median-tokens", type=int,
-                       help="with --engines: median of the output length mix (default 400 GPU, 24 CPU)")
+                       help="with --engines: median of the output length mix (default 560 GPU, 24 CPU)")
     bench.add_argument("--batch-size", type=int, help="pages per generate() call in the pipeline")
     bench.add_argument("--num-actors", type=int, help="model actors in the pipeline (default as for docpipe run)")
     bench.add_argument("--workdir", help="where the corpus and outputs go (default: a temporary folder)")
