@@ -110,7 +110,8 @@ def test_the_continuous_engine_gives_every_page_what_generate_gives_it_alone(alo
         assert got == (alone[key]["text"], alone[key]["output_tokens"], alone[key]["finish_reason"]), key
     [manifest] = (out / "_runs").glob("*.json")
     engines = json.loads(manifest.read_text())["engines"]
-    assert len(engines) == 2 and {e["engine"] for e in engines} == {"continuous"}
+    # every actor that took pages ran the continuous engine (with 15 pages, one actor may have taken them all)
+    assert 1 <= len(engines) <= 2 and {e["engine"] for e in engines} == {"continuous"}
 
 
 def test_batched_extraction_gives_each_document_what_it_gets_alone(corpus, tiny_model):
