@@ -24,6 +24,12 @@ class Generation:
     tokens: list[int]  # generated tokens, ending with the stop token when there is one
     finish_reason: str  # "stop" | "length"
 
+    @classmethod
+    def from_tokens(cls, tokens: list[int], stop_ids: list[int]) -> "Generation":
+        """Cut at the first stop token (kept): what follows it is padding or the engine's run-on."""
+        end = next((i for i, t in enumerate(tokens) if t in stop_ids), None)
+        return cls(tokens, "length") if end is None else cls(tokens[: end + 1], "stop")
+
 
 @dataclass
 class EngineChoice:
@@ -56,11 +62,8 @@ class GenerateEngine:
                 **inputs, max_new_tokens=max(max_new_tokens), do_sample=False,
                 eos_token_id=self.stop_ids, pad_token_id=self.pad_id, **extra,
             )
-        out = []
-        for tokens in generated[:, inputs["input_ids"].shape[1] :].tolist():
-            end = next((i for i, t in enumerate(tokens) if t in self.stop_ids), None)
-            out.append(Generation(tokens if end is None else tokens[: end + 1], "length" if end is None else "stop"))
-        return out
+        return [Generation.from_tokens(tokens, self.stop_ids)
+                for tokens in generated[:, inputs["input_ids"].shape[1] :].tolist()]
 
     def close(self) -> None:
         pass

@@ -242,11 +242,8 @@ class ContinuousEngine:
                 pending.future.set_exception(RuntimeError(result.error))
             else:
                 tokens = list(result.generated_tokens)
-                pending.future.set_result(Generation(tokens, "length") if pending.forced else self._generation(tokens))
-
-    def _generation(self, tokens: list[int]) -> Generation:
-        end = next((i for i, t in enumerate(tokens) if t in self.stop_ids), None)
-        return Generation(tokens if end is None else tokens[: end + 1], "length" if end is None else "stop")
+                pending.future.set_result(Generation(tokens, "length") if pending.forced
+                                          else Generation.from_tokens(tokens, self.stop_ids))
 
     def _fail_all(self, error: Exception) -> None:
         with self._lock:
