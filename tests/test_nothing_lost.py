@@ -223,11 +223,16 @@ def model_actor_nodes(address: str) -> list[str]:
 
 
 @pytest.mark.parametrize("gpus_per_worker", [1, 0], ids=["gpu-workers", "cpu-only"])
-def test_a_worker_node_killed_mid_run_loses_nothing(sample_docs, tmp_path, gpus_per_worker):
+def test_a_worker_node_killed_mid_run_loses_nothing(sample_docs, tmp_path, gpus_per_worker, monkeypatch):
     """A three-node Ray cluster on loopback (Ray's own multi-node test harness): a CPU head for the driver and
     rendering, two workers for the model (given a logical GPU each, as in the GPU cluster of infra/, or plain
     CPU nodes). One worker is killed, with its model actor, once results are flowing."""
     from ray.cluster_utils import Cluster
+
+    # Every page takes half a second or more to render, so the model actors are still alive, waiting for
+    # pages, when the first results are sealed (the tiny model alone could finish before the node is killed).
+    # The nodes' processes take the environment of this one when the cluster starts.
+    monkeypatch.setenv("DOCPIPE_FAULT_RENDER", "@*=0.5")
 
     folder = tmp_path / "in"
     folder.mkdir()
@@ -251,10 +256,10 @@ def test_a_worker_node_killed_mid_run_loses_nothing(sample_docs, tmp_path, gpus_
         deadline = time.time() + 300
         while time.time() < deadline and not list((out / "documents").rglob("part-*.parquet")):
             time.sleep(0.2)
-        assert not list((out / "_runs").glob("*.json")), "the run finished before the node could be killed"
         # the victim is a worker holding a model actor (a CPU actor could also have landed on the head)
         holders = model_actor_nodes(cluster.address)
         [victim, *_] = [w for w in workers if w.node_id in holders] or [None]
+        assert not list((out / "_runs").glob("*.json")), "the run finished before the node could be killed"
         assert victim is not None, f"no worker node holds a model actor: {holders}"
         cluster.remove_node(victim, allow_graceful=False)  # SIGKILL: its raylet, workers and model actor
         stdout, stderr = proc.communicate(timeout=400)
