@@ -7,6 +7,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 
 LOCK_VENV ?= .lock-venv
+# Test files run this many at a time (pytest-xdist), each file's tests in one process, in order.
+TEST_WORKERS ?= 2
 
 .PHONY: setup demo test lock clean
 
@@ -22,7 +24,7 @@ demo: setup
 	$(VENV)/bin/docpipe demo --workdir demo_output
 
 test: setup
-	HF_HUB_OFFLINE=1 $(PY) -m pytest tests --durations=20
+	HF_HUB_OFFLINE=1 $(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadfile --durations=20
 
 # Resolved without the old pins (that is the point), in a fresh virtualenv, so the file lists exactly what
 # pyproject.toml pulls in today. Written to a temporary file first: a failed resolution leaves the pins as they were.

@@ -7,9 +7,11 @@ one head, as heads are expensive.
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -31,12 +33,14 @@ def _get(url: str) -> urllib.request.Request:
 
 
 @pytest.fixture(scope="module")
-def head(tmp_path_factory, docpipe_cache):
+def head(docpipe_cache):
     """`ray start --head` with its dashboard (the job server) on 127.0.0.1, as its own process group, with
     token authentication on (Ray's default for clusters): clients need RAY_AUTH_TOKEN. Yields its job server
     address (for docpipe submit) and its GCS address (RAY_ADDRESS, for docpipe run)."""
     port, dashboard = _free_port(), _free_port()
-    temp = tmp_path_factory.mktemp("ray-head")
+    # Ray's session and sockets: a short path of its own, since a socket's path must fit in 107 bytes (under
+    # pytest-xdist the test's own temporary folder is already 48 characters deep)
+    temp = tempfile.mkdtemp(prefix="dp-head-", dir="/tmp")
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONPATH": str(REPO),
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN,
            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}  # no 30 s drain at teardown: nothing serves here
@@ -48,7 +52,8 @@ def head(tmp_path_factory, docpipe_cache):
         [ray, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
          "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "2",
          "--temp-dir", str(temp), "--disable-usage-stats"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env=env, stdout=(log := open(os.path.join(temp, "start.log"), "wb")), stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     address = f"http://127.0.0.1:{dashboard}"
     deadline = time.time() + 120
@@ -60,7 +65,7 @@ def head(tmp_path_factory, docpipe_cache):
         except OSError:
             pass
         if proc.poll() is not None or time.time() > deadline:
-            raise RuntimeError("the Ray head did not start")
+            raise RuntimeError("the Ray head did not start:\n" + Path(log.name).read_text()[-3000:])
         time.sleep(0.5)
     yield {"jobs": address, "gcs": f"127.0.0.1:{port}"}
     os.killpg(proc.pid, signal.SIGTERM)  # this head's processes only, not other Ray instances
@@ -68,6 +73,8 @@ def head(tmp_path_factory, docpipe_cache):
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
+    log.close()
+    shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
