@@ -51,15 +51,6 @@ def sample_docs(tmp_path_factory):
     return folder
 
 
-@pytest.fixture(scope="session")
-def ray_local(docpipe_cache):
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
-
-
 def run_cli(*args, env=None, unset=(), timeout=600):
     """The docpipe CLI in a subprocess; ``unset`` names variables of this process it must not inherit."""
     import subprocess
