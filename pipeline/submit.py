@@ -20,10 +20,6 @@ from pipeline.errors import ConfigError, FatalError
 # Never uploaded with the working directory (Ray also honours the tree's .gitignore).
 EXCLUDES = [".git", ".venv", "demo_output", "*.egg-info", "__pycache__", ".pytest_cache"]
 _SECRETS = {"access_key_id", "secret_access_key", "session_token"}
-# A head that has just started answers on its dashboard before its job agent is up, and refuses a job with this
-# (HTTP 500, after waiting 10 s itself); a loaded machine can take longer than that to start the agent.
-NO_AGENT_YET = "No available agent to submit job"
-AGENT_WAIT_S = 120  # then submit tries again, once a second
 
 
 def source_tree() -> str | None:
@@ -69,28 +65,19 @@ def submit(config: RunConfig, address: str, *, working_dir: str | None, env: lis
         from ray.job_submission import JobStatus, JobSubmissionClient
     except ImportError:
         raise FatalError("docpipe submit needs Ray's job client: pip install 'ray[default]'") from None
-    import time
-
     entrypoint = job_entrypoint(config)
-    deadline = time.monotonic() + AGENT_WAIT_S
-    while True:
-        try:
-            client = JobSubmissionClient(address)
-            job_id = client.submit_job(
-                entrypoint=entrypoint,
-                runtime_env=runtime_env(working_dir, env),
-                submission_id=submission_id,
-                metadata={"tool": "docpipe", "output": config.output},
-            )
-            break
-        except FatalError:
-            raise
-        except Exception as exc:  # connection refused, a bad address, the server's refusal
-            if NO_AGENT_YET in str(exc) and time.monotonic() < deadline:
-                time.sleep(1)
-                continue
-            raise FatalError(
-                f"cannot submit to {address}: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from None
+    try:
+        client = JobSubmissionClient(address)
+        job_id = client.submit_job(
+            entrypoint=entrypoint,
+            runtime_env=runtime_env(working_dir, env),
+            submission_id=submission_id,
+            metadata={"tool": "docpipe", "output": config.output},
+        )
+    except FatalError:
+        raise
+    except Exception as exc:  # connection refused, a bad address, the server's refusal
+        raise FatalError(f"cannot submit to {address}: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from None
     print(f"submitted  {job_id}", file=out, flush=True)
     if not wait:
         print(f"follow     ray job logs --address {address} --follow {job_id}", file=out, flush=True)
@@ -102,6 +89,8 @@ def submit(config: RunConfig, address: str, *, working_dir: str | None, env: lis
             print(lines, end="", file=out, flush=True)
 
     asyncio.run(follow())
+    import time
+
     while not client.get_job_status(job_id).is_terminal():  # the log stream may close a moment before
         time.sleep(0.5)
     info = client.get_job_info(job_id)

@@ -37,7 +37,7 @@ def head(docpipe_cache):
     """`ray start --head` with its dashboard (the job server) on 127.0.0.1, as its own process group, with
     token authentication on (Ray's default for clusters): clients need RAY_AUTH_TOKEN. Yields its job server
     address (for docpipe submit) and its GCS address (RAY_ADDRESS, for docpipe run)."""
-    port, dashboard = _free_port(), _free_port()
+    port, dashboard, agent = _free_port(), _free_port(), _free_port()
     # Ray's session and sockets: a short path of its own, since a socket's path must fit in 107 bytes (under
     # pytest-xdist the test's own temporary folder is already 48 characters deep)
     temp = tempfile.mkdtemp(prefix="dp-head-", dir="/tmp")
@@ -51,6 +51,10 @@ def head(docpipe_cache):
     proc = subprocess.Popen(
         [ray, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
          "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "2",
+         # the job server hands jobs to this agent; its default port (52365) is taken by any other Ray instance
+         # on the machine, such as a run in another test worker, and then every job is refused ("No available
+         # agent to submit job")
+         "--dashboard-agent-listen-port", str(agent),
          "--temp-dir", str(temp), "--disable-usage-stats"],
         env=env, stdout=(log := open(os.path.join(temp, "start.log"), "wb")), stderr=subprocess.STDOUT,
         start_new_session=True,
