@@ -229,10 +229,11 @@ def test_a_worker_node_killed_mid_run_loses_nothing(sample_docs, tmp_path, gpus_
     CPU nodes). One worker is killed, with its model actor, once results are flowing."""
     from ray.cluster_utils import Cluster
 
-    # Every page takes half a second or more to render, so the model actors are still alive, waiting for
-    # pages, when the first results are sealed (the tiny model alone could finish before the node is killed).
-    # The nodes' processes take the environment of this one when the cluster starts.
-    monkeypatch.setenv("DOCPIPE_FAULT_RENDER", "@*=0.5")
+    # Every page takes a while to render, so the model actors are still alive, waiting for pages, when the
+    # first results are sealed (the tiny model alone could finish before the node is killed). CPU clusters
+    # render several pages at once on small CPU shares, and one actor can serve the whole run while the other
+    # is still loading its model: their pages take longer. The nodes' processes take this environment.
+    monkeypatch.setenv("DOCPIPE_FAULT_RENDER", "@*=0.5" if gpus_per_worker else "@*=2")
 
     folder = tmp_path / "in"
     folder.mkdir()
@@ -256,9 +257,12 @@ def test_a_worker_node_killed_mid_run_loses_nothing(sample_docs, tmp_path, gpus_
         deadline = time.time() + 300
         while time.time() < deadline and not list((out / "documents").rglob("part-*.parquet")):
             time.sleep(0.2)
-        # the victim is a worker holding a model actor (a CPU actor could also have landed on the head)
-        holders = model_actor_nodes(cluster.address)
-        [victim, *_] = [w for w in workers if w.node_id in holders] or [None]
+        # the victim is a worker holding a model actor. A CPU actor can also land on the head, and the other one
+        # may still be starting on a loaded machine: ask again until a worker holds one.
+        victim = None
+        while victim is None and time.time() < deadline and proc.poll() is None:
+            holders = model_actor_nodes(cluster.address)
+            [victim, *_] = [w for w in workers if w.node_id in holders] or [None]
         assert not list((out / "_runs").glob("*.json")), "the run finished before the node could be killed"
         assert victim is not None, f"no worker node holds a model actor: {holders}"
         cluster.remove_node(victim, allow_graceful=False)  # SIGKILL: its raylet, workers and model actor
