@@ -14,7 +14,7 @@ import pymupdf
 import pytest
 
 from tests.bad_inputs import PAGES, write_corpus
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, _free_port, run_cli
 
 
 def check_accounting(out, inputs: list[str]):
@@ -242,7 +242,9 @@ def test_a_worker_node_killed_mid_run_loses_nothing(sample_docs, tmp_path, gpus_
             (folder / f"{i}-{name}").write_bytes((sample_docs / name).read_bytes() + f"\n% copy {i}\n".encode())
     inputs = sorted(str(p) for p in folder.iterdir())
     out = tmp_path / "out"
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1"})
+    # the head's dashboard (Ray's state API) on a free port: another test worker's cluster may hold the default
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1",
+                                                            "dashboard_port": _free_port()})
     try:
         workers = [cluster.add_node(num_cpus=1, num_gpus=gpus_per_worker, node_ip_address="127.0.0.1")
                    for _ in range(2)]
