@@ -261,7 +261,7 @@ def test_a_worker_node_killed_mid_run_loses_nothing(sample_docs, tmp_path, gpus_
             time.sleep(0.2)
         # the victim is a worker holding a model actor. A CPU actor can also land on the head, and the other one
         # may still be starting on a loaded machine: ask again until a worker holds one.
-        victim = None
+        victim, holders = None, []
         while victim is None and time.time() < deadline and proc.poll() is None:
             holders = model_actor_nodes(cluster.address)
             [victim, *_] = [w for w in workers if w.node_id in holders] or [None]
