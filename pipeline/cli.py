@@ -52,6 +52,11 @@ def _add_run_args(run: argparse.ArgumentParser) -> None:
     run.add_argument("--fail-fast", action="store_true",
                      help="stop at the first error and show its traceback (runs in this process, without Ray)")
     run.add_argument("--no-resume", action="store_true", help="process every input, even those already ok in OUT")
+    run.add_argument("--wait-for-output", type=float, nargs="?", const=24 * 3600.0, metavar="SECONDS",
+                     help="when another run holds OUT's lease, wait for it (up to SECONDS; default a day) instead of "
+                     "stopping with exit 2")
+    run.add_argument("--lease-expiry", type=float, metavar="SECONDS",
+                     help="a lease on OUT not renewed for this long is taken over by the next run (default 300)")
     run.add_argument("--checkpoint-seconds", type=float, help="seal output files at least this often (default 300)")
     run.add_argument("--iceberg-catalog", action="append", default=[], metavar="KEY=VALUE",
                      help="a pyiceberg catalog property (repeatable), e.g. type=sql uri=sqlite:///cat.db "
@@ -239,6 +244,8 @@ def config_from_args(args: argparse.Namespace, inputs: list[str], output: str | 
         "fail_fast": True if getattr(args, "fail_fast", False) else None,
         "resume": False if getattr(args, "no_resume", False) else None,
         "checkpoint_s": getattr(args, "checkpoint_seconds", None),
+        "wait_for_output_s": getattr(args, "wait_for_output", None),
+        "lease_expiry_s": getattr(args, "lease_expiry", None),
         "partition_by": getattr(args, "partition_by", None),
         "progress_interval_s": getattr(args, "progress_interval", None),
         "model": {k: v for k, v in model.items() if v is not None},

@@ -297,6 +297,16 @@ class RunConfig(_Options):
         "the same URI, size and modification time, or with the same bytes (doc_id); process new and changed ones "
         "and retry those in error. Each skipped input gets a 'skipped' row.",
     )
+    lease_expiry_s: float = Field(
+        300.0, gt=0, description="One run at a time per output: a run holds a lease on it (OUT/_lease.json, "
+        "renewed every third of this), and a lease not renewed for this long is taken over by the next run. A "
+        "holder that ran on the same host and whose process is gone is taken over at once.",
+    )
+    wait_for_output_s: float | None = Field(
+        None, ge=0, description="When another live run holds the output's lease: null stops at once (exit 2, "
+        "naming the holder); a number waits up to this many seconds for it to finish (or die), then stops the "
+        "same way.",
+    )
     fail_fast: bool = Field(
         False, description="Stop at the first error and show its traceback (for development). Runs the stages in "
         "this process, without Ray.",

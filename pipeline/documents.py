@@ -145,8 +145,10 @@ def _pixels(rendered):
 
 def _maybe_stall(source_uri: str, number: int) -> None:
     """Fault injection for tests: DOCPIPE_FAULT_RENDER="name@page=seconds,..." sleeps before rendering that
-    page of documents whose URI contains name (page * for every page); seconds "crash" kills the process."""
+    page of documents whose URI contains name (page * for every page); seconds "crash" kills the process;
+    "until:PATH" creates PATH.waiting, then waits until PATH exists (a test's event, not a guess at timing)."""
     import os
+    import time
 
     for spec in filter(None, os.environ.get("DOCPIPE_FAULT_RENDER", "").split(",")):
         target, _, action = spec.partition("=")
@@ -156,8 +158,12 @@ def _maybe_stall(source_uri: str, number: int) -> None:
                 import signal
 
                 os.kill(os.getpid(), signal.SIGSEGV)  # as a crash inside MuPDF would
-            import time
-
+            if action.startswith("until:"):
+                path = action.removeprefix("until:")
+                open(path + ".waiting", "w").close()
+                while not os.path.exists(path):
+                    time.sleep(0.05)
+                continue
             time.sleep(float(action))
 
 

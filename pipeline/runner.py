@@ -22,7 +22,7 @@ from typing import Any
 from pipeline import __version__
 from pipeline.config import FinetuneConfig, RunConfig
 from pipeline.documents import expand_document, expand_document_isolated
-from pipeline.errors import InputError
+from pipeline.errors import InputError, describe
 from pipeline.model import render_edge_for, resolve_checkpoint
 from pipeline.records import RENDERED_SCHEMA, RESULT_SCHEMA, to_table
 from pipeline.sink import RunSink, prepare_output, previous_ok, remove_stale_tmp, unchanged
@@ -201,7 +201,52 @@ def run(config: RunConfig) -> RunResult:
         raise InputError("no files to process in: " + " ".join(config.inputs + config.manifests)
                          + (f" ({listing.filtered_out} listed, all filtered out)" if listing.filtered_out else ""))
     out = prepare_output(config.output, config.storage)
-    stale = remove_stale_tmp(out)
+    run_id = new_run_id()
+    lease = _take_lease(config, out.uri, run_id, started_at)  # before earlier results are read or files removed
+    try:
+        return _run_leased(config, out, run_id, lease, schema, listing, started_at, t0, wall_t0)
+    finally:
+        if lease is not None:
+            lease.release()
+
+
+def _take_lease(config: RunConfig, uri: str, run_id: str, started_at: str):
+    """This run's lease on OUT (pipeline/lease.py), or None where the store has no conditional writes."""
+    from pipeline.errors import OutputError
+    from pipeline.lease import Lease, LeaseBusy, LeaseLost, store_for
+    from pipeline.storage import explain
+
+    store = store_for(uri, config.storage)
+    if store is None:
+        print(f"docpipe: warning: no lease on {uri} (only local folders and S3 have one): nothing stops another "
+              "run from writing there at the same time", file=sys.stderr)
+        return None
+    lease = Lease(store, run_id, config.lease_expiry_s, started_at)
+    try:
+        lease.acquire(config.wait_for_output_s, poll_s=min(2.0, config.lease_expiry_s / 10),
+                      on_wait=lambda holder: print(
+                          f"docpipe: waiting for {holder.describe()} to finish with {uri} (its lease expires at "
+                          f"{holder.expiry_text()} unless renewed)", file=sys.stderr, flush=True))
+    except LeaseBusy as exc:
+        waited = f" (waited {config.wait_for_output_s:g} s)" if config.wait_for_output_s else ""
+        raise OutputError(f"output {uri} is in use by {exc.holder.describe()}; its lease expires at "
+                          f"{exc.holder.expiry_text()} unless renewed{waited} (--wait-for-output [SECONDS] waits "
+                          "for it)") from None
+    except LeaseLost as exc:
+        raise OutputError(f"cannot take the lease on output {uri}: {exc}") from None
+    except Exception as exc:  # the store's own errors: a missing bucket, refused credentials
+        raise OutputError(explain(f"cannot take the lease on output {uri}: {describe(exc)}")) from None
+    if lease.took_over is not None:
+        print(f"docpipe: warning: took over the lease on {uri} from {lease.took_over.describe()}: its process is "
+              "gone or its lease expired; its unfinished files are removed", file=sys.stderr)
+    return lease
+
+
+def _run_leased(config: RunConfig, out, run_id: str, lease, schema, listing, started_at: str, t0: float,
+                wall_t0: float) -> RunResult:
+    """The run proper, under the output's lease."""
+    refs = listing.refs
+    stale = remove_stale_tmp(out, keep_run=run_id)
     checkpoint = resolve_checkpoint(config.model.name)
     longest_edge = config.render.longest_edge or render_edge_for(checkpoint, config.model)
     if config.model.adapter:
@@ -209,7 +254,6 @@ def run(config: RunConfig) -> RunResult:
 
         for problem in adapter_mismatches(config.model.adapter, config, longest_edge):
             print(f"docpipe: warning: {problem}", file=sys.stderr)
-    run_id = new_run_id()
     partition = "" if config.partition_by == "none" else f"ingest_date={started_at[:10]}"
     sink = RunSink(out, run_id, refs, config.rows_per_file, schema, config.checkpoint_s, partition)
     sink.counters["stale_tmp_files_removed"] = stale
@@ -239,6 +283,8 @@ def run(config: RunConfig) -> RunResult:
                     engines[engine["actor"]] = engine
             sink.consume(records)
             progress.tick()
+            _check_lease(lease)
+    _check_lease(lease)
 
     wall = time.perf_counter() - t0
     timings = {"wall_s": round(wall, 3), "pages_per_s": round(pages_seen / wall, 4) if wall else 0.0}
@@ -255,6 +301,19 @@ def run(config: RunConfig) -> RunResult:
         engines=sorted(engines.values(), key=lambda e: e["actor"]),
     )
     return RunResult(manifest, out.uri)
+
+
+def _check_lease(lease) -> None:
+    """Stop writing once another run has taken this run's lease over (it missed renewals past the expiry)."""
+    from pipeline.errors import OutputError
+    from pipeline.lease import LeaseLost
+
+    if lease is None:
+        return
+    try:
+        lease.check()
+    except LeaseLost as exc:
+        raise OutputError(f"stopped: {exc}") from None
 
 
 def _lake_step(config: RunConfig, out):

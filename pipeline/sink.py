@@ -69,13 +69,16 @@ def prepare_output(output: str, storage: StorageOptions | None = None) -> Output
     return out
 
 
-def remove_stale_tmp(out: Output) -> int:
+def remove_stale_tmp(out: Output, keep_run: str) -> int:
     """Delete the ``_tmp-`` files that killed runs left (readers skip them, but they take space and confuse
-    globbing engines). Safe because one output takes one run at a time."""
+    globbing engines). Called only by the holder of the output's lease (pipeline/lease.py), so no other run is
+    writing: every file not named after ``keep_run`` (this run) is a dead run's."""
     if not out.rename:  # object stores: the final name is written directly, and an unfinished upload is invisible
         return 0
+    mine = f"_tmp-part-{keep_run}-"
     try:
-        stale = [path for table in ("pages", "documents") for path in table_files(out, table, "_tmp-")]
+        stale = [path for table in ("pages", "documents") for path in table_files(out, table, "_tmp-")
+                 if not os.path.basename(path).startswith(mine)]
         for path in stale:
             out.fs.delete_file(path)
     except OSError as exc:

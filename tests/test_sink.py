@@ -90,5 +90,6 @@ def test_stale_tmp_files_of_killed_runs_are_removed(tmp_path):
     part.mkdir(parents=True)
     (part / "_tmp-part-r0-00000.parquet").write_bytes(b"half")
     (part / "part-r0-00000.parquet").write_bytes(b"sealed")
-    assert remove_stale_tmp(out) == 1
-    assert [p.name for p in part.iterdir()] == ["part-r0-00000.parquet"]
+    (part / "_tmp-part-r1-00000.parquet").write_bytes(b"this run's open file")
+    assert remove_stale_tmp(out, keep_run="r1") == 1  # only the caller, the lease holder, is run r1
+    assert sorted(p.name for p in part.iterdir()) == ["_tmp-part-r1-00000.parquet", "part-r0-00000.parquet"]

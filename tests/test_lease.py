@@ -1,0 +1,267 @@
+"""One output, one run at a time: the lease on OUT (pipeline/lease.py), in-process and with real CLI runs on a
+local folder and on S3 (moto's server over HTTP)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pymupdf
+import pytest
+
+from pipeline.lease import LEASE_NAME, Lease, LeaseBusy, LocalStore, S3Store, parse, s3_client
+from tests.conftest import REPO, run_cli
+
+TIMEOUT = 600  # a safety net only: every wait below ends on an event
+
+
+def make_pdfs(folder: Path, names=("a", "b", "c", "d"), pages=2) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name in names:
+        doc = pymupdf.open()
+        for i in range(pages):
+            doc.new_page().insert_text((72, 72), f"{name} page {i + 1}")
+        doc.save(folder / f"{name}.pdf")
+        paths.append(folder / f"{name}.pdf")
+    return paths
+
+
+def wait_for(predicate, what: str):
+    deadline = time.monotonic() + TIMEOUT
+    while not predicate():
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        time.sleep(0.05)
+
+
+def start_cli(*args, env=None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", *map(str, args)], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
+
+
+def job_file(tmp_path: Path) -> Path:
+    job = tmp_path / "job.yaml"
+    job.write_text("executor: local\nprogress: false\n")  # the lease is the subject; Ray adds nothing
+    return job
+
+
+def run_args(inputs: Path, out, job: Path, *extra):
+    return ("run", inputs, "--output", out, "--config", job, "--model", "tiny-random", "--max-new-tokens", "2",
+            "--page-timeout", "3600", "--document-timeout", "3600", *extra)
+
+
+def ok_once(docs: list[dict], pdfs: list[Path]) -> None:
+    """Every document ok exactly once across the output's runs (later runs only add skipped rows)."""
+    ok = Counter(r["source_uri"] for r in docs if r["status"] == "ok")
+    assert ok == Counter({str(p): 1 for p in pdfs}), docs
+
+
+# --- the lease itself, in-process ---------------------------------------------------------------------------
+
+def test_a_live_lease_is_refused_and_a_released_one_taken(tmp_path):
+    first = Lease(LocalStore(str(tmp_path)), "run-1", expiry_s=60)
+    first.acquire(None, poll_s=0.1)
+    holder = parse((tmp_path / LEASE_NAME).read_bytes())
+    assert (holder.run_id, holder.host, holder.pid) == ("run-1", socket.gethostname(), os.getpid())
+    second = Lease(LocalStore(str(tmp_path)), "run-2", expiry_s=60)
+    with pytest.raises(LeaseBusy) as busy:
+        second.acquire(None, poll_s=0.1)
+    assert busy.value.holder.run_id == "run-1"
+    first.renew()  # the heartbeat's step: a later expiry, same holder
+    assert parse((tmp_path / LEASE_NAME).read_bytes()).expires_at > holder.expires_at
+    first.release()
+    assert not (tmp_path / LEASE_NAME).exists()
+    second.acquire(None, poll_s=0.1)
+    assert parse((tmp_path / LEASE_NAME).read_bytes()).run_id == "run-2" and second.took_over is None
+    second.release()
+
+
+def stale_lease(host: str, pid: int, expires_at: float) -> bytes:
+    return json.dumps({"run_id": "dead-run", "host": host, "pid": pid, "started_at": "2026-01-01T00:00:00Z",
+                       "expires_at": expires_at}).encode()
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_takeover_is_atomic_locally(tmp_path):
+    """Eight runs wait on one dead holder's lease at once: exactly one takes it over."""
+    (tmp_path / LEASE_NAME).write_bytes(stale_lease(socket.gethostname(), dead_pid(), time.time() + 3600))
+    leases = [Lease(LocalStore(str(tmp_path)), f"run-{i}", expiry_s=60) for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        holders = list(pool.map(lambda lease: lease.try_acquire(), leases))
+    winners = [lease for lease, holder in zip(leases, holders) if holder is None]
+    assert len(winners) == 1 and winners[0].took_over.run_id == "dead-run"
+    assert {h.run_id for h in holders if h is not None} == {winners[0].run_id}  # the others see the winner
+    assert parse((tmp_path / LEASE_NAME).read_bytes()).run_id == winners[0].run_id
+
+
+def test_a_lease_from_another_host_is_taken_only_after_its_expiry(tmp_path):
+    (tmp_path / LEASE_NAME).write_bytes(stale_lease("another-host", 1, time.time() + 3600))
+    assert Lease(LocalStore(str(tmp_path)), "run-1", expiry_s=60).try_acquire().run_id == "dead-run"
+    (tmp_path / LEASE_NAME).write_bytes(stale_lease("another-host", 1, time.time() - 1))
+    lease = Lease(LocalStore(str(tmp_path)), "run-1", expiry_s=60)
+    assert lease.try_acquire() is None and lease.took_over.host == "another-host"
+
+
+def test_a_holder_whose_lease_was_taken_over_learns_it(tmp_path):
+    first = Lease(LocalStore(str(tmp_path)), "run-1", expiry_s=60)
+    assert first.try_acquire() is None
+    (tmp_path / LEASE_NAME).write_bytes(stale_lease("another-host", 1, time.time() + 3600))  # as a takeover would
+    with pytest.raises(Exception, match="taken over by run dead-run"):
+        first.renew()
+
+
+@pytest.fixture(scope="module")
+def lease_bucket(s3):
+    s3.create_bucket(Bucket="leases")
+    return "leases"
+
+
+def test_s3_lease_uses_conditional_writes(lease_bucket, s3, s3_env, monkeypatch):
+    """moto's server honours If-None-Match and If-Match on PutObject (checked here over HTTP, as AWS and MinIO)."""
+    for k, v in s3_env.items():
+        monkeypatch.setenv(k, v)
+    store = lambda: S3Store(lease_bucket, "out/" + LEASE_NAME, s3_client())  # noqa: E731
+    first = Lease(store(), "run-1", expiry_s=60)
+    first.acquire(None, poll_s=0.1)
+    with pytest.raises(LeaseBusy):
+        Lease(store(), "run-2", expiry_s=60).acquire(None, poll_s=0.1)
+    first.renew()
+    first.release()
+    with pytest.raises(s3.exceptions.NoSuchKey):
+        s3.get_object(Bucket=lease_bucket, Key="out/" + LEASE_NAME)
+
+    s3.put_object(Bucket=lease_bucket, Key="out/" + LEASE_NAME, Body=stale_lease("another-host", 1, time.time() - 1))
+    leases = [Lease(store(), f"run-{i}", expiry_s=60) for i in range(6)]
+    with ThreadPoolExecutor(6) as pool:
+        holders = list(pool.map(lambda lease: lease.try_acquire(), leases))
+    winners = [lease for lease, holder in zip(leases, holders) if holder is None]
+    assert len(winners) == 1 and winners[0].took_over.run_id == "dead-run"
+    body = s3.get_object(Bucket=lease_bucket, Key="out/" + LEASE_NAME)["Body"].read()
+    assert parse(body).run_id == winners[0].run_id
+
+
+# --- real runs ----------------------------------------------------------------------------------------------
+
+def _two_runs(tmp_path, out, read_docs, list_files, env=None):
+    """Run A is held inside its third document (after writing the first two); B starts then: refused, and
+    with --wait-for-output it waits, A is let go, and B finds everything done."""
+    pdfs = make_pdfs(tmp_path / "in")
+    job = job_file(tmp_path)
+    release = tmp_path / "release-a"
+    a = start_cli(*run_args(tmp_path / "in", out, job, "--checkpoint-seconds", "0.01"),
+                  env={**(env or {}), "DOCPIPE_FAULT_RENDER": f"c.pdf@1=until:{release}"})
+    try:
+        wait_for(lambda: Path(f"{release}.waiting").exists() or a.poll() is not None, "run A reaching c.pdf")
+        assert a.poll() is None, a.communicate()[1][-3000:]
+        written = list_files()
+        assert written, "run A wrote nothing before its third document"
+
+        b = run_cli(*run_args(tmp_path / "in", out, job), env=env)
+        assert b.returncode == 2, b.stderr[-3000:]
+        [line] = b.stderr.strip().splitlines()
+        assert line.startswith(f"docpipe: error: output {out} is in use by run ") and f"pid {a.pid}" in line
+        assert f"host {socket.gethostname()}" in line and "its lease expires at " in line
+        assert set(written) <= set(list_files())  # B removed nothing of A's
+
+        waiter = start_cli(*run_args(tmp_path / "in", out, job, "--wait-for-output", "600"), env=env)
+        line = waiter.stderr.readline()
+        assert line.startswith("docpipe: waiting for run ") and f"pid {a.pid}" in line, line
+        release.touch()
+        assert a.wait(TIMEOUT) == 0, a.communicate()[1][-3000:]
+        out_b, err_b = waiter.communicate(timeout=TIMEOUT)
+        assert waiter.returncode == 0, err_b[-3000:]
+    finally:
+        for proc in (a, locals().get("waiter")):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+    docs = read_docs()
+    ok_once(docs, pdfs)
+    by_run = Counter((r["run_id"], r["status"]) for r in docs)
+    [run_a] = {r["run_id"] for r in docs if r["status"] == "ok"}
+    [run_b] = {r["run_id"] for r in docs} - {run_a}
+    assert by_run == Counter({(run_a, "ok"): 4, (run_b, "skipped"): 4})  # B found everything done
+    assert "documents  4 (skipped 4)" in out_b
+    return pdfs
+
+
+def test_second_local_run_is_refused_or_waits(tmp_path):
+    out = tmp_path / "out"
+
+    def files():
+        return sorted(str(p) for p in out.rglob("*.parquet"))
+
+    _two_runs(tmp_path, out, lambda: pq.read_table(out / "documents").to_pylist(), files)
+    assert not list(out.rglob("_tmp-*")) and not (out / LEASE_NAME).exists()
+
+
+def test_second_s3_run_is_refused_or_waits(tmp_path, s3, s3_env, lease_bucket):
+    from tests.test_s3 import s3fs
+
+    fs = s3fs(s3_env)
+
+    def files():
+        listed = s3.list_objects_v2(Bucket=lease_bucket, Prefix="two-runs/")
+        return sorted(o["Key"] for o in listed.get("Contents", []))
+
+    _two_runs(tmp_path, "s3://leases/two-runs", lambda: pq.read_table("leases/two-runs/documents",
+                                                                       filesystem=fs).to_pylist(),
+              lambda: [k for k in files() if k.endswith(".parquet")], env=s3_env)
+    assert "two-runs/" + LEASE_NAME not in files()
+
+
+def test_a_killed_runs_lease_is_taken_over_at_once_on_its_host(tmp_path):
+    out = tmp_path / "out"
+    pdfs = make_pdfs(tmp_path / "in")
+    job = job_file(tmp_path)
+    never = tmp_path / "never"
+    a = start_cli(*run_args(tmp_path / "in", out, job), env={"DOCPIPE_FAULT_RENDER": f"c.pdf@1=until:{never}"})
+    try:
+        wait_for(lambda: Path(f"{never}.waiting").exists() or a.poll() is not None, "run A reaching c.pdf")
+        assert a.poll() is None, a.communicate()[1][-3000:]
+        assert list(out.rglob("_tmp-part-*"))  # its open files
+    finally:
+        a.kill()
+        a.wait()
+    assert parse((out / LEASE_NAME).read_bytes()).pid == a.pid  # left behind, not yet expired
+    b = run_cli(*run_args(tmp_path / "in", out, job, "--lease-expiry", "3600"))
+    assert b.returncode == 0, b.stderr[-3000:]
+    assert "took over the lease" in b.stderr and f"pid {a.pid}" in b.stderr
+    ok_once(pq.read_table(out / "documents").to_pylist(), pdfs)
+    assert not list(out.rglob("_tmp-*")) and not (out / LEASE_NAME).exists()
+    [manifest] = [json.loads(p.read_text()) for p in (out / "_runs").glob("*.json")]
+    assert manifest["counters"]["stale_tmp_files_removed"] >= 1
+
+
+def test_a_lease_from_another_host_is_taken_over_after_expiry(tmp_path):
+    out = tmp_path / "out"
+    pdfs = make_pdfs(tmp_path / "in", names=("a", "b"))
+    job = job_file(tmp_path)
+    out.mkdir()
+    (out / LEASE_NAME).write_bytes(stale_lease("another-host", 1, time.time() + 3600))
+    refused = run_cli(*run_args(tmp_path / "in", out, job))
+    assert refused.returncode == 2
+    [line] = refused.stderr.strip().splitlines()
+    assert "in use by run dead-run (host another-host, pid 1," in line
+    assert parse((out / LEASE_NAME).read_bytes()).run_id == "dead-run"
+
+    # The same lease, expiring a moment from now: a waiting run takes it over once it has expired.
+    expires = time.time() + 2
+    (out / LEASE_NAME).write_bytes(stale_lease("another-host", 1, expires))
+    b = run_cli(*run_args(tmp_path / "in", out, job, "--wait-for-output", "600"))
+    assert b.returncode == 0, b.stderr[-3000:]
+    assert "took over the lease" in b.stderr and "dead-run" in b.stderr
+    [manifest] = [json.loads(p.read_text()) for p in (out / "_runs").glob("*.json")]
+    ok_once(pq.read_table(out / "documents").to_pylist(), pdfs)
+    assert not (out / LEASE_NAME).exists()
