@@ -165,7 +165,7 @@ def read_output(out) -> OutputRows:
 
     pages: dict[tuple[str, int], dict[str, Any]] = {}
     for row in table("pages", PAGES_SCHEMA, ["source_uri", "doc_id", "page_number", "status", "text",
-                                              "text_source", "run_id"]):
+                                              "text_source", "renderer", "run_id"]):
         pages[(row["source_uri"], row["page_number"])] = pages[(row["doc_id"], row["page_number"])] = row
     documents: dict[str, dict[str, Any]] = {}
     for row in table("documents", DOCUMENTS_SCHEMA, ["source_uri", "doc_id", "status", "extraction", "run_id"]):
@@ -213,7 +213,7 @@ def score_against_text_layer(rows: OutputRows, storage=None) -> tuple[dict[str, 
     rules = RouteOptions(text_layer="auto")
     latest = {(r["source_uri"], r["page_number"]): r for r in rows.pages.values()}
     by_doc: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    skipped = {"not_from_model": 0, "no_trusted_text_layer": 0, "unreadable_source": 0}
+    skipped = {"not_from_model": 0, "no_trusted_text_layer": 0, "unreadable_source": 0, "unreadable_text_layer": 0}
     for row in latest.values():
         if row["status"] == "ok" and row["text_source"] == "model":
             by_doc[row["source_uri"]].append(row)
@@ -227,8 +227,23 @@ def score_against_text_layer(rows: OutputRows, storage=None) -> tuple[dict[str, 
         except Exception:  # moved, deleted or unreadable since the run: nothing to score against
             skipped["unreadable_source"] += len(pages)
             continue
+        pdfium_doc = None
         for row in sorted(pages, key=lambda r: r["page_number"]):
-            layer = pymupdf_text_layer(pdf.load_page(row["page_number"] - 1)) if pdf else None
+            index = row["page_number"] - 1
+            try:
+                if pdf is None:
+                    layer = None
+                elif row.get("renderer") == "pdfium" or pdf.needs_pass:
+                    # The engine that drew the page reads its layer: MuPDF refuses these documents or pages.
+                    from pipeline.pdfium import PdfiumPage, open_pdfium
+
+                    pdfium_doc = pdfium_doc or open_pdfium(data)
+                    layer = PdfiumPage(pdfium_doc, index).text_layer()
+                else:
+                    layer = pymupdf_text_layer(pdf.load_page(index))
+            except Exception:  # neither engine can read this page's layer: counted, not scored
+                skipped["unreadable_text_layer"] += 1
+                continue
             if not trust_text_layer(layer, rules).trusted:
                 skipped["no_trusted_text_layer"] += 1
                 continue

@@ -163,7 +163,8 @@ def test_against_text_layer_counts_model_pages_only(sample_docs, tiny_checkpoint
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(report.read_text())
     assert summary["pages_scored"] == 2
-    assert summary["pages_not_scored"] == {"not_from_model": 3, "no_trusted_text_layer": 1, "unreadable_source": 0}
+    assert summary["pages_not_scored"] == {"not_from_model": 3, "no_trusted_text_layer": 1, "unreadable_source": 0,
+                                           "unreadable_text_layer": 0}
     rows = sorted(pq.read_table(scores).to_pylist(), key=lambda r: r["page_number"])
     assert [(Path(r["source_uri"]).name, r["page_number"], r["text_source"]) for r in rows] == [
         ("report.pdf", 2, "model"), ("report.pdf", 3, "model")]
@@ -173,3 +174,27 @@ def test_against_text_layer_counts_model_pages_only(sample_docs, tiny_checkpoint
     assert [r["ref_chars"] for r in rows] == [len(r) for r in refs]
     assert summary["cer"] == pytest.approx(sum(r["char_edits"] for r in rows) / sum(len(r) for r in refs))
     assert summary["cer"] > 0.5  # the tiny random model reads nothing
+
+
+def test_against_text_layer_scores_pages_pdfium_drew(tiny_checkpoint, tmp_path, monkeypatch):
+    """A PDF MuPDF asks a password for (only its attachment is encrypted) is drawn by PDFium; eval reads its text
+    layer with PDFium too, instead of ending with MuPDF's 'document closed or encrypted'."""
+    from pipeline.runner import run
+    from tests import test_wild_pdfs
+
+    text = "The quick brown fox jumps over the lazy dog while the cat sleeps on the warm mat"
+    monkeypatch.setattr(test_wild_pdfs, "CONTENT", f"BT /F1 12 Tf 72 600 Td ({text}) Tj ET".encode())
+    data = test_wild_pdfs.encrypted_pdf("/Identity", "/Identity")
+    assert test_wild_pdfs.mupdf_verdict(data) == "needs a password"
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "locked.pdf").write_bytes(data)
+    result = run(RunConfig(inputs=[str(tmp_path / "in")], output=str(tmp_path / "out"), executor="local", model=MODEL))
+    assert result.manifest.counters["pages_rendered_pdfium"] == 1
+    report = tmp_path / "eval.json"
+    proc = run_cli("eval", tmp_path / "out", "--against", "text-layer", "--json", report)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(report.read_text())
+    assert summary["pages_scored"] == 1 and summary["pages_not_scored"] == {
+        "not_from_model": 0, "no_trusted_text_layer": 0, "unreadable_source": 0, "unreadable_text_layer": 0}
+    [row] = pq.read_table(next((tmp_path / "out" / "_eval").glob("*.parquet"))).to_pylist()
+    assert row["ref_chars"] == len(text)
