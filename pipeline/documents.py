@@ -121,6 +121,8 @@ def _route(page, rendered, route: RouteOptions) -> dict[str, Any]:
     if route.text_layer == "auto":
         try:
             layer = page.text_layer()
+        except (AttributeError, TypeError, NameError):
+            raise  # our code's mistake, not the document's: the page's error row shows it (a silent model read hid one)
         except Exception:  # a layer the renderer cannot read is not trusted: the model reads the page
             reraise_if_fail_fast()
             layer = None

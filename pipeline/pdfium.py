@@ -108,9 +108,11 @@ class PdfiumPage:
                         hidden += 1
             finally:
                 textpage.close()
-            area = width * height or 1.0
-            images = [obj.get_pos() for obj in page.get_objects(filter=[c.FPDF_PAGEOBJ_IMAGE])]
-            coverage = max(((min(r, width) - max(left, 0)) * (min(t, height) - max(b, 0)) / area
+            # Image bounds are in unrotated page space, as the crop box is: measured there, /Rotate changes nothing.
+            x0, y0, x1, y1 = page.get_cropbox()
+            area = (x1 - x0) * (y1 - y0) or 1.0
+            images = [obj.get_bounds() for obj in page.get_objects(filter=[c.FPDF_PAGEOBJ_IMAGE])]
+            coverage = max((max(0.0, min(r, x1) - max(left, x0)) * max(0.0, min(t, y1) - max(b, y0)) / area
                             for left, b, r, t in images), default=0.0)
             return TextLayer(text=text, width_pt=width, height_pt=height, chars=chars, hidden_chars=hidden,
                              invisible_chars=invisible, bad_chars=bad, unmapped_fonts=0,

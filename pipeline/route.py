@@ -103,7 +103,9 @@ def pymupdf_text_layer(page) -> TextLayer:
                     hidden += len(drawn)
     rect = page.rect
     area = abs(rect) or 1.0
-    coverage = max((abs(pymupdf.Rect(bbox) & rect) / area for kind, bbox in page.get_bboxlog()
+    # The log's boxes are in unrotated coordinates, page.rect in rotated ones: turn the boxes with the page, or a
+    # /Rotate 90 full-page scan covers only a square of its page.
+    coverage = max((abs(pymupdf.Rect(bbox) * page.rotation_matrix & rect) / area for kind, bbox in page.get_bboxlog()
                     if kind in ("fill-image", "fill-imgmask")), default=0.0)
     return TextLayer(
         text=tp.extractText(sort=True),

@@ -347,3 +347,73 @@ def test_a_text_layer_that_cannot_be_read_sends_the_page_to_the_model(sample_doc
     with Image.open(sample_docs / "receipt.png") as img:
         rendered = render_image(img, RenderOptions(), 980)
     assert _route(Broken(), rendered, AUTO) == {}
+
+
+def _scan(rotation: int, visible_text: bool) -> bytes:
+    """A full-page scan of BODY (as rendered by MuPDF) on an A4 page turned by /Rotate, with a text layer on top:
+    a visible wrong one (another invoice's text), or the scanner's invisible OCR layer."""
+    import pymupdf
+
+    src = pymupdf.open()
+    _text_page(src)
+    pix = src[0].get_pixmap(dpi=60)
+    doc = pymupdf.open()
+    page = doc.new_page(width=595, height=842)
+    page.insert_image(page.rect, stream=pix.tobytes("png"))
+    if visible_text:
+        page.insert_textbox((72, 72, 523, 770), BODY.replace("2026-114", "9999-999"), fontsize=11)
+    else:
+        page.insert_textbox((72, 72, 523, 770), BODY, fontsize=11, render_mode=3)
+    page.set_rotation(rotation)
+    return doc.tobytes()
+
+
+@pytest.mark.parametrize("rotation", [0, 90, 180, 270])
+def test_rotated_full_page_scans_are_full_page_images(rotation, tmp_path):
+    """Image coverage is measured in the page's own frame, whatever its /Rotate (MuPDF measured a rotated A4
+    scan at 0.71): a wrong visible layer over it is not trusted, its OCR layer is when asked."""
+    import pymupdf
+
+    from pipeline.pdfium import PdfiumPage, open_pdfium
+
+    wrong = tmp_path / "wrong.pdf"
+    wrong.write_bytes(_scan(rotation, visible_text=True))
+    for layer in (pymupdf_text_layer(pymupdf.open(wrong)[0]), PdfiumPage(open_pdfium(wrong.read_bytes()), 0).text_layer()):
+        assert layer.image_coverage > 0.99
+        assert trust_text_layer(layer, AUTO).reason == "full_page_image"
+    [rec] = _pages(wrong, AUTO)
+    assert rec.get("text_source") is None and rec["image"]
+
+    ocr = tmp_path / "ocr.pdf"
+    ocr.write_bytes(_scan(rotation, visible_text=False))
+    [rec] = _pages(ocr, RouteOptions(text_layer="auto", trust_ocr_layer=True))
+    assert rec["text_source"] == "text_layer" and rec["text"].startswith("Invoice 2026-114 for services")
+
+
+def test_pdfium_pages_measure_their_images(rendered_logo_page):
+    """PDFium's view of a page with a small logo over a good text layer: the logo's share of the page, and the
+    layer is trusted (the pinned pypdfium2 has get_bounds, not get_pos: every such page went to the model)."""
+    from pipeline.documents import _route
+    from pipeline.pdfium import PdfiumPage, open_pdfium
+
+    data, logo_share = rendered_logo_page
+    page = PdfiumPage(open_pdfium(data), 0)
+    layer = page.text_layer()
+    assert layer.image_coverage == pytest.approx(logo_share, rel=0.01)
+    assert trust_text_layer(layer, AUTO).trusted
+    rendered = page(RenderOptions(), 490)
+    routed = _route(page, rendered, AUTO)
+    assert routed["text_source"] == "text_layer" and routed["text"].startswith("Invoice 2026-114")
+
+
+@pytest.fixture
+def rendered_logo_page():
+    import pymupdf
+    from PIL import Image
+
+    doc = pymupdf.open()
+    page = _text_page(doc)
+    buf = io.BytesIO()
+    Image.new("RGB", (100, 50), "navy").save(buf, "PNG")
+    page.insert_image((400, 20, 500, 70), stream=buf.getvalue())  # a 100 x 50 pt logo in the top margin
+    return doc.tobytes(), 100 * 50 / (595 * 842)
