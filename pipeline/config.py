@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_serializer
@@ -218,6 +219,10 @@ class StorageOptions(_Options):
     retry_time_limit_s: float = Field(120.0, gt=0, description="Retry budget for gs:// requests, in seconds.")
 
 
+_SECRET_KEY = re.compile(r"secret|password|token|credential|key", re.I)
+_URI_PASSWORD = re.compile(r"(://[^:/@]+:)[^@]*@")
+
+
 class IcebergOptions(_Options):
     """Append each run's rows to Apache Iceberg tables, one commit per table, so lake readers see a run appear
     whole. The Parquet dataset under ``output`` is written either way."""
@@ -232,13 +237,15 @@ class IcebergOptions(_Options):
     @field_serializer("catalog")
     def _redact(self, catalog: dict[str, str] | None):
         # Manifests record the configuration: keep credentials out of them.
-        import re
-
         if catalog is None:
             return None
-        secret = re.compile(r"secret|password|token|credential|key", re.I)
-        return {k: "**********" if secret.search(k) else re.sub(r"(://[^:/@]+:)[^@]*@", r"\1**********@", v)
+        return {k: "**********" if _SECRET_KEY.search(k) else _URI_PASSWORD.sub(r"\1**********@", v)
                 for k, v in catalog.items()}
+
+    def secret_properties(self) -> list[str]:
+        """The catalog properties that carry a secret: by their name, or a password inside a URI."""
+        return [k for k, v in (self.catalog or {}).items() if _SECRET_KEY.search(k) or _URI_PASSWORD.search(v)]
+
     namespace: str = Field("docpipe", description="Namespace holding the tables; created if missing.")
     pages_table: str = Field("pages", description="Table for page rows; created on first use, with ingest_date.")
     documents_table: str = Field("documents", description="Table for document rows; created on first use.")

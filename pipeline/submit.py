@@ -2,7 +2,8 @@
 
 The configuration is validated here, before anything is sent, and travels inside the job's
 entrypoint as JSON. Credentials never travel with it: the job reads them from the cluster's
-environment (instance roles, or variables given with --env).
+environment (instance roles, or variables given with --env; pyiceberg's PYICEBERG_CATALOG__* for the
+catalog's secrets).
 """
 
 from __future__ import annotations
@@ -32,6 +33,16 @@ def job_entrypoint(config: RunConfig) -> str:
     if any(getattr(config.storage, name) is not None for name in _SECRETS):
         raise ConfigError("explicit storage credentials are not sent with a job: give them to the cluster "
                           "(instance roles, or --env AWS_ACCESS_KEY_ID=... and friends)")
+    secret = config.iceberg.secret_properties()
+    if secret:
+        # The entrypoint is shown by Ray's dashboard and job APIs, so secrets can't go in it, and masked they break
+        # the job's lake step. pyiceberg reads catalog properties from the job's environment too.
+        name = config.iceberg.catalog_name.upper()
+        env = ", ".join(f"--env PYICEBERG_CATALOG__{name}__{k.upper().replace('.', '__').replace('-', '_')}=..."
+                        for k in secret)
+        raise ConfigError(f"secret Iceberg catalog properties are not sent with a job ({', '.join(secret)}): give "
+                          f"them to the cluster's environment instead, e.g. {env}, and leave them out of the "
+                          "catalog options")
     # The job runs in its own working directory: local paths are made absolute, so they mean what they meant
     # here (on a cluster sharing this filesystem; elsewhere, use URIs).
     from pipeline.storage import is_remote

@@ -7,6 +7,7 @@ one head, as heads are expensive.
 import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import subprocess
@@ -20,6 +21,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.config import RunConfig
+from pipeline.errors import ConfigError
 from schemas import DOCUMENTS_SCHEMA, PAGES_SCHEMA, DocumentRow, PageRow
 from tests.conftest import REPO, _free_port, run_cli
 
@@ -234,3 +237,28 @@ def test_run_on_a_cluster_of_another_ray_version_is_one_line(head, tiny_checkpoi
     assert _one_error_line(proc) == (
         f"docpipe: error: version mismatch with the Ray cluster at {head['gcs']}: it runs Ray 2.59.0 on Python "
         f"{python}, this machine Ray {ray.__version__} on Python {python}: install the cluster's versions here")
+
+
+def test_secret_catalog_properties_are_refused_before_anything_is_sent(tmp_path):
+    """Masked, they broke the job's lake step ('token': '**********' in the entrypoint); sent, they would show in
+    Ray's job APIs. The refusal names pyiceberg's variables that carry them to the cluster instead."""
+    from pipeline.submit import job_entrypoint
+
+    proc = run_cli("submit", "--address", "http://127.0.0.1:9", str(tmp_path), "--output", tmp_path / "o",
+                   "--iceberg-catalog", "type=rest", "--iceberg-catalog", "uri=https://cat.example",
+                   "--iceberg-catalog", "token=t0ken-value", "--iceberg-catalog", "s3.secret-access-key=abc")
+    assert proc.returncode == 2
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith("docpipe: error: secret Iceberg catalog properties are not sent with a job "
+                           "(token, s3.secret-access-key)")
+    assert "--env PYICEBERG_CATALOG__DOCPIPE__TOKEN=..." in line
+    assert "--env PYICEBERG_CATALOG__DOCPIPE__S3__SECRET_ACCESS_KEY=..." in line
+    assert "cannot submit" not in proc.stderr and "t0ken-value" not in proc.stderr
+
+    with pytest.raises(ConfigError, match=r"\(uri\)"):
+        job_entrypoint(RunConfig(output="s3://b/o", iceberg={"catalog": {"type": "sql",
+                                                                          "uri": "postgresql://u:pw@h/db"}}))
+    catalog = {"type": "sql", "uri": "postgresql://h/db", "warehouse": "s3://wh"}
+    entrypoint = job_entrypoint(RunConfig(output="s3://b/o", iceberg={"catalog": catalog}))
+    sent = json.loads(shlex.split(entrypoint)[-1])
+    assert sent["iceberg"]["catalog"] == catalog  # the job gets the real values, none masked
