@@ -395,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
             from jobs.bench import main as bench_main
 
             bench_main(args)
+        sys.stdout.flush()  # here, not at exit: a reader gone by now (`| head`) is handled below
         return 0
     except FatalError as exc:
         print(f"docpipe: error: {exc}", file=sys.stderr)
@@ -405,6 +406,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         from pydantic import ValidationError
 
+        if isinstance(exc, BrokenPipeError) and _stdout_reader_gone():
+            # `docpipe ... | head`: the reader has what it wanted. End quietly, as Unix tools do; stdout goes to
+            # /dev/null so the interpreter's last flush does not fail again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
         if isinstance(exc, ValidationError):  # bad option values from the command line
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
@@ -421,6 +427,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"docpipe: internal error: {type(exc).__name__}: {exc} (set DOCPIPE_DEBUG=1 for the traceback)",
               file=sys.stderr)
         return 1
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (and not, say, a socket of ours that broke)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no poll here, or stdout has no file descriptor
+        return False
 
 
 if __name__ == "__main__":

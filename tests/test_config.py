@@ -1,4 +1,5 @@
 import json
+import os
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -64,3 +65,23 @@ def test_impossible_resources_and_malformed_flags_are_one_line_errors(sample_doc
     assert "docpipe: error: actor_memory_gb is 100000 but this machine's Ray offers" in proc.stderr.splitlines()[-1]
     proc = run_cli("run", sample_docs, "--output", tmp_path / "o", "--iceberg-catalog", "sqlite")
     assert proc.returncode == 2 and "--iceberg-catalog takes KEY=VALUE, got 'sqlite'" in proc.stderr
+
+
+def test_a_command_whose_reader_goes_away_ends_quietly():
+    """`docpipe config schema | head -1`: the reader closes the pipe after one line; docpipe ends without a
+    message and exit 0 (it ended with 'internal error: BrokenPipeError', exit 1). The pipe holds one page, so
+    the schema (35 kB) cannot fit in it before the reader is gone."""
+    import fcntl
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "config", "schema"], cwd=REPO, stdout=write_end,
+                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)})
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as reader:
+        assert reader.readline() == b"{\n"
+    err = proc.stderr.read().decode()  # the reader is gone (closed above), as head's after its line
+    assert proc.wait(timeout=120) == 0, err
+    assert err == ""
