@@ -131,23 +131,40 @@ def _maybe_die() -> None:
 
 class Progress:
     """Periodic progress lines on stderr, for runs without progress bars: batch jobs, Ray Jobs (whose logs
-    are not a terminal, so Ray Data's bars are off), --no-progress."""
+    are not a terminal, so Ray Data's bars are off), --no-progress. From a thread of their own, so a run stuck
+    on a slow page still says so on time."""
 
     def __init__(self, sink: RunSink, total: int, interval_s: float, enabled: bool):
         self.sink, self.total, self.interval_s, self.enabled = sink, total, interval_s, enabled
-        self.t0 = self._last = time.monotonic()
+        self.t0 = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="docpipe-progress", daemon=True)
 
-    def tick(self) -> None:
+    def __enter__(self):
+        if self.enabled:
+            self._thread.start()
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        if self.enabled and exc_type is None:
+            self.report()  # the final count, so a log ends with where the run got to
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.report()
+
+    def report(self) -> None:
         now = time.monotonic()
-        if not self.enabled or now - self._last < self.interval_s:
-            return
-        self._last = now
-        docs, pages = self.sink.doc_counts, self.sink.page_counts
+        # Copies (single C-level dict copies under the GIL): the driver updates the counts meanwhile.
+        docs, pages = dict(self.sink.doc_counts), dict(self.sink.page_counts)
         done, page_total = sum(docs.values()), sum(pages.values())
-        errors = docs["error"] + docs["partial"]
+        errors = docs.get("error", 0) + docs.get("partial", 0)
         print(f"docpipe: progress: documents {done}/{self.total}, pages {page_total} "
               f"({page_total / (now - self.t0):.2f} pages/s), documents with errors {errors}, "
-              f"pages with errors {pages['error']}", file=sys.stderr, flush=True)
+              f"pages with errors {pages.get('error', 0)}", file=sys.stderr, flush=True)
 
 
 def new_run_id() -> str:
@@ -271,8 +288,8 @@ def _run_leased(config: RunConfig, out, run_id: str, lease, schema, listing, sta
     execute = _execute_local if config.fail_fast or config.executor == "local" else _execute
     progress = Progress(sink, len(refs), config.progress_interval_s,
                         enabled=not (config.progress and sys.stderr.isatty()))
-    if todo:  # with everything already done, there is nothing to execute
-        for records in execute(config, todo, longest_edge, skip_ids):
+    with progress:
+        for records in execute(config, todo, longest_edge, skip_ids) if todo else ():  # all done: nothing to run
             pages_seen += sum(1 for r in records if r["kind"] == "page")
             ready = [r["actor_ready_at"] for r in records if r.get("actor_ready_at")]
             if ready:
@@ -282,7 +299,6 @@ def _run_leased(config: RunConfig, out, run_id: str, lease, schema, listing, sta
                     engine = json.loads(rec["actor_engine"])
                     engines[engine["actor"]] = engine
             sink.consume(records)
-            progress.tick()
             _check_lease(lease)
     _check_lease(lease)
 

@@ -194,3 +194,41 @@ def test_local_executor_flat_output_and_no_resume(sample_docs, tmp_path):
     rows = pq.read_table(out / "documents").to_pylist()
     assert sorted((r["run_id"], r["status"]) for r in rows) == sorted(
         [(first.run_id, "ok")] * 2 + [(again.run_id, "ok")] * 2 + [(skipped.run_id, "skipped")] * 2)
+
+
+def test_progress_lines_come_on_time_while_a_page_is_slow(tmp_path):
+    """A run held on one page (no batch arrives) still prints a progress line every --progress-interval."""
+    import os
+    import queue
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from tests.conftest import REPO
+
+    (tmp_path / "in").mkdir()
+    for name in ("a", "b"):
+        doc = pymupdf.open()
+        doc.new_page().insert_text((72, 72), name)
+        doc.save(tmp_path / "in" / f"{name}.pdf")
+    job = tmp_path / "job.yaml"
+    job.write_text("executor: local\nprogress: false\n")
+    release = tmp_path / "release"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "run", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
+         "--config", str(job), "--model", "tiny-random", "--max-new-tokens", "2", "--progress-interval", "0.1",
+         "--page-timeout", "3600"], cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(REPO), "DOCPIPE_FAULT_RENDER": f"b.pdf@1=until:{release}"})
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(ln) for ln in proc.stderr], daemon=True).start()
+    try:
+        while not Path(f"{release}.waiting").exists():  # until b.pdf's page is held
+            assert proc.poll() is None, "the run ended before b.pdf"
+            time.sleep(0.05)
+        seen = []
+        while len([ln for ln in seen if ln.startswith("docpipe: progress: documents 1/2")]) < 3:
+            seen.append(lines.get(timeout=120))  # a safety net: on time, a line comes every 0.1 s
+    finally:
+        release.touch()
+    assert proc.wait(timeout=600) == 0
