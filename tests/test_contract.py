@@ -34,3 +34,15 @@ def test_schemas_import_without_torch_or_ray():
     code = "import sys, schemas; bad = [m for m in ('torch', 'ray', 'transformers') if m in sys.modules]; print(bad)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_readme_states_the_contract_version_rows_carry():
+    """Every place the README names the contract's version says the one rows are stamped with."""
+    import re
+    from pathlib import Path
+
+    from schemas import CONTRACT_VERSION
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    stated = re.findall(r"the contract's version[ ,(]+(\d+)", readme)
+    assert len(stated) >= 3 and set(stated) == {str(CONTRACT_VERSION)}, stated
