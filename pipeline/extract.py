@@ -183,15 +183,18 @@ def generation_schema(schema: dict[str, Any], opts: ExtractOptions) -> dict[str,
         for value in node.values():
             cap(value)
         kind = node.get("type")
-        if kind == "string" and node.get("format") == "date" and "pattern" not in node:
+        # "type": ["string", "null"] is how schema files write an optional field: each type admitted gets its
+        # caps (a keyword applies only to values of its own type, so they never conflict).
+        kinds = set(kind) if isinstance(kind, list) else {kind}
+        if "string" in kinds and node.get("format") == "date" and "pattern" not in node:
             node["pattern"] = VALID_DATE  # the format alone lets through 2026-02-30, which validation rejects
             node.pop("format")
-        elif kind == "string" and not ({"enum", "const", "format", "pattern"} & node.keys()):
+        elif "string" in kinds and not ({"enum", "const", "format", "pattern"} & node.keys()):
             node["maxLength"] = min(node.get("maxLength", opts.max_string_chars), opts.max_string_chars)
-        elif kind in ("number", "integer"):
+        if kinds & {"number", "integer"}:
             node.setdefault("minimum", -opts.max_abs_number)
             node.setdefault("maximum", opts.max_abs_number)
-        elif kind == "array":
+        if "array" in kinds:
             node["maxItems"] = min(node.get("maxItems", opts.max_array_items), opts.max_array_items)
 
     cap(schema)

@@ -7,7 +7,8 @@ import pytest
 
 from pipeline.config import ExtractOptions
 from pipeline.errors import ConfigError
-from pipeline.extract import RepetitionGuard, build_grammar, describe_fields, generation_schema, load_schema, merge_chunks
+from pipeline.extract import (VALID_DATE, RepetitionGuard, build_grammar, describe_fields, generation_schema, load_schema,
+                              merge_chunks)
 from schemas.extraction import Invoice, Receipt
 from tests.conftest import run_cli
 
@@ -274,3 +275,35 @@ def test_a_bad_schema_fails_before_reading(sample_docs, tmp_path):
         "docpipe: error: unknown schema 'nope': use a built-in (invoice, key_values, receipt), module:Class, "
         "or a JSON Schema file"]
     assert not (tmp_path / "out").exists()  # failed before the output was even prepared
+
+
+def test_fields_typed_as_a_list_get_the_caps_of_every_type_they_admit():
+    """'"type": ["string", "null"]', the usual optional field of a schema file: capped like "string" (a date
+    field had no calendar pattern and was generated as "7858-11-16"), and null still allowed."""
+    import xgrammar as xgr
+
+    from pipeline.tiny import build_tokenizer
+
+    schema = {"type": "object", "required": ["d", "s", "n", "a"], "properties": {
+        "d": {"type": ["string", "null"], "format": "date"},
+        "s": {"type": ["string", "null"]},
+        "n": {"type": ["number", "null"]},
+        "a": {"type": ["array", "null"], "items": {"type": ["integer", "string"]}}}}
+    opts = ExtractOptions(max_string_chars=5, max_array_items=2, max_abs_number=100)
+    props = generation_schema(schema, opts)["properties"]
+    assert props["d"]["pattern"] == VALID_DATE and "format" not in props["d"]
+    assert props["s"]["maxLength"] == 5
+    assert (props["n"]["minimum"], props["n"]["maximum"]) == (-100, 100)
+    assert props["a"]["maxItems"] == 2
+    assert props["a"]["items"] == {"type": ["integer", "string"], "maxLength": 5, "minimum": -100, "maximum": 100}
+
+    tok = build_tokenizer()
+    compiler = xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(tok, stop_token_ids=[tok.eos_token_id]))
+    grammar = compiler.compile_grammar(build_grammar(schema, opts))
+    for text, ok in [('{"d":null,"s":null,"n":null,"a":null}', True),
+                     ('{"d":"2026-01-31","s":"abcde","n":-99.5,"a":[1,"x"]}', True),
+                     ('{"d":"7858-11-16","s":null,"n":null,"a":null}', False),
+                     ('{"d":null,"s":"abcdef","n":null,"a":null}', False),
+                     ('{"d":null,"s":null,"n":1000,"a":null}', False),
+                     ('{"d":null,"s":null,"n":null,"a":[1,2,3]}', False)]:
+        assert xgr.GrammarMatcher(grammar).accept_string(text) is ok, text
