@@ -183,6 +183,7 @@ def _two_runs(tmp_path, out, read_docs, list_files, env=None):
         out_b, err_b = waiter.communicate(timeout=TIMEOUT)
         assert waiter.returncode == 0, err_b[-3000:]
     finally:
+        release.touch()  # never leave A's render process held
         for proc in (a, locals().get("waiter")):
             if proc is not None and proc.poll() is None:
                 proc.kill()
@@ -225,15 +226,16 @@ def test_a_killed_runs_lease_is_taken_over_at_once_on_its_host(tmp_path):
     out = tmp_path / "out"
     pdfs = make_pdfs(tmp_path / "in")
     job = job_file(tmp_path)
-    never = tmp_path / "never"
-    a = start_cli(*run_args(tmp_path / "in", out, job), env={"DOCPIPE_FAULT_RENDER": f"c.pdf@1=until:{never}"})
+    held = tmp_path / "held"
+    a = start_cli(*run_args(tmp_path / "in", out, job), env={"DOCPIPE_FAULT_RENDER": f"c.pdf@1=until:{held}"})
     try:
-        wait_for(lambda: Path(f"{never}.waiting").exists() or a.poll() is not None, "run A reaching c.pdf")
+        wait_for(lambda: Path(f"{held}.waiting").exists() or a.poll() is not None, "run A reaching c.pdf")
         assert a.poll() is None, a.communicate()[1][-3000:]
         assert list(out.rglob("_tmp-part-*"))  # its open files
     finally:
         a.kill()
         a.wait()
+        held.touch()  # lets A's orphaned render process finish its page and end
     assert parse((out / LEASE_NAME).read_bytes()).pid == a.pid  # left behind, not yet expired
     b = run_cli(*run_args(tmp_path / "in", out, job, "--lease-expiry", "3600"))
     assert b.returncode == 0, b.stderr[-3000:]
