@@ -7,8 +7,8 @@ import pytest
 
 from pipeline.config import ExtractOptions
 from pipeline.errors import ConfigError
-from pipeline.extract import (VALID_DATE, RepetitionGuard, build_grammar, describe_fields, generation_schema, load_schema,
-                              merge_chunks)
+from pipeline.extract import (VALID_DATE, RepetitionGuard, build_grammar, describe_fields, generation_schema,
+                              load_schema, merge_chunks)
 from schemas.extraction import Invoice, Receipt
 from tests.conftest import run_cli
 

@@ -378,7 +378,8 @@ def test_rotated_full_page_scans_are_full_page_images(rotation, tmp_path):
 
     wrong = tmp_path / "wrong.pdf"
     wrong.write_bytes(_scan(rotation, visible_text=True))
-    for layer in (pymupdf_text_layer(pymupdf.open(wrong)[0]), PdfiumPage(open_pdfium(wrong.read_bytes()), 0).text_layer()):
+    pdfium_page = PdfiumPage(open_pdfium(wrong.read_bytes()), 0)
+    for layer in (pymupdf_text_layer(pymupdf.open(wrong)[0]), pdfium_page.text_layer()):
         assert layer.image_coverage > 0.99
         assert trust_text_layer(layer, AUTO).reason == "full_page_image"
     [rec] = _pages(wrong, AUTO)
