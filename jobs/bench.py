@@ -395,6 +395,11 @@ def _engine_unavailable(update: dict[str, Any], device: str, name: str) -> str |
 
 
 def main(args) -> None:
+    if getattr(args, "gpu_check", False):
+        from jobs.gpu_check import main as gpu_check_main
+
+        gpu_check_main(args)
+        return
     if args.engines:
         return engines_main(args)
     args.pages = args.pages or 200
