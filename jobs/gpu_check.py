@@ -7,7 +7,7 @@ leaves what it measured. On a CPU the same sections run on tiny-random at smalle
 
 - versions: python, torch, transformers, CUDA, GPU name, the dtype and attention the model loads with
 - ceilings: measured matmul TFLOP/s and device copy GB/s, what every model figure is compared with
-- model: loading (random weights for ``random:ARCH``), parameters, memory after loading
+- model_load: loading (random weights for ``random:ARCH``), parameters, memory after loading
 - encode: vision tower and connector, milliseconds and peak memory per page, at a few batch sizes
 - decode_step: one decode step (text model + lm_head, one token per request) at a few request counts, device
   time (kernels, from the profiler) and wall time, beside its memory roofline at the measured copy rate
@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 from pydantic import BaseModel, Field
 
-SECTIONS = ["versions", "ceilings", "model", "encode", "decode_step", "agreement", "engines"]
+SECTIONS = ["versions", "ceilings", "model_load", "encode", "decode_step", "agreement", "engines"]
 FAULT_ENV = "DOCPIPE_FAULT_GPU_CHECK"  # fault injection for tests: a section name (or several, comma-separated)
 
 
@@ -118,7 +118,7 @@ def _summary(name: str, out: dict[str, Any]) -> str:
         return f"torch {out['torch']}, transformers {out['transformers']}, {out['device_name']}"
     if name == "ceilings":
         return f"matmul {out['matmul_tflops']:.2f} TFLOP/s ({out['matmul_dtype']}), copy {out['copy_gb_per_s']:.1f} GB/s"
-    if name == "model":
+    if name == "model_load":
         return f"{out['name']}: {out['parameters'] / 1e9:.2f} B parameters, {out['dtype']}, {out['attention']}"
     if name == "encode":
         return "; ".join(f"{r['pages']} pages: " + (f"{r['ms_per_page']:.1f} ms/page" if "ms_per_page" in r
@@ -491,13 +491,13 @@ def main(args) -> dict[str, Any]:
         state["loaded"], info = load(opts)
         return info
 
-    check.section("model", model_section)
+    check.section("model_load", model_section)
     loaded = state.get("loaded")
 
     def needs_model(fn):
         def run():
             if loaded is None:
-                raise RuntimeError("not run: the model did not load (see section 'model')")
+                raise RuntimeError("not run: the model did not load (see section 'model_load')")
             return fn()
         return run
 
@@ -517,7 +517,7 @@ def main(args) -> dict[str, Any]:
                       plan.encode_pages)
 
     check.section("encode", needs_model(encode_section))
-    kv = (check.results.get("model") or {}).get("kv_bytes_per_token")
+    kv = (check.results.get("model_load") or {}).get("kv_bytes_per_token")
     check.section("decode_step", needs_model(lambda: decode_step(
         loaded, plan.decode_requests, plan.decode_context, (ceil or {}).get("copy_gb_per_s"), kv or 0)))
     check.section("agreement", needs_model(lambda: agreement(
@@ -535,6 +535,11 @@ def main(args) -> dict[str, Any]:
     check.write()
     print(f"bench --gpu-check: {len(SECTIONS) - len(check.results['failed_sections'])}/{len(SECTIONS)} sections ok "
           f"in {check.results['wall_s']:.0f} s" + (f"; wrote {args.json}" if args.json else ""), flush=True)
+    if check.results["failed_sections"]:  # every section ran; the exit status still says not all is well
+        from pipeline.errors import FatalError
+
+        raise FatalError(f"gpu-check: section(s) failed: {', '.join(check.results['failed_sections'])}"
+                         + (f" (errors in {args.json})" if args.json else ""))
     return check.results
 
 
