@@ -80,7 +80,9 @@ class _Check:
         t0 = time.perf_counter()
         try:
             _fault(name)
-            out = {"status": "ok", **fn()}
+            out = fn()
+            # a part that failed (one engine, one size) fails the section; the other parts' figures stay
+            out = {"status": "failed" if out.get("error") else "ok", **out}
         except Exception as exc:
             out = {"status": "failed", "error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:500]}",
                    "traceback": traceback.format_exc(limit=-4)}
@@ -112,7 +114,7 @@ def _sync() -> None:
 
 
 def _summary(name: str, out: dict[str, Any]) -> str:
-    if out["status"] != "ok":
+    if out["status"] != "ok" and not any(k in out for k in ("sizes", "batches", "engines")):
         return out["error"]
     if name == "versions":
         return f"torch {out['torch']}, transformers {out['transformers']}, {out['device_name']}"
@@ -278,7 +280,7 @@ def encode(loaded, pixels: list, sizes: list[int]) -> dict[str, Any]:
         hook.remove()
     if not any("ms" in r for r in rows):
         raise RuntimeError("every size failed: " + rows[0]["error"])
-    return {"sizes": rows, "peak_memory": "CUDA allocator peak above the inputs, per page" if torch.cuda.is_available()
+    return {**_parts_failed(rows, "pages"), "sizes": rows, "peak_memory": "CUDA allocator peak above the inputs, per page" if torch.cuda.is_available()
             else "not measured on a CPU (no allocator statistics)"}
 
 
@@ -355,7 +357,7 @@ def decode_step(loaded, requests: list[int], context: int, copy_gb_per_s: float 
         rows.append(row)
     if not any("wall_ms" in r for r in rows):
         raise RuntimeError("every request count failed: " + rows[0]["error"])
-    return {"batches": rows, "device_time": "CUDA kernel time per step (profiler)" if gpu else
+    return {**_parts_failed(rows, "requests"), "batches": rows, "device_time": "CUDA kernel time per step (profiler)" if gpu else
             "none on a CPU (wall_ms is the step)", "text_weight_bytes": weight_bytes}
 
 
@@ -390,7 +392,7 @@ def agreement(loaded, opts, records: list[dict[str, Any]]) -> dict[str, Any]:
             out["logit_dtype"] = str(loaded.dtype).replace("torch.", "")
         except Exception as exc:  # the comparison reaches into the engine: record, don't lose the agreement
             out["first_step_max_logit_diff"] = None
-            out["first_step_error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+            out["error"] = f"first step: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
         return out
     finally:
         cont.engine.close()
@@ -461,7 +463,13 @@ def engines(loaded, opts, records: list[dict[str, Any]], lengths: list[int]) -> 
             stage = None
             _free()
         out[name] = row
-    return {"engines": out, "pages": len(records), "output_tokens": sum(lengths)}
+    return {**_parts_failed([{"engine": k, **v} for k, v in out.items()], "engine"), "engines": out,
+            "pages": len(records), "output_tokens": sum(lengths)}
+
+
+def _parts_failed(rows: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    failed = [f"{r[key]}: {r['error']}" for r in rows if "error" in r]
+    return {"error": "; ".join(failed)} if failed else {}
 
 
 # ------------------------------------------------------------------------------------------------ the command
