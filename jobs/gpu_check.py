@@ -54,8 +54,8 @@ class GpuCheckPlan(BaseModel):
     def for_device(cls, gpu: bool, args=None) -> "GpuCheckPlan":
         plan = cls(encode_pages=[1, 4, 16], decode_requests=[16, 64, 128], decode_context=656, agreement_pages=4,
                    agreement_tokens=32, pages=48, median_tokens=560, max_new_tokens=1024, batch_size=16) if gpu \
-            else cls(encode_pages=[1, 2, 4], decode_requests=[16, 64, 128], decode_context=128, agreement_pages=3,
-                     agreement_tokens=16, pages=8, median_tokens=24, max_new_tokens=48, batch_size=4)
+            else cls(encode_pages=[1, 2, 4], decode_requests=[16, 64, 128], decode_context=128, agreement_pages=2,
+                     agreement_tokens=16, pages=6, median_tokens=24, max_new_tokens=48, batch_size=2)
         if args is not None:  # bench's own flags, where given
             for flag, field in (("pages", "pages"), ("median_tokens", "median_tokens"),
                                 ("output_tokens", "max_new_tokens"), ("batch_size", "batch_size")):
@@ -252,7 +252,7 @@ def encode(loaded, pixels: list, sizes: list[int]) -> dict[str, Any]:
                                           loaded.device)
                     row["crops"] = int(inputs["pixel_values"].shape[0] * inputs["pixel_values"].shape[1])
                     best = None
-                    for _ in range(2):
+                    for _ in range(2 if torch.cuda.is_available() else 1):  # best of 2 on a GPU; a CPU dry run once
                         _sync()
                         base = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
                         if torch.cuda.is_available():
