@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -78,8 +80,13 @@ def fetch(transformers: str | None) -> int:
     if transformers:
         wanted += [f"transformers=={transformers}", f"huggingface-hub=={HUB_FOR_CARRIED_TRANSFORMERS}"]
     pip = [sys.executable, "-m", "pip"]
-    built = subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "--quiet", "-w", str(WHEELS),
-                            str(REPO)], capture_output=True, text=True)
+    with tempfile.TemporaryDirectory() as tmp:  # from a clean copy: a stale build/ folder never leaks into the wheel
+        for name in ("pyproject.toml", "README.md"):
+            shutil.copy(REPO / name, Path(tmp) / name)
+        for package in ("pipeline", "schemas", "jobs"):
+            shutil.copytree(REPO / package, Path(tmp) / package, ignore=shutil.ignore_patterns("__pycache__"))
+        built = subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "--quiet", "-w", str(WHEELS),
+                                tmp], capture_output=True, text=True)
     if built.returncode:  # setuptools' deprecation notices are noise unless the build failed
         print(built.stdout + built.stderr, file=sys.stderr)
         return built.returncode
