@@ -1,5 +1,7 @@
 # make demo: set up, then run the main job on sample documents.
 # make test: set up, then run the test suite.
+# make gpu-wheels: docpipe's wheel and the Python 3.12 wheels `docpipe bench --gpu-check` needs on the lent GPU
+#                 machine, into .whl/ (git-ignored; README: "Running it on the lent GPU machine").
 # make lock: re-resolve the dependencies in a throw-away virtualenv and rewrite constraints.txt (the pins that
 #            make setup and infra/Dockerfile install).
 PYTHON ?= python3
@@ -10,7 +12,7 @@ LOCK_VENV ?= .lock-venv
 # Test files run this many at a time (pytest-xdist), each file's tests in one process, in order.
 TEST_WORKERS ?= 2
 
-.PHONY: setup demo test lock clean
+.PHONY: setup demo test gpu-wheels lock clean
 
 setup: $(VENV)/.docpipe-installed
 
@@ -25,6 +27,9 @@ demo: setup
 
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadfile --durations=20
+
+gpu-wheels: setup
+	$(PY) -m jobs.gpu_wheels fetch
 
 # Resolved without the old pins (that is the point), in a fresh virtualenv, so the file lists exactly what
 # pyproject.toml pulls in today. Written to a temporary file first: a failed resolution leaves the pins as they were.

@@ -40,3 +40,88 @@ def test_random_idefics2_8b_has_the_real_architecture():
     assert model.config.vision_config.image_size == 980 and model.config.perceiver_config.resampler_n_latents == 64
     assert model.config.image_token_id == processor.tokenizer.convert_tokens_to_ids("<image>")
     assert processor.image_processor.do_image_splitting
+
+
+# What the GPU machine lacks (and what only runs, reports or the pipeline bench need): importing any of them fails
+# there. jinja2 stays: torch and transformers need it. flash_attn is not installed here either (blocked so, transformers
+# would find it and then fail to import it), nor psutil (transformers probes it the same way).
+NOT_ON_THE_GPU_MACHINE = ("ray", "pymupdf", "fitz", "pypdfium2", "xgrammar", "peft", "rapidfuzz", "pyiceberg", "s3fs",
+                          "duckdb", "matplotlib")
+
+
+def _gpu_machine_path(tmp_path):
+    from tests.conftest import REPO
+
+    blocked = tmp_path / "blocked"
+    for name in NOT_ON_THE_GPU_MACHINE:
+        (blocked / name).mkdir(parents=True)
+        (blocked / name / "__init__.py").write_text(f"raise ImportError('{name} is not installed here')\n")
+    return f"{blocked}:{REPO}"
+
+
+def test_gpu_check_dry_runs_on_a_cpu_without_ray_or_pymupdf(tmp_path):
+    """The one command a session with a GPU runs, dry-run here on tiny-random: every section reports real figures."""
+    import torch
+    import transformers
+
+    out = tmp_path / "gpu-check.json"
+    proc = run_cli("bench", "--gpu-check", "--json", out, "--workdir", tmp_path / "w",
+                   env={"PYTHONPATH": _gpu_machine_path(tmp_path)}, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "CPU dry run, sizes scaled down" in proc.stdout
+    r = json.loads(out.read_text())
+    assert r["failed_sections"] == [] and r["cpu_dry_run"] is True and r["model"] == "tiny-random"
+    plan = r["plan"]
+
+    v = r["versions"]
+    assert (v["torch"], v["transformers"]) == (torch.__version__, transformers.__version__)
+    assert v["device"] == "cpu" and v["cuda"] == torch.version.cuda and v["dtype"] == "float32"
+
+    assert r["ceilings"]["matmul_tflops"] > 0 and r["ceilings"]["copy_gb_per_s"] > 0
+
+    load = r["model_load"]
+    assert 0 < load["parameters"] < 10e6 and load["kv_bytes_per_token"] == 2 * 2 * 2 * 16 * 4  # 2 layers, 2 kv heads
+
+    sizes = r["encode"]["sizes"]
+    assert [s["pages"] for s in sizes] == plan["encode_pages"]
+    for s in sizes:
+        assert s["crops"] == 5 * s["pages"]  # image splitting: 4 crops and the whole page
+        assert s["ms_per_page"] > 0 and s["vision_ms_per_page"] > 0 and s["connector_ms_per_page"] > 0
+
+    steps = r["decode_step"]["batches"]
+    assert [s["requests"] for s in steps] == plan["decode_requests"]
+    for s in steps:
+        assert s["wall_ms"] > 0 and s["profiled_cpu_op_ms"] > 0 and s["memory_roofline_ms"] > 0
+        assert s["device_ms"] is None  # no device apart from the CPU
+
+    a = r["agreement"]
+    assert a["engines"] == ["generate", "continuous"]
+    assert a["agree"] is True and a["pages_equal"] == a["pages"] == plan["agreement_pages"]
+    assert a["first_step_max_logit_diff"] is not None and a["first_step_max_logit_diff"] < 1e-3  # float32
+
+    engines = r["engines"]["engines"]
+    for name in ("generate", "continuous"):
+        e = engines[name]
+        assert e["engine_ran"] == name and e["pages"] == plan["pages"]
+        assert e["pages_per_s"] > 0 and e["error_rows"] == 0 and e["retries"] == 0
+        assert e["peak_pages_in_flight"] >= 1 and e["peak_memory_gb"] is None  # no allocator statistics on a CPU
+    for name in ("versions", "ceilings", "model_load", "encode", "decode_step", "agreement", "engines"):
+        assert r[name]["status"] == "ok" and r[name]["seconds"] >= 0, name
+
+
+def test_gpu_check_records_a_failing_section_and_runs_the_next(tmp_path):
+    out = tmp_path / "gpu-check.json"
+    proc = run_cli("bench", "--gpu-check", "--json", out, "--workdir", tmp_path / "w", "--pages", "2",
+                   "--output-tokens", "4", "--median-tokens", "2", "--batch-size", "2",
+                   env={"PYTHONPATH": _gpu_machine_path(tmp_path), "DOCPIPE_FAULT_GPU_CHECK": "encode"}, timeout=300)
+    # every section ran; the exit status says one failed, in one line
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "docpipe: error: gpu-check: section(s) failed: encode" in proc.stderr
+    r = json.loads(out.read_text())
+    assert r["failed_sections"] == ["encode"]
+    assert r["encode"]["status"] == "failed" and "fault injected in section 'encode'" in r["encode"]["error"]
+    assert "[encode] failed" in proc.stdout
+    for name in ("decode_step", "agreement", "engines"):  # the sections after it
+        assert r[name]["status"] == "ok", (name, r[name].get("error"))
+    assert all(s["wall_ms"] > 0 for s in r["decode_step"]["batches"])
+    assert {e: x["error_rows"] for e, x in r["engines"]["engines"].items()} == {"generate": 0, "continuous": 0}
