@@ -73,15 +73,42 @@ def math_char_count(text: str, font: str) -> int:
 # --- characters ---------------------------------------------------------------------------------------------
 
 
-_ACCENT_PAIR = re.compile("([" + re.escape("".join(SPACING_ACCENTS)) + r"]) ?([A-Za-zıȷ])")
-_LETTER_ACCENT = re.compile(r"([A-Za-z])([" + re.escape("".join(SPACING_ACCENTS)) + "])")
-
-
 def _compose(accent: str, letter: str) -> str | None:
     """The accented letter as one character, or None when Unicode has none (then the pair is left alone)."""
     letter = {"ı": "i", "ȷ": "j"}.get(letter, letter)  # TeX puts accents on dotless i and j
     composed = unicodedata.normalize("NFC", letter + SPACING_ACCENTS[accent])
-    return composed if len(composed) == 1 else None
+    return composed if len(composed) == 1 and composed.isalpha() else None
+
+
+def _join_accents(text: str) -> str:
+    """Each spacing accent joined with the letter after it ("J´an" -> "Ján", as TeX's text layers mostly give
+    it), else with the letter before it ("caf´e" is "café", "e´t" is "ét"). ASCII ` ^ ~ only between two letters."""
+    out: list[str] = []
+    i, n = 0, len(text)
+    while i < n:
+        ch = text[i]
+        if ch in SPACING_ACCENTS:
+            ascii_like = ch in "`^~"
+            j = i + 1
+            after_letter = bool(out) and out[-1].isalpha()
+            if not ascii_like and not after_letter and j + 1 < n and text[j] == " " and text[j + 1].isalpha():
+                j += 1  # " ´ a": MuPDF put a space between a word's first letter and its accent
+            between = after_letter and j < n and text[j].isalpha()
+            if j < n and text[j].isalpha() and (not ascii_like or between):
+                composed = _compose(ch, text[j])
+                if composed:
+                    out.append(composed)
+                    i = j + 1
+                    continue
+            if after_letter and not ascii_like:
+                composed = _compose(ch, out[-1])
+                if composed:
+                    out[-1] = composed
+                    i += 1
+                    continue
+        out.append(ch)
+        i += 1
+    return "".join(out)
 
 
 def normalise_chars(text: str) -> str:
@@ -91,33 +118,8 @@ def normalise_chars(text: str) -> str:
     for lig, plain in LIGATURES.items():
         text = text.replace(lig, plain)
     text = text.replace("\u00ad", "").replace("\u00a0", " ")
-    text = text.replace("\u2018\u2018", "\u201c").replace("\u2019\u2019", "\u201d").replace("``", "\u201c")
-
-    def before(m: re.Match) -> str:  # "J´an": the accent first, as TeX's text layers mostly give it
-        if m.group(1) in "`^~" and not _tex_context(m):
-            return m.group(0)
-        return _compose(m.group(1), m.group(2)) or m.group(0)
-
-    text = _ACCENT_PAIR.sub(before, text)
-
-    def after(m: re.Match) -> str:  # "Ja´n": an accent left behind its letter, not followed by one
-        if m.group(2) in "`^~":
-            return m.group(0)  # ASCII look-alikes after a letter are code or markup, not accents
-        return _compose(m.group(2), m.group(1)) or m.group(0)
-
-    text = _LETTER_ACCENT.sub(lambda m: after(m) if not _followed_by_letter(m) else m.group(0), text)
-    return unicodedata.normalize("NFC", text)
-
-
-def _tex_context(m: re.Match) -> bool:
-    """ASCII ` ^ ~ count as accents only inside a word (a letter right before), never as code or quotes."""
-    start = m.start()
-    return start > 0 and m.string[start - 1].isalpha() and m.group(0).find(" ") < 0
-
-
-def _followed_by_letter(m: re.Match) -> bool:
-    end = m.end()
-    return end < len(m.string) and m.string[end].isalpha()
+    text = text.replace("\u2018\u2018", "\u201c").replace("\u2019\u2019", "\u201d")
+    return unicodedata.normalize("NFC", _join_accents(text))
 
 
 def normalise_layout(text: str) -> str:
