@@ -70,7 +70,7 @@ def extract_run(tmp_path_factory, tiny_checkpoint, sample_docs):
     (folder / "cut.tiff").write_bytes(_second_frame_cut())
     out = tmp_path_factory.mktemp("report-out")
     config = RunConfig(inputs=[str(folder)], output=str(out), task="ocr+extract", executor="local",
-                       model={"name": "tiny-random", "max_new_tokens": 6},
+                       model={"name": "tiny-random", "max_new_tokens": 6}, route={"text_layer": "never"},
                        extract={"schema": "tests.extraction_models:AuditedTotal", "max_new_tokens": 48},
                        checkpoint_s=0.001)  # a file per finished document: points for the pages/s curve
     manifest = run(config).manifest.model_dump()
