@@ -150,9 +150,10 @@ def measure_routing(paths: list[Path], opts, longest_edge: int) -> dict[str, flo
         for page in doc:
             pymupdf_text_layer(page, running)
             pages += 1
+    text_layer_cpu = (time.process_time() - cpu) / pages
     return {"model_page_fraction": sum(s is None for s in sources) / len(sources),
             "routed_render_pages_per_s_per_core": _best_rate(routed, len(sources)),
-            "text_layer_cpu_s_per_page": (time.process_time() - cpu) / pages}
+            "text_layer_cpu_s_per_page": text_layer_cpu}
 
 
 def measure_baseline(paths: list[Path], model_opts, longest_edge: int) -> dict[str, float]:

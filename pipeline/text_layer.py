@@ -391,7 +391,8 @@ def _ruled_tables(page, words: list) -> list[_Unit]:
         cells = [c for c in tab.cells if c is not None]
         if tab.row_count < 2 or tab.col_count < 2 or not cells:
             continue
-        units.append(_Unit(tuple(tab.bbox), markdown=_grid_markdown(cells, words)))
+        inside = [w for w in words if _inside_any(_centre(w[:4]), [tab.bbox])]  # cells then search only these
+        units.append(_Unit(tuple(tab.bbox), markdown=_grid_markdown(cells, inside)))
     return units
 
 
