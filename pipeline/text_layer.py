@@ -274,7 +274,9 @@ def _running(lines: list[dict], page, rect, running: RunningLines | None, body: 
         mark = _mark(text, bbox, rect.width, rect.height)
         if mark is None:
             continue
-        if (mark in repeated and _size([line]) < body * HEADING_RATIO) or (mark.band in ("top", "bottom") and PAGE_NUMBER.match(text.strip())):
+        running_line = mark in repeated and _size([line]) < body * HEADING_RATIO
+        page_number = mark.band in ("top", "bottom") and PAGE_NUMBER.match(text.strip())
+        if running_line or page_number:
             drop.add(id(line))
     return drop
 

@@ -150,7 +150,8 @@ ruled table is a table); images go to the model."""
         if path.name == "corrupt.pdf":
             continue
         for rec in _pages(path, AUTO):
-            assert (rec["text_source"], rec["route_reason"]) == ("text_layer", "trusted"), (path.name, rec["page_number"])
+            assert (rec["text_source"], rec["route_reason"]) == ("text_layer", "trusted"), \
+                (path.name, rec["page_number"])
             assert rec["text"] == _markdown(path, rec["page_number"])
             assert "image" not in rec and rec["width"] > 0 and rec["renderer"] == "pymupdf"
             routed += 1

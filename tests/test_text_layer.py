@@ -170,7 +170,8 @@ def test_tex_style_accents_ligatures_and_quotes_come_out_composed(pdfs):
     [page] = _pages(pdfs["accents"])
     assert page["text"].startswith("Ján Mináč and François Müller wrote the “final” report on the flow of the "
                                    "river.")
-    assert normalise_chars("caf´e e´te´ na¨ıve") == "café été naïve"  # an accent with no letter after it: the one before
+    # an accent with no letter after it joins the one before
+    assert normalise_chars("caf´e e´te´ na¨ıve") == "café été naïve"
     assert normalise_chars("a\u0301") == "á"  # combining marks composed (NFC)
     assert normalise_chars("x^2 and ~/path, `code`") == "x^2 and ~/path, `code`"  # ASCII look-alikes kept
 
