@@ -64,10 +64,11 @@ def math_font(name: str) -> bool:
 
 
 def math_char_count(text: str, font: str) -> int:
-    """Characters of a span that belong to a formula: all of a math font's, else math symbols beyond prose's."""
-    if math_font(font):
-        return sum(not ch.isspace() for ch in text)
-    return sum(unicodedata.category(ch) == "Sm" and ch not in PROSE_SYMBOLS for ch in text)
+    """Characters of a span that belong to a formula: math symbols beyond prose's, and a math font's letters and
+    digits. Not its punctuation or bullets: LaTeX sets list bullets in CMSY and contents' dot leaders in CMMI."""
+    in_math_font = math_font(font)
+    return sum((in_math_font and ch.isalnum()) or (unicodedata.category(ch) == "Sm" and ch not in PROSE_SYMBOLS)
+               for ch in text)
 
 
 # --- characters ---------------------------------------------------------------------------------------------

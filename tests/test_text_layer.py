@@ -185,7 +185,8 @@ def test_a_page_of_formulas_goes_to_the_model_with_its_reason(pdfs):
 
 
 def test_formula_characters_by_font_and_symbol():
-    assert math_char_count("x_i + y", "ABCDEF+CMMI10") == 5  # a math font: every character, spaces aside
+    assert math_char_count("x_i + y", "ABCDEF+CMMI10") == 3  # a math font's letters and digits
+    assert math_char_count("• . . . . {}", "CMSY10") == 0  # LaTeX's list bullets and dot leaders are not formulas
     assert math_char_count("∑∫≤ and a + b = c", "Times-Roman") == 3  # math symbols beyond prose's
     assert math_char_count("5 % of 3 × 4 − 1", "Helvetica") == 0
 
