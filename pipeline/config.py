@@ -157,9 +157,10 @@ class RouteOptions(_Options):
         "invisible (render mode 3) or outside the page.",
     )
     max_math_chars: int = Field(
-        10, ge=0, description="Most formula characters (set in a math font such as CMMI, CMSY, CMEX, Symbol or STIX "
-        "Math, or math symbols prose does not use) a trusted text layer may have: a page with more goes to the "
-        "model (route_reason formulas), which writes formulas as LaTeX; a text layer has only their glyphs.",
+        10, ge=0, description="Most formula characters (letters and digits set in a math font such as CMMI, CMSY, "
+        "CMEX, Symbol or STIX Math, and math symbols prose does not use, such as ∑ ∫ ≤) a trusted text layer may "
+        "have: a page with more goes to the model (route_reason formulas), which writes formulas as LaTeX; a text "
+        "layer has only their glyphs.",
     )
     skip_blank: bool = Field(
         True, description="Give blank pages (near-uniform rendered image) empty text without the model.",

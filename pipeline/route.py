@@ -12,8 +12,9 @@ The trust rules (``trust_text_layer``), each a reason to send the page to the mo
   invisible (render mode 3); text outside the page is clipped away, so a layer that lies there is ``sparse``;
 - ``bad_chars``: more than ``max_bad_char_fraction`` are U+FFFD, private-use or control characters;
 - ``sparse``: fewer visible characters than ``min_chars`` or ``min_chars_per_in2`` times the page's area;
-- ``formulas``: more than ``max_math_chars`` characters set in math fonts (CMMI, CMSY, CMEX, Symbol, STIX Math...)
-  or math symbols beyond prose's: no text layer gives LaTeX, the model does.
+- ``formulas``: more than ``max_math_chars`` formula characters (text_layer.math_char_count: letters and digits in
+  math fonts such as CMMI, CMSY, CMEX, Symbol, STIX Math; math symbols beyond prose's): no text layer gives LaTeX,
+  the model does.
 
 The text of a trusted page is its Markdown (pipeline/text_layer.py: tables, headings, columns in reading order,
 running heads and page numbers dropped, characters normalised), the format the model is asked to write.
