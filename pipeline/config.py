@@ -12,10 +12,8 @@ TINY_MODEL = "tiny-random"
 # Both routes write a page in one format (pipeline/text_layer.py writes a trusted text layer this way), so a reader
 # cannot tell from the text which route wrote it; text_source says. finetune trains on this same prompt.
 OCR_PROMPT = (
-    "Transcribe all the text on this page as Markdown, in reading order, each column whole before the next. "
-    "Headings start with #. Render tables as Markdown tables, or as an HTML <table> when a cell spans several "
-    "rows or columns. Write formulas in LaTeX, between \\( and \\) inline and between \\[ and \\] on their own "
-    "line. Leave out running heads, running footers and page numbers. Return only the transcription."
+    "Transcribe this page as Markdown, in reading order: # headings, Markdown tables (an HTML table where cells "
+    "span), LaTeX formulas in \\( \\) or \\[ \\]. Skip running heads and page numbers. Return only the transcription."
 )
 
 
