@@ -1,7 +1,8 @@
 """``docpipe demo``: write a few sample documents, run the pipeline over them, print a summary.
 
 With a CUDA GPU it runs the real default model; on a CPU-only machine the tiny random
-model, whose text is meaningless: the demo then shows the pipeline, not OCR quality.
+model, whose text is meaningless: the demo then shows the pipeline, not OCR quality. The born-digital
+PDFs' pages take their text from their text layer (--text-layer auto, the default), as Markdown, on either.
 """
 
 from __future__ import annotations
@@ -98,9 +99,11 @@ def main(args) -> None:
     print_summary(result)
     import pyarrow.parquet as pq
 
-    pages = pq.read_table(Path(result.output) / "pages").to_pylist()
-    first = next((p for p in pages if p["status"] == "ok"), None)
-    if first:
-        print(f"first page ({Path(first['source_uri']).name} p{first['page_number']}, "
-              f"{first['width']}x{first['height']} px): {first['text'][:80]!r}")
+    pages = sorted(pq.read_table(Path(result.output) / "pages").to_pylist(),
+                   key=lambda p: (p["source_uri"], p["page_number"]))
+    for source in ("text_layer", "model"):  # one page of each route
+        first = next((p for p in pages if p["status"] == "ok" and p["text_source"] == source), None)
+        if first:
+            print(f"a {source} page ({Path(first['source_uri']).name} p{first['page_number']}, "
+                  f"{first['width']}x{first['height']} px): {first['text'][:120]!r}")
     print(f"see it: docpipe report {result.output}")

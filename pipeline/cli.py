@@ -66,8 +66,8 @@ def _add_run_args(run: argparse.ArgumentParser) -> None:
     run.add_argument("--progress-interval", type=float, metavar="SECONDS",
                      help="seconds between progress lines when there are no progress bars (default 30)")
     run.add_argument("--text-layer", choices=["never", "auto"],
-                     help="never (default): the model reads every page; auto: a PDF page with a trustworthy text "
-                     "layer takes its text from it (cheaper for born-digital documents)")
+                     help="auto (default): a PDF page with a trustworthy text layer and no formulas takes its text "
+                     "from it, as Markdown (no model call); never: the model reads every page")
     run.add_argument("--trust-ocr-layer", action="store_true",
                      help="with --text-layer auto, also trust a scan's invisible OCR layer")
     run.add_argument("--no-skip-blank", action="store_true", help="send blank pages to the model too")

@@ -10,9 +10,11 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_serializer
 DEFAULT_MODEL = "HuggingFaceM4/idefics2-8b"
 TINY_MODEL = "tiny-random"
 
+# Both routes write a page in one format (pipeline/text_layer.py writes a trusted text layer this way), so a reader
+# cannot tell from the text which route wrote it; text_source says. finetune trains on this same prompt.
 OCR_PROMPT = (
-    "Transcribe all the text on this page, in reading order. "
-    "Render tables as Markdown tables. Return only the transcription."
+    "Transcribe this page as Markdown, in reading order: # headings, Markdown tables (an HTML table where cells "
+    "span), LaTeX formulas in \\( \\) or \\[ \\]. Skip running heads and page numbers. Return only the transcription."
 )
 
 
@@ -129,11 +131,12 @@ class RouteOptions(_Options):
     otherwise (its PDF text layer, or blank) is never shipped to the model actors."""
 
     text_layer: Literal["never", "auto"] = Field(
-        "never",
-        description="'never': every page goes to the model. 'auto': a PDF page whose text layer passes the "
-        "trust rules (enough visible characters for its area, few replacement or private-use characters, "
-        "every font mapped to Unicode, not a full-page image) takes its text from that layer, in PyMuPDF's "
-        "sorted reading order; the other pages go to the model. The cheaper choice for born-digital collections.",
+        "auto",
+        description="'auto': a PDF page whose text layer passes the trust rules (enough visible characters for its "
+        "area, few replacement or private-use characters, every font mapped to Unicode, not a full-page image, "
+        "no formulas) takes its text from that layer, as Markdown in the model's format (tables, headings, columns "
+        "in reading order, running heads and page numbers dropped); the other pages go to the model, and each "
+        "page's route_reason says why. 'never': every page goes to the model.",
     )
     trust_ocr_layer: bool = Field(
         False, description="With text_layer auto, also trust the invisible OCR layer that scanners put over a "
@@ -151,6 +154,12 @@ class RouteOptions(_Options):
     max_hidden_char_fraction: float = Field(
         0.02, ge=0, le=1, description="Largest share of characters nobody sees: white, fully transparent, "
         "invisible (render mode 3) or outside the page.",
+    )
+    max_math_chars: int = Field(
+        10, ge=0, description="Most formula characters (letters and digits set in a math font such as CMMI, CMSY, "
+        "CMEX, Symbol or STIX Math, and math symbols prose does not use, such as ∑ ∫ ≤) a trusted text layer may "
+        "have: a page with more goes to the model (route_reason formulas), which writes formulas as LaTeX; a text "
+        "layer has only their glyphs.",
     )
     skip_blank: bool = Field(
         True, description="Give blank pages (near-uniform rendered image) empty text without the model.",

@@ -115,9 +115,13 @@ def expand_document(
 
 
 def _route(page, rendered, route: RouteOptions) -> dict[str, Any]:
-    """text and text_source for a page answered without the model; nothing for a page the model must read."""
-    from pipeline.route import is_blank, normalise_layout, trust_text_layer
+    """text and text_source for a page answered without the model, and route_reason for every page: why it was
+    answered so, or why the model must read it (route.trust_text_layer's reasons, text_layer_never,
+    text_layer_error)."""
+    from pipeline.route import is_blank, trust_text_layer
+    from pipeline.text_layer import clean_text
 
+    reason = "text_layer_never"
     if route.text_layer == "auto":
         try:
             layer = page.text_layer()
@@ -125,12 +129,15 @@ def _route(page, rendered, route: RouteOptions) -> dict[str, Any]:
             raise  # our code's mistake, not the document's: the page's error row shows it (a silent model read hid one)
         except Exception:  # a layer the renderer cannot read is not trusted: the model reads the page
             reraise_if_fail_fast()
-            layer = None
-        if trust_text_layer(layer, route).trusted:
-            return {"text": normalise_layout(layer.text), "text_source": "text_layer"}
+            layer, reason = None, "text_layer_error"
+        verdict = trust_text_layer(layer, route)
+        if verdict.trusted:
+            return {"text": clean_text(layer.text), "text_source": "text_layer", "route_reason": verdict.reason}
+        if reason != "text_layer_error":
+            reason = verdict.reason
     if route.skip_blank and is_blank(_pixels(rendered), route):
-        return {"text": "", "text_source": "blank"}
-    return {}
+        return {"text": "", "text_source": "blank", "route_reason": "blank"}
+    return {"route_reason": reason}
 
 
 def _pixels(rendered):
@@ -200,8 +207,12 @@ def _pdf_pages(data: bytes) -> Iterator:
         return
     yield page_count, _PdfPage.renderer
     fallback = _PdfiumFallback(data)
+    from pipeline.text_layer import RunningLines
+
+    running = RunningLines(pdf)  # running heads and page numbers, found across neighbouring pages
     for index in range(page_count):
-        yield _WithFallback(_PdfPage(pdf, index), lambda index=index: fallback.page(index))
+        yield _WithFallback(_PdfPage(pdf, index, running), lambda index=index: fallback.page(index))
+
 
 
 def _open_mupdf(data: bytes):
@@ -296,14 +307,14 @@ class _PdfPage:
 
     renderer = "pymupdf"
 
-    def __init__(self, pdf, index: int):
-        self.pdf, self.index = pdf, index
+    def __init__(self, pdf, index: int, running=None):
+        self.pdf, self.index, self.running = pdf, index, running  # running: the document's text_layer.RunningLines
 
     def text_layer(self):
         """This renderer's view of the page's text layer (route.TextLayer), or None if it offers none."""
         from pipeline.route import pymupdf_text_layer
 
-        return pymupdf_text_layer(self.pdf.load_page(self.index))
+        return pymupdf_text_layer(self.pdf.load_page(self.index), self.running)
 
     def __call__(self, opts: RenderOptions, longest_edge: int):
         page = self.pdf.load_page(self.index)

@@ -2,7 +2,10 @@
 
 References come from a labels file (``--labels``) or, label-free, from the documents' own text layers
 (``--against text-layer``: model-read pages of born-digital PDFs, scored against the layer the routing rules
-would trust; pages already answered by their text layer or blank are not counted).
+would trust, as the Markdown the render stage would write for it; pages already answered by their text layer or
+blank are not counted). Against the text layer, both sides are first stripped of Markdown's markup
+(``markdown_words``: heading marks, table pipes and rule rows, HTML tags, emphasis, LaTeX delimiters), so a page
+scores by what it says, not by how a table was drawn.
 
 Page text. Both sides are normalised (Unicode NFKC, every run of whitespace one space, ends trimmed; case and
 punctuation kept). CER = character edits / reference characters; WER = word edits / reference words, words
@@ -205,7 +208,8 @@ def score_against_text_layer(rows: OutputRows, storage=None) -> tuple[dict[str, 
     """Model-read pages of PDFs whose text layer the routing rules trust, scored against that layer."""
     from pipeline.config import RouteOptions
     from pipeline.documents import PDF, sniff_media_type
-    from pipeline.route import normalise_layout, pymupdf_text_layer, trust_text_layer
+    from pipeline.route import pymupdf_text_layer, trust_text_layer
+    from pipeline.text_layer import RunningLines, clean_text
     from pipeline.storage import read_bytes
 
     import pymupdf
@@ -224,6 +228,7 @@ def score_against_text_layer(rows: OutputRows, storage=None) -> tuple[dict[str, 
         try:
             data = read_bytes(uri, storage)
             pdf = pymupdf.open(stream=data, filetype="pdf") if sniff_media_type(data) == PDF else None
+            running = RunningLines(pdf) if pdf else None  # running heads found as the render stage finds them
         except Exception:  # moved, deleted or unreadable since the run: nothing to score against
             skipped["unreadable_source"] += len(pages)
             continue
@@ -240,7 +245,7 @@ def score_against_text_layer(rows: OutputRows, storage=None) -> tuple[dict[str, 
                     pdfium_doc = pdfium_doc or open_pdfium(data)
                     layer = PdfiumPage(pdfium_doc, index).text_layer()
                 else:
-                    layer = pymupdf_text_layer(pdf.load_page(index))
+                    layer = pymupdf_text_layer(pdf.load_page(index), running)
             except Exception:  # neither engine can read this page's layer: counted, not scored
                 skipped["unreadable_text_layer"] += 1
                 continue
@@ -249,10 +254,21 @@ def score_against_text_layer(rows: OutputRows, storage=None) -> tuple[dict[str, 
                 continue
             per_page.append({"source_uri": uri, "doc_id": row["doc_id"], "page_number": row["page_number"],
                              "status": row["status"], "text_source": row["text_source"], "missing": False,
-                             **edits(normalise_layout(layer.text), row["text"])})
+                             **edits(markdown_words(clean_text(layer.text)), markdown_words(row["text"]))})
     summary = summarise(per_page, [])
     summary["pages_not_scored"] = skipped
     return summary, per_page
+
+
+def markdown_words(text: str | None) -> str:
+    """Markdown's text without its markup (see the module docstring); whitespace is left to ``edits``."""
+    import html
+
+    text = re.sub(r"<[^>]+>", " ", text or "")
+    text = re.sub(r"^\s*\|?(\s*:?-{3,}:?\s*\|)+\s*:?-{0,}:?\s*$", " ", text, flags=re.M)  # a table's rule row
+    text = re.sub(r"^\s{0,3}#{1,6}\s+", "", text, flags=re.M)
+    text = re.sub(r"(?<!\\)\||\*\*|__|\\[()\[\]]", " ", text)
+    return html.unescape(text)
 
 
 def summarise(per_page: list[dict[str, Any]], fields: list[dict[str, bool]]) -> dict[str, Any]:

@@ -33,6 +33,7 @@ RENDERED_SCHEMA = pa.schema(
         ("renderer", pa.string()),  # schemas.Renderer: what rendered the page
         ("text_source", pa.string()),  # schemas.TextSource, once decided (the model stage sets "model")
         ("text", pa.large_string()),  # set by the render stage for text_layer and blank pages, else by the model
+        ("route_reason", pa.string()),  # schemas.RouteReason: why the render stage answered the page, or did not
         ("status", pa.string()),
         ("error_type", pa.string()),
         ("error_message", pa.string()),

@@ -32,7 +32,7 @@ STATUS_ORDER = ("ok", "partial", "error", "skipped")
 DOCUMENT_LIST_COLUMNS = ["source_uri", "doc_id", "size_bytes", "media_type", "page_count", "status", "error_type",
                          "error_message", "schema_name", "valid", "extraction_finish_reason"]
 PAGE_STAT_COLUMNS = ["source_uri", "page_number", "status", "error_type", "error_message", "output_tokens",
-                     "finish_reason", "text_source", "renderer"]
+                     "finish_reason", "text_source", "renderer", "route_reason"]
 
 
 class ReportOptions(BaseModel):
@@ -227,6 +227,9 @@ def summarize(manifest: dict[str, Any], documents: list[dict[str, Any]], page_ro
     no_text = "no page text (task extract)" if "ocr" not in manifest.get("config", {}).get("task", "ocr") else \
         "not recorded (output older than contract v3)"
     sources = Counter(p["text_source"] or no_text for p in ok_pages)
+    # Why the model read a page (contract 4 on): what a user asks of the GPU time a run cost.
+    why_model = Counter(p["route_reason"] or "not recorded (output older than contract v4)"
+                        for p in ok_pages if p["text_source"] == "model")
     tokens = [p["output_tokens"] for p in page_rows if p["output_tokens"] is not None]
     extraction = [d for d in documents if d.get("schema_name")]
     return {
@@ -237,6 +240,7 @@ def summarize(manifest: dict[str, Any], documents: list[dict[str, Any]], page_ro
         "document_errors": errors_of(documents),
         "page_errors": errors_of(page_rows),
         "text_sources": sources.most_common(),
+        "model_reasons": why_model.most_common(),
         "renderers": Counter(p["renderer"] or "not recorded" for p in page_rows if p["status"] == "ok").most_common(),
         "finish_reasons": Counter(p["finish_reason"] for p in page_rows if p["finish_reason"]).most_common(),
         "tokens": tokens,

@@ -11,20 +11,22 @@ The trust rules (``trust_text_layer``), each a reason to send the page to the mo
 - ``hidden_text``: more than ``max_hidden_char_fraction`` of the characters are white, fully transparent or
   invisible (render mode 3); text outside the page is clipped away, so a layer that lies there is ``sparse``;
 - ``bad_chars``: more than ``max_bad_char_fraction`` are U+FFFD, private-use or control characters;
-- ``sparse``: fewer visible characters than ``min_chars`` or ``min_chars_per_in2`` times the page's area.
+- ``sparse``: fewer visible characters than ``min_chars`` or ``min_chars_per_in2`` times the page's area;
+- ``formulas``: more than ``max_math_chars`` formula characters (text_layer.math_char_count: letters and digits in
+  math fonts such as CMMI, CMSY, CMEX, Symbol, STIX Math; math symbols beyond prose's): no text layer gives LaTeX,
+  the model does.
 
-The text of a trusted page is PyMuPDF's block-sorted extraction (``TextPage.extractText(sort=True)``: MuPDF's
-text blocks ordered top-left to bottom-right, so a column stays whole), normalised by
-``normalise_layout``: trailing spaces dropped, runs of blank lines collapsed to one, no blank lines at the ends.
+The text of a trusted page is its Markdown (pipeline/text_layer.py: tables, headings, columns in reading order,
+running heads and page numbers dropped, characters normalised), the format the model is asked to write.
 """
 
 from __future__ import annotations
 
-import re
 import unicodedata
 from dataclasses import dataclass
 
 from pipeline.config import RouteOptions
+from pipeline.text_layer import normalise_layout  # noqa: F401  (re-exported: how pages carry text)
 
 FULL_PAGE_IMAGE = 0.9  # share of the page an image must cover to make it a scan
 WHITE = 0.95  # every sRGB component at least this light
@@ -44,12 +46,13 @@ class TextLayer:
     bad_chars: int  # of those: U+FFFD, private-use, control
     unmapped_fonts: int  # Type0 Identity fonts with no ToUnicode map
     image_coverage: float  # share of the page covered by its largest image
+    math_chars: int = 0  # of those: in math fonts, or math symbols (text_layer.math_char_count)
 
 
 @dataclass(frozen=True)
 class Verdict:
     trusted: bool
-    reason: str  # "trusted", or the first rule that failed (see the module docstring)
+    reason: str  # "trusted", or the first rule that failed (see the module docstring): a page's route_reason
 
 
 def is_bad_char(ch: str) -> bool:
@@ -74,29 +77,29 @@ def trust_text_layer(layer: TextLayer | None, opts: RouteOptions) -> Verdict:
     area_in2 = layer.width_pt * layer.height_pt / 72**2
     if layer.chars - hidden < max(opts.min_chars, opts.min_chars_per_in2 * area_in2):
         return Verdict(False, "sparse")
+    if layer.math_chars > opts.max_math_chars:
+        return Verdict(False, "formulas")
     return Verdict(True, "trusted")
 
 
-def normalise_layout(text: str) -> str:
-    """A text layer's text as pages carry it: trailing spaces dropped, blank-line runs collapsed, ends trimmed."""
-    lines = [line.rstrip() for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n")]
-    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip("\n")
-
-
-def pymupdf_text_layer(page) -> TextLayer:
-    """A PyMuPDF page's text layer, from one text page: MuPDF's blocks sorted top-left to bottom-right (columns
-    stay whole; PyMuPDF's line-sorted ``get_text(sort=True)`` interleaves them), and per-span facts. Text
-    outside the page is clipped away by MuPDF, so it is neither counted nor kept."""
+def pymupdf_text_layer(page, running=None) -> TextLayer:
+    """A PyMuPDF page's text layer, from one text page: its Markdown (text_layer.page_markdown; ``running``: the
+    document's text_layer.RunningLines) and per-span facts. Text outside the page is clipped away by MuPDF, so it
+    is neither counted nor kept."""
     import pymupdf
 
+    from pipeline.text_layer import math_char_count, page_markdown
+
     tp = page.get_textpage(flags=pymupdf.TEXTFLAGS_TEXT)
-    chars = hidden = invisible = bad = 0
-    for block in tp.extractDICT()["blocks"]:
+    blocks = tp.extractDICT()["blocks"]
+    chars = hidden = invisible = bad = math = 0
+    for block in blocks:
         for line in block.get("lines", ()):
             for span in line["spans"]:
                 drawn = [ch for ch in span["text"] if not ch.isspace()]
                 chars += len(drawn)
                 bad += sum(1 for ch in drawn if is_bad_char(ch))
+                math += math_char_count(span["text"], span["font"])
                 if span.get("alpha", 255) == 0:  # render mode 3 (OCR layers) or fully transparent
                     invisible += len(drawn)
                 elif _is_white(span["color"]):
@@ -108,7 +111,7 @@ def pymupdf_text_layer(page) -> TextLayer:
     coverage = max((abs(pymupdf.Rect(bbox) * page.rotation_matrix & rect) / area for kind, bbox in page.get_bboxlog()
                     if kind in ("fill-image", "fill-imgmask")), default=0.0)
     return TextLayer(
-        text=tp.extractText(sort=True),
+        text=page_markdown(page, tp, blocks, running),
         width_pt=rect.width,
         height_pt=rect.height,
         chars=chars,
@@ -117,6 +120,7 @@ def pymupdf_text_layer(page) -> TextLayer:
         bad_chars=bad,
         unmapped_fonts=_unmapped_fonts(page),
         image_coverage=coverage,
+        math_chars=math,
     )
 
 

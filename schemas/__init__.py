@@ -15,6 +15,7 @@ from schemas.contract import (
     PageRow,
     PageStatus,
     Renderer,
+    RouteReason,
     RunManifest,
     TextSource,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "PageRow",
     "PageStatus",
     "Renderer",
+    "RouteReason",
     "RunManifest",
     "TextSource",
 ]

@@ -15,7 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 # 2: schema_version and source_mtime columns; tables partitioned by ingest_date=YYYY-MM-DD/.
 # 3: pages columns text_source (model, text_layer, blank) and renderer (pymupdf, pdfium, pillow).
-CONTRACT_VERSION = 3
+# 4: pages column route_reason (why a page was answered without the model, or why the model read it); page text
+#    is Markdown from both routes.
+CONTRACT_VERSION = 4
 
 
 class PageStatus(str, Enum):
@@ -36,6 +38,22 @@ class TextSource(str, Enum):
     model = "model"  # the vision-language model read the page image
     text_layer = "text_layer"  # the PDF's own text layer, judged trustworthy (render.text_layer auto)
     blank = "blank"  # the rendered page is blank: empty text, never sent to the model
+
+
+class RouteReason(str, Enum):
+    """Why the render stage answered a page itself, or sent it to the model (pipeline/route.py)."""
+
+    trusted = "trusted"  # text_layer: the layer passed every rule
+    blank = "blank"  # the rendered page is blank
+    text_layer_never = "text_layer_never"  # --text-layer never: the model reads every page
+    text_layer_error = "text_layer_error"  # the renderer failed reading the layer
+    no_text_layer = "no_text_layer"  # image files
+    unmapped_font = "unmapped_font"  # a font without a Unicode map: its text is glyph ids
+    full_page_image = "full_page_image"  # a scan
+    hidden_text = "hidden_text"  # white, transparent or invisible text
+    bad_chars = "bad_chars"  # replacement, private-use or control characters
+    sparse = "sparse"  # too few visible characters for the page's area
+    formulas = "formulas"  # math fonts or symbols: the model writes LaTeX
 
 
 class Renderer(str, Enum):
@@ -85,7 +103,8 @@ class PageRow(_Row):
     width: int | None = Field(None, description="Rendered width in pixels; null if rendering failed.")
     height: int | None = Field(None, description="Rendered height in pixels; null if rendering failed.")
     status: PageStatus
-    text: str | None = Field(None, description="Model output for the page; null on error.")
+    text: str | None = Field(None, description="The page as Markdown (the model's, or the text layer's); null on "
+                             "error.")
     error_type: ErrorType | None = None
     error_message: str | None = None
     model: str | None = Field(None, description="Model id or path that produced the text.")
@@ -93,6 +112,10 @@ class PageRow(_Row):
     finish_reason: FinishReason | None = None
     text_source: TextSource | None = Field(None, description="Where the text came from; null on error.")
     renderer: Renderer | None = Field(None, description="What rendered the page; null if it was not rendered.")
+    route_reason: RouteReason | None = Field(
+        None, description="Why the page was answered without the model or sent to it; null on a render error, in "
+        "extract-only runs and in outputs older than contract v4."
+    )
     run_id: str
     schema_version: int = Field(CONTRACT_VERSION, description="Version of this table's layout (the contract).")
 
@@ -178,6 +201,7 @@ PAGES_SCHEMA = pa.schema(
         pa.field("finish_reason", pa.string()),
         pa.field("text_source", pa.string()),
         pa.field("renderer", pa.string()),
+        pa.field("route_reason", pa.string()),
         pa.field("run_id", pa.string(), nullable=False),
         pa.field("schema_version", pa.int16(), nullable=False),
     ],

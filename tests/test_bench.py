@@ -9,7 +9,7 @@ KEYS = {
     "render_pages_per_s_per_core", "bare_render_pages_per_s_per_core", "object_store_bytes_per_page",
     "pipeline_pages_per_s", "baseline_pages_per_s", "model_output_tokens_per_s", "peak_rss_bytes",
     "gpu_peak_memory_bytes", "device", "pages", "isolated_render_pages_per_s", "model_page_fraction",
-    "routed_render_pages_per_s_per_core",
+    "routed_render_pages_per_s_per_core", "text_layer_cpu_s_per_page",
 }
 
 

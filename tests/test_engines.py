@@ -99,7 +99,7 @@ def test_a_long_run_on_the_continuous_engine_holds_a_bounded_number_of_pages(tmp
     out = tmp_path / "out"
     proc = run_cli("run", inputs, "--output", out, "--model", "tiny-random", "--engine", "continuous",
                    "--batch-size", "2", "--calls-in-flight", "2", "--num-actors", "1", "--max-new-tokens", "2",
-                   "--no-image-splitting", "--longest-edge", "200", "--no-progress")
+                   "--no-image-splitting", "--longest-edge", "200", "--no-progress", "--text-layer", "never")
     assert proc.returncode == 0, proc.stderr[-3000:]
     pages = pq.read_table(out / "pages").to_pylist()
     assert len(pages) == 240 and {p["status"] for p in pages} == {"ok"}

@@ -55,7 +55,7 @@ def alone(corpus, tmp_path_factory, docpipe_cache):
     from pipeline.runner import run
 
     out = tmp_path_factory.mktemp("alone")
-    run(RunConfig(inputs=[str(corpus)], output=str(out), executor="local",
+    run(RunConfig(inputs=[str(corpus)], output=str(out), executor="local", route={"text_layer": "never"},
                   model=ModelOptions(name="tiny-random", batch_size=1, max_new_tokens=MAX_NEW_TOKENS)))
     return {_key(r): r for r in pq.read_table(out / "pages").to_pylist()}
 
@@ -81,7 +81,7 @@ def test_a_batched_sorted_two_actor_ray_run_gives_each_page_its_own_text(alone, 
     page must come back with exactly the text, length and finish reason it gets alone."""
     out = tmp_path / "out"
     proc = run_cli("run", corpus, "--output", out, "--model", "tiny-random", "--batch-size", "4", "--num-actors", "2",
-                   "--max-new-tokens", MAX_NEW_TOKENS, "--no-progress")
+                   "--max-new-tokens", MAX_NEW_TOKENS, "--no-progress", "--text-layer", "never")
     assert proc.returncode == 0, proc.stderr[-3000:]
     batched = {_key(r): r for r in pq.read_table(out / "pages").to_pylist()}
     assert batched.keys() == alone.keys()
@@ -99,7 +99,7 @@ def test_the_continuous_engine_gives_every_page_what_generate_gives_it_alone(alo
     out = tmp_path / "out"
     proc = run_cli("run", corpus, "--output", out, "--model", "tiny-random", "--engine", "continuous",
                    "--batch-size", "4", "--calls-in-flight", "2", "--num-actors", "2",
-                   "--max-new-tokens", MAX_NEW_TOKENS, "--no-progress")
+                   "--max-new-tokens", MAX_NEW_TOKENS, "--no-progress", "--text-layer", "never")
     assert proc.returncode == 0, proc.stderr[-3000:]
     continuous = {_key(r): r for r in pq.read_table(out / "pages").to_pylist()}
     assert continuous.keys() == alone.keys()

@@ -35,7 +35,8 @@ def _job(path: Path, **options) -> Path:
 def _run_with_adapter(tmp_path: Path, inputs: list, adapter: Path, **extra) -> Path:
     out = tmp_path / "run"
     job = _job(tmp_path / "run.yaml", executor="local", output=str(out), inputs=[str(i) for i in inputs],
-               model={**MODEL, "adapter": str(adapter), "max_new_tokens": 12}, render=RENDER, **extra)
+               model={**MODEL, "adapter": str(adapter), "max_new_tokens": 12}, render=RENDER,
+               **{"route": {"text_layer": "never"}, **extra})  # the adapter's model reads every page
     proc = run_cli("run", "--config", job, "--no-progress")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "docpipe: warning: adapter" not in proc.stderr  # run with the options the adapter was trained with

@@ -157,3 +157,33 @@ def test_a_catalog_outage_fails_the_append_and_a_later_append_catches_up(nightly
     run_ids = [m["run_id"] for m in manifests(root / "out")]
     assert list(appended["documents"]) == list(appended["pages"]) == run_ids  # all caught up, oldest first
     assert append_runs(IcebergOptions(catalog=back), out) == {"pages": {}, "documents": {}}  # and only once
+
+
+def test_pages_of_contract_v3_are_appended_beside_v4_ones(nightly, tmp_path):
+    """A lake table made by contract v3 (no route_reason), and an output whose first run is a v3 run not yet
+    appended: the table gains the column by name, the v3 rows read it as null, the v4 rows keep theirs."""
+    import pyarrow as pa
+    from pyiceberg.catalog import load_catalog
+
+    from pipeline.config import IcebergOptions
+    from pipeline.lake import append_runs, lake_schema
+    from pipeline.sink import Output
+    from schemas import PAGES_SCHEMA
+
+    root, _, _ = nightly
+    old = tmp_path / "out"
+    shutil.copytree(root / "out", old)
+    first = manifests(old)[0]
+    for rel in first["files"]["pages"]:
+        pq.write_table(pq.read_table(old / rel).drop_columns(["route_reason"]), old / rel)
+    catalog = {"type": "sql", "uri": f"sqlite:///{tmp_path}/catalog.db", "warehouse": f"file://{tmp_path}/wh"}
+    v3 = pa.schema([f for f in PAGES_SCHEMA if f.name != "route_reason"])
+    cat = load_catalog("docpipe", **catalog)
+    cat.create_namespace_if_not_exists("docpipe")
+    cat.create_table("docpipe.pages", schema=lake_schema(v3))
+    appended = append_runs(IcebergOptions(catalog=catalog), Output(str(old)))
+    assert list(appended["pages"]) == [m["run_id"] for m in manifests(old)]
+    rows = load_catalog("docpipe", **catalog).load_table("docpipe.pages").scan().to_arrow().to_pylist()
+    assert rows and all(r["route_reason"] is None for r in rows if r["run_id"] == first["run_id"])
+    # the second run's pages: new.png is blank, the changed scan.jpg went to the model (an image: no text layer)
+    assert sorted(r["route_reason"] for r in rows if r["run_id"] != first["run_id"]) == ["blank", "no_text_layer"]

@@ -70,7 +70,7 @@ def extract_run(tmp_path_factory, tiny_checkpoint, sample_docs):
     (folder / "cut.tiff").write_bytes(_second_frame_cut())
     out = tmp_path_factory.mktemp("report-out")
     config = RunConfig(inputs=[str(folder)], output=str(out), task="ocr+extract", executor="local",
-                       model={"name": "tiny-random", "max_new_tokens": 6},
+                       model={"name": "tiny-random", "max_new_tokens": 6}, route={"text_layer": "never"},
                        extract={"schema": "tests.extraction_models:AuditedTotal", "max_new_tokens": 48},
                        checkpoint_s=0.001)  # a file per finished document: points for the pages/s curve
     manifest = run(config).manifest.model_dump()
@@ -138,6 +138,8 @@ def test_overview_counts_are_the_manifests(browser, site, extract_run):
     # where each ok page's text came from: the model, or routing (multi.tiff's two frames are blank)
     assert _count(page, "text_source.model") == manifest["counters"]["pages_model"] == manifest["pages"]["ok"] - 2
     assert _count(page, "text_source.blank") == manifest["counters"]["pages_blank"] == 2
+    # and why the model read them: this run sent every page to it (--text-layer never)
+    assert _count(page, "route_reason.text_layer_never") == manifest["counters"]["pages_model"]
     # The plots are the site's own files and they load.
     for img in page.locator(".plots img").all():
         assert img.evaluate("el => el.complete && el.naturalWidth > 0"), img.get_attribute("src")
@@ -295,6 +297,23 @@ def test_an_output_older_than_contract_v3_is_shown(extract_run, tmp_path):
     assert (f'<td data-count="text_source.not recorded (output older than contract v3)">{manifest["pages"]["ok"]}'
             in index)
     assert "Full views for 1 of 9 documents (the cap is 1): 1 of 5 in error or partial" in index
+
+
+def test_an_output_older_than_contract_v4_is_shown(extract_run, tmp_path):
+    """Pages files from before route_reason existed (contract v3): the report reads it as not recorded."""
+    from pipeline.report import ReportOptions, write_report
+
+    out, manifest, _, _ = extract_run
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    for rel in manifest["files"]["pages"]:
+        pq.write_table(pq.read_table(old / rel).drop_columns(["route_reason"]), old / rel)
+    result = write_report(str(old), site_uri=str(tmp_path / "site"), options=ReportOptions(max_documents=1))
+    assert result.pages == {"ok": manifest["pages"]["ok"], "error": 1}
+    index = (tmp_path / "site" / "index.html").read_text()
+    assert (f'<td data-count="route_reason.not recorded (output older than contract v4)">'
+            f'{manifest["counters"]["pages_model"]}') in index
+    assert f'<td data-count="text_source.model">{manifest["counters"]["pages_model"]}' in index
 
 
 def test_report_errors_are_one_line(tmp_path, extract_run):

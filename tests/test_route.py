@@ -12,7 +12,7 @@ import pytest
 
 from pipeline.config import RenderOptions, RouteOptions, RunConfig
 from pipeline.documents import expand_document
-from pipeline.route import TextLayer, is_blank, normalise_layout, pymupdf_text_layer, trust_text_layer
+from pipeline.route import TextLayer, is_blank, pymupdf_text_layer, trust_text_layer
 
 AUTO = RouteOptions(text_layer="auto")
 BODY = ("Invoice 2026-114 for services rendered in October. Consulting, 12 hours at 95.00 EUR per hour. "
@@ -128,16 +128,19 @@ def _pages(path: Path, route: RouteOptions, **kwargs) -> list[dict]:
     return [r for r in expand_document(str(path), RenderOptions(), 980, route=route, **kwargs) if r["kind"] == "page"]
 
 
-def _pymupdf_text(path: Path, number: int) -> str:
+def _markdown(path: Path, number: int) -> str:
+    """The page's text layer as Markdown, with the document's running lines found as the render stage finds them."""
     import pymupdf
 
-    page = pymupdf.open(path)[number - 1]
-    return page.get_textpage(flags=pymupdf.TEXTFLAGS_TEXT).extractText(sort=True)  # blocks in reading order
+    from pipeline.text_layer import RunningLines, clean_text, page_markdown
+
+    doc = pymupdf.open(path)
+    return clean_text(page_markdown(doc[number - 1], running=RunningLines(doc)))
 
 
 def test_born_digital_samples_take_their_text_layer(sample_docs, tmp_path):
-    """Demo PDFs and the bench corpus go to the text layer with PyMuPDF's block-sorted text (the corpus's two
-columns stay whole); images go to the model."""
+    """Demo PDFs and the bench corpus go to the text layer as Markdown (the corpus's two columns stay whole, its
+ruled table is a table); images go to the model."""
     from jobs.corpus import make_bench_corpus
 
     corpus = make_bench_corpus(tmp_path, pages=4, pages_per_doc=2)
@@ -147,20 +150,28 @@ columns stay whole); images go to the model."""
         if path.name == "corrupt.pdf":
             continue
         for rec in _pages(path, AUTO):
-            assert rec["text_source"] == "text_layer", (path.name, rec["page_number"])
-            assert rec["text"] == normalise_layout(_pymupdf_text(path, rec["page_number"]))
+            assert (rec["text_source"], rec["route_reason"]) == ("text_layer", "trusted"), \
+                (path.name, rec["page_number"])
+            assert rec["text"] == _markdown(path, rec["page_number"])
             assert "image" not in rec and rec["width"] > 0 and rec["renderer"] == "pymupdf"
             routed += 1
     assert routed == 5 + 4  # report.pdf 3, minutes.pdf 2, corpus 4
+    report = _pages(sample_docs / "report.pdf", AUTO)[0]["text"]
+    assert report.startswith("# Operations report\n\nQuarterly operations report. Shipments rose")
+    assert "| Region | Q1 | Q2 | Q3 |\n|---|---|---|---|\n| North | 120 | 135 | 150 |" in report
+    page = _pages(corpus[0], AUTO)[0]["text"]
+    assert page.startswith("# Annual operations review, section 1\n\n") and page.count("\n|---|---|---|---|---|\n") == 1
     for name in ("scan.jpg", "receipt.png", "fax.tiff"):
         for rec in _pages(sample_docs / name, AUTO):
             assert rec.get("text_source") is None and rec["image"] and rec.get("text") is None, name
+            assert rec["route_reason"] == "no_text_layer"
 
 
-def test_never_is_the_default_and_sends_text_pages_to_the_model(sample_docs):
-    assert RunConfig(output="x").route.text_layer == "never"
-    recs = _pages(sample_docs / "report.pdf", RouteOptions())
+def test_auto_is_the_default_and_never_sends_text_pages_to_the_model(sample_docs):
+    assert RunConfig(output="x").route.text_layer == "auto"
+    recs = _pages(sample_docs / "report.pdf", RouteOptions(text_layer="never"))
     assert [r.get("text_source") for r in recs] == [None, None, None] and all(r["image"] for r in recs)
+    assert [r["route_reason"] for r in recs] == ["text_layer_never"] * 3
 
 
 @pytest.mark.parametrize("name, reason", [("garbage", "unmapped_font"), ("white", "hidden_text"),
@@ -171,7 +182,7 @@ def test_untrustworthy_layers_go_to_the_model(docs, name, reason):
     layer = pymupdf_text_layer(pymupdf.open(docs[name])[0])
     assert trust_text_layer(layer, AUTO).reason == reason
     [rec] = _pages(docs[name], AUTO)
-    assert rec.get("text_source") is None and rec["image"]
+    assert rec.get("text_source") is None and rec["image"] and rec["route_reason"] == reason
 
 
 def test_garbage_text_is_also_caught_by_its_characters(docs):
@@ -218,7 +229,7 @@ def test_blank_pages_of_every_kind(docs):
     assert [r["text_source"] for r in recs] == ["text_layer", "blank", "text_layer"]
     assert recs[1]["text"] == "" and "image" not in recs[1]
     for name in ("noisy_white_png", "noisy_white_pdf", "empty_png", "black_png"):
-        for route in (AUTO, RouteOptions()):  # blank detection does not depend on the text layer
+        for route in (AUTO, RouteOptions(text_layer="never")):  # blank detection does not depend on the text layer
             [rec] = _pages(docs[name], route)
             assert (rec["text_source"], rec["text"], rec.get("image")) == ("blank", "", None), name
     [rec] = _pages(docs["one_line_png"], AUTO)
@@ -346,7 +357,7 @@ def test_a_text_layer_that_cannot_be_read_sends_the_page_to_the_model(sample_doc
 
     with Image.open(sample_docs / "receipt.png") as img:
         rendered = render_image(img, RenderOptions(), 980)
-    assert _route(Broken(), rendered, AUTO) == {}
+    assert _route(Broken(), rendered, AUTO) == {"route_reason": "text_layer_error"}
 
 
 def _scan(rotation: int, visible_text: bool) -> bytes:

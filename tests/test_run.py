@@ -28,7 +28,7 @@ def cli_run(request, sample_docs, tmp_path_factory):
     with the continuous engine: both must keep the same contract."""
     out = tmp_path_factory.mktemp("out")
     proc = run_cli("run", sample_docs, "--output", out, "--model", "tiny-random", "--max-new-tokens", "4",
-                   "--batch-size", "3", "--engine", request.param, "--no-progress")
+                   "--batch-size", "3", "--engine", request.param, "--no-progress", "--text-layer", "never")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc, out
 
