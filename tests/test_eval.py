@@ -185,7 +185,8 @@ def test_against_text_layer_scores_pages_pdfium_drew(tiny_checkpoint, tmp_path, 
     assert test_wild_pdfs.mupdf_verdict(data) == "needs a password"
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "locked.pdf").write_bytes(data)
-    result = run(RunConfig(inputs=[str(tmp_path / "in")], output=str(tmp_path / "out"), executor="local", model=MODEL))
+    result = run(RunConfig(inputs=[str(tmp_path / "in")], output=str(tmp_path / "out"), executor="local", model=MODEL,
+                           route=RouteOptions(text_layer="never")))  # the model reads it: eval scores model pages
     assert result.manifest.counters["pages_rendered_pdfium"] == 1
     report = tmp_path / "eval.json"
     proc = run_cli("eval", tmp_path / "out", "--against", "text-layer", "--json", report)
