@@ -10,9 +10,21 @@ LOCK_VENV ?= .lock-venv
 # Test files run this many at a time (pytest-xdist), each file's tests in one process, in order.
 TEST_WORKERS ?= 2
 
-.PHONY: setup demo test lock clean
+# The lowest transformers pyproject.toml admits, installed on its own beside the venv: the engine-equality test
+# runs once under it (tests/test_engines.py, PYTHONPATH=$(FLOOR)). Its other dependencies are the venv's.
+FLOOR ?= .venv-floor
+FLOOR_TRANSFORMERS := $(shell sed -n 's/.*"transformers>=\([0-9.]*\),.*/\1/p' pyproject.toml)
+
+.PHONY: setup floor demo test lock clean
 
 setup: $(VENV)/.docpipe-installed
+
+floor: $(FLOOR)/.installed-$(FLOOR_TRANSFORMERS)
+
+$(FLOOR)/.installed-$(FLOOR_TRANSFORMERS): pyproject.toml | setup
+	rm -rf $(FLOOR)
+	$(PY) -m pip install --quiet --no-deps --target $(FLOOR) 'transformers==$(FLOOR_TRANSFORMERS)'
+	touch $@
 
 $(VENV)/.docpipe-installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +35,7 @@ $(VENV)/.docpipe-installed: pyproject.toml constraints.txt
 demo: setup
 	$(VENV)/bin/docpipe demo --workdir demo_output
 
-test: setup
+test: setup floor
 	HF_HUB_OFFLINE=1 $(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadfile --durations=20
 
 # Resolved without the old pins (that is the point), in a fresh virtualenv, so the file lists exactly what
@@ -42,4 +54,4 @@ lock:
 	rm -rf $(LOCK_VENV)
 
 clean:
-	rm -rf demo_output .pytest_cache $(LOCK_VENV) constraints.txt.new
+	rm -rf demo_output .pytest_cache $(LOCK_VENV) constraints.txt.new $(FLOOR)

@@ -62,6 +62,18 @@ class ModelOptions(_Options):
         description="Blocks of rows_per_call pages a model actor works on at once with the continuous engine, so it "
         "takes new pages while earlier ones decode. Bounds the pages held per actor: calls_in_flight x rows_per_call.",
     )
+    max_pages_in_flight: int | None = Field(
+        None, ge=1,
+        description="Pages the continuous engine holds at once on a GPU (its decode batch's cap). Default (null): "
+        "sized from the GPU memory left after loading (each page's KV cache and image-encoding peak), up to 256: "
+        "about 200 for idefics2-8b in bf16 on an 80 GB card (pipeline/engine_sizing.py). On a CPU: "
+        "calls_in_flight x rows_per_call.",
+    )
+    engine_stall_timeout_s: float = Field(
+        600.0, gt=0,
+        description="The continuous engine's loop is taken for dead when it makes no step for this long while pages "
+        "wait (it stopped, or a kernel hangs): those pages are retried with generate, which the actor then runs.",
+    )
     quantization: Literal["none", "8bit", "4bit"] = Field(
         "none", description="bitsandbytes weight quantisation (4bit: nf4 with double quantisation). CUDA only."
     )

@@ -179,3 +179,40 @@ def test_the_engine_bench_runs_every_row_where_ray_and_pymupdf_are_not_installed
     for row in rows:  # each option ran, or says why not: none is silently left out
         assert row["status"] == "ok" or row["status"].startswith(("not run: ", "failed: ")), row
         assert row["engine"] in proc.stdout
+
+
+def _equal_pages(result):
+    assert set(result["generate"]) == {f"page{i}.png" for i in range(5)}
+    assert {row[0] for row in result["generate"].values()} == {"ok"}
+    assert {row[3] for row in result["generate"].values()} == {"stop", "length"}  # both ways a page ends
+    assert result["record"]["engine"] == "continuous"
+    assert result["continuous"] == result["generate"]
+
+
+def test_the_continuous_engine_gives_each_page_what_generate_gives_it_alone_at_the_pinned_transformers(tiny_model):
+    from tests.engine_equality import compare
+
+    _equal_pages(compare(tiny_model))
+
+
+def test_the_continuous_engine_gives_each_page_what_generate_gives_it_alone_at_the_transformers_floor(tmp_path):
+    """The same check under the lowest transformers pyproject.toml admits, installed by make test (make floor) in
+    .venv-floor; its image features and continuous-batching options differ from the pin's."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    floor = re.search(r'"transformers>=([0-9.]+)', (REPO / "pyproject.toml").read_text()).group(1)
+    target = REPO / ".venv-floor"
+    if not (target / f".installed-{floor}").exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"transformers {floor} is not installed in {target}: make floor")
+        pytest.skip(f"transformers {floor} not installed in {target} (make floor)")
+    proc = subprocess.run([sys.executable, "-m", "tests.engine_equality"], capture_output=True, text=True,
+                          cwd=REPO, timeout=600, env={**os.environ, "PYTHONPATH": f"{target}:{REPO}"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["transformers"] == floor or result["transformers"] == f"{floor}.0"
+    _equal_pages(result)
