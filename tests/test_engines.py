@@ -216,3 +216,50 @@ def test_the_continuous_engine_gives_each_page_what_generate_gives_it_alone_at_t
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["transformers"] == floor or result["transformers"] == f"{floor}.0"
     _equal_pages(result)
+
+
+def _run_local(docs, out, engine, **model):
+    from pipeline.config import RunConfig
+    from pipeline.runner import run
+
+    result = run(RunConfig(inputs=[str(docs)], output=str(out), executor="local", progress=False,
+                           model=ModelOptions(name="tiny-random", engine=engine, max_new_tokens=8, **model)))
+    pages = {(r["source_uri"], r["page_number"]): r for r in pq.read_table(out / "pages").to_pylist()}
+    [manifest] = (out / "_runs").glob("*.json")
+    assert manifest.stem == result.manifest.run_id
+    manifest = json.loads(manifest.read_text())
+    return pages, manifest["engines"], manifest["counters"]
+
+
+def test_auto_falls_back_to_generate_when_the_continuous_loop_fails_its_start_check(sample_docs, tmp_path,
+                                                                                    monkeypatch):
+    """Every forward pass of the loop fails (DOCPIPE_FAULT_CB=start, as a CUDA-graph or kernel failure would, which
+    transformers' warm-up only logs): the start check finds it, auto runs generate and the manifest says why."""
+    monkeypatch.setenv("DOCPIPE_FAULT_CB", "start")
+    pages, engines, _ = _run_local(sample_docs, tmp_path / "out", "auto")
+    [engine] = engines
+    assert engine["engine"] == "generate" and engine["requested"] == "auto"
+    assert engine["reason"].startswith("fallback: could not start: RuntimeError: the continuous-batching loop "
+                                       "failed its start check")
+    assert "injected loop failure (DOCPIPE_FAULT_CB=start)" in engine["reason"]
+    assert len(pages) == 9 and {p["status"] for p in pages.values()} == {"ok"}
+
+
+@pytest.mark.parametrize("fault", ["die-after:3", "hang-after:3"])
+def test_pages_in_flight_when_the_continuous_loop_dies_mid_run_are_decoded_by_generate(sample_docs, tmp_path,
+                                                                                        monkeypatch, fault):
+    """The loop dies (its forward raises: transformers ends it) or hangs (a forward never returns: no step for
+    engine_stall_timeout_s) after three forward passes, with pages in flight: those pages are retried on generate,
+    which runs the rest of the run, and every page gets the text generate gives it."""
+    expected, _, _ = _run_local(sample_docs, tmp_path / "generate", "generate")
+    monkeypatch.setenv("DOCPIPE_FAULT_CB", fault)
+    pages, engines, counters = _run_local(sample_docs, tmp_path / "out", "continuous", engine_stall_timeout_s=3)
+    [engine] = engines
+    assert engine["engine"] == "generate" and engine["requested"] == "continuous"
+    assert engine["reason"].startswith("fallback mid-run: ")
+    assert ("injected loop failure" if fault.startswith("die") else "gave no result in 3 s") in engine["reason"]
+    assert pages.keys() == expected.keys() and len(pages) == 9
+    for key, row in pages.items():
+        assert (row["status"], row["text"], row["output_tokens"]) == (
+            "ok", expected[key]["text"], expected[key]["output_tokens"]), key
+    assert counters["model_retries"] >= 1  # pages the loop took and died with, decoded again by generate
