@@ -47,11 +47,13 @@ def compare(loaded=None, max_new_tokens: int = 12) -> dict:
         [dict(p) for p in pages]))
     stage = OcrStage(opts.model_copy(update={"engine": "continuous", "batch_size": 4}), loaded=loaded)
     stage.engine.encode_pages = 2
+    window = stage.engine.lm.config.sliding_window  # the decoding shell's
     try:
         continuous = key(stage([dict(p) for p in pages]))
     finally:
         stage.engine.close()
-    return {"transformers": transformers.__version__, "record": stage.engine_record, "generate": alone,
+    return {"transformers": transformers.__version__, "record": stage.engine_record, "shell_sliding_window": window,
+            "generate": alone,
             "continuous": continuous}
 
 

@@ -263,3 +263,53 @@ def test_pages_in_flight_when_the_continuous_loop_dies_mid_run_are_decoded_by_ge
         assert (row["status"], row["text"], row["output_tokens"]) == (
             "ok", expected[key]["text"], expected[key]["output_tokens"]), key
     assert counters["model_retries"] >= 1  # pages the loop took and died with, decoded again by generate
+
+
+def test_the_decoding_shell_drops_a_sliding_window_no_request_reaches_and_decodes_the_same_tokens(tiny_model,
+                                                                                                  monkeypatch):
+    """Like Mistral-7B's, the tiny text model has a 4096-token window, which no page reaches: the shell decodes
+    without it (transformers' full-attention paged cache) and gives the tokens it gives with it."""
+    import pipeline.engine_continuous as ec
+    from tests.engine_equality import compare
+
+    assert tiny_model.model.config.text_config.sliding_window == 4096
+    assert ec.shell_sliding_window(4096, 356, 1024) is None
+    assert ec.shell_sliding_window(4096, 356, 4000) == 4096 and ec.shell_sliding_window(None, 9, 9) is None
+    without = compare(tiny_model)
+    monkeypatch.setattr(ec, "shell_sliding_window", lambda window, prompt, new: window)
+    kept = compare(tiny_model)
+    assert (without["shell_sliding_window"], kept["shell_sliding_window"]) == (None, 4096)
+    assert tiny_model.model.config.text_config.sliding_window == 4096  # the shell's config is its own copy
+    assert without["continuous"] == kept["continuous"] == without["generate"]
+
+
+def test_gpu_sizing_for_idefics2_8b_holds_over_128_pages_on_an_80_gb_card_and_bounds_the_encoding_peak():
+    """pipeline/engine_sizing.py with idefics2-8b's configuration (pipeline/assets) in bf16, after loading its
+    16.8 GB of weights; numbers given, so it runs on a CPU."""
+    import json
+
+    from transformers import Idefics2Config
+
+    from pipeline import engine_sizing as sizing
+    from tests.conftest import REPO
+
+    spec = json.loads((REPO / "pipeline/assets/idefics2-8b.json").read_text())
+    config = Idefics2Config(**{k: v for k, v in spec.items() if not k.startswith("_") and k != "model_type"})
+    assert sizing.kv_bytes_per_token(config.text_config, 2) == 128 * 2**10  # 2 x 32 layers x 8 heads x 128 x bf16
+    kv = sizing.kv_bytes_per_page(config.text_config, 356, 1024, 2)  # 5 crops' prompt, the default token cap
+    assert kv == 7 * 256 * 128 * 2**10  # 6 blocks of 256 tokens, and one for block edges
+    encode = sizing.encode_bytes_per_page(config, 5, 2)
+    assert 2.0e9 < encode < 2.7e9  # 5 crops of 4900 patches through the 14336-wide connector
+    bank = 320 * 4096 * 2
+    GiB = 2**30
+    for total_gib, weights, batch, least in [(80, 16.8e9, 4, 128), (141, 16.8e9, 4, 256), (80, 16.8e9, 16, 128)]:
+        total = total_gib * GiB
+        free = int(total - weights - 1 * GiB)  # the CUDA context and allocator slack
+        plan = sizing.plan_pages(free, total, kv, encode, bank, batch_size=batch)
+        assert least <= plan.pages_in_flight <= sizing.DEFAULT_MAX_PAGES, (total_gib, plan)
+        usable = free - sizing.RESERVE_FRACTION * total - sizing.RESERVE_BYTES
+        assert 1 <= plan.encode_pages <= batch and plan.encode_pages * encode <= sizing.ENCODE_SHARE * usable
+        assert plan.encode_pages * encode + plan.pages_in_flight * (kv + bank) <= usable  # no default OOMs
+    assert sizing.plan_pages(int(80 * GiB - 16.8e9), 80 * GiB, kv, encode, bank, 4, max_pages=64).pages_in_flight == 64
+    starved = sizing.plan_pages(1 * GiB, 24 * GiB, kv, encode, bank, 4)  # nothing left: one page at a time
+    assert (starved.pages_in_flight, starved.encode_pages) == (1, 1)
