@@ -30,8 +30,10 @@ class ModelOptions(_Options):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Weights dtype. 'auto': bfloat16 on a CUDA GPU, float32 on the CPU."
     )
-    attention: Literal["auto", "flash_attention_2", "sdpa", "eager"] = Field(
-        "auto", description="Attention kernel. 'auto': flash_attention_2 when installed and on a GPU, else sdpa."
+    attention: Literal["auto", "flash_attention_3", "flash_attention_2", "sdpa", "eager"] = Field(
+        "auto", description="Attention kernel. 'auto': on a GPU flash_attention_3 when flash_attn_interface is "
+        "installed, else flash_attention_2 when flash_attn is, else sdpa; sdpa on a CPU. The manifest's engines "
+        "record what ran.",
     )
     do_image_splitting: bool | None = Field(
         None, description="Split each page into 4 crops plus the whole page (5 images). Default (null): the "

@@ -313,3 +313,27 @@ def test_gpu_sizing_for_idefics2_8b_holds_over_128_pages_on_an_80_gb_card_and_bo
     assert sizing.plan_pages(int(80 * GiB - 16.8e9), 80 * GiB, kv, encode, bank, 4, max_pages=64).pages_in_flight == 64
     starved = sizing.plan_pages(1 * GiB, 24 * GiB, kv, encode, bank, 4)  # nothing left: one page at a time
     assert (starved.pages_in_flight, starved.encode_pages) == (1, 1)
+
+
+def test_random_idefics2_8b_is_created_in_its_dtype_without_a_float32_copy(monkeypatch):
+    """Created in bf16 where it lives: a float32 build cast afterwards took 33.6 GB (50 GB at its peak) on a GPU.
+    No cast may run (Module.to is forbidden here), every parameter is bf16, the default dtype is restored."""
+    import torch
+
+    from pipeline.tiny import build_random_model
+
+    def no_cast(*args, **kwargs):
+        raise AssertionError("the random model was cast after it was built")
+
+    monkeypatch.setattr(torch.nn.Module, "to", no_cast)
+    model, _ = build_random_model("idefics2-8b", "meta", torch.bfloat16, "sdpa")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert torch.get_default_dtype() == torch.float32
+
+
+def test_bitsandbytes_leaves_the_vision_tower_and_connector_unquantised():
+    from pipeline.model import quantization_config
+
+    for bits in ("8bit", "4bit"):
+        config = quantization_config(ModelOptions(quantization=bits), "bfloat16")
+        assert {"vision_model", "connector", "lm_head"} <= set(config.llm_int8_skip_modules), bits
