@@ -11,9 +11,11 @@ LOCK_VENV ?= .lock-venv
 TEST_WORKERS ?= 2
 
 # The lowest transformers pyproject.toml admits, installed on its own beside the venv: the engine-equality test
-# runs once under it (tests/test_engines.py, PYTHONPATH=$(FLOOR)). Its other dependencies are the venv's.
+# runs once under it (tests/test_engines.py, PYTHONPATH=$(FLOOR)). With it, the huggingface_hub it accepts (< 2)
+# and the httpx that hub imports (the venv's hub 2 uses httpx2); everything else is the venv's.
 FLOOR ?= .venv-floor
 FLOOR_TRANSFORMERS := $(shell sed -n 's/.*"transformers>=\([0-9.]*\),.*/\1/p' pyproject.toml)
+FLOOR_PACKAGES := transformers==$(FLOOR_TRANSFORMERS) huggingface_hub==1.33.0 httpx==0.28.1 httpcore==1.0.9
 
 .PHONY: setup floor demo test lock clean
 
@@ -23,7 +25,7 @@ floor: $(FLOOR)/.installed-$(FLOOR_TRANSFORMERS)
 
 $(FLOOR)/.installed-$(FLOOR_TRANSFORMERS): pyproject.toml | setup
 	rm -rf $(FLOOR)
-	$(PY) -m pip install --quiet --no-deps --target $(FLOOR) 'transformers==$(FLOOR_TRANSFORMERS)'
+	$(PY) -m pip install --quiet --no-deps --target $(FLOOR) $(FLOOR_PACKAGES)
 	touch $@
 
 $(VENV)/.docpipe-installed: pyproject.toml constraints.txt

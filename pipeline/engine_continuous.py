@@ -155,27 +155,32 @@ class ContinuousEngine:
         self.peak_pages_in_flight = 0
         self.dead: str | None = None  # why the loop can take no more pages, once it can't
 
-        # A causal-LM shell on the meta device (no memory), given the Idefics2 text model's own modules. Its own
-        # copy of the config: without a sliding window where no request reaches it (the tokens are the same; the
-        # paged cache then gives every layer the full-attention allocator and its decode fast path).
+        # A causal-LM shell: its own modules and config (built on the meta device, no memory), holding the Idefics2
+        # text model's weight-bearing modules (linears, norms, rotary embedding, lm_head) and the bank embedding.
+        # transformers' manager rewrites the shell's config (5.17-5.19: a paged attention implementation), which
+        # the text model, still used by generate, never sees; nothing of the text model is swapped or put back.
+        # Without a sliding window where no request reaches it (the same tokens; the paged cache then gives every
+        # layer the full-attention allocator and its decode fast path).
         self.sliding_window = shell_sliding_window(getattr(text_config, "sliding_window", None),
                                                    self.prompt_tokens, opts.max_new_tokens)
         text_config.sliding_window = self.sliding_window
         with torch.device("meta"):
             lm = AutoModelForCausalLM.from_config(text_config, attn_implementation=loaded.attention)
-        lm.model = text_model
+        _share_leaves(lm.model, text_model)
         lm.lm_head = model.lm_head
+        lm.model.embed_tokens = _bank_embedding(text_model.embed_tokens, self.bank)
+        unshared = [n for n, t in [*lm.named_parameters(), *lm.named_buffers()] if t.is_meta]
+        if unshared:
+            raise UnsupportedModel(f"the decoding shell has tensors the text model does not: {unshared[:3]}")
         self.lm = lm
         self._fault = fault()
         self._forwards = 0
         if self._fault:
             lm.register_forward_pre_hook(self._inject)
-        self._original_embed = text_model.embed_tokens
-        text_model.embed_tokens = _bank_embedding(self._original_embed, self.bank)
         try:
             self._start(loaded, opts, stop_ids, pad_id, self.capacity_pages)
         except Exception:
-            self.close()  # the text model gets its own embedding back when the loop is surely stopped
+            self.close()
             raise
 
     @property
@@ -419,9 +424,8 @@ class ContinuousEngine:
             self._rows_freed.notify_all()
 
     def close(self) -> None:
-        """Stop the manager; once its loop has surely ended, give the text model its own embedding back. A loop
-        still running (stuck in a forward) keeps the bank embedding: it answers ordinary ids as the plain one does,
-        so generate still works, and the loop never reads a row that was taken away."""
+        """Stop the manager (waiting a little for its loop). The text model was never changed, so there is nothing
+        to put back: generate runs on it even while a stuck loop still holds the shell."""
         if hasattr(self, "_stop"):
             self._stop.set()
         manager = getattr(self, "manager", None)
@@ -430,8 +434,14 @@ class ContinuousEngine:
                 manager.stop(block=True, timeout=10)
             except Exception:
                 pass
-        if manager is None or not manager.is_running():
-            self.lm.model.embed_tokens = self._original_embed
+
+
+def _share_leaves(shell, source) -> None:
+    """Every leaf module of ``shell`` (one without children: a linear, a norm, the rotary embedding) replaced by
+    ``source``'s at the same path: the weights are shared, the containers (layers, attention, their config) not."""
+    for name, module in list(shell.named_modules()):
+        if name and not any(True for _ in module.children()):
+            shell.set_submodule(name, source.get_submodule(name))
 
 
 def _fatal(manager) -> str:
