@@ -351,8 +351,18 @@ class ContinuousEngine:
         return future
 
     def _dispatch(self) -> None:
-        """Results to their pages. A loop that stops, or gives no result for engine_stall_timeout_s while pages
+        """Results to their pages. A loop that stops, or makes no step for engine_stall_timeout_s while pages
         wait, is dead: every page in flight gets LoopDied at once (the caller retries them elsewhere)."""
+        try:
+            self._dispatch_results()
+        except Exception as exc:  # no page may wait on a dispatcher that is gone
+            self._die(f"the continuous engine's result thread failed: {exc!r}")
+
+    def _stopping(self) -> bool:
+        """The loop ended, or is on its way out (transformers asks it to stop before failing its requests)."""
+        return not self.manager.is_running() or bool(self.manager.background_thread_status.can_accept_new_requests())
+
+    def _dispatch_results(self) -> None:
         while not self._stop.is_set():
             result = self.manager.get_result(timeout=0.1)
             if result is None:
@@ -376,7 +386,7 @@ class ContinuousEngine:
             if len(pending.rows):
                 self._give_rows(pending.rows)
             if result.error is not None:
-                if not self.manager.is_running():  # the loop failed it on its way out
+                if self._stopping():  # the loop failed it on its way out
                     self._die(f"the continuous-batching loop stopped: {result.error}")
                 pending.future.set_exception(LoopDied(str(result.error)) if self.dead else RuntimeError(result.error))
             else:

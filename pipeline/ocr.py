@@ -90,15 +90,15 @@ class OcrStage:
                     except Exception:
                         reraise_if_fail_fast()
                         _mark_failed(rec)
+        from pipeline.engine_continuous import LoopDied
+
         engine = self.engine
         lost = []  # pages the continuous loop took and died with
         for batch, handles in submitted:
             results = engine.wait(handles)
-            if getattr(engine, "dead", None):
-                lost += [rec for rec, r in zip(batch, results) if isinstance(r, Exception)]
-                batch, results = [rec for rec, r in zip(batch, results) if not isinstance(r, Exception)], [
-                    r for r in results if not isinstance(r, Exception)]
-            self._fill(batch, results)
+            lost += [rec for rec, r in zip(batch, results) if isinstance(r, LoopDied)]
+            kept = [(rec, r) for rec, r in zip(batch, results) if not isinstance(r, LoopDied)]
+            self._fill([rec for rec, _ in kept], [r for _, r in kept])
         if lost or getattr(engine, "dead", None):
             self._fall_back(engine)
         if lost:  # the loop died under them: generate decodes them as it would have (same greedy tokens)
