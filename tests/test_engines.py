@@ -337,3 +337,23 @@ def test_bitsandbytes_leaves_the_vision_tower_and_connector_unquantised():
     for bits in ("8bit", "4bit"):
         config = quantization_config(ModelOptions(quantization=bits), "bfloat16")
         assert {"vision_model", "connector", "lm_head"} <= set(config.llm_int8_skip_modules), bits
+
+
+def test_auto_attention_picks_flash_attention_3_then_2_on_a_gpu_where_importable(monkeypatch):
+    import importlib.util
+
+    from pipeline.model import pick_attention
+
+    installed = set()
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name in installed else (None if name.startswith("flash_attn")
+                                                                             else real(name, *a)))
+    auto = ModelOptions()
+    assert pick_attention(auto, "cuda") == "sdpa"
+    installed.add("flash_attn")
+    assert pick_attention(auto, "cuda") == "flash_attention_2"
+    installed.add("flash_attn_interface")
+    assert pick_attention(auto, "cuda") == "flash_attention_3"
+    assert pick_attention(auto, "cpu") == "sdpa"
+    assert pick_attention(ModelOptions(attention="sdpa"), "cuda") == "sdpa"
