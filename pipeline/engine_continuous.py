@@ -154,6 +154,7 @@ class ContinuousEngine:
         self.pages_in_flight = 0
         self.peak_pages_in_flight = 0
         self.dead: str | None = None  # why the loop can take no more pages, once it can't
+        self._encode_lock = threading.Lock()
 
         # A causal-LM shell: its own modules and config (built on the meta device, no memory), holding the Idefics2
         # text model's weight-bearing modules (linears, norms, rotary embedding, lm_head) and the bank embedding.
@@ -291,7 +292,8 @@ class ContinuousEngine:
 
         pixels, pmask = inputs["pixel_values"], inputs.get("pixel_attention_mask")
         out = []
-        with torch.inference_mode():
+        # One call encodes at a time: an actor's calls in flight (threads) would otherwise add up their peaks.
+        with self._encode_lock, torch.inference_mode():
             for start in range(0, pixels.shape[0], self.encode_pages):
                 part = slice(start, start + self.encode_pages)
                 pooled = self.m.model.get_image_features(

@@ -357,3 +357,23 @@ def test_auto_attention_picks_flash_attention_3_then_2_on_a_gpu_where_importable
     assert pick_attention(auto, "cuda") == "flash_attention_3"
     assert pick_attention(auto, "cpu") == "sdpa"
     assert pick_attention(ModelOptions(attention="sdpa"), "cuda") == "sdpa"
+
+
+def test_on_a_gpu_the_engine_is_sized_from_the_memory_left_after_loading(tiny_model, monkeypatch):
+    """The glue from a loaded model to pipeline/engine_sizing.py, with the device's free memory given: the tiny model's
+    own KV and encoding costs per page, capped by max_pages_in_flight, encoding at most batch_size pages a call."""
+    import torch
+
+    from pipeline import engine_sizing as sizing
+    from pipeline.engine_continuous import _plan_on_gpu
+
+    GiB = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (60 * GiB, 80 * GiB))
+    opts = ModelOptions(name="tiny-random", max_new_tokens=64, batch_size=4)
+    plan = _plan_on_gpu(tiny_model, opts, prompt_tokens=400, rows_per_page=320, splitting=True)
+    text = tiny_model.model.config.text_config
+    assert plan.kv_bytes_per_page == sizing.kv_bytes_per_page(text, 400, 64, 4)  # float32 on this CPU
+    assert plan.encode_bytes_per_page == sizing.encode_bytes_per_page(tiny_model.model.config, 5, 4)
+    assert (plan.pages_in_flight, plan.encode_pages) == (sizing.DEFAULT_MAX_PAGES, 4)  # a tiny model: the cap
+    capped = _plan_on_gpu(tiny_model, opts.model_copy(update={"max_pages_in_flight": 48}), 400, 320, True)
+    assert capped.pages_in_flight == 48 and "48 pages in flight" in capped.describe()
