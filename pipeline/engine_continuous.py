@@ -3,16 +3,20 @@
 transformers' manager (paged KV cache, a scheduler, CUDA graphs) takes token ids only. Images reach it
 through a feature bank: each page's images are encoded by the model's own vision tower and perceiver
 (``get_image_features``, batched by shape, apart from decoding), their rows are written into a
-preallocated bank, and the page's ``<image>`` positions carry virtual ids ``vocab_size + row``. The text
-model's embedding layer returns the bank row for such an id. A causal LM sharing the Idefics2 text
-model and lm_head then decodes exactly what ``generate`` on the full model would.
+preallocated bank, and the page's ``<image>`` positions carry virtual ids ``vocab_size + row``. A causal-LM
+shell (its own layers and config, the Idefics2 text model's weights and lm_head) embeds such an id as the bank
+row and then decodes exactly what ``generate`` on the full model would. The text model is never changed.
 
 - Prefix sharing is off: two pages' virtual ids must never alias through a shared cache block.
 - The bank lookup has no data-dependent branch, so it never synchronises with the host and CUDA graphs
   can capture the decode step.
-- Several threads may call ``generate`` at once (an actor with several calls in flight): each waits
-  for its own requests while the manager batches everyone's. The bank's size bounds the pages in
-  flight; a call that finds it full waits for rows to free up.
+- Several threads may submit at once (an actor with several calls in flight): each waits for its own
+  requests while the manager batches everyone's. The bank's size bounds the pages in flight; a call that
+  finds it full waits for rows to free up. On a GPU the bank is sized from memory (pipeline/engine_sizing.py).
+- The start sends one real request through the running loop; a loop that later stops or stalls fails its
+  pages in flight with LoopDied at once, and the OCR stage decodes them with generate.
+- Works on transformers 5.17 and later (make test checks the floor): the cache block's name and the shape of
+  the image features differ across releases.
 """
 
 from __future__ import annotations
