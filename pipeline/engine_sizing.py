@@ -15,8 +15,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Most pages the engine holds at once when sized from memory: past about 256 a decode step is compute-bound on an
-# H100 (14 GB of weights read per step against 256 x ~1 k tokens of KV), so more pages only add latency.
+# Most pages the engine holds at once when sized from memory. A decode step of idefics2-8b reads 14 GB of weights
+# and 128 KiB of KV per token of context: at 256 pages of ~1 k tokens the KV reads (~32 GB) already outweigh the
+# weights twice over, so more pages add step time about as fast as they add tokens.
 DEFAULT_MAX_PAGES = 256
 # Kept free: the CUDA context's fragmentation, the decode step's activations and logits, CUDA graph pools.
 RESERVE_FRACTION = 0.10
