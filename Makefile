@@ -12,9 +12,23 @@ LOCK_VENV ?= .lock-venv
 # Test files run this many at a time (pytest-xdist), each file's tests in one process, in order.
 TEST_WORKERS ?= 2
 
-.PHONY: setup demo test gpu-wheels lock clean
+# The lowest transformers pyproject.toml admits, installed on its own beside the venv: the engine-equality test
+# runs once under it (tests/test_engines.py, PYTHONPATH=$(FLOOR)). With it, the huggingface_hub it accepts (< 2)
+# and the httpx that hub imports (the venv's hub 2 uses httpx2); everything else is the venv's.
+FLOOR ?= .venv-floor
+FLOOR_TRANSFORMERS := $(shell sed -n 's/.*"transformers>=\([0-9.]*\),.*/\1/p' pyproject.toml)
+FLOOR_PACKAGES := transformers==$(FLOOR_TRANSFORMERS) huggingface_hub==1.33.0 httpx==0.28.1 httpcore==1.0.9
+
+.PHONY: setup floor demo test gpu-wheels lock clean
 
 setup: $(VENV)/.docpipe-installed
+
+floor: $(FLOOR)/.installed-$(FLOOR_TRANSFORMERS)
+
+$(FLOOR)/.installed-$(FLOOR_TRANSFORMERS): pyproject.toml | setup
+	rm -rf $(FLOOR)
+	$(PY) -m pip install --quiet --no-deps --target $(FLOOR) $(FLOOR_PACKAGES)
+	touch $@
 
 $(VENV)/.docpipe-installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +39,7 @@ $(VENV)/.docpipe-installed: pyproject.toml constraints.txt
 demo: setup
 	$(VENV)/bin/docpipe demo --workdir demo_output
 
-test: setup
+test: setup floor
 	HF_HUB_OFFLINE=1 $(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadfile --durations=20
 
 gpu-wheels: setup
@@ -47,4 +61,4 @@ lock:
 	rm -rf $(LOCK_VENV)
 
 clean:
-	rm -rf demo_output .pytest_cache $(LOCK_VENV) constraints.txt.new
+	rm -rf demo_output .pytest_cache $(LOCK_VENV) constraints.txt.new $(FLOOR)

@@ -33,8 +33,10 @@ class ModelOptions(_Options):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Weights dtype. 'auto': bfloat16 on a CUDA GPU, float32 on the CPU."
     )
-    attention: Literal["auto", "flash_attention_2", "sdpa", "eager"] = Field(
-        "auto", description="Attention kernel. 'auto': flash_attention_2 when installed and on a GPU, else sdpa."
+    attention: Literal["auto", "flash_attention_3", "flash_attention_2", "sdpa", "eager"] = Field(
+        "auto", description="Attention kernel. 'auto': on a GPU flash_attention_3 when flash_attn_interface is "
+        "installed, else flash_attention_2 when flash_attn is, else sdpa; sdpa on a CPU. The manifest's engines "
+        "record what ran.",
     )
     do_image_splitting: bool | None = Field(
         None, description="Split each page into 4 crops plus the whole page (5 images). Default (null): the "
@@ -64,6 +66,18 @@ class ModelOptions(_Options):
         2, ge=1, le=16,
         description="Blocks of rows_per_call pages a model actor works on at once with the continuous engine, so it "
         "takes new pages while earlier ones decode. Bounds the pages held per actor: calls_in_flight x rows_per_call.",
+    )
+    max_pages_in_flight: int | None = Field(
+        None, ge=1,
+        description="Pages the continuous engine holds at once on a GPU (its decode batch's cap). Default (null): "
+        "sized from the GPU memory left after loading (each page's KV cache and image-encoding peak), up to 256: "
+        "about 200 for idefics2-8b in bf16 on an 80 GB card (pipeline/engine_sizing.py). On a CPU: "
+        "calls_in_flight x rows_per_call.",
+    )
+    engine_stall_timeout_s: float = Field(
+        600.0, gt=0,
+        description="The continuous engine's loop is taken for dead when it makes no step for this long while pages "
+        "wait (it stopped, or a kernel hangs): those pages are retried with generate, which the actor then runs.",
     )
     quantization: Literal["none", "8bit", "4bit"] = Field(
         "none", description="bitsandbytes weight quantisation (4bit: nf4 with double quantisation). CUDA only."

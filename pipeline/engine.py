@@ -91,15 +91,18 @@ class _StopAt:
 
 def choose_engine(loaded, opts, stop_ids: list[int], pad_id: int) -> EngineChoice:
     """``auto``: continuous on CUDA, generate on a CPU (where its scheduling costs more than it saves for
-    small models). On CUDA ``auto`` never gambles a run on the continuous engine: if it can't start, the
-    actor runs generate and the manifest says why."""
+    small models). On CUDA ``auto`` never gambles a run on the continuous engine: if it can't start (its start
+    check sends one real request through the running loop), the actor runs generate and the manifest says why.
+    A loop that dies later is replaced by generate in the OCR stage (pipeline/ocr.py)."""
     requested = opts.engine
     if requested == "generate":
         return EngineChoice(GenerateEngine(loaded, opts, stop_ids, pad_id),
-                            {"engine": "generate", "requested": requested, "reason": "requested"})
-    if requested == "auto" and loaded.device != "cuda":
+                            {"engine": "generate", "requested": requested, "reason": "requested",
+                             "attention": loaded.attention})
+    if requested == "auto" and loaded.device != "cuda" and not _fault_injected():
         return EngineChoice(GenerateEngine(loaded, opts, stop_ids, pad_id),
-                            {"engine": "generate", "requested": requested, "reason": f"auto on {loaded.device}"})
+                            {"engine": "generate", "requested": requested, "reason": f"auto on {loaded.device}",
+                             "attention": loaded.attention})
     problem = continuous_unsupported(opts)
     if problem is None:
         try:
@@ -108,14 +111,23 @@ def choose_engine(loaded, opts, stop_ids: list[int], pad_id: int) -> EngineChoic
             engine = ContinuousEngine(loaded, opts, stop_ids, pad_id, opts.pages_in_flight)
             reason = "requested" if requested == "continuous" else f"auto on {loaded.device}"
             return EngineChoice(engine, {"engine": "continuous", "requested": requested,
-                                         "reason": "; ".join(x for x in (reason, engine.note) if x)})
+                                         "reason": "; ".join(x for x in (reason, engine.note) if x),
+                                         "attention": engine.attention})
         except Exception as exc:
             problem = f"could not start: {describe(exc)}"
     if requested == "continuous":
         raise ModelLoadError(f"the continuous engine cannot serve {opts.name!r}: {problem} (use --engine generate)")
     log.warning("docpipe: continuous engine unavailable, this actor runs generate: %s", problem)
     return EngineChoice(GenerateEngine(loaded, opts, stop_ids, pad_id),
-                        {"engine": "generate", "requested": requested, "reason": f"fallback: {problem}"})
+                        {"engine": "generate", "requested": requested, "reason": f"fallback: {problem}",
+                         "attention": loaded.attention})
+
+
+def _fault_injected() -> bool:
+    """DOCPIPE_FAULT_CB (tests): ``auto`` tries the continuous engine on a CPU too, so its fallback is what runs."""
+    import os
+
+    return bool(os.environ.get("DOCPIPE_FAULT_CB"))
 
 
 def continuous_unsupported(opts) -> str | None:

@@ -3,21 +3,27 @@
 transformers' manager (paged KV cache, a scheduler, CUDA graphs) takes token ids only. Images reach it
 through a feature bank: each page's images are encoded by the model's own vision tower and perceiver
 (``get_image_features``, batched by shape, apart from decoding), their rows are written into a
-preallocated bank, and the page's ``<image>`` positions carry virtual ids ``vocab_size + row``. The text
-model's embedding layer returns the bank row for such an id. A causal LM sharing the Idefics2 text
-model and lm_head then decodes exactly what ``generate`` on the full model would.
+preallocated bank, and the page's ``<image>`` positions carry virtual ids ``vocab_size + row``. A causal-LM
+shell (its own layers and config, the Idefics2 text model's weights and lm_head) embeds such an id as the bank
+row and then decodes exactly what ``generate`` on the full model would. The text model is never changed.
 
 - Prefix sharing is off: two pages' virtual ids must never alias through a shared cache block.
 - The bank lookup has no data-dependent branch, so it never synchronises with the host and CUDA graphs
   can capture the decode step.
-- Several threads may call ``generate`` at once (an actor with several calls in flight): each waits
-  for its own requests while the manager batches everyone's. The bank's size bounds the pages in
-  flight; a call that finds it full waits for rows to free up.
+- Several threads may submit at once (an actor with several calls in flight): each waits for its own
+  requests while the manager batches everyone's. The bank's size bounds the pages in flight; a call that
+  finds it full waits for rows to free up. On a GPU the bank is sized from memory (pipeline/engine_sizing.py).
+- The start sends one real request through the running loop; a loop that later stops or stalls fails its
+  pages in flight with LoopDied at once, and the OCR stage decodes them with generate.
+- Works on transformers 5.17 and later (make test checks the floor): the cache block's name and the shape of
+  the image features differ across releases.
 """
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -59,6 +65,53 @@ class UnsupportedModel(Exception):
     """The checkpoint is not one the continuous engine can serve; the reason says why."""
 
 
+class LoopDied(RuntimeError):
+    """The continuous-batching loop stopped or stalled: its pages in flight are lost to it (not to the run)."""
+
+
+def rows_per_page(pooler_output, counts: list[int]):
+    """``get_image_features(...).pooler_output`` split into one (rows, hidden) tensor per page, by each page's count
+    of ``<image>`` positions. Its shape changed over transformers releases: one flat tensor (5.17), one tensor per
+    crop (5.18-5.20), one per page (5.21 on); flattened first, all three split the same way."""
+    import torch
+
+    parts = pooler_output if isinstance(pooler_output, (list, tuple)) else [pooler_output]
+    flat = torch.cat([p.reshape(-1, p.shape[-1]) for p in parts])
+    if flat.shape[0] != sum(counts):
+        raise ValueError(f"{sum(counts)} image positions in the prompts for {flat.shape[0]} feature rows")
+    return list(flat.split(counts))
+
+
+def shell_sliding_window(window: int | None, prompt_tokens: int, max_new_tokens: int) -> int | None:
+    """The sliding window the decoding shell keeps: none when every request fits inside it (the window then never
+    masks a token, and transformers' paged cache gives full-attention layers its block-table decode path)."""
+    if window is None or prompt_tokens + max_new_tokens <= window:
+        return None
+    return window
+
+
+def cb_config_kwargs(accepted, page_size: int) -> dict:
+    """The cache block size under the name this transformers gives it (5.17: block_size; 5.18 on: page_size), and
+    flash-attention left as chosen at load time (5.20 on switches to it by default, unreported)."""
+    out = {"page_size" if "page_size" in accepted else "block_size": page_size}
+    if "auto_switch_to_flash" in accepted:
+        out["auto_switch_to_flash"] = False
+    return out
+
+
+def fault() -> tuple[str, int] | None:
+    """Fault injection for tests, as the model's forward pass in the loop would fail on a GPU.
+    DOCPIPE_FAULT_CB=start: every forward of the decoding shell fails (the start check catches it);
+    die-after:N: the N+1-th forward after the start raises, which ends transformers' loop;
+    hang-after:N: the N+1-th forward blocks for good (a stuck kernel). With any of them ``auto`` tries the
+    continuous engine on a CPU too, so the fallback is what runs."""
+    spec = os.environ.get("DOCPIPE_FAULT_CB", "")
+    if not spec:
+        return None
+    kind, _, n = spec.partition("-after:")
+    return kind, int(n or 0)
+
+
 @dataclass
 class _Pending:
     future: Future
@@ -71,8 +124,12 @@ class ContinuousEngine:
     streams = True  # pages are queued and collected apart: a call never waits for a whole batch to decode
 
     def __init__(self, loaded, opts, stop_ids: list[int], pad_id: int, pages_in_flight: int):
+        import copy
+
         import torch
         from transformers import AutoModelForCausalLM
+
+        from pipeline.model import chat_prompt
 
         self.m, self.opts, self.stop_ids = loaded, opts, stop_ids
         model = loaded.model
@@ -81,37 +138,65 @@ class ContinuousEngine:
         if text_model is None or not hasattr(inner, "get_image_features") or not hasattr(model, "lm_head"):
             raise UnsupportedModel(f"{type(model).__name__} has no separate text model, image encoder and "
                                    "lm_head to serve through a feature bank")
-        text_config = model.config.text_config
+        text_config = copy.deepcopy(model.config.text_config)
         self.image_token_id = model.config.image_token_id
         self.vocab = text_model.embed_tokens.num_embeddings
         self.rows_per_image = model.config.perceiver_config.resampler_n_latents
         splitting = getattr(loaded.processor.image_processor, "do_image_splitting", False)
         self.rows_per_page = self.rows_per_image * (5 if splitting else 1)
-        capacity = self.rows_per_page * max(1, pages_in_flight)
+        self.prompt_tokens = len(loaded.processor(text=[chat_prompt(loaded.processor, 1, opts.prompt)])["input_ids"][0])
+        self.plan = None
+        self.encode_pages = max(1, opts.batch_size)
+        if loaded.device == "cuda":
+            self.plan = _plan_on_gpu(loaded, opts, self.prompt_tokens, self.rows_per_page, splitting)
+            pages_in_flight, self.encode_pages = self.plan.pages_in_flight, self.plan.encode_pages
+        self.capacity_pages = max(1, pages_in_flight)
+        capacity = self.rows_per_page * self.capacity_pages
         self.bank = torch.zeros(capacity, text_config.hidden_size, dtype=loaded.dtype, device=loaded.device)
         self._free = [range(0, capacity)]  # free row ranges
         self._rows_freed = threading.Condition()
         self.pages_in_flight = 0
         self.peak_pages_in_flight = 0
+        self.dead: str | None = None  # why the loop can take no more pages, once it can't
+        self._encode_lock = threading.Lock()
 
-        # A causal-LM shell on the meta device (no memory), given the Idefics2 text model's own modules.
+        # A causal-LM shell: its own modules and config (built on the meta device, no memory), holding the Idefics2
+        # text model's weight-bearing modules (linears, norms, rotary embedding, lm_head) and the bank embedding.
+        # transformers' manager rewrites the shell's config (5.17-5.19: a paged attention implementation), which
+        # the text model, still used by generate, never sees; nothing of the text model is swapped or put back.
+        # Without a sliding window where no request reaches it (the same tokens; the paged cache then gives every
+        # layer the full-attention allocator and its decode fast path).
+        self.sliding_window = shell_sliding_window(getattr(text_config, "sliding_window", None),
+                                                   self.prompt_tokens, opts.max_new_tokens)
+        text_config.sliding_window = self.sliding_window
         with torch.device("meta"):
-            lm = AutoModelForCausalLM.from_config(text_config)
-        lm.model = text_model
+            lm = AutoModelForCausalLM.from_config(text_config, attn_implementation=loaded.attention)
+        _share_leaves(lm.model, text_model)
         lm.lm_head = model.lm_head
+        lm.model.embed_tokens = _bank_embedding(text_model.embed_tokens, self.bank)
+        unshared = [n for n, t in [*lm.named_parameters(), *lm.named_buffers()] if t.is_meta]
+        if unshared:
+            raise UnsupportedModel(f"the decoding shell has tensors the text model does not: {unshared[:3]}")
         self.lm = lm
-        self._original_embed = text_model.embed_tokens
-        text_model.embed_tokens = _bank_embedding(self._original_embed, self.bank)
+        self._fault = fault()
+        self._forwards = 0
+        if self._fault:
+            lm.register_forward_pre_hook(self._inject)
         try:
-            self._start(loaded, opts, stop_ids, pad_id, pages_in_flight)
+            self._start(loaded, opts, stop_ids, pad_id, self.capacity_pages)
         except Exception:
-            self.close()  # the text model gets its own embedding back: generate still works
+            self.close()
             raise
 
-    def _start(self, loaded, opts, stop_ids: list[int], pad_id: int, pages_in_flight: int) -> None:
-        from transformers import ContinuousBatchingConfig, GenerationConfig
+    @property
+    def attention(self) -> str:
+        """The attention kernel the loop runs (recorded in the manifest)."""
+        return self.lm.config._attn_implementation
 
-        from pipeline.model import chat_prompt
+    def _start(self, loaded, opts, stop_ids: list[int], pad_id: int, pages_in_flight: int) -> None:
+        import inspect
+
+        from transformers import ContinuousBatchingConfig, GenerationConfig
 
         lm = self.lm
         lm.generation_config = GenerationConfig(do_sample=False, max_new_tokens=opts.max_new_tokens,
@@ -119,23 +204,28 @@ class ContinuousEngine:
         lm.eval()
         cuda = loaded.device == "cuda"
         quantized = opts.quantization != "none"
+        prompt = self.prompt_tokens
         # The KV cache is sized for the pages the bank admits, not for all free memory (transformers' default,
         # which on a CPU is most of the host's RAM).
-        prompt = len(loaded.processor(text=[chat_prompt(loaded.processor, 1, opts.prompt)])["input_ids"][0])
         page_size = 256
         blocks_per_page = -(-(prompt + opts.max_new_tokens) // page_size) + 1
+        accepted = inspect.signature(ContinuousBatchingConfig).parameters
         cb = ContinuousBatchingConfig(
             allow_block_sharing=False,
-            page_size=page_size,
             num_blocks=blocks_per_page * max(1, pages_in_flight),
             max_requests_per_batch=max(1, pages_in_flight),
             # Tokens per forward pass: a few prefills at a time on a CPU; transformers' default on a GPU.
             max_batch_tokens=None if cuda else 2 * prompt,
-            # bitsandbytes kernels are not graph-capturable: those weights decode eagerly.
-            use_cuda_graph=cuda and not quantized,
+            # bitsandbytes kernels are not graph-capturable: those weights decode eagerly. Otherwise None:
+            # transformers' own heuristic (it knows which attention paths capture well), captured in warm-up.
+            use_cuda_graph=False if quantized or not cuda else None,
             default_compile_level=0,
+            **cb_config_kwargs(accepted, page_size),
         )
-        self.note = "bitsandbytes weights: no CUDA graphs" if cuda and quantized else ""
+        notes = ["bitsandbytes weights: no CUDA graphs"] if cuda and quantized else []
+        if self.plan is not None:
+            notes.append(self.plan.describe())
+        self.note = "; ".join(notes)
         try:  # sizes the per-request block table (transformers >= 5.2x; older ones size it themselves)
             from transformers.generation.continuous_batching.utils import WorkloadHints
 
@@ -148,8 +238,9 @@ class ContinuousEngine:
         self._pending: dict[str, _Pending] = {}
         self._lock = threading.Lock()
         self._counter = 0
+        self._last_progress, self._last_step = time.monotonic(), None
         if cuda:
-            self.manager.warmup()  # captures the CUDA graphs: where a GPU would fail, it fails here
+            self.manager.warmup()  # captures the CUDA graphs; it only logs a failure: the check below finds it
         # Started from a daemon thread, so its generation thread is one too (threads inherit it): a non-daemon
         # loop kept model actors alive after their run ended (seen: two orphaned CPU actors of 8 GB each).
         starter = threading.Thread(target=self.manager.start, daemon=True)
@@ -158,6 +249,27 @@ class ContinuousEngine:
         self._stop = threading.Event()
         self._dispatcher = threading.Thread(target=self._dispatch, name="docpipe-cb-results", daemon=True)
         self._dispatcher.start()
+        self._check_loop()
+
+    def _check_loop(self) -> None:
+        """One real request through the running loop (prefill and decode, CUDA graphs included where captured):
+        transformers' warm-up swallows its errors, so a loop that can't run is found here, where ``auto`` can
+        still fall back, rather than in every page of the run."""
+        future = self._queue([self.stop_ids[0]] * 4, range(0, 0), max_new_tokens=2, forced=True)
+        try:
+            future.result(timeout=self.opts.engine_stall_timeout_s)  # a safety net: the loop answers or dies
+        except Exception as exc:
+            raise RuntimeError(f"the continuous-batching loop failed its start check: {exc}") from None
+        if self._fault:
+            self._forwards = 0  # die-after:N counts the run's forward passes, not the check's
+
+    def _inject(self, module, args):
+        kind, after = self._fault
+        self._forwards += 1
+        if kind == "start" or (kind == "die" and self._forwards > after):
+            raise RuntimeError(f"injected loop failure (DOCPIPE_FAULT_CB={os.environ.get('DOCPIPE_FAULT_CB')})")
+        if kind == "hang" and self._forwards > after:
+            threading.Event().wait()  # never set: this forward never returns
 
     # ---------------------------------------------------------------------------------------- requests
     def submit(self, inputs: dict[str, Any], max_new_tokens: list[int], forced: bool = False
@@ -166,21 +278,33 @@ class ContinuousEngine:
         ``wait`` gives one Generation per page (or the exception that page raised). Raises if the vision encoder
         fails; a page that can't be queued gets its exception in its place. ``forced``: stopping off, every page
         runs to its own max_new_tokens (benchmarks)."""
-        import torch
-
-        with torch.inference_mode():
-            features = self.m.model.get_image_features(
-                pixel_values=inputs["pixel_values"], pixel_attention_mask=inputs.get("pixel_attention_mask")
-            ).pooler_output
         ids, mask = inputs["input_ids"].tolist(), inputs["attention_mask"].tolist()
+        prompts = [[t for t, keep in zip(row_ids, row_mask) if keep] for row_ids, row_mask in zip(ids, mask)]
+        features = self.encode(inputs, [sum(t == self.image_token_id for t in p) for p in prompts])
         results: list[Future | Exception] = []
-        for row_ids, row_mask, feats, cap in zip(ids, mask, features, max_new_tokens):
-            prompt = [t for t, keep in zip(row_ids, row_mask) if keep]  # the processor pads on the left
+        for prompt, feats, cap in zip(prompts, features, max_new_tokens):  # the processor pads on the left
             try:
                 results.append(self._submit(prompt, feats, cap, forced))
             except Exception as exc:
                 results.append(exc)
         return results
+
+    def encode(self, inputs: dict[str, Any], counts: list[int]) -> list:
+        """Each page's image features, ``encode_pages`` pages per vision-tower + connector call: the encoding's
+        peak memory is bounded by that, not by the batch size."""
+        import torch
+
+        pixels, pmask = inputs["pixel_values"], inputs.get("pixel_attention_mask")
+        out = []
+        # One call encodes at a time: an actor's calls in flight (threads) would otherwise add up their peaks.
+        with self._encode_lock, torch.inference_mode():
+            for start in range(0, pixels.shape[0], self.encode_pages):
+                part = slice(start, start + self.encode_pages)
+                pooled = self.m.model.get_image_features(
+                    pixel_values=pixels[part], pixel_attention_mask=None if pmask is None else pmask[part]
+                ).pooler_output
+                out += rows_per_page(pooled, counts[part])
+        return out
 
     @staticmethod
     def wait(handles: list) -> list[Generation | Exception]:
@@ -188,7 +312,7 @@ class ContinuousEngine:
         for r in handles:
             if isinstance(r, Future):
                 try:
-                    r = r.result()
+                    r = r.result()  # completes: the dispatcher fails every page of a loop that stops or stalls
                 except Exception as exc:
                     r = exc
             out.append(r)
@@ -207,11 +331,20 @@ class ContinuousEngine:
                 torch.cuda.current_stream().synchronize()
             for pos, row in zip(positions, rows):
                 prompt[pos] = self.vocab + row
-            future: Future = Future()
-            with self._lock:
-                request_id = f"page-{self._counter}"
-                self._counter += 1
-                self._pending[request_id] = _Pending(future, rows, forced)
+            return self._queue(prompt, rows, max_new_tokens, forced)
+        except Exception:
+            self._give_rows(rows)
+            raise
+
+    def _queue(self, prompt: list[int], rows: range, max_new_tokens: int, forced: bool) -> Future:
+        future: Future = Future()
+        with self._lock:
+            if self.dead:
+                raise LoopDied(self.dead)
+            request_id = f"page-{self._counter}"
+            self._counter += 1
+            self._pending[request_id] = _Pending(future, rows, forced)
+        try:
             queued = self.manager.add_request(prompt, request_id=request_id, max_new_tokens=max_new_tokens,
                                               eos_token_id=-1 if forced else self.stop_ids)
             if queued is None:  # the manager is stopping or failed: it dropped the page (and only logged it)
@@ -219,38 +352,64 @@ class ContinuousEngine:
                                    + (self.manager.background_thread_status.can_accept_new_requests() or "stopped"))
         except Exception:
             with self._lock:
-                self._pending = {k: p for k, p in self._pending.items() if p.rows != rows}
-            self._give_rows(rows)
+                self._pending.pop(request_id, None)
             raise
         return future
 
     def _dispatch(self) -> None:
+        """Results to their pages. A loop that stops, or makes no step for engine_stall_timeout_s while pages
+        wait, is dead: every page in flight gets LoopDied at once (the caller retries them elsewhere)."""
+        try:
+            self._dispatch_results()
+        except Exception as exc:  # no page may wait on a dispatcher that is gone
+            self._die(f"the continuous engine's result thread failed: {exc!r}")
+
+    def _stopping(self) -> bool:
+        """The loop ended, or is on its way out (transformers asks it to stop before failing its requests)."""
+        return not self.manager.is_running() or bool(self.manager.background_thread_status.can_accept_new_requests())
+
+    def _dispatch_results(self) -> None:
         while not self._stop.is_set():
             result = self.manager.get_result(timeout=0.1)
             if result is None:
-                if not self.manager.is_running() and self._pending:
-                    self._fail_all(RuntimeError("the continuous-batching loop stopped"))
+                with self._lock:
+                    waiting = bool(self._pending)
+                step = getattr(self.manager, "current_batch", None)  # the loop's step count: progress without a result
+                if not waiting or step != self._last_step:
+                    self._last_progress, self._last_step = time.monotonic(), step
+                elif not self.manager.is_running():
+                    self._die("the continuous-batching loop stopped" + _fatal(self.manager))
+                elif time.monotonic() - self._last_progress > self.opts.engine_stall_timeout_s:
+                    self._die(f"the continuous-batching loop gave no result in {self.opts.engine_stall_timeout_s:g} s")
                 continue
+            self._last_progress = time.monotonic()
             if not result.is_finished():
                 continue
             with self._lock:
                 pending = self._pending.pop(result.request_id, None)
             if pending is None:
                 continue
-            self._give_rows(pending.rows)
+            if len(pending.rows):
+                self._give_rows(pending.rows)
             if result.error is not None:
-                pending.future.set_exception(RuntimeError(result.error))
+                if self._stopping():  # the loop failed it on its way out
+                    self._die(f"the continuous-batching loop stopped: {result.error}")
+                pending.future.set_exception(LoopDied(str(result.error)) if self.dead else RuntimeError(result.error))
             else:
                 tokens = list(result.generated_tokens)
                 pending.future.set_result(Generation(tokens, "length") if pending.forced
                                           else Generation.from_tokens(tokens, self.stop_ids))
 
-    def _fail_all(self, error: Exception) -> None:
+    def _die(self, reason: str) -> None:
         with self._lock:
+            self.dead = self.dead or reason
             pending, self._pending = list(self._pending.values()), {}
         for p in pending:
-            self._give_rows(p.rows)
-            p.future.set_exception(error)
+            if len(p.rows):
+                self._give_rows(p.rows)
+            p.future.set_exception(LoopDied(self.dead))
+        with self._rows_freed:
+            self._rows_freed.notify_all()  # a page waiting for bank rows learns it will get none
 
     # ---------------------------------------------------------------------------------------- the bank
     def _take_rows(self, n: int) -> range:
@@ -258,6 +417,8 @@ class ContinuousEngine:
             raise ValueError(f"a page with {n} image rows exceeds the feature bank ({self.bank.shape[0]} rows)")
         with self._rows_freed:
             while True:
+                if self.dead:
+                    raise LoopDied(self.dead)
                 for i, free in enumerate(self._free):
                     if len(free) >= n:
                         self._free[i] = range(free.start + n, free.stop)
@@ -279,10 +440,45 @@ class ContinuousEngine:
             self._rows_freed.notify_all()
 
     def close(self) -> None:
-        """Stop the manager and give the text model its own embedding back (generate can use it again)."""
+        """Stop the manager (waiting a little for its loop). The text model was never changed, so there is nothing
+        to put back: generate runs on it even while a stuck loop still holds the shell."""
         if hasattr(self, "_stop"):
             self._stop.set()
         manager = getattr(self, "manager", None)
         if manager is not None and manager.is_running():
-            manager.stop(block=True, timeout=10)
-        self.lm.model.embed_tokens = self._original_embed
+            try:
+                manager.stop(block=True, timeout=10)
+            except Exception:
+                pass
+
+
+def _share_leaves(shell, source) -> None:
+    """Every leaf module of ``shell`` (one without children: a linear, a norm, the rotary embedding) replaced by
+    ``source``'s at the same path: the weights are shared, the containers (layers, attention, their config) not."""
+    for name, module in list(shell.named_modules()):
+        if name and not any(True for _ in module.children()):
+            shell.set_submodule(name, source.get_submodule(name))
+
+
+def _fatal(manager) -> str:
+    error = getattr(manager.background_thread_status, "fatal_error", None) or getattr(
+        manager.background_thread_status, "error", None)
+    return f": {error}" if error else ""
+
+
+def _plan_on_gpu(loaded, opts, prompt_tokens: int, rows_per_page: int, splitting: bool):
+    """The engine's size on this GPU, from the memory left after loading (pipeline/engine_sizing.py)."""
+    import torch
+
+    from pipeline.engine_sizing import encode_bytes_per_page, kv_bytes_per_page, plan_pages
+
+    config = loaded.model.config
+    dtype_bytes = torch.finfo(loaded.dtype).bits // 8
+    free, total = torch.cuda.mem_get_info()
+    return plan_pages(
+        free, total,
+        kv_per_page=kv_bytes_per_page(config.text_config, prompt_tokens, opts.max_new_tokens, dtype_bytes),
+        encode_per_page=encode_bytes_per_page(config, 5 if splitting else 1, dtype_bytes),
+        bank_per_page=rows_per_page * config.text_config.hidden_size * dtype_bytes,
+        batch_size=opts.batch_size, max_pages=opts.max_pages_in_flight,
+    )

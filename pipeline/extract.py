@@ -400,9 +400,11 @@ class GrammarProcessor:
     def __call__(self, input_ids, scores):
         import xgrammar as xgr
 
+        # Every row's last token in one copy: one GPU sync a step, not one a row.
+        last = input_ids[:, -1].tolist() if self.started else []
         for i, matcher in enumerate(self.matchers):
             if self.started and i not in self.guard.rows and not matcher.is_terminated():
-                if not matcher.accept_token(input_ids[i, -1].item()):
+                if not matcher.accept_token(last[i]):
                     raise RuntimeError(f"row {i}: the grammar refused a token it had allowed")
             if not matcher.is_terminated():
                 matcher.fill_next_token_bitmask(self.bitmask, i)

@@ -48,8 +48,13 @@ def pick_dtype(opts: ModelOptions, device: str):
 
 
 def pick_attention(opts: ModelOptions, device: str) -> str:
+    """Chosen here, once, and recorded: flash-attention 3 (the flash_attn_interface package, Hopper) or 2 when
+    importable on a GPU, else sdpa. The continuous engine keeps this choice (transformers would otherwise switch it
+    to flash on its own, unreported)."""
     if opts.attention != "auto":
         return opts.attention
+    if device == "cuda" and importlib.util.find_spec("flash_attn_interface") is not None:
+        return "flash_attention_3"
     if device == "cuda" and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return "sdpa"
@@ -186,8 +191,12 @@ def quantization_config(opts: ModelOptions, dtype):
         return None
     from transformers import BitsAndBytesConfig
 
+    # The vision tower and connector stay in dtype: a small share of the weights, most of the encoding's compute,
+    # and the image features the text model reads (lm_head too: transformers' own default).
+    skip = ["vision_model", "connector", "lm_head"]
     if opts.quantization == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype,
+        llm_int8_skip_modules=skip,
     )

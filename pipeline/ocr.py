@@ -7,6 +7,7 @@ pages that already failed) pass through unchanged.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from pipeline import errors
@@ -28,6 +29,8 @@ class OcrStage:
         self.processor_device = self.m.device if opts.processor_device == "model" else "cpu"
         choice = choose_engine(self.m, opts, self.stop_ids, self.pad_id)
         self.engine, self.engine_record = choice.engine, choice.record
+        self._swap = threading.Lock()  # calls in flight (threads) meet here when the continuous loop dies
+        self._generate_lock = threading.Lock()  # generate runs one batch at a time, whichever thread asks
         # A fixed output length (benchmarks): generate honours min_new_tokens itself; the continuous engine, which
         # has no minimum, runs such pages with stopping off.
         self.forced = opts.min_new_tokens >= opts.max_new_tokens and self.engine.streams
@@ -87,8 +90,37 @@ class OcrStage:
                     except Exception:
                         reraise_if_fail_fast()
                         _mark_failed(rec)
+        from pipeline.engine_continuous import LoopDied
+
+        engine = self.engine
+        lost = []  # pages the continuous loop took and died with
         for batch, handles in submitted:
-            self._fill(batch, self.engine.wait(handles))
+            results = engine.wait(handles)
+            lost += [rec for rec, r in zip(batch, results) if isinstance(r, LoopDied)]
+            kept = [(rec, r) for rec, r in zip(batch, results) if not isinstance(r, LoopDied)]
+            self._fill([rec for rec, _ in kept], [r for _, r in kept])
+        if lost or getattr(engine, "dead", None):
+            self._fall_back(engine)
+        if lost:  # the loop died under them: generate decodes them as it would have (same greedy tokens)
+            for rec in lost:
+                rec["retries"] += 1
+            size = self.opts.batch_size
+            for start in range(0, len(lost), size):
+                self._generate_resilient(lost[start : start + size], forced)
+
+    def _fall_back(self, dead) -> None:
+        """The continuous loop died mid-run: this stage (the whole actor, from its next call on) runs generate,
+        and its record says so."""
+        from pipeline.engine import GenerateEngine
+
+        with self._swap:
+            if self.engine is not dead:
+                return
+            dead.close()
+            self.engine = GenerateEngine(self.m, self.opts, self.stop_ids, self.pad_id)
+            self.forced = self.opts.min_new_tokens >= self.opts.max_new_tokens and self.engine.streams
+            self.engine_record = self.engine_record | {
+                "engine": "generate", "reason": f"fallback mid-run: {dead.dead}", "attention": self.m.attention}
 
     def _generate_resilient(self, batch: list[dict[str, Any]], forced: bool) -> None:
         """Generate for ``batch`` in place; on failure (CUDA out of memory, say) retry in halves, so only a
@@ -110,7 +142,8 @@ class OcrStage:
             self._generate_resilient(batch[half:], forced)
 
     def _generate(self, batch: list[dict[str, Any]], forced: bool = False) -> None:
-        self._fill(batch, self.engine.generate(self.prepare_inputs(batch), [r["_cap"] for r in batch], forced))
+        with self._generate_lock:
+            self._fill(batch, self.engine.generate(self.prepare_inputs(batch), [r["_cap"] for r in batch], forced))
 
     def _fill(self, batch: list[dict[str, Any]], results: list) -> None:
         tokenizer = self.m.processor.tokenizer

@@ -8,6 +8,7 @@ several workers runs its loop (pipeline/finetune.py) under Ray Train (``finetune
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -83,20 +84,23 @@ def _model_actor(model_opts, extract_opts, task: str):
             self.actor = f"{socket.gethostname()}:{os.getpid()}"
             # With the continuous engine several calls run at once (threads): its OCR takes them all; a stage
             # that drives generate() takes one at a time.
-            self.lock = threading.Lock()
+            self.lock = threading.RLock()  # re-entered: a generate actor's call holds it around its stages
             self.calls = self.peak_calls = 0  # calls running at once: several with the continuous engine
             self.count_lock = threading.Lock()
 
         def __call__(self, batch):
             _maybe_die()
-            with self.count_lock:
-                self.calls += 1
-                self.peak_calls = max(self.peak_calls, self.calls)
-            try:
-                return self._run(batch)
-            finally:
+            # Calls in flight follow the engine that runs, not the one asked for: Ray may hand a generate actor
+            # (asked for, or fallen back to at start or mid-run) several calls, and it runs them one at a time.
+            with contextlib.nullcontext() if self.ocr.engine.streams else self.lock:
                 with self.count_lock:
-                    self.calls -= 1
+                    self.calls += 1
+                    self.peak_calls = max(self.peak_calls, self.calls)
+                try:
+                    return self._run(batch)
+                finally:
+                    with self.count_lock:
+                        self.calls -= 1
 
         def _run(self, batch):
             records = batch.to_pylist()
@@ -425,8 +429,15 @@ def _execute(config: RunConfig, todo, longest_edge: int, skip_ids: frozenset[str
     # (measured: with two in flight, one of two CPU actors sat idle). The continuous engine instead takes
     # calls_in_flight calls at once, each in its own thread, so new pages join the decode batch while earlier
     # ones finish: it never drains between blocks. Either way an actor holds at most that many blocks.
+    # On a GPU the continuous engine sizes itself from memory (up to max_pages_in_flight): it gets calls enough to
+    # fill that; an actor that fell back to generate runs them one at a time (see ModelActor).
     streams = model_opts.engine == "continuous" or (model_opts.engine == "auto" and gpus > 0)
     calls = model_opts.calls_in_flight if streams else 1
+    if streams and gpus:
+        from pipeline.engine_sizing import DEFAULT_MAX_PAGES
+
+        wanted = model_opts.max_pages_in_flight or DEFAULT_MAX_PAGES
+        calls = min(16, max(calls, -(-wanted // model_opts.rows_per_call)))
     ds = ds.map_batches(
         _model_actor(model_opts, config.extract, config.task),
         compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=calls,

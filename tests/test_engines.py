@@ -179,3 +179,201 @@ def test_the_engine_bench_runs_every_row_where_ray_and_pymupdf_are_not_installed
     for row in rows:  # each option ran, or says why not: none is silently left out
         assert row["status"] == "ok" or row["status"].startswith(("not run: ", "failed: ")), row
         assert row["engine"] in proc.stdout
+
+
+def _equal_pages(result):
+    assert set(result["generate"]) == {f"page{i}.png" for i in range(5)}
+    assert {row[0] for row in result["generate"].values()} == {"ok"}
+    assert {row[3] for row in result["generate"].values()} == {"stop", "length"}  # both ways a page ends
+    assert result["record"]["engine"] == "continuous"
+    assert result["continuous"] == result["generate"]
+
+
+def test_the_continuous_engine_gives_each_page_what_generate_gives_it_alone_at_the_pinned_transformers(tiny_model):
+    from tests.engine_equality import compare
+
+    _equal_pages(compare(tiny_model))
+
+
+def test_the_continuous_engine_gives_each_page_what_generate_gives_it_alone_at_the_transformers_floor(tmp_path):
+    """The same check under the lowest transformers pyproject.toml admits, installed by make test (make floor) in
+    .venv-floor; its image features and continuous-batching options differ from the pin's."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    floor = re.search(r'"transformers>=([0-9.]+)', (REPO / "pyproject.toml").read_text()).group(1)
+    target = REPO / ".venv-floor"
+    if not (target / f".installed-{floor}").exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"transformers {floor} is not installed in {target}: make floor")
+        pytest.skip(f"transformers {floor} not installed in {target} (make floor)")
+    proc = subprocess.run([sys.executable, "-m", "tests.engine_equality"], capture_output=True, text=True,
+                          cwd=REPO, timeout=600, env={**os.environ, "PYTHONPATH": f"{target}:{REPO}"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["transformers"] == floor or result["transformers"] == f"{floor}.0"
+    _equal_pages(result)
+
+
+def _run_local(docs, out, engine, **model):
+    from pipeline.config import RunConfig
+    from pipeline.runner import run
+
+    result = run(RunConfig(inputs=[str(docs)], output=str(out), executor="local", progress=False,
+                           model=ModelOptions(name="tiny-random", engine=engine, max_new_tokens=8, **model)))
+    pages = {(r["source_uri"], r["page_number"]): r for r in pq.read_table(out / "pages").to_pylist()}
+    [manifest] = (out / "_runs").glob("*.json")
+    assert manifest.stem == result.manifest.run_id
+    manifest = json.loads(manifest.read_text())
+    return pages, manifest["engines"], manifest["counters"]
+
+
+def test_auto_falls_back_to_generate_when_the_continuous_loop_fails_its_start_check(sample_docs, tmp_path,
+                                                                                    monkeypatch):
+    """Every forward pass of the loop fails (DOCPIPE_FAULT_CB=start, as a CUDA-graph or kernel failure would, which
+    transformers' warm-up only logs): the start check finds it, auto runs generate and the manifest says why."""
+    monkeypatch.setenv("DOCPIPE_FAULT_CB", "start")
+    pages, engines, _ = _run_local(sample_docs, tmp_path / "out", "auto")
+    [engine] = engines
+    assert engine["engine"] == "generate" and engine["requested"] == "auto"
+    assert engine["reason"].startswith("fallback: could not start: RuntimeError: the continuous-batching loop "
+                                       "failed its start check")
+    assert "injected loop failure (DOCPIPE_FAULT_CB=start)" in engine["reason"]
+    assert len(pages) == 9 and {p["status"] for p in pages.values()} == {"ok"}
+
+
+@pytest.mark.parametrize("fault", ["die-after:3", "hang-after:3"])
+def test_pages_in_flight_when_the_continuous_loop_dies_mid_run_are_decoded_by_generate(sample_docs, tmp_path,
+                                                                                        monkeypatch, fault):
+    """The loop dies (its forward raises: transformers ends it) or hangs (a forward never returns: no step for
+    engine_stall_timeout_s) after three forward passes, with pages in flight: those pages are retried on generate,
+    which runs the rest of the run, and every page gets the text generate gives it."""
+    expected, _, _ = _run_local(sample_docs, tmp_path / "generate", "generate")
+    monkeypatch.setenv("DOCPIPE_FAULT_CB", fault)
+    pages, engines, counters = _run_local(sample_docs, tmp_path / "out", "continuous", engine_stall_timeout_s=3)
+    [engine] = engines
+    assert engine["engine"] == "generate" and engine["requested"] == "continuous"
+    assert engine["reason"].startswith("fallback mid-run: ")
+    assert ("injected loop failure" if fault.startswith("die") else "gave no result in 3 s") in engine["reason"]
+    assert pages.keys() == expected.keys() and len(pages) == 9
+    for key, row in pages.items():
+        assert (row["status"], row["text"], row["output_tokens"]) == (
+            "ok", expected[key]["text"], expected[key]["output_tokens"]), key
+    assert counters["model_retries"] >= 1  # pages the loop took and died with, decoded again by generate
+
+
+def test_the_decoding_shell_drops_a_sliding_window_no_request_reaches_and_decodes_the_same_tokens(tiny_model,
+                                                                                                  monkeypatch):
+    """Like Mistral-7B's, the tiny text model has a 4096-token window, which no page reaches: the shell decodes
+    without it (transformers' full-attention paged cache) and gives the tokens it gives with it."""
+    import pipeline.engine_continuous as ec
+    from tests.engine_equality import compare
+
+    assert tiny_model.model.config.text_config.sliding_window == 4096
+    assert ec.shell_sliding_window(4096, 356, 1024) is None
+    assert ec.shell_sliding_window(4096, 356, 4000) == 4096 and ec.shell_sliding_window(None, 9, 9) is None
+    without = compare(tiny_model)
+    monkeypatch.setattr(ec, "shell_sliding_window", lambda window, prompt, new: window)
+    kept = compare(tiny_model)
+    assert (without["shell_sliding_window"], kept["shell_sliding_window"]) == (None, 4096)
+    assert tiny_model.model.config.text_config.sliding_window == 4096  # the shell's config is its own copy
+    assert without["continuous"] == kept["continuous"] == without["generate"]
+
+
+def test_gpu_sizing_for_idefics2_8b_holds_over_128_pages_on_an_80_gb_card_and_bounds_the_encoding_peak():
+    """pipeline/engine_sizing.py with idefics2-8b's configuration (pipeline/assets) in bf16, after loading its
+    16.8 GB of weights; numbers given, so it runs on a CPU."""
+    import json
+
+    from transformers import Idefics2Config
+
+    from pipeline import engine_sizing as sizing
+    from tests.conftest import REPO
+
+    spec = json.loads((REPO / "pipeline/assets/idefics2-8b.json").read_text())
+    config = Idefics2Config(**{k: v for k, v in spec.items() if not k.startswith("_") and k != "model_type"})
+    assert sizing.kv_bytes_per_token(config.text_config, 2) == 128 * 2**10  # 2 x 32 layers x 8 heads x 128 x bf16
+    kv = sizing.kv_bytes_per_page(config.text_config, 356, 1024, 2)  # 5 crops' prompt, the default token cap
+    assert kv == 7 * 256 * 128 * 2**10  # 6 blocks of 256 tokens, and one for block edges
+    encode = sizing.encode_bytes_per_page(config, 5, 2)
+    assert 2.0e9 < encode < 2.7e9  # 5 crops of 4900 patches through the 14336-wide connector
+    bank = 320 * 4096 * 2
+    GiB = 2**30
+    for total_gib, weights, batch, least in [(80, 16.8e9, 4, 128), (141, 16.8e9, 4, 256), (80, 16.8e9, 16, 128)]:
+        total = total_gib * GiB
+        free = int(total - weights - 1 * GiB)  # the CUDA context and allocator slack
+        plan = sizing.plan_pages(free, total, kv, encode, bank, batch_size=batch)
+        assert least <= plan.pages_in_flight <= sizing.DEFAULT_MAX_PAGES, (total_gib, plan)
+        usable = free - sizing.RESERVE_FRACTION * total - sizing.RESERVE_BYTES
+        assert 1 <= plan.encode_pages <= batch and plan.encode_pages * encode <= sizing.ENCODE_SHARE * usable
+        assert plan.encode_pages * encode + plan.pages_in_flight * (kv + bank) <= usable  # no default OOMs
+    assert sizing.plan_pages(int(80 * GiB - 16.8e9), 80 * GiB, kv, encode, bank, 4, max_pages=64).pages_in_flight == 64
+    starved = sizing.plan_pages(1 * GiB, 24 * GiB, kv, encode, bank, 4)  # nothing left: one page at a time
+    assert (starved.pages_in_flight, starved.encode_pages) == (1, 1)
+
+
+def test_random_idefics2_8b_is_created_in_its_dtype_without_a_float32_copy(monkeypatch):
+    """Created in bf16 where it lives: a float32 build cast afterwards took 33.6 GB (50 GB at its peak) on a GPU.
+    No cast may run (Module.to is forbidden here), every parameter is bf16, the default dtype is restored."""
+    import torch
+
+    from pipeline.tiny import build_random_model
+
+    def no_cast(*args, **kwargs):
+        raise AssertionError("the random model was cast after it was built")
+
+    monkeypatch.setattr(torch.nn.Module, "to", no_cast)
+    model, _ = build_random_model("idefics2-8b", "meta", torch.bfloat16, "sdpa")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert torch.get_default_dtype() == torch.float32
+
+
+def test_bitsandbytes_leaves_the_vision_tower_and_connector_unquantised():
+    from pipeline.model import quantization_config
+
+    for bits in ("8bit", "4bit"):
+        config = quantization_config(ModelOptions(quantization=bits), "bfloat16")
+        assert {"vision_model", "connector", "lm_head"} <= set(config.llm_int8_skip_modules), bits
+
+
+def test_auto_attention_picks_flash_attention_3_then_2_on_a_gpu_where_importable(monkeypatch):
+    import importlib.util
+
+    from pipeline.model import pick_attention
+
+    installed = set()
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name in installed else (None if name.startswith("flash_attn")
+                                                                             else real(name, *a)))
+    auto = ModelOptions()
+    assert pick_attention(auto, "cuda") == "sdpa"
+    installed.add("flash_attn")
+    assert pick_attention(auto, "cuda") == "flash_attention_2"
+    installed.add("flash_attn_interface")
+    assert pick_attention(auto, "cuda") == "flash_attention_3"
+    assert pick_attention(auto, "cpu") == "sdpa"
+    assert pick_attention(ModelOptions(attention="sdpa"), "cuda") == "sdpa"
+
+
+def test_on_a_gpu_the_engine_is_sized_from_the_memory_left_after_loading(tiny_model, monkeypatch):
+    """The glue from a loaded model to pipeline/engine_sizing.py, with the device's free memory given: the tiny model's
+    own KV and encoding costs per page, capped by max_pages_in_flight, encoding at most batch_size pages a call."""
+    import torch
+
+    from pipeline import engine_sizing as sizing
+    from pipeline.engine_continuous import _plan_on_gpu
+
+    GiB = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (60 * GiB, 80 * GiB))
+    opts = ModelOptions(name="tiny-random", max_new_tokens=64, batch_size=4)
+    plan = _plan_on_gpu(tiny_model, opts, prompt_tokens=400, rows_per_page=320, splitting=True)
+    text = tiny_model.model.config.text_config
+    assert plan.kv_bytes_per_page == sizing.kv_bytes_per_page(text, 400, 64, 4)  # float32 on this CPU
+    assert plan.encode_bytes_per_page == sizing.encode_bytes_per_page(tiny_model.model.config, 5, 4)
+    assert (plan.pages_in_flight, plan.encode_pages) == (sizing.DEFAULT_MAX_PAGES, 4)  # a tiny model: the cap
+    capped = _plan_on_gpu(tiny_model, opts.model_copy(update={"max_pages_in_flight": 48}), 400, 320, True)
+    assert capped.pages_in_flight == 48 and "48 pages in flight" in capped.describe()

@@ -1,0 +1,79 @@
+"""How many pages the continuous engine holds on a GPU, and how many it encodes at once: pure arithmetic on the
+model's configuration and the memory left after loading, so it is tested on a CPU with given numbers.
+
+Per page, two costs matter:
+- its KV cache, held from prefill to its last token: 2 (K and V) x layers x kv_heads x head_dim x dtype bytes per
+  token, over its prompt and its max_new_tokens, rounded up to whole cache blocks (idefics2-8b: 128 KiB a token);
+- the peak of encoding its images, held only while it is encoded: Idefics2's connector runs a gated MLP
+  (1152 -> 14336 -> 4096) over every patch of every crop, about 0.4 GB per 980 px crop in bf16, more than the
+  vision tower's own activations with a memory-efficient attention kernel.
+The encoding is done a few pages at a time (``encode_pages``), so its peak is bounded whatever the batch size;
+what memory is left after that and a reserve holds the KV cache of ``pages_in_flight`` pages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Most pages the engine holds at once when sized from memory. A decode step of idefics2-8b reads 14 GB of weights
+# and 128 KiB of KV per token of context: at 256 pages of ~1 k tokens the KV reads (~32 GB) already outweigh the
+# weights twice over, so more pages add step time about as fast as they add tokens.
+DEFAULT_MAX_PAGES = 256
+# Kept free: the CUDA context's fragmentation, the decode step's activations and logits, CUDA graph pools.
+RESERVE_FRACTION = 0.10
+RESERVE_BYTES = 2 * 2**30
+# Share of the usable memory the image encoding may take at its peak.
+ENCODE_SHARE = 0.25
+
+
+@dataclass(frozen=True)
+class EnginePlan:
+    pages_in_flight: int  # the feature bank's pages, the KV cache's requests, the decode batch's cap
+    encode_pages: int  # pages per vision-tower + connector call
+    kv_bytes_per_page: int
+    encode_bytes_per_page: int
+    free_bytes: int  # memory left after loading, as measured
+
+    def describe(self) -> str:
+        return (f"{self.pages_in_flight} pages in flight, encoding {self.encode_pages} at a time (sized from "
+                f"{self.free_bytes / 2**30:.1f} GiB free: {self.kv_bytes_per_page / 2**20:.0f} MiB KV and "
+                f"{self.encode_bytes_per_page / 2**20:.0f} MiB encoding peak per page)")
+
+
+def kv_bytes_per_token(text_config, dtype_bytes: int) -> int:
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+    kv_heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
+    return 2 * text_config.num_hidden_layers * kv_heads * head_dim * dtype_bytes
+
+
+def kv_bytes_per_page(text_config, prompt_tokens: int, max_new_tokens: int, dtype_bytes: int,
+                      block_tokens: int = 256) -> int:
+    """One page's KV cache at its longest, in whole blocks (one more: the engine's allowance for block edges)."""
+    blocks = -(-(prompt_tokens + max_new_tokens) // block_tokens) + 1
+    return blocks * block_tokens * kv_bytes_per_token(text_config, dtype_bytes)
+
+
+def encode_bytes_per_page(config, crops_per_page: int, dtype_bytes: int) -> int:
+    """Peak activation memory of encoding one page: per crop, the connector's gated MLP (gate, up and their
+    product at the connector's width) plus the vision tower's MLP and a few hidden-state copies, over every patch.
+    Attention scores are not counted: a memory-efficient kernel (sdpa's, flash) never materialises them."""
+    vision = config.vision_config
+    patches = (vision.image_size // vision.patch_size) ** 2
+    connector = config.text_config.intermediate_size  # Idefics2's modality projection is as wide as the text MLP
+    per_patch = 3 * connector + vision.intermediate_size + 4 * vision.hidden_size
+    return crops_per_page * patches * per_patch * dtype_bytes
+
+
+def plan_pages(free_bytes: int, total_bytes: int, kv_per_page: int, encode_per_page: int, bank_per_page: int,
+               batch_size: int, max_pages: int | None = None) -> EnginePlan:
+    """Pages in flight and pages per encoder call for ``free_bytes`` of device memory left after loading.
+
+    A reserve stays free; the encoding gets up to ENCODE_SHARE of the rest in whole pages (at least one, at most
+    ``batch_size``); the KV cache and feature bank of ``pages_in_flight`` pages fill what remains, up to
+    ``max_pages`` (DEFAULT_MAX_PAGES)."""
+    cap = max_pages or DEFAULT_MAX_PAGES
+    usable = max(0, free_bytes - int(RESERVE_FRACTION * total_bytes) - RESERVE_BYTES)
+    encode_pages = max(1, min(batch_size, int(ENCODE_SHARE * usable) // max(1, encode_per_page)))
+    left = max(0, usable - encode_pages * encode_per_page)
+    pages = max(1, min(cap, left // max(1, kv_per_page + bank_per_page)))
+    return EnginePlan(pages, encode_pages, kv_per_page, encode_per_page, free_bytes)
