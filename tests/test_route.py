@@ -88,14 +88,8 @@ def docs(tmp_path_factory):
     paths["outside"] = _save(doc, folder / "outside.pdf")
 
     # A scan: one full-page image, with the OCR text on top in render mode 3 (invisible), as scanners write it.
-    src = pymupdf.open()
-    _text_page(src)
-    pix = src[0].get_pixmap(dpi=100)
-    doc = pymupdf.open()
-    page = doc.new_page(width=595, height=842)
-    page.insert_image(page.rect, stream=pix.tobytes("png"))
-    page.insert_textbox((72, 72, 523, 770), BODY, fontsize=11, render_mode=3)
-    paths["scan_ocr"] = _save(doc, folder / "scan_ocr.pdf")
+    paths["scan_ocr"] = folder / "scan_ocr.pdf"
+    paths["scan_ocr"].write_bytes(_scan(0, visible_text=False, dpi=100))
 
     # Blank pages of every kind: an empty PDF page (between two text pages), a noisy white scan as PNG and
     # inside a PDF, an empty (uniform) image, and a uniformly black one.
@@ -360,14 +354,14 @@ def test_a_text_layer_that_cannot_be_read_sends_the_page_to_the_model(sample_doc
     assert _route(Broken(), rendered, AUTO) == {"route_reason": "text_layer_error"}
 
 
-def _scan(rotation: int, visible_text: bool) -> bytes:
+def _scan(rotation: int, visible_text: bool, dpi: int = 60) -> bytes:
     """A full-page scan of BODY (as rendered by MuPDF) on an A4 page turned by /Rotate, with a text layer on top:
     a visible wrong one (another invoice's text), or the scanner's invisible OCR layer."""
     import pymupdf
 
     src = pymupdf.open()
     _text_page(src)
-    pix = src[0].get_pixmap(dpi=60)
+    pix = src[0].get_pixmap(dpi=dpi)
     doc = pymupdf.open()
     page = doc.new_page(width=595, height=842)
     page.insert_image(page.rect, stream=pix.tobytes("png"))
