@@ -118,13 +118,16 @@ def _route(page, rendered, route: RouteOptions) -> dict[str, Any]:
     """text and text_source for a page answered without the model, and route_reason for every page: why it was
     answered so, or why the model must read it (route.trust_text_layer's reasons, text_layer_never,
     text_layer_error)."""
-    from pipeline.route import is_blank, trust_text_layer
+    from pipeline.route import ConversionError, is_blank, trust_text_layer
     from pipeline.text_layer import clean_text
 
     reason = "text_layer_never"
     if route.text_layer == "auto":
         try:
             layer = page.text_layer()
+        except ConversionError:  # the converter's libraries failed on this page's PDF: the model reads it
+            reraise_if_fail_fast()
+            layer, reason = None, "text_layer_error"
         except (AttributeError, TypeError, NameError):
             raise  # our code's mistake, not the document's: the page's error row shows it (a silent model read hid one)
         except Exception:  # a layer the renderer cannot read is not trusted: the model reads the page

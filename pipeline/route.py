@@ -49,6 +49,12 @@ class TextLayer:
     math_chars: int = 0  # of those: in math fonts, or math symbols (text_layer.math_char_count)
 
 
+class ConversionError(Exception):
+    """The Markdown conversion of a page's text layer failed (text_layer.page_markdown: PyMuPDF's table finder and
+    text extraction on whatever a PDF holds, where third-party code raises even TypeError on an odd page). The
+    page goes to the model (route_reason text_layer_error) rather than becoming an error row."""
+
+
 @dataclass(frozen=True)
 class Verdict:
     trusted: bool
@@ -110,8 +116,12 @@ def pymupdf_text_layer(page, running=None) -> TextLayer:
     # /Rotate 90 full-page scan covers only a square of its page.
     coverage = max((abs(pymupdf.Rect(bbox) * page.rotation_matrix & rect) / area for kind, bbox in page.get_bboxlog()
                     if kind in ("fill-image", "fill-imgmask")), default=0.0)
+    try:
+        text = page_markdown(page, tp, blocks, running)
+    except Exception as exc:  # only the converter: a mistake in the facts above still surfaces as one
+        raise ConversionError(f"{type(exc).__name__}: {exc}") from exc
     return TextLayer(
-        text=page_markdown(page, tp, blocks, running),
+        text=text,
         width_pt=rect.width,
         height_pt=rect.height,
         chars=chars,

@@ -5,10 +5,11 @@ rather than pymupdf4llm: its layout path (an ONNX model over the page image) cos
 twice the render stage's budget, and its legacy path scans the whole document for font sizes on every call, bakes
 annotations and removes page rotation in the document we render from. What this module does, page by page:
 
-- Running heads, footers and page numbers are dropped: a line in the page's margin bands that repeats, at the same
-  height (digits aside, so "Page 3" matches "Page 4"), on a nearby page of the same document (``RunningLines``, a
-  window of neighbours read on demand, so pages can still be expanded one at a time), or that reads as a page
-  number on its own.
+- Running heads, footers and page numbers are dropped: a line alone in a margin band (its block wholly there, not
+  in a monospace font) that repeats at the same height on a nearby page of the same document (``RunningLines``, a
+  window of neighbours read on demand, so pages can still be expanded one at a time): the same text, or a short
+  line whose numbers step with the page index ("Page 3 of 9" then "Page 4 of 9"); or a lone page number
+  (``PAGE_NUMBER``) centred or in an outer corner. Words inside a table are never dropped (tables are found first).
 - Tables become Markdown tables (first row as header); a ruled table whose cells span rows or columns becomes an
   HTML ``<table>`` with ``rowspan``/``colspan``, since a Markdown table has no way to say a cell spans. Ruled tables
   come from ``find_tables`` (vector lines, without the layout model); unruled ones from words aligned in columns
@@ -48,8 +49,14 @@ SPACING_ACCENTS = {
 }
 LIGATURES = {"\ufb00": "ff", "\ufb01": "fi", "\ufb02": "fl", "\ufb03": "ffi", "\ufb04": "ffl", "\ufb05": "st",
              "\ufb06": "st"}
-PAGE_NUMBER = re.compile(r"^(page|p\.|seite|pág\.?)?\s*[-–—(\[]?\s*(\d{1,4}|[ivxlc]{1,7})\s*[-–—)\]]?"
+# Roman numerals 1..39, in one case: not words made of their letters ("Civil", "ill", "CLI").
+ROMAN = r"(?-i:(?=[ivx])x{0,3}(?:ix|iv|v?i{0,3})|(?=[IVX])X{0,3}(?:IX|IV|V?I{0,3}))"
+PAGE_NUMBER = re.compile(r"^(page|p\.|seite|pág\.?)?\s*[-–—(\[]?\s*(?P<number>\d{1,4}|" + ROMAN + r")\s*[-–—)\]]?"
                          r"(\s*(of|/|von|de)\s*\d{1,4})?$", re.I)
+ROMAN_VALUES = {"i": 1, "v": 5, "x": 10}
+RUNNING_MAX_WORDS = 10  # a line whose numbers step with the page is a running line only when this short
+CENTRED = 0.05  # a lone page number's centre within this share of the page width of the page's centre
+CORNER = 0.15  # ... or its outer edge within this share of the width of the page's edge
 # Fonts that set mathematics: TeX's (Computer Modern, AMS, Latin Modern, txfonts/pxfonts), STIX, Cambria Math,
 # MathTime, Symbol. A subset prefix ("ABCDEF+CMMI10") is dropped before matching.
 MATH_FONT = re.compile(r"^(CMMI|CMSY|CMEX|CMBSY|CMMIB|MSAM|MSBM|EUFM|EUSM|EUEX|RSFS|ESINT|WASY|STMARY|LMMath|"
@@ -139,9 +146,13 @@ def clean_text(text: str) -> str:
 
 @dataclass(frozen=True)
 class _Mark:
-    key: str  # the line's text, case-folded, digit runs as '#'
+    text: str  # the line's text, case-folded, spaces collapsed, a roman page number as its value in digits
+    key: str  # the same, digit runs as '#'
+    numbers: tuple[int, ...]  # its digit runs' values
     where: float  # its centre: y in the top and bottom bands, x in the side bands
     band: str  # top, bottom, left, right
+    page: int  # the page's index
+    page_number: bool  # the line reads as a page number (PAGE_NUMBER)
 
 
 def _band(bbox, width: float, height: float) -> str | None:
@@ -157,15 +168,52 @@ def _band(bbox, width: float, height: float) -> str | None:
     return None
 
 
-def _mark(text: str, bbox, width: float, height: float) -> _Mark | None:
+def _roman_value(numeral: str) -> int:
+    values = [ROMAN_VALUES[ch] for ch in numeral.lower()]
+    return sum(-v if i + 1 < len(values) and v < values[i + 1] else v for i, v in enumerate(values))
+
+
+def _mark(line: dict, block_bbox, page: int, width: float, height: float) -> _Mark | None:
+    """The line as a candidate running line, or None when it cannot be one: outside the margin bands; part of a
+    block that reaches out of its band (a paragraph's first or last line); set in a monospace font (code repeats
+    "}" at the same place); without a letter or digit; mostly numbers (a table row carried over)."""
+    bbox = tuple(line["bbox"])
     band = _band(bbox, width, height)
-    if band is None:
+    if band is None or _band(block_bbox, width, height) != band:
         return None
-    key = re.sub(r"\d+", "#", " ".join(text.split()).casefold())
-    if len(re.findall(r"#", key)) > 2:  # mostly numbers (a table row carried over): never a running line
+    text = " ".join(_line_text(line).split())
+    if any(span["flags"] & 8 or "mono" in span["font"].lower() or "courier" in span["font"].lower()
+           for span in line["spans"] if span["text"].strip()):  # flag 8: MuPDF's monospace bit
+        return None
+    if not any(ch.isalnum() for ch in text):
+        return None
+    number = PAGE_NUMBER.match(text)
+    if number and not number.group("number").isdigit():
+        text = text[:number.start("number")] + str(_roman_value(number.group("number"))) + text[number.end("number"):]
+    text = text.casefold()
+    numbers = tuple(int(n) for n in re.findall(r"\d+", text))
+    if len(numbers) > 2:
         return None
     where = (bbox[1] + bbox[3]) / 2 if band in ("top", "bottom") else (bbox[0] + bbox[2]) / 2
-    return _Mark(key, where, band)
+    return _Mark(text, re.sub(r"\d+", "#", text), numbers, where, band, page, bool(number))
+
+
+def _same_line(m: _Mark, o: _Mark) -> bool:
+    """Whether o, on a neighbour page, is m's running line there: the same text at the same place (a running head
+    or footer), or a short line whose numbers differ from m's in step with the page index while the rest agrees
+    ("Page 2 of 9" and "Page 3 of 9"; not "Question 1" and "Question 2" in a longer line) and that reads as a page
+    number or has its number at an end ("Journal of X · 3")."""
+    if m.band != o.band or abs(m.where - o.where) >= SAME_PLACE_PT:
+        return False
+    if m.text == o.text:
+        return True
+    if m.key != o.key or len(m.numbers) != len(o.numbers):
+        return False
+    steps = [a - b for a, b in zip(m.numbers, o.numbers)]
+    if not all(d in (0, m.page - o.page) for d in steps) or not any(steps):
+        return False
+    words = m.key.split()
+    return len(words) <= RUNNING_MAX_WORDS and (m.page_number or "#" in words[0] or "#" in words[-1])
 
 
 class RunningLines:
@@ -177,36 +225,34 @@ class RunningLines:
         self.doc = doc
         self._marks: dict[int, list[_Mark]] = {}
 
-    def marks(self, index: int, lines: list[tuple[str, tuple]] | None = None, rect=None) -> list[_Mark]:
-        """The margin lines of page ``index``; from ``lines``, (text, bbox) pairs, and ``rect`` when the caller
-        has them."""
+    def marks(self, index: int, marks: list[_Mark] | None = None) -> list[_Mark]:
+        """The margin lines of page ``index`` (``marks``: when the caller has them)."""
         if index not in self._marks:
-            if lines is None:
+            if marks is None:
+                import pymupdf
+
                 page = self.doc.load_page(index)
-                lines, rect = _page_lines(page), page.rect
-            self._marks[index] = [m for text, bbox in lines
-                                  if (m := _mark(text, bbox, rect.width, rect.height)) is not None]
+                blocks = page.get_textpage(flags=pymupdf.TEXTFLAGS_TEXT).extractDICT()["blocks"]
+                marks = [m for _, m in _page_marks(blocks, index, page.rect)]
+            self._marks[index] = marks
         return self._marks[index]
 
-    def repeated(self, index: int, lines: list[tuple[str, tuple]], rect) -> set[_Mark]:
+    def repeated(self, index: int, own: list[_Mark]) -> set[_Mark]:
         """Of page ``index``'s margin lines, those repeated on a neighbour."""
         for old in [k for k in self._marks if k < index - NEIGHBOURS]:
             del self._marks[old]
-        own = self.marks(index, lines, rect)
+        own = self.marks(index, own)
         if not own:
             return set()
         near = [m for n in range(max(0, index - NEIGHBOURS), min(self.doc.page_count, index + NEIGHBOURS + 1))
                 if n != index for m in self.marks(n)]
-        return {m for m in own if any(m.key == o.key and m.band == o.band and abs(m.where - o.where) < SAME_PLACE_PT
-                                      for o in near)}
+        return {m for m in own if any(_same_line(m, o) for o in near)}
 
 
-def _page_lines(page) -> list[tuple[str, tuple]]:
-    import pymupdf
-
-    return [(_line_text(line), tuple(line["bbox"])) for block in
-            page.get_textpage(flags=pymupdf.TEXTFLAGS_TEXT).extractDICT()["blocks"]
-            for line in block.get("lines", ()) if _line_text(line).strip()]
+def _page_marks(blocks: list, index: int, rect) -> list[tuple[dict, _Mark]]:
+    """(line, mark) for each of a page's lines that could be a running line."""
+    return [(line, m) for block in blocks for line in block.get("lines", ()) if _line_text(line).strip()
+            and (m := _mark(line, block["bbox"], index, rect.width, rect.height)) is not None]
 
 
 def _line_text(line: dict) -> str:
@@ -237,14 +283,13 @@ def page_markdown(page, textpage=None, blocks: list | None = None, running: Runn
     rect = page.rect
     lines = [line for block in blocks for line in block.get("lines", ()) if _line_text(line).strip()]
     body = _body_size(lines)
-    drop = _running(lines, page, rect, running, body)
-    dropped = [tuple(ln["bbox"]) for ln in lines if id(ln) in drop]
-    lines = [line for line in lines if id(line) not in drop]
-    words = [w for w in textpage.extractWORDS() if not _inside_any(_centre(w[:4]), dropped)]
+    # Tables first, from all the words: a number in a table is data, even in a margin band (a totals row).
+    words = textpage.extractWORDS()
     tables = _ruled_tables(page, words)
     table_boxes = [t.bbox for t in tables]
     tables += _unruled_tables([w for w in words if not _inside_any(_centre(w[:4]), table_boxes)])
     table_boxes = [t.bbox for t in tables]
+    drop = _running(blocks, lines, page, rect, running, body, table_boxes)
     units = tables + [_Unit(tuple(block["bbox"]), kept) for block in blocks
                       if (kept := [ln for ln in block.get("lines", ()) if id(ln) not in drop
                                    and _line_text(ln).strip() and not _inside_any(_centre(ln["bbox"]), table_boxes)])]
@@ -264,22 +309,34 @@ def page_markdown(page, textpage=None, blocks: list | None = None, running: Runn
     return clean_text("\n\n".join(p for p in parts if p.strip()))
 
 
-def _running(lines: list[dict], page, rect, running: RunningLines | None, body: float) -> set[int]:
-    """ids of the lines that are running heads, footers or page numbers. A line set as a heading is kept even when
-    it repeats: running heads are set no larger than the body ("Section 3" headings at the top of every page are
-    not)."""
+def _running(blocks: list, lines: list[dict], page, rect, running: RunningLines | None, body: float,
+             table_boxes: list) -> set[int]:
+    """ids of the lines that are running heads, footers or page numbers, never inside a table. A line set as a
+    heading is kept even when it repeats: running heads are set no larger than the body ("Section 3" headings at
+    the top of every page are not).
+
+    A lone page number (PAGE_NUMBER) without a neighbour's to confirm it (a one-page document, a number the
+    neighbours lack) is dropped only where page numbers go: centred or in an outer corner, alone on its row, in the
+    top or bottom band; elsewhere a number in the margin is as likely a total or a footnote's value, so it stays."""
+    marks = _page_marks(blocks, page.number, rect)
+    repeated = running.repeated(page.number, [m for _, m in marks]) if running is not None else set()
     drop = set()
-    pairs = [(_line_text(ln), tuple(ln["bbox"])) for ln in lines]
-    repeated = running.repeated(page.number, pairs, rect) if running is not None else set()
-    for line, (text, bbox) in zip(lines, pairs):
-        mark = _mark(text, bbox, rect.width, rect.height)
-        if mark is None:
+    for line, mark in marks:
+        if _inside_any(_centre(line["bbox"]), table_boxes):
             continue
-        running_line = mark in repeated and _size([line]) < body * HEADING_RATIO
-        page_number = mark.band in ("top", "bottom") and PAGE_NUMBER.match(text.strip())
-        if running_line or page_number:
+        if mark in repeated and _size([line]) < body * HEADING_RATIO:
+            drop.add(id(line))
+        elif mark.page_number and mark.band in ("top", "bottom") and _where_page_numbers_go(line, lines, rect):
             drop.add(id(line))
     return drop
+
+
+def _where_page_numbers_go(line: dict, lines: list[dict], rect) -> bool:
+    x0, y0, x1, y1 = line["bbox"]
+    centred = abs((x0 + x1) / 2 - rect.width / 2) <= CENTRED * rect.width
+    corner = x0 <= CORNER * rect.width or x1 >= (1 - CORNER) * rect.width
+    alone = not any(o is not line and o["bbox"][1] < (y0 + y1) / 2 < o["bbox"][3] for o in lines)
+    return (centred or corner) and alone
 
 
 def _centre(bbox) -> tuple[float, float]:

@@ -423,3 +423,34 @@ def rendered_logo_page():
     Image.new("RGB", (100, 50), "navy").save(buf, "PNG")
     page.insert_image((400, 20, 500, 70), stream=buf.getvalue())  # a 100 x 50 pt logo in the top margin
     return doc.tobytes(), 100 * 50 / (595 * 842)
+
+
+def test_a_converter_failure_sends_the_page_to_the_model_and_our_routing_bugs_still_surface(monkeypatch, tmp_path):
+    import pymupdf
+
+    import pipeline.route
+    import pipeline.text_layer
+    from pipeline.documents import expand_document
+
+    doc = pymupdf.open()
+    page = doc.new_page(width=595, height=842)
+    page.insert_textbox((72, 72, 523, 770), BODY, fontsize=11)
+    doc.save(tmp_path / "odd.pdf")
+
+    def pages():
+        return [r for r in expand_document(str(tmp_path / "odd.pdf"), RenderOptions(), 600, route=AUTO)
+                if r["kind"] == "page"]
+
+    def third_party_failure(*args, **kwargs):
+        raise TypeError("'NoneType' object is not subscriptable")  # as a layout library fails on an odd page
+
+    monkeypatch.setattr(pipeline.text_layer, "page_markdown", third_party_failure)
+    [row] = pages()
+    assert (row["status"], row["route_reason"], row.get("text_source")) == ("ok", "text_layer_error", None)
+    assert row["image"]
+    monkeypatch.undo()
+
+    monkeypatch.setattr(pipeline.route, "_unmapped_fonts", third_party_failure)  # a mistake in routing proper
+    [row] = pages()
+    assert (row["status"], row["error_type"]) == ("error", "render_error")
+    assert "NoneType" in row["error_message"]

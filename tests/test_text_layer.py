@@ -193,3 +193,59 @@ def test_formula_characters_by_font_and_symbol():
 
 def test_markdown_table_escapes_pipes():
     assert markdown_table([["a|b", "c"], ["1", "2\n3"]]) == "| a\\|b | c |\n|---|---|\n| 1 | 2 3 |"
+
+
+def test_numbered_first_lines_and_code_lines_are_body_text_not_running_heads():
+    import pymupdf
+
+    from pipeline.text_layer import RunningLines, page_markdown
+
+    doc = pymupdf.open()
+    for n in range(1, 4):
+        page = doc.new_page(width=595, height=842)
+        page.insert_text((72, 50), f"Question {n}: describe the process.", fontsize=11)
+        page.insert_text((72, 70), "}", fontsize=11, fontname="cour")  # a code listing's line, on every page
+        page.insert_textbox((72, 120, 523, 700), PROSE * 4, fontsize=11)
+        page.insert_text((480, 815), f"Page {n} of 3", fontsize=9)  # a real footer: its number steps with the page
+    doc = pymupdf.open("pdf", doc.tobytes())
+    running = RunningLines(doc)
+    for n in range(1, 4):
+        lines = page_markdown(doc.load_page(n - 1), running=running).splitlines()
+        assert f"Question {n}: describe the process." in lines
+        assert "}" in lines
+        assert not any("Page" in line for line in lines)
+
+
+def test_numbers_in_tables_and_beside_text_in_the_bottom_band_are_kept():
+    import pymupdf
+
+    from pipeline.text_layer import page_markdown
+
+    # a ruled table whose totals row lies in the bottom band
+    doc = pymupdf.open()
+    page = doc.new_page(width=595, height=842)
+    page.insert_textbox((72, 72, 523, 600), PROSE * 6, fontsize=11)
+    _grid(page, 72, 660, [["Item", "Qty", "Price"], ["Apples", "3", "12"], ["Pears", "5", "20"], ["Plums", "7", "9"],
+                          ["Total", "15", "41"]], ruled=True, rh=24)
+    assert page_markdown(page).endswith("| Plums | 7 | 9 |\n| Total | 15 | 41 |")
+
+    # an unruled table whose total, 42, is centred in the bottom band; a 7 alone, neither centred nor in a corner;
+    # a sum on its label's row
+    page = doc.new_page(width=595, height=842)
+    page.insert_textbox((72, 72, 523, 600), PROSE * 6, fontsize=11)
+    _grid(page, 200, 700, [["Item", "Amount"], ["Rent", "20"], ["Fees", "22"], ["Total", "42"]], ruled=False, cw=100)
+    page.insert_text((400, 800), "7", fontsize=11)
+    page.insert_text((72, 830), "Amount due", fontsize=11)
+    page.insert_text((480, 830), "64", fontsize=11)
+    text = page_markdown(page)
+    assert "| Fees | 22 |\n| Total | 42 |" in text
+    assert "\n\n7\n\n" in text and text.endswith("Amount due 64")
+
+
+def test_page_numbers_read_as_numbers_or_valid_roman_numerals_of_one_case():
+    from pipeline.text_layer import PAGE_NUMBER
+
+    for text in ("3", "- 17 -", "Page 2 of 9", "xii", "XXXIV", "iv", "p. 4", "(ix)"):
+        assert PAGE_NUMBER.match(text), text
+    for text in ("Civil", "ill", "CLI", "Mix", "Xii", "iiii", "vx", "mild", ""):
+        assert not PAGE_NUMBER.match(text), text
