@@ -379,3 +379,16 @@ def test_a_lease_from_another_host_is_taken_over_after_expiry(tmp_path):
     ok_once(pq.read_table(out / "documents").to_pylist(), pdfs)
     assert not (out / LEASE_NAME).exists()
 
+
+def test_wait_for_output_followed_by_an_input_says_how_to_write_it(capsys):
+    from pipeline.cli import build_parser
+
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["run", "--wait-for-output", "in.pdf", "--output", "out"])
+    assert exit_.value.code == 2
+    assert "--wait-for-output: expected SECONDS, got 'in.pdf': write --wait-for-output=SECONDS" \
+        in capsys.readouterr().err
+    args = build_parser().parse_args(["run", "--wait-for-output=90", "in.pdf", "--output", "out"])
+    assert args.wait_for_output == 90.0 and args.inputs == ["in.pdf"]
+    assert build_parser().parse_args(["run", "in.pdf", "--output", "out", "--wait-for-output"]).wait_for_output \
+        == 24 * 3600.0
