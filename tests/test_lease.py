@@ -392,3 +392,26 @@ def test_wait_for_output_followed_by_an_input_says_how_to_write_it(capsys):
     assert args.wait_for_output == 90.0 and args.inputs == ["in.pdf"]
     assert build_parser().parse_args(["run", "in.pdf", "--output", "out", "--wait-for-output"]).wait_for_output \
         == 24 * 3600.0
+
+
+def test_a_failing_release_does_not_hide_the_runs_own_error(tmp_path, monkeypatch, capsys):
+    """The runner releases the lease in ``finally``: a store error there is a warning, the run's error stays."""
+    from pipeline import runner
+    from pipeline.config import RunConfig
+
+    make_pdfs(tmp_path / "in", names=("a",))
+
+    def run_fails(*args, **kwargs):
+        raise RuntimeError("the run's own error")
+
+    def delete_fails(self, version):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(runner, "_run_leased", run_fails)
+    monkeypatch.setattr(LocalStore, "delete", delete_fails)
+    with pytest.raises(RuntimeError, match="the run's own error"):
+        runner.run(RunConfig(inputs=[str(tmp_path / "in")], output=str(tmp_path / "out"), executor="local",
+                             progress=False))
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"docpipe: warning: could not release the lease on {tmp_path / 'out'}: ") \
+        and "Input/output error" in line and "expires within 300 s" in line, line
