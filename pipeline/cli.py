@@ -52,9 +52,9 @@ def _add_run_args(run: argparse.ArgumentParser) -> None:
     run.add_argument("--fail-fast", action="store_true",
                      help="stop at the first error and show its traceback (runs in this process, without Ray)")
     run.add_argument("--no-resume", action="store_true", help="process every input, even those already ok in OUT")
-    run.add_argument("--wait-for-output", type=float, nargs="?", const=24 * 3600.0, metavar="SECONDS",
+    run.add_argument("--wait-for-output", type=_wait_seconds, nargs="?", const=24 * 3600.0, metavar="SECONDS",
                      help="when another run holds OUT's lease, wait for it (up to SECONDS; default a day) instead of "
-                     "stopping with exit 2")
+                     "stopping with exit 2; before the inputs, write --wait-for-output=SECONDS")
     run.add_argument("--lease-expiry", type=float, metavar="SECONDS",
                      help="a lease on OUT not renewed for this long is taken over by the next run (default 300)")
     run.add_argument("--checkpoint-seconds", type=float, help="seal output files at least this often (default 300)")
@@ -72,6 +72,17 @@ def _add_run_args(run: argparse.ArgumentParser) -> None:
                      help="with --text-layer auto, also trust a scan's invisible OCR layer")
     run.add_argument("--no-skip-blank", action="store_true", help="send blank pages to the model too")
     _add_engine_args(run)
+
+
+def _wait_seconds(text: str) -> float:
+    """--wait-for-output's optional SECONDS: the option takes the next word, so an input placed after it
+    would be read as the seconds; say how to write it instead."""
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected SECONDS, got {text!r}: write --wait-for-output=SECONDS, or put --wait-for-output after "
+            "the inputs") from None
 
 
 def build_parser() -> argparse.ArgumentParser:

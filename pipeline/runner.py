@@ -228,7 +228,11 @@ def run(config: RunConfig) -> RunResult:
         return _run_leased(config, out, run_id, lease, schema, listing, started_at, t0, wall_t0)
     finally:
         if lease is not None:
-            lease.release()
+            try:
+                lease.release()
+            except Exception as exc:  # must not hide the run's own error; the lease then simply expires
+                print(f"docpipe: warning: could not release the lease on {out.uri}: {describe(exc)} (it expires "
+                      f"within {config.lease_expiry_s:g} s)", file=sys.stderr)
 
 
 def _take_lease(config: RunConfig, uri: str, run_id: str, started_at: str):
@@ -237,7 +241,7 @@ def _take_lease(config: RunConfig, uri: str, run_id: str, started_at: str):
     from pipeline.lease import Lease, LeaseBusy, LeaseLost, store_for
     from pipeline.storage import explain
 
-    store = store_for(uri, config.storage)
+    store = store_for(uri, config.storage, config.lease_expiry_s)
     if store is None:
         print(f"docpipe: warning: no lease on {uri} (only local folders and S3 have one): nothing stops another "
               "run from writing there at the same time", file=sys.stderr)
@@ -302,8 +306,8 @@ def _run_leased(config: RunConfig, out, run_id: str, lease, schema, listing, sta
                 if rec.get("actor_engine"):  # the latest report of each actor (its peak only grows)
                     engine = json.loads(rec["actor_engine"])
                     engines[engine["actor"]] = engine
+            _check_lease(lease)  # before writing: a run that lost its lease writes nothing more
             sink.consume(records)
-            _check_lease(lease)
     _check_lease(lease)
 
     wall = time.perf_counter() - t0
@@ -319,6 +323,7 @@ def _run_leased(config: RunConfig, out, run_id: str, lease, schema, listing, sta
         listing={"documents": len(refs), "filtered_out": listing.filtered_out},
         lake=_lake_step(config, out),
         engines=sorted(engines.values(), key=lambda e: e["actor"]),
+        check=lambda: _check_lease(lease),
     )
     return RunResult(manifest, out.uri)
 

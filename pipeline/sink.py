@@ -384,12 +384,17 @@ class RunSink:
 
     def close(self, *, config: dict[str, Any], started_at: str, finished_at: str, timings: dict[str, float],
               version: str, listing: dict[str, int], lake=None,
-              engines: list[dict[str, Any]] | None = None) -> RunManifest:
+              engines: list[dict[str, Any]] | None = None, check=None) -> RunManifest:
         """Account for every input, close the tables, run ``lake`` (the Iceberg append, if any) on the
-        closed files, and write the manifest last."""
+        closed files, and write the manifest last. ``check()`` (the run's lease) raises to stop before each
+        step that writes: the final rows, the lake step and the manifest."""
+        check = check or (lambda: None)
+        check()
         self._write(self.ledger.finish_all())
         files = {"pages": self.pages.close(), "documents": self.documents.close()}  # pages first, as in checkpoint
+        check()
         iceberg = lake() if lake else None
+        check()
         manifest = RunManifest(
             run_id=self.run_id,
             docpipe_version=version,

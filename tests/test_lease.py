@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pymupdf
 import pytest
 
-from pipeline.lease import LEASE_NAME, Lease, LeaseBusy, LocalStore, S3Store, parse, s3_client
+from pipeline.lease import LEASE_NAME, Lease, LeaseBusy, LeaseLost, LocalStore, S3Store, machine_key, parse, s3_client
 from tests.conftest import REPO, run_cli
 
 TIMEOUT = 600  # a safety net only: every wait below ends on an event
@@ -83,9 +83,11 @@ def test_a_live_lease_is_refused_and_a_released_one_taken(tmp_path):
     second.release()
 
 
-def stale_lease(host: str, pid: int, expires_at: float) -> bytes:
-    return json.dumps({"run_id": "dead-run", "host": host, "pid": pid, "started_at": "2026-01-01T00:00:00Z",
-                       "expires_at": expires_at}).encode()
+def stale_lease(host: str, pid: int, expires_at: float, machine: str | None = None) -> bytes:
+    """A lease left by run "dead-run"; ``machine`` None: an older lease without the machine key."""
+    fields = {"run_id": "dead-run", "host": host, "pid": pid, "started_at": "2026-01-01T00:00:00Z",
+              "expires_at": expires_at}
+    return json.dumps(fields if machine is None else {**fields, "machine": machine}).encode()
 
 
 def dead_pid() -> int:
@@ -96,7 +98,8 @@ def dead_pid() -> int:
 
 def test_takeover_is_atomic_locally(tmp_path):
     """Eight runs wait on one dead holder's lease at once: exactly one takes it over."""
-    (tmp_path / LEASE_NAME).write_bytes(stale_lease(socket.gethostname(), dead_pid(), time.time() + 3600))
+    (tmp_path / LEASE_NAME).write_bytes(stale_lease(socket.gethostname(), dead_pid(), time.time() + 3600,
+                                                    machine_key()))
     leases = [Lease(LocalStore(str(tmp_path)), f"run-{i}", expiry_s=60) for i in range(8)]
     with ThreadPoolExecutor(8) as pool:
         holders = list(pool.map(lambda lease: lease.try_acquire(), leases))
@@ -112,6 +115,71 @@ def test_a_lease_from_another_host_is_taken_only_after_its_expiry(tmp_path):
     (tmp_path / LEASE_NAME).write_bytes(stale_lease("another-host", 1, time.time() - 1))
     lease = Lease(LocalStore(str(tmp_path)), "run-1", expiry_s=60)
     assert lease.try_acquire() is None and lease.took_over.host == "another-host"
+
+
+def test_a_dead_pid_on_this_host_name_but_another_machine_waits_for_the_expiry(tmp_path):
+    """Containers sharing one host name have separate PID namespaces: a pid missing here may be alive there. Only
+    host name and machine key together mean "this machine"; a lease without the key is another machine's."""
+    assert machine_key()  # readable here (Linux): otherwise every lease would count as another machine's
+    pid = dead_pid()
+    for machine in ("another-boot/4026531836", None):
+        (tmp_path / LEASE_NAME).write_bytes(stale_lease(socket.gethostname(), pid, time.time() + 3600, machine))
+        assert Lease(LocalStore(str(tmp_path)), "run-1", expiry_s=60).try_acquire().run_id == "dead-run"
+        (tmp_path / LEASE_NAME).write_bytes(stale_lease(socket.gethostname(), pid, time.time() - 1, machine))
+        lease = Lease(LocalStore(str(tmp_path)), "run-1", expiry_s=60)
+        assert lease.try_acquire() is None and lease.took_over.run_id == "dead-run"
+    # The same lease with this machine's key: taken over at once, the expiry an hour ahead.
+    (tmp_path / LEASE_NAME).write_bytes(stale_lease(socket.gethostname(), pid, time.time() + 3600, machine_key()))
+    lease = Lease(LocalStore(str(tmp_path)), "run-1", expiry_s=60)
+    assert lease.try_acquire() is None and lease.took_over.run_id == "dead-run"
+
+
+class FailingRenewals(LocalStore):
+    """A store whose writes fail once the lease is taken (a full disk, an NFS hiccup, S3 timeouts)."""
+
+    def replace(self, data, version):
+        raise OSError(28, "No space left on device")
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_a_run_whose_renewals_keep_failing_learns_its_lease_is_lost(tmp_path, capsys):
+    """No renewal has gone through for nearly the expiry: another run may take the lease over at any moment, so
+    check() says lost (a sixth of the expiry early) even though nobody has taken it over yet."""
+    clock = Clock()
+    lease = Lease(FailingRenewals(str(tmp_path)), "run-1", expiry_s=60, clock=clock)
+    assert lease.try_acquire() is None
+    clock.now += 20
+    assert lease._beat()  # the heartbeat's step: it fails, says so, and goes on
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("docpipe: warning: renewing the output's lease failed (OSError: ") and "No space" in line
+    clock.now += 29.9
+    lease.check()  # 49.9 s since the lease was written: within 60 - 60/6
+    clock.now += 0.2
+    with pytest.raises(LeaseLost, match="could not be renewed for 50 s"):
+        lease.check()
+    with pytest.raises(LeaseLost):
+        lease.check()  # and stays lost
+    lease.release()  # still ours in the store: given back, so the next run need not wait for the expiry
+    assert not (tmp_path / LEASE_NAME).exists()
+
+
+def test_a_lease_whose_create_went_through_unseen_is_adopted(tmp_path):
+    """A create whose response was lost, retried by the client, gets 412: the lease found then is this run's own
+    and is taken, not refused as another run's."""
+    lease = Lease(LocalStore(str(tmp_path)), "run-1", expiry_s=60)
+    (tmp_path / LEASE_NAME).write_bytes(lease._content())  # the first attempt landed
+    assert lease.try_acquire() is None and lease.took_over is None
+    lease.renew()  # with the version just read
+    assert parse((tmp_path / LEASE_NAME).read_bytes()).run_id == "run-1"
+    lease.release()
+    assert not (tmp_path / LEASE_NAME).exists()
 
 
 def test_a_holder_whose_lease_was_taken_over_learns_it(tmp_path):
@@ -142,14 +210,58 @@ def test_s3_lease_uses_conditional_writes(lease_bucket, s3, s3_env, monkeypatch)
     with pytest.raises(s3.exceptions.NoSuchKey):
         s3.get_object(Bucket=lease_bucket, Key="out/" + LEASE_NAME)
 
-    s3.put_object(Bucket=lease_bucket, Key="out/" + LEASE_NAME, Body=stale_lease("another-host", 1, time.time() - 1))
-    leases = [Lease(store(), f"run-{i}", expiry_s=60) for i in range(6)]
-    with ThreadPoolExecutor(6) as pool:
-        holders = list(pool.map(lambda lease: lease.try_acquire(), leases))
-    winners = [lease for lease, holder in zip(leases, holders) if holder is None]
-    assert len(winners) == 1 and winners[0].took_over.run_id == "dead-run"
-    body = s3.get_object(Bucket=lease_bucket, Key="out/" + LEASE_NAME)["Body"].read()
-    assert parse(body).run_id == winners[0].run_id
+    # The conditions themselves, one request at a time (moto's check-and-write is not atomic under its threaded
+    # server, so a concurrent race there would prove nothing about S3; the local flock test races for real).
+    key = "out/" + LEASE_NAME
+    s3.put_object(Bucket=lease_bucket, Key=key, Body=stale_lease("another-host", 1, time.time() - 1))
+    stale_etag = s3.head_object(Bucket=lease_bucket, Key=key)["ETag"]
+    assert not store().create(b"{}")  # If-None-Match: * with a lease there
+    taker = Lease(store(), "run-3", expiry_s=60)
+    assert taker.try_acquire() is None and taker.took_over.run_id == "dead-run"  # If-Match on the stale ETag
+    assert not store().replace(b"{}", stale_etag)  # a second taker with the same stale ETag loses
+    store().delete(stale_etag)  # and cannot delete the winner's lease either
+    assert parse(s3.get_object(Bucket=lease_bucket, Key=key)["Body"].read()).run_id == "run-3"
+    taker.release()
+    with pytest.raises(s3.exceptions.NoSuchKey):
+        s3.get_object(Bucket=lease_bucket, Key=key)
+
+
+def test_s3_lease_deleted_under_its_holder_counts_as_lost(lease_bucket, s3, s3_env, monkeypatch):
+    """If-Match on a deleted object answers 404 NoSuchKey: a failed condition, not a store error."""
+    for k, v in s3_env.items():
+        monkeypatch.setenv(k, v)
+    key = "deleted/" + LEASE_NAME
+    lease = Lease(S3Store(lease_bucket, key, s3_client(expiry_s=60)), "run-1", expiry_s=60)
+    assert lease.try_acquire() is None
+    s3.delete_object(Bucket=lease_bucket, Key=key)  # e.g. a taker that took it over and released it
+    assert not lease.store.replace(b"{}", lease.version)
+    with pytest.raises(LeaseLost, match="lease was removed"):
+        lease.renew()
+    assert not lease._beat() and "removed" in lease.lost  # the heartbeat stops; check() reports it
+    with pytest.raises(LeaseLost):
+        lease.check()
+    lease.release()  # nothing there to delete: no error
+
+
+def test_s3_lease_whose_create_went_through_unseen_is_adopted(lease_bucket, s3, s3_env, monkeypatch):
+    for k, v in s3_env.items():
+        monkeypatch.setenv(k, v)
+    key = "adopt/" + LEASE_NAME
+    lease = Lease(S3Store(lease_bucket, key, s3_client(expiry_s=60)), "run-1", expiry_s=60)
+    s3.put_object(Bucket=lease_bucket, Key=key, Body=lease._content())  # as if our first PUT landed unseen
+    assert lease.try_acquire() is None and lease.took_over is None
+    assert lease.version == s3.head_object(Bucket=lease_bucket, Key=key)["ETag"]
+    lease.renew()
+    lease.release()
+    with pytest.raises(s3.exceptions.NoSuchKey):
+        s3.get_object(Bucket=lease_bucket, Key=key)
+
+
+def test_the_lease_client_cannot_outlast_the_expiry():
+    """One request, retries included, stays well under a third of the expiry (the heartbeat's interval)."""
+    config = s3_client(expiry_s=60).meta.config
+    assert config.retries["total_max_attempts"] == 2
+    assert 2 * (config.connect_timeout + config.read_timeout) <= 60 / 6
 
 
 # --- real runs ----------------------------------------------------------------------------------------------
@@ -258,12 +370,48 @@ def test_a_lease_from_another_host_is_taken_over_after_expiry(tmp_path):
     assert "in use by run dead-run (host another-host, pid 1," in line
     assert parse((out / LEASE_NAME).read_bytes()).run_id == "dead-run"
 
-    # The same lease, expiring a moment from now: a waiting run takes it over once it has expired.
-    expires = time.time() + 2
-    (out / LEASE_NAME).write_bytes(stale_lease("another-host", 1, expires))
-    b = run_cli(*run_args(tmp_path / "in", out, job, "--wait-for-output", "600"))
+    # The same lease, expired: taken over.
+    (out / LEASE_NAME).write_bytes(stale_lease("another-host", 1, time.time() - 1))
+    b = run_cli(*run_args(tmp_path / "in", out, job))
     assert b.returncode == 0, b.stderr[-3000:]
     assert "took over the lease" in b.stderr and "dead-run" in b.stderr
     [manifest] = [json.loads(p.read_text()) for p in (out / "_runs").glob("*.json")]
     ok_once(pq.read_table(out / "documents").to_pylist(), pdfs)
     assert not (out / LEASE_NAME).exists()
+
+
+def test_wait_for_output_followed_by_an_input_says_how_to_write_it(capsys):
+    from pipeline.cli import build_parser
+
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["run", "--wait-for-output", "in.pdf", "--output", "out"])
+    assert exit_.value.code == 2
+    assert "--wait-for-output: expected SECONDS, got 'in.pdf': write --wait-for-output=SECONDS" \
+        in capsys.readouterr().err
+    args = build_parser().parse_args(["run", "--wait-for-output=90", "in.pdf", "--output", "out"])
+    assert args.wait_for_output == 90.0 and args.inputs == ["in.pdf"]
+    assert build_parser().parse_args(["run", "in.pdf", "--output", "out", "--wait-for-output"]).wait_for_output \
+        == 24 * 3600.0
+
+
+def test_a_failing_release_does_not_hide_the_runs_own_error(tmp_path, monkeypatch, capsys):
+    """The runner releases the lease in ``finally``: a store error there is a warning, the run's error stays."""
+    from pipeline import runner
+    from pipeline.config import RunConfig
+
+    make_pdfs(tmp_path / "in", names=("a",))
+
+    def run_fails(*args, **kwargs):
+        raise RuntimeError("the run's own error")
+
+    def delete_fails(self, version):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(runner, "_run_leased", run_fails)
+    monkeypatch.setattr(LocalStore, "delete", delete_fails)
+    with pytest.raises(RuntimeError, match="the run's own error"):
+        runner.run(RunConfig(inputs=[str(tmp_path / "in")], output=str(tmp_path / "out"), executor="local",
+                             progress=False))
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"docpipe: warning: could not release the lease on {tmp_path / 'out'}: ") \
+        and "Input/output error" in line and "expires within 300 s" in line, line

@@ -93,3 +93,26 @@ def test_stale_tmp_files_of_killed_runs_are_removed(tmp_path):
     (part / "_tmp-part-r1-00000.parquet").write_bytes(b"this run's open file")
     assert remove_stale_tmp(out, keep_run="r1") == 1  # only the caller, the lease holder, is run r1
     assert sorted(p.name for p in part.iterdir()) == ["_tmp-part-r1-00000.parquet", "part-r0-00000.parquet"]
+
+
+def test_close_stops_before_the_lake_step_and_the_manifest_once_the_lease_is_lost(tmp_path):
+    """``check`` (the run's lease) is asked before each writing step of close: lost after the tables are
+    closed, the lake step never runs and no manifest is written."""
+    import pytest
+
+    from pipeline.sink import RunSink, prepare_output
+
+    out = prepare_output(str(tmp_path / "out"))
+    sink = RunSink(out, "r1", [DocumentRef("a.pdf")], rows_per_file=10)
+    asked, lake_ran = [], []
+
+    def check():
+        asked.append(len(asked))
+        if len(asked) == 2:  # the first call passes (before the final rows); the second, after the tables
+            raise RuntimeError("lease lost")
+
+    with pytest.raises(RuntimeError, match="lease lost"):
+        sink.close(config={}, started_at="2026-01-01T00:00:00Z", finished_at="2026-01-01T00:00:01Z", timings={},
+                   version="0", listing={}, lake=lambda: lake_ran.append(1), check=check)
+    assert asked == [0, 1] and lake_ran == []
+    assert not (tmp_path / "out" / "_runs").exists() or not list((tmp_path / "out" / "_runs").iterdir())
