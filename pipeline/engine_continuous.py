@@ -153,6 +153,7 @@ class ContinuousEngine:
         self.capacity_pages = max(1, pages_in_flight)
         capacity = self.rows_per_page * self.capacity_pages
         self.bank = torch.zeros(capacity, text_config.hidden_size, dtype=loaded.dtype, device=loaded.device)
+        self.bank_rows = capacity
         self._free = [range(0, capacity)]  # free row ranges
         self._rows_freed = threading.Condition()
         self.pages_in_flight = 0
@@ -334,6 +335,8 @@ class ContinuousEngine:
             return self._queue(prompt, rows, max_new_tokens, forced)
         except Exception:
             self._give_rows(rows)
+            if self.dead:  # the loop died (and close() may have dropped the bank) while this page went in
+                raise LoopDied(self.dead) from None
             raise
 
     def _queue(self, prompt: list[int], rows: range, max_new_tokens: int, forced: bool) -> Future:
@@ -352,7 +355,11 @@ class ContinuousEngine:
                                    + (self.manager.background_thread_status.can_accept_new_requests() or "stopped"))
         except Exception:
             with self._lock:
-                self._pending.pop(request_id, None)
+                mine = self._pending.pop(request_id, None) is not None
+            if not mine:  # _die took the page meanwhile: it gave its rows back and failed its future with LoopDied
+                return future
+            if self.dead:  # the loop died as the page went in: lost to it, not failed (the caller retries it)
+                raise LoopDied(self.dead) from None
             raise
         return future
 
@@ -381,6 +388,8 @@ class ContinuousEngine:
                     self._die("the continuous-batching loop stopped" + _fatal(self.manager))
                 elif time.monotonic() - self._last_progress > self.opts.engine_stall_timeout_s:
                     self._die(f"the continuous-batching loop gave no result in {self.opts.engine_stall_timeout_s:g} s")
+                if self.dead:  # a failed manager's get_result returns at once: no busy spin until close()
+                    self._stop.wait(0.1)
                 continue
             self._last_progress = time.monotonic()
             if not result.is_finished():
@@ -413,8 +422,10 @@ class ContinuousEngine:
 
     # ---------------------------------------------------------------------------------------- the bank
     def _take_rows(self, n: int) -> range:
-        if n > self.bank.shape[0]:
-            raise ValueError(f"a page with {n} image rows exceeds the feature bank ({self.bank.shape[0]} rows)")
+        if self.dead:  # before the bank, which close() drops
+            raise LoopDied(self.dead)
+        if n > self.bank_rows:
+            raise ValueError(f"a page with {n} image rows exceeds the feature bank ({self.bank_rows} rows)")
         with self._rows_freed:
             while True:
                 if self.dead:
@@ -439,17 +450,41 @@ class ContinuousEngine:
             self.pages_in_flight -= 1
             self._rows_freed.notify_all()
 
-    def close(self) -> None:
-        """Stop the manager (waiting a little for its loop). The text model was never changed, so there is nothing
-        to put back: generate runs on it even while a stuck loop still holds the shell."""
+    def stop_loop(self) -> None:
+        """Stop the manager and the result thread. The shell gets its own attention back (5.17-5.19 gave it a paged
+        one): it can then run as a plain causal LM on its bank (jobs/gpu_check.py compares its logits)."""
         if hasattr(self, "_stop"):
             self._stop.set()
         manager = getattr(self, "manager", None)
-        if manager is not None and manager.is_running():
+        # Whenever its thread was started, even one that died: stop() releases the cache, is_running() would skip it.
+        if manager is not None and getattr(manager, "_generation_thread", None) is not None:
             try:
-                manager.stop(block=True, timeout=10)
+                manager.stop(block=True, timeout=10, hard_stop=True)  # hard_stop: in transformers 5.17 and 5.24
             except Exception:
                 pass
+        dispatcher = getattr(self, "_dispatcher", None)
+        if dispatcher is not None and dispatcher is not threading.current_thread():
+            dispatcher.join(timeout=10)  # a safety net: it wakes every 0.1 s and sees _stop
+
+    def close(self) -> None:
+        """Stop the loop and let go of its memory. The text model was never changed, so there is nothing to put
+        back: generate runs on it even while a stuck loop still holds the shell."""
+        import gc
+
+        import torch
+
+        self.stop_loop()
+        manager = getattr(self, "manager", None)
+        status = getattr(manager, "background_thread_status", None)
+        if getattr(status, "fatal_error", None) is not None:
+            status.fatal_error = None  # its traceback's frames hold the manager, its cache and batch tensors
+        self.manager = manager = status = None
+        if getattr(self, "lm", None) is not None:
+            self.lm.model.embed_tokens.bank = None  # the shell holds the feature bank as a buffer
+        self.bank = None
+        gc.collect()
+        if self.m.device == "cuda" and torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the cache and bank back to the device, for generate's batches
 
 
 def _share_leaves(shell, source) -> None:
