@@ -82,7 +82,7 @@ def test_a_failing_page_in_the_continuous_engine_gets_its_error_row_and_its_neig
         if row["status"] == "ok":
             assert row["text"] == alone[key], key
     # the bank's rows all came back: nothing leaks when pages fail
-    assert engine.pages_in_flight == 0 and engine._free == [range(0, engine.bank.shape[0])]
+    assert engine.pages_in_flight == 0 and engine._free == [range(0, engine.bank_rows)]
 
 
 def test_a_long_run_on_the_continuous_engine_holds_a_bounded_number_of_pages(tmp_path):
@@ -263,6 +263,72 @@ def test_pages_in_flight_when_the_continuous_loop_dies_mid_run_are_decoded_by_ge
         assert (row["status"], row["text"], row["output_tokens"]) == (
             "ok", expected[key]["text"], expected[key]["output_tokens"]), key
     assert counters["model_retries"] >= 1  # pages the loop took and died with, decoded again by generate
+
+
+def test_two_calls_in_flight_when_the_continuous_loop_dies_get_every_page_and_no_exception(tiny_model, sample_docs,
+                                                                                          monkeypatch):
+    """Two calls of one actor (threads) in flight; the loop dies at its third forward pass of the run. The second
+    call sees it first and swaps the stage to generate while the first call is between two of its batches (made
+    certain by events): the first call still submits and waits on the engine it started with, its pages are lost
+    to that engine and retried on generate, no exception escapes, and every page gets generate's text."""
+    import threading
+
+    pages = _pages(sample_docs / "report.pdf", sample_docs / "receipt.png", sample_docs / "scan.jpg")
+    opts = ModelOptions(name="tiny-random", max_new_tokens=8, batch_size=1)
+    alone = {(r["source_uri"], r["page_number"]): (r["status"], r["text"], r["output_tokens"])
+             for r in OcrStage(opts.model_copy(update={"engine": "generate"}), loaded=tiny_model)(
+                 [dict(p) for p in pages])}
+    # no page of the second call ends within the two forward passes the loop makes: they all die with it
+    assert min(alone[(p["source_uri"], p["page_number"])][2] for p in pages[2:]) > 2
+    monkeypatch.setenv("DOCPIPE_FAULT_CB", "die-after:2")  # the third forward pass of the run raises
+    first_in, swapped = threading.Event(), threading.Event()
+
+    class Orchestrated(OcrStage):
+        calls = 0
+
+        def prepare_inputs(self, batch):
+            if threading.current_thread().name == "first" and not swapped.is_set():
+                Orchestrated.calls += 1
+                if Orchestrated.calls == 1:
+                    first_in.set()  # its first batch goes to the continuous engine; now the second call starts
+                else:
+                    swapped.wait(timeout=120)  # a safety net: the second call's fallback sets it
+            return super().prepare_inputs(batch)
+
+        def _fall_back(self, dead):
+            super()._fall_back(dead)
+            swapped.set()
+
+    stage = Orchestrated(opts.model_copy(update={"engine": "continuous"}), loaded=tiny_model)
+    continuous = stage.engine
+    assert continuous.name == "continuous"
+    results, raised = {}, {}
+
+    def call(name, records):
+        try:
+            results[name] = stage([dict(p) for p in records])
+        except BaseException as exc:  # noqa: BLE001 -- what escaped the stage is the finding
+            raised[name] = exc
+
+    first = threading.Thread(target=call, args=("first", pages[:2]), name="first")
+    second = threading.Thread(target=call, args=("second", pages[2:]), name="second")
+    first.start()
+    assert first_in.wait(timeout=120)
+    second.start()
+    for t in (first, second):
+        t.join(timeout=300)  # a safety net
+        assert not t.is_alive()
+    assert swapped.is_set() and Orchestrated.calls == 2  # the first call's second batch came after the swap
+    assert raised == {}
+    out = results["first"] + results["second"]
+    assert {(r["source_uri"], r["page_number"]): (r["status"], r["text"], r["output_tokens"]) for r in out} == alone
+    # the first call's second page went in after the loop died: lost to it, and decoded again
+    assert any(r["retries"] >= 1 for r in results["first"])
+    assert stage.engine.name == "generate" and stage.engine_record["reason"].startswith("fallback mid-run: ")
+    assert stage.engine_record["peak_pages_in_flight"] == continuous.peak_pages_in_flight >= 1  # kept after it
+    # the dead engine let go of its memory: manager, feature bank and result thread
+    assert continuous.manager is None and continuous.bank is None and continuous.lm.model.embed_tokens.bank is None
+    assert not continuous._dispatcher.is_alive()
 
 
 def test_the_decoding_shell_drops_a_sliding_window_no_request_reaches_and_decodes_the_same_tokens(tiny_model,
