@@ -215,13 +215,17 @@ class ContinuousEngine:
             allow_block_sharing=False,
             num_blocks=blocks_per_page * max(1, pages_in_flight),
             max_requests_per_batch=max(1, pages_in_flight),
-            # Tokens per forward pass: a few prefills at a time on a CPU; transformers' default on a GPU.
-            max_batch_tokens=None if cuda else 2 * prompt,
+            # Tokens per forward pass: a few prefills at a time on a CPU; the plan's on a GPU (None would let 5.17 fill
+            # free memory with the attention mask, [tokens, cache + tokens], eating what the encoding needs).
+            max_batch_tokens=self.plan.batch_tokens if self.plan is not None else 2 * prompt,
             # bitsandbytes kernels are not graph-capturable: those weights decode eagerly. Otherwise None:
             # transformers' own heuristic (it knows which attention paths capture well), captured in warm-up.
             use_cuda_graph=False if quantized or not cuda else None,
             default_compile_level=0,
             **cb_config_kwargs(accepted, page_size),
+            # transformers' own footprint check against what the plan gives it: all but the encoding's share
+            **({"max_memory_percent": self.plan.memory_fraction()}
+               if self.plan is not None and "max_memory_percent" in accepted else {}),
         )
         notes = ["bitsandbytes weights: no CUDA graphs"] if cuda and quantized else []
         if self.plan is not None:
@@ -505,15 +509,24 @@ def _plan_on_gpu(loaded, opts, prompt_tokens: int, rows_per_page: int, splitting
     """The engine's size on this GPU, from the memory left after loading (pipeline/engine_sizing.py)."""
     import torch
 
-    from pipeline.engine_sizing import encode_bytes_per_page, kv_bytes_per_page, plan_pages
+    from pipeline.engine_sizing import (batch_tokens, encode_bytes_per_page, kv_bytes_per_page, kv_bytes_per_token,
+                                        plan_pages)
 
     config = loaded.model.config
     dtype_bytes = torch.finfo(loaded.dtype).bits // 8
     free, total = torch.cuda.mem_get_info()
+    kv_per_page = kv_bytes_per_page(config.text_config, prompt_tokens, opts.max_new_tokens, dtype_bytes)
+    window = shell_sliding_window(getattr(config.text_config, "sliding_window", None), prompt_tokens,
+                                  opts.max_new_tokens)
     return plan_pages(
         free, total,
-        kv_per_page=kv_bytes_per_page(config.text_config, prompt_tokens, opts.max_new_tokens, dtype_bytes),
+        kv_per_page=kv_per_page,
         encode_per_page=encode_bytes_per_page(config, 5 if splitting else 1, dtype_bytes),
         bank_per_page=rows_per_page * config.text_config.hidden_size * dtype_bytes,
         batch_size=opts.batch_size, max_pages=opts.max_pages_in_flight,
+        batch_tokens=batch_tokens(prompt_tokens, opts.max_pages_in_flight),
+        cache_tokens_per_page=kv_per_page // kv_bytes_per_token(config.text_config, dtype_bytes),
+        # transformers' masks: none with flash attention, one per attention type (sliding is a second) otherwise
+        masks=0 if loaded.attention.startswith("flash") else (1 if window is None else 2),
+        dtype_bytes=dtype_bytes,
     )

@@ -349,12 +349,18 @@ def test_the_decoding_shell_drops_a_sliding_window_no_request_reaches_and_decode
     assert without["continuous"] == kept["continuous"] == without["generate"]
 
 
-def test_gpu_sizing_for_idefics2_8b_holds_over_128_pages_on_an_80_gb_card_and_bounds_the_encoding_peak():
+def test_gpu_sizing_for_idefics2_8b_holds_over_128_pages_on_an_80_gb_card_and_bounds_the_encoding_peak(monkeypatch):
     """pipeline/engine_sizing.py with idefics2-8b's configuration (pipeline/assets) in bf16, after loading its
-    16.8 GB of weights; numbers given, so it runs on a CPU."""
+    16.8 GB of weights; numbers given, so it runs on a CPU. The plan is then handed to transformers' own paged cache
+    (built on the meta device, the GPU's memory faked): its footprint (KV cache, attention mask, activation peaks),
+    the feature bank and the encoding must fit in the memory left after loading."""
     import json
+    import types
 
-    from transformers import Idefics2Config
+    import torch
+    from transformers import ContinuousBatchingConfig, Idefics2Config
+    from transformers.generation.continuous_batching import cache as paged
+    from transformers.generation.continuous_batching.initialization import resolve_continuous_batching_config
 
     from pipeline import engine_sizing as sizing
     from tests.conftest import REPO
@@ -367,15 +373,43 @@ def test_gpu_sizing_for_idefics2_8b_holds_over_128_pages_on_an_80_gb_card_and_bo
     encode = sizing.encode_bytes_per_page(config, 5, 2)
     assert 2.0e9 < encode < 2.7e9  # 5 crops of 4900 patches through the 14336-wide connector
     bank = 320 * 4096 * 2
+    batch_tokens = sizing.batch_tokens(356)
+    assert batch_tokens == 256 + 4 * 356  # every page decoding and four prefills a step, under transformers' 8192
+    text = config.text_config  # the decoding shell's: sdpa, no sliding window (no page reaches it)
+    text._attn_implementation, text.sliding_window = "sdpa", None
+    seen = {}
+    footprint = paged.PagedAttentionMemoryHandler.compute_memory_footprint
+
+    def spy(handler, max_batch_tokens, sectors):
+        seen.update(bytes=footprint(handler, max_batch_tokens, sectors),
+                    mask=handler.attention_mask_bytes(max_batch_tokens, sectors))
+        return seen["bytes"]
+
+    monkeypatch.setattr(paged.PagedAttentionMemoryHandler, "compute_memory_footprint", spy)
     GiB = 2**30
     for total_gib, weights, batch, least in [(80, 16.8e9, 4, 128), (141, 16.8e9, 4, 256), (80, 16.8e9, 16, 128)]:
         total = total_gib * GiB
         free = int(total - weights - 1 * GiB)  # the CUDA context and allocator slack
-        plan = sizing.plan_pages(free, total, kv, encode, bank, batch_size=batch)
-        assert least <= plan.pages_in_flight <= sizing.DEFAULT_MAX_PAGES, (total_gib, plan)
+        plan = sizing.plan_pages(free, total, kv, encode, bank, batch_size=batch, batch_tokens=batch_tokens,
+                                 cache_tokens_per_page=7 * 256, masks=1)
+        assert least <= plan.pages_in_flight <= sizing.DEFAULT_MAX_PAGES, (total_gib, plan)  # 80 GB: 193 (198 unmasked)
         usable = free - sizing.RESERVE_FRACTION * total - sizing.RESERVE_BYTES
         assert 1 <= plan.encode_pages <= batch and plan.encode_pages * encode <= sizing.ENCODE_SHARE * usable
-        assert plan.encode_pages * encode + plan.pages_in_flight * (kv + bank) <= usable  # no default OOMs
+        # transformers, as the engine calls it on that GPU (the bank already allocated), sizes what it was told
+        in_use = total - free + plan.pages_in_flight * bank
+        monkeypatch.setattr(paged, "get_device_and_memory_breakdown",
+                            lambda: (torch.device("cuda"), total, in_use, in_use))
+        cb = ContinuousBatchingConfig(allow_block_sharing=False, num_blocks=7 * plan.pages_in_flight,
+                                      max_requests_per_batch=plan.pages_in_flight, max_batch_tokens=plan.batch_tokens,
+                                      use_cuda_graph=False, default_compile_level=0, page_size=256,
+                                      max_memory_percent=plan.memory_fraction())
+        cb = resolve_continuous_batching_config(text, cb, None, has_logit_processors=False, device=torch.device("cuda"))
+        cache = paged.PagedAttentionCache(text, cb, device="meta", distributed_helper=types.SimpleNamespace(tp_size=1),
+                                          dtype=torch.bfloat16)  # raises MemoryError past max_memory_percent
+        assert (cache.max_batch_tokens, cache.num_blocks) == (batch_tokens, 7 * plan.pages_in_flight)
+        assert seen["mask"] == plan.mask_bytes  # the plan counts transformers' mask to the byte
+        # everything the engine holds at once fits in the memory left after loading, with room to spare
+        assert seen["bytes"] + plan.pages_in_flight * bank + plan.encode_pages * encode <= free - 1 * GiB, total_gib
     assert sizing.plan_pages(int(80 * GiB - 16.8e9), 80 * GiB, kv, encode, bank, 4, max_pages=64).pages_in_flight == 64
     starved = sizing.plan_pages(1 * GiB, 24 * GiB, kv, encode, bank, 4)  # nothing left: one page at a time
     assert (starved.pages_in_flight, starved.encode_pages) == (1, 1)
@@ -441,5 +475,9 @@ def test_on_a_gpu_the_engine_is_sized_from_the_memory_left_after_loading(tiny_mo
     assert plan.kv_bytes_per_page == sizing.kv_bytes_per_page(text, 400, 64, 4)  # float32 on this CPU
     assert plan.encode_bytes_per_page == sizing.encode_bytes_per_page(tiny_model.model.config, 5, 4)
     assert (plan.pages_in_flight, plan.encode_pages) == (sizing.DEFAULT_MAX_PAGES, 4)  # a tiny model: the cap
+    # sdpa and no sliding window the pages reach: one attention mask of 256 + 4 x 400 tokens by the cache's tokens
+    assert plan.batch_tokens == 256 + 4 * 400
+    assert plan.mask_bytes == (256 + 4 * 400) * (256 * 3 * 256 + 256 + 4 * 400) * 4  # 3 blocks of 256 per page
     capped = _plan_on_gpu(tiny_model, opts.model_copy(update={"max_pages_in_flight": 48}), 400, 320, True)
     assert capped.pages_in_flight == 48 and "48 pages in flight" in capped.describe()
+    assert capped.batch_tokens == 48 + 4 * 400 and f"{48 + 4 * 400} tokens a step" in capped.describe()
