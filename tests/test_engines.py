@@ -331,6 +331,26 @@ def test_two_calls_in_flight_when_the_continuous_loop_dies_get_every_page_and_no
     assert not continuous._dispatcher.is_alive()
 
 
+def test_a_page_queued_as_the_loop_dies_is_lost_to_it_and_its_bank_rows_come_back_once(tiny_model, sample_docs):
+    """The loop dies between the engine's dead check and the manager's refusal of the page (add_request returns
+    None): the page is lost to the loop (retried on generate, not an error row) and its rows are given back once."""
+    pages = _pages(sample_docs / "receipt.png")
+    opts = ModelOptions(name="tiny-random", max_new_tokens=8)
+    [alone] = OcrStage(opts.model_copy(update={"engine": "generate"}), loaded=tiny_model)([dict(p) for p in pages])
+    stage = OcrStage(opts.model_copy(update={"engine": "continuous"}), loaded=tiny_model)
+    engine = stage.engine
+
+    def dies_meanwhile(*args, **kwargs):
+        engine._die("the loop died (simulated)")  # fails the pages in flight, this one included
+        return None  # what a stopping manager answers
+
+    engine.manager.add_request = dies_meanwhile
+    [page] = stage([dict(p) for p in pages])
+    assert (page["status"], page["text"], page["retries"]) == ("ok", alone["text"], 1)
+    assert engine.pages_in_flight == 0 and engine._free == [range(0, engine.bank_rows)]
+    assert stage.engine.name == "generate" and stage.engine_record["peak_pages_in_flight"] == 1
+
+
 def test_the_decoding_shell_drops_a_sliding_window_no_request_reaches_and_decodes_the_same_tokens(tiny_model,
                                                                                                   monkeypatch):
     """Like Mistral-7B's, the tiny text model has a 4096-token window, which no page reaches: the shell decodes
