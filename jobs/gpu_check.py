@@ -388,6 +388,9 @@ def agreement(loaded, opts, records: list[dict[str, Any]]) -> dict[str, Any]:
                                "agree": all(p["equal"] for p in pages), "engines": [gen.engine.name, cont.engine.name],
                                "max_new_tokens": opts.max_new_tokens, "per_page": pages}
         try:
+            # The loop stopped first: its stop gives the shell its attention back (5.17-5.19 switch it to paged|sdpa,
+            # which then refuses a call without the paged cache); the bank and the shell stay for the comparison.
+            getattr(cont.engine, "stop_loop", lambda: None)()
             out["first_step_max_logit_diff"] = _first_step_logit_diff(loaded, cont, records)
             out["logit_dtype"] = str(loaded.dtype).replace("torch.", "")
         except Exception as exc:  # the comparison reaches into the engine: record, don't lose the agreement

@@ -153,6 +153,7 @@ class ContinuousEngine:
         self.capacity_pages = max(1, pages_in_flight)
         capacity = self.rows_per_page * self.capacity_pages
         self.bank = torch.zeros(capacity, text_config.hidden_size, dtype=loaded.dtype, device=loaded.device)
+        self.bank_rows = capacity
         self._free = [range(0, capacity)]  # free row ranges
         self._rows_freed = threading.Condition()
         self.pages_in_flight = 0
@@ -214,13 +215,17 @@ class ContinuousEngine:
             allow_block_sharing=False,
             num_blocks=blocks_per_page * max(1, pages_in_flight),
             max_requests_per_batch=max(1, pages_in_flight),
-            # Tokens per forward pass: a few prefills at a time on a CPU; transformers' default on a GPU.
-            max_batch_tokens=None if cuda else 2 * prompt,
+            # Tokens per forward pass: a few prefills at a time on a CPU; the plan's on a GPU (None would let 5.17 fill
+            # free memory with the attention mask, [tokens, cache + tokens], eating what the encoding needs).
+            max_batch_tokens=self.plan.batch_tokens if self.plan is not None else 2 * prompt,
             # bitsandbytes kernels are not graph-capturable: those weights decode eagerly. Otherwise None:
             # transformers' own heuristic (it knows which attention paths capture well), captured in warm-up.
             use_cuda_graph=False if quantized or not cuda else None,
             default_compile_level=0,
             **cb_config_kwargs(accepted, page_size),
+            # transformers' own footprint check against what the plan gives it: all but the encoding's share
+            **({"max_memory_percent": self.plan.memory_fraction()}
+               if self.plan is not None and "max_memory_percent" in accepted else {}),
         )
         notes = ["bitsandbytes weights: no CUDA graphs"] if cuda and quantized else []
         if self.plan is not None:
@@ -334,6 +339,8 @@ class ContinuousEngine:
             return self._queue(prompt, rows, max_new_tokens, forced)
         except Exception:
             self._give_rows(rows)
+            if self.dead:  # the loop died (and close() may have dropped the bank) while this page went in
+                raise LoopDied(self.dead) from None
             raise
 
     def _queue(self, prompt: list[int], rows: range, max_new_tokens: int, forced: bool) -> Future:
@@ -352,7 +359,11 @@ class ContinuousEngine:
                                    + (self.manager.background_thread_status.can_accept_new_requests() or "stopped"))
         except Exception:
             with self._lock:
-                self._pending.pop(request_id, None)
+                mine = self._pending.pop(request_id, None) is not None
+            if not mine:  # _die took the page meanwhile: it gave its rows back and failed its future with LoopDied
+                return future
+            if self.dead:  # the loop died as the page went in: lost to it, not failed (the caller retries it)
+                raise LoopDied(self.dead) from None
             raise
         return future
 
@@ -381,6 +392,8 @@ class ContinuousEngine:
                     self._die("the continuous-batching loop stopped" + _fatal(self.manager))
                 elif time.monotonic() - self._last_progress > self.opts.engine_stall_timeout_s:
                     self._die(f"the continuous-batching loop gave no result in {self.opts.engine_stall_timeout_s:g} s")
+                if self.dead:  # a failed manager's get_result returns at once: no busy spin until close()
+                    self._stop.wait(0.1)
                 continue
             self._last_progress = time.monotonic()
             if not result.is_finished():
@@ -413,8 +426,10 @@ class ContinuousEngine:
 
     # ---------------------------------------------------------------------------------------- the bank
     def _take_rows(self, n: int) -> range:
-        if n > self.bank.shape[0]:
-            raise ValueError(f"a page with {n} image rows exceeds the feature bank ({self.bank.shape[0]} rows)")
+        if self.dead:  # before the bank, which close() drops
+            raise LoopDied(self.dead)
+        if n > self.bank_rows:
+            raise ValueError(f"a page with {n} image rows exceeds the feature bank ({self.bank_rows} rows)")
         with self._rows_freed:
             while True:
                 if self.dead:
@@ -439,17 +454,41 @@ class ContinuousEngine:
             self.pages_in_flight -= 1
             self._rows_freed.notify_all()
 
-    def close(self) -> None:
-        """Stop the manager (waiting a little for its loop). The text model was never changed, so there is nothing
-        to put back: generate runs on it even while a stuck loop still holds the shell."""
+    def stop_loop(self) -> None:
+        """Stop the manager and the result thread. The shell gets its own attention back (5.17-5.19 gave it a paged
+        one): it can then run as a plain causal LM on its bank (jobs/gpu_check.py compares its logits)."""
         if hasattr(self, "_stop"):
             self._stop.set()
         manager = getattr(self, "manager", None)
-        if manager is not None and manager.is_running():
+        # Whenever its thread was started, even one that died: stop() releases the cache, is_running() would skip it.
+        if manager is not None and getattr(manager, "_generation_thread", None) is not None:
             try:
-                manager.stop(block=True, timeout=10)
+                manager.stop(block=True, timeout=10, hard_stop=True)  # hard_stop: in transformers 5.17 and 5.24
             except Exception:
                 pass
+        dispatcher = getattr(self, "_dispatcher", None)
+        if dispatcher is not None and dispatcher is not threading.current_thread():
+            dispatcher.join(timeout=10)  # a safety net: it wakes every 0.1 s and sees _stop
+
+    def close(self) -> None:
+        """Stop the loop and let go of its memory. The text model was never changed, so there is nothing to put
+        back: generate runs on it even while a stuck loop still holds the shell."""
+        import gc
+
+        import torch
+
+        self.stop_loop()
+        manager = getattr(self, "manager", None)
+        status = getattr(manager, "background_thread_status", None)
+        if getattr(status, "fatal_error", None) is not None:
+            status.fatal_error = None  # its traceback's frames hold the manager, its cache and batch tensors
+        self.manager = manager = status = None
+        if getattr(self, "lm", None) is not None:
+            self.lm.model.embed_tokens.bank = None  # the shell holds the feature bank as a buffer
+        self.bank = None
+        gc.collect()
+        if self.m.device == "cuda" and torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the cache and bank back to the device, for generate's batches
 
 
 def _share_leaves(shell, source) -> None:
@@ -470,15 +509,24 @@ def _plan_on_gpu(loaded, opts, prompt_tokens: int, rows_per_page: int, splitting
     """The engine's size on this GPU, from the memory left after loading (pipeline/engine_sizing.py)."""
     import torch
 
-    from pipeline.engine_sizing import encode_bytes_per_page, kv_bytes_per_page, plan_pages
+    from pipeline.engine_sizing import (batch_tokens, encode_bytes_per_page, kv_bytes_per_page, kv_bytes_per_token,
+                                        plan_pages)
 
     config = loaded.model.config
     dtype_bytes = torch.finfo(loaded.dtype).bits // 8
     free, total = torch.cuda.mem_get_info()
+    kv_per_page = kv_bytes_per_page(config.text_config, prompt_tokens, opts.max_new_tokens, dtype_bytes)
+    window = shell_sliding_window(getattr(config.text_config, "sliding_window", None), prompt_tokens,
+                                  opts.max_new_tokens)
     return plan_pages(
         free, total,
-        kv_per_page=kv_bytes_per_page(config.text_config, prompt_tokens, opts.max_new_tokens, dtype_bytes),
+        kv_per_page=kv_per_page,
         encode_per_page=encode_bytes_per_page(config, 5 if splitting else 1, dtype_bytes),
         bank_per_page=rows_per_page * config.text_config.hidden_size * dtype_bytes,
         batch_size=opts.batch_size, max_pages=opts.max_pages_in_flight,
+        batch_tokens=batch_tokens(prompt_tokens, opts.max_pages_in_flight),
+        cache_tokens_per_page=kv_per_page // kv_bytes_per_token(config.text_config, dtype_bytes),
+        # transformers' masks: none with flash attention, one per attention type (sliding is a second) otherwise
+        masks=0 if loaded.attention.startswith("flash") else (1 if window is None else 2),
+        dtype_bytes=dtype_bytes,
     )

@@ -9,6 +9,9 @@ Per page, two costs matter:
   vision tower's own activations with a memory-efficient attention kernel.
 The encoding is done a few pages at a time (``encode_pages``), so its peak is bounded whatever the batch size;
 what memory is left after that and a reserve holds the KV cache of ``pages_in_flight`` pages.
+
+Without flash attention, transformers also preallocates an attention mask of batch tokens x (cache tokens + batch
+tokens) in the model's dtype: a per-page cost (its cache tokens) and a fixed one, counted here too.
 """
 
 from __future__ import annotations
@@ -24,6 +27,10 @@ RESERVE_FRACTION = 0.10
 RESERVE_BYTES = 2 * 2**30
 # Share of the usable memory the image encoding may take at its peak.
 ENCODE_SHARE = 0.25
+# transformers' own default tokens per forward pass: the most the loop takes, whatever the pages.
+MAX_BATCH_TOKENS = 8192
+# Prefills a step may hold beside the decodes of every page in flight.
+PREFILLS_PER_STEP = 4
 
 
 @dataclass(frozen=True)
@@ -33,11 +40,33 @@ class EnginePlan:
     kv_bytes_per_page: int
     encode_bytes_per_page: int
     free_bytes: int  # memory left after loading, as measured
+    batch_tokens: int = 0  # tokens per forward pass of the loop (transformers' max_batch_tokens)
+    mask_bytes: int = 0  # the attention mask transformers preallocates for them (0: flash attention, or none given)
 
     def describe(self) -> str:
         return (f"{self.pages_in_flight} pages in flight, encoding {self.encode_pages} at a time (sized from "
                 f"{self.free_bytes / 2**30:.1f} GiB free: {self.kv_bytes_per_page / 2**20:.0f} MiB KV and "
-                f"{self.encode_bytes_per_page / 2**20:.0f} MiB encoding peak per page)")
+                f"{self.encode_bytes_per_page / 2**20:.0f} MiB encoding peak per page"
+                + (f"; {self.batch_tokens} tokens a step, {self.mask_bytes / 2**20:.0f} MiB attention mask)"
+                   if self.batch_tokens else ")"))
+
+    def memory_fraction(self) -> float:
+        """transformers' max_memory_percent: all of the memory free when its cache is made but the encoding's share,
+        so its own footprint check (KV cache, mask, its activation peaks) fails rather than eat into the encoding."""
+        return max(0.05, 1 - self.encode_pages * self.encode_bytes_per_page / max(1, self.free_bytes))
+
+
+def batch_tokens(prompt_tokens: int, max_pages: int | None = None) -> int:
+    """Tokens per forward pass: a decode token for every page the engine may hold and PREFILLS_PER_STEP pages'
+    prefills, up to MAX_BATCH_TOKENS. More would add mask memory (growing with the cache) and no throughput: a
+    forward of ~2 k tokens already keeps an 8B model's matmuls compute-bound (idefics2-8b: 256 + 4 x 356 = 1680)."""
+    return min(MAX_BATCH_TOKENS, (max_pages or DEFAULT_MAX_PAGES) + PREFILLS_PER_STEP * prompt_tokens)
+
+
+def mask_bytes(batch_tokens: int, cache_tokens: int, dtype_bytes: int, masks: int = 1) -> int:
+    """transformers' preallocated attention mask, [batch tokens, cache tokens + batch tokens] in the model's dtype:
+    one per attention type (two with a sliding window), none with flash attention."""
+    return masks * batch_tokens * (cache_tokens + batch_tokens) * dtype_bytes
 
 
 def kv_bytes_per_token(text_config, dtype_bytes: int) -> int:
@@ -65,15 +94,19 @@ def encode_bytes_per_page(config, crops_per_page: int, dtype_bytes: int) -> int:
 
 
 def plan_pages(free_bytes: int, total_bytes: int, kv_per_page: int, encode_per_page: int, bank_per_page: int,
-               batch_size: int, max_pages: int | None = None) -> EnginePlan:
+               batch_size: int, max_pages: int | None = None, batch_tokens: int = 0, cache_tokens_per_page: int = 0,
+               masks: int = 0, dtype_bytes: int = 2) -> EnginePlan:
     """Pages in flight and pages per encoder call for ``free_bytes`` of device memory left after loading.
 
     A reserve stays free; the encoding gets up to ENCODE_SHARE of the rest in whole pages (at least one, at most
-    ``batch_size``); the KV cache and feature bank of ``pages_in_flight`` pages fill what remains, up to
-    ``max_pages`` (DEFAULT_MAX_PAGES)."""
+    ``batch_size``); the KV cache, feature bank and attention-mask share (``masks`` of them for ``batch_tokens``,
+    see mask_bytes) of ``pages_in_flight`` pages fill what remains, up to ``max_pages`` (DEFAULT_MAX_PAGES)."""
     cap = max_pages or DEFAULT_MAX_PAGES
     usable = max(0, free_bytes - int(RESERVE_FRACTION * total_bytes) - RESERVE_BYTES)
     encode_pages = max(1, min(batch_size, int(ENCODE_SHARE * usable) // max(1, encode_per_page)))
-    left = max(0, usable - encode_pages * encode_per_page)
-    pages = max(1, min(cap, left // max(1, kv_per_page + bank_per_page)))
-    return EnginePlan(pages, encode_pages, kv_per_page, encode_per_page, free_bytes)
+    fixed = mask_bytes(batch_tokens, 0, dtype_bytes, masks)  # the mask's batch x batch part
+    per_page = kv_per_page + bank_per_page + mask_bytes(batch_tokens, cache_tokens_per_page, dtype_bytes, masks) - fixed
+    left = max(0, usable - encode_pages * encode_per_page - fixed)
+    pages = max(1, min(cap, left // max(1, per_page)))
+    return EnginePlan(pages, encode_pages, kv_per_page, encode_per_page, free_bytes, batch_tokens,
+                      mask_bytes(batch_tokens, pages * cache_tokens_per_page, dtype_bytes, masks))

@@ -59,8 +59,9 @@ class OcrStage:
         forced = self.forced or lengths is not None
         size = self.opts.batch_size
         batches = [todo[start : start + size] for start in range(0, len(todo), size)]
-        if self.engine.streams:
-            self._stream(batches, forced)
+        engine = self.engine  # once per call: another call in flight may swap it for generate mid-way
+        if engine.streams:
+            self._stream(engine, batches, forced)
         else:
             for batch in batches:
                 self._generate_resilient(batch, forced)
@@ -69,14 +70,17 @@ class OcrStage:
                 rec.pop(key, None)
         return out + todo
 
-    def _stream(self, batches: list[list[dict[str, Any]]], forced: bool) -> None:
+    def _stream(self, engine, batches: list[list[dict[str, Any]]], forced: bool) -> None:
         """Continuous engine: every batch is encoded and submitted before any result is awaited, so the
         engine never drains between batches; each page's result or error lands in its own row."""
-        submitted = []
+        from pipeline.engine_continuous import LoopDied
+
+        submitted, lost = [], []  # lost: pages the continuous loop took, or refused, and died with
         for batch in batches:
             try:
-                submitted.append((batch, self.engine.submit(self.prepare_inputs(batch), [r["_cap"] for r in batch],
-                                                            forced)))
+                submitted.append((batch, engine.submit(self.prepare_inputs(batch), [r["_cap"] for r in batch], forced)))
+            except LoopDied:
+                lost += batch
             except Exception:
                 reraise_if_fail_fast()
                 _free_cuda_cache()
@@ -86,19 +90,18 @@ class OcrStage:
                 for rec in batch:  # the batch's encoding failed: each page on its own, so only a bad one fails
                     rec["retries"] += 1
                     try:
-                        submitted.append(([rec], self.engine.submit(self.prepare_inputs([rec]), [rec["_cap"]], forced)))
+                        submitted.append(([rec], engine.submit(self.prepare_inputs([rec]), [rec["_cap"]], forced)))
+                    except LoopDied:
+                        lost.append(rec)
                     except Exception:
                         reraise_if_fail_fast()
                         _mark_failed(rec)
-        from pipeline.engine_continuous import LoopDied
-
-        engine = self.engine
-        lost = []  # pages the continuous loop took and died with
         for batch, handles in submitted:
             results = engine.wait(handles)
             lost += [rec for rec, r in zip(batch, results) if isinstance(r, LoopDied)]
             kept = [(rec, r) for rec, r in zip(batch, results) if not isinstance(r, LoopDied)]
             self._fill([rec for rec, _ in kept], [r for _, r in kept])
+        submitted = handles = results = None  # the dead engine's futures hold its errors: let them go before retrying
         if lost or getattr(engine, "dead", None):
             self._fall_back(engine)
         if lost:  # the loop died under them: generate decodes them as it would have (same greedy tokens)
@@ -120,7 +123,8 @@ class OcrStage:
             self.engine = GenerateEngine(self.m, self.opts, self.stop_ids, self.pad_id)
             self.forced = self.opts.min_new_tokens >= self.opts.max_new_tokens and self.engine.streams
             self.engine_record = self.engine_record | {
-                "engine": "generate", "reason": f"fallback mid-run: {dead.dead}", "attention": self.m.attention}
+                "engine": "generate", "reason": f"fallback mid-run: {dead.dead}", "attention": self.m.attention,
+                "peak_pages_in_flight": dead.peak_pages_in_flight}  # kept: generate has no figure of its own
 
     def _generate_resilient(self, batch: list[dict[str, Any]], forced: bool) -> None:
         """Generate for ``batch`` in place; on failure (CUDA out of memory, say) retry in halves, so only a

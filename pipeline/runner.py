@@ -112,7 +112,8 @@ def _model_actor(model_opts, extract_opts, task: str):
                         records = stage(records)
             engine = json.dumps(self.ocr.engine_record | {
                 "actor": self.actor, "peak_calls_in_flight": self.peak_calls,
-                "peak_pages_in_flight": getattr(self.ocr.engine, "peak_pages_in_flight", None)})
+                "peak_pages_in_flight": getattr(self.ocr.engine, "peak_pages_in_flight", None)  # after a fallback:
+                or self.ocr.engine_record.get("peak_pages_in_flight")})  # the dead continuous engine's figure
             for rec in records:
                 rec["actor_ready_at"] = self.ready_at
                 rec["actor_engine"] = engine

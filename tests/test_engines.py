@@ -82,7 +82,7 @@ def test_a_failing_page_in_the_continuous_engine_gets_its_error_row_and_its_neig
         if row["status"] == "ok":
             assert row["text"] == alone[key], key
     # the bank's rows all came back: nothing leaks when pages fail
-    assert engine.pages_in_flight == 0 and engine._free == [range(0, engine.bank.shape[0])]
+    assert engine.pages_in_flight == 0 and engine._free == [range(0, engine.bank_rows)]
 
 
 def test_a_long_run_on_the_continuous_engine_holds_a_bounded_number_of_pages(tmp_path):
@@ -265,6 +265,92 @@ def test_pages_in_flight_when_the_continuous_loop_dies_mid_run_are_decoded_by_ge
     assert counters["model_retries"] >= 1  # pages the loop took and died with, decoded again by generate
 
 
+def test_two_calls_in_flight_when_the_continuous_loop_dies_get_every_page_and_no_exception(tiny_model, sample_docs,
+                                                                                          monkeypatch):
+    """Two calls of one actor (threads) in flight; the loop dies at its third forward pass of the run. The second
+    call sees it first and swaps the stage to generate while the first call is between two of its batches (made
+    certain by events): the first call still submits and waits on the engine it started with, its pages are lost
+    to that engine and retried on generate, no exception escapes, and every page gets generate's text."""
+    import threading
+
+    pages = _pages(sample_docs / "report.pdf", sample_docs / "receipt.png", sample_docs / "scan.jpg")
+    opts = ModelOptions(name="tiny-random", max_new_tokens=8, batch_size=1)
+    alone = {(r["source_uri"], r["page_number"]): (r["status"], r["text"], r["output_tokens"])
+             for r in OcrStage(opts.model_copy(update={"engine": "generate"}), loaded=tiny_model)(
+                 [dict(p) for p in pages])}
+    # no page of the second call ends within the two forward passes the loop makes: they all die with it
+    assert min(alone[(p["source_uri"], p["page_number"])][2] for p in pages[2:]) > 2
+    monkeypatch.setenv("DOCPIPE_FAULT_CB", "die-after:2")  # the third forward pass of the run raises
+    first_in, swapped = threading.Event(), threading.Event()
+
+    class Orchestrated(OcrStage):
+        calls = 0
+
+        def prepare_inputs(self, batch):
+            if threading.current_thread().name == "first" and not swapped.is_set():
+                Orchestrated.calls += 1
+                if Orchestrated.calls == 1:
+                    first_in.set()  # its first batch goes to the continuous engine; now the second call starts
+                else:
+                    swapped.wait(timeout=120)  # a safety net: the second call's fallback sets it
+            return super().prepare_inputs(batch)
+
+        def _fall_back(self, dead):
+            super()._fall_back(dead)
+            swapped.set()
+
+    stage = Orchestrated(opts.model_copy(update={"engine": "continuous"}), loaded=tiny_model)
+    continuous = stage.engine
+    assert continuous.name == "continuous"
+    results, raised = {}, {}
+
+    def call(name, records):
+        try:
+            results[name] = stage([dict(p) for p in records])
+        except BaseException as exc:  # noqa: BLE001 -- what escaped the stage is the finding
+            raised[name] = exc
+
+    first = threading.Thread(target=call, args=("first", pages[:2]), name="first")
+    second = threading.Thread(target=call, args=("second", pages[2:]), name="second")
+    first.start()
+    assert first_in.wait(timeout=120)
+    second.start()
+    for t in (first, second):
+        t.join(timeout=300)  # a safety net
+        assert not t.is_alive()
+    assert swapped.is_set() and Orchestrated.calls == 2  # the first call's second batch came after the swap
+    assert raised == {}
+    out = results["first"] + results["second"]
+    assert {(r["source_uri"], r["page_number"]): (r["status"], r["text"], r["output_tokens"]) for r in out} == alone
+    # the first call's second page went in after the loop died: lost to it, and decoded again
+    assert any(r["retries"] >= 1 for r in results["first"])
+    assert stage.engine.name == "generate" and stage.engine_record["reason"].startswith("fallback mid-run: ")
+    assert stage.engine_record["peak_pages_in_flight"] == continuous.peak_pages_in_flight >= 1  # kept after it
+    # the dead engine let go of its memory: manager, feature bank and result thread
+    assert continuous.manager is None and continuous.bank is None and continuous.lm.model.embed_tokens.bank is None
+    assert not continuous._dispatcher.is_alive()
+
+
+def test_a_page_queued_as_the_loop_dies_is_lost_to_it_and_its_bank_rows_come_back_once(tiny_model, sample_docs):
+    """The loop dies between the engine's dead check and the manager's refusal of the page (add_request returns
+    None): the page is lost to the loop (retried on generate, not an error row) and its rows are given back once."""
+    pages = _pages(sample_docs / "receipt.png")
+    opts = ModelOptions(name="tiny-random", max_new_tokens=8)
+    [alone] = OcrStage(opts.model_copy(update={"engine": "generate"}), loaded=tiny_model)([dict(p) for p in pages])
+    stage = OcrStage(opts.model_copy(update={"engine": "continuous"}), loaded=tiny_model)
+    engine = stage.engine
+
+    def dies_meanwhile(*args, **kwargs):
+        engine._die("the loop died (simulated)")  # fails the pages in flight, this one included
+        return None  # what a stopping manager answers
+
+    engine.manager.add_request = dies_meanwhile
+    [page] = stage([dict(p) for p in pages])
+    assert (page["status"], page["text"], page["retries"]) == ("ok", alone["text"], 1)
+    assert engine.pages_in_flight == 0 and engine._free == [range(0, engine.bank_rows)]
+    assert stage.engine.name == "generate" and stage.engine_record["peak_pages_in_flight"] == 1
+
+
 def test_the_decoding_shell_drops_a_sliding_window_no_request_reaches_and_decodes_the_same_tokens(tiny_model,
                                                                                                   monkeypatch):
     """Like Mistral-7B's, the tiny text model has a 4096-token window, which no page reaches: the shell decodes
@@ -283,12 +369,18 @@ def test_the_decoding_shell_drops_a_sliding_window_no_request_reaches_and_decode
     assert without["continuous"] == kept["continuous"] == without["generate"]
 
 
-def test_gpu_sizing_for_idefics2_8b_holds_over_128_pages_on_an_80_gb_card_and_bounds_the_encoding_peak():
+def test_gpu_sizing_for_idefics2_8b_holds_over_128_pages_on_an_80_gb_card_and_bounds_the_encoding_peak(monkeypatch):
     """pipeline/engine_sizing.py with idefics2-8b's configuration (pipeline/assets) in bf16, after loading its
-    16.8 GB of weights; numbers given, so it runs on a CPU."""
+    16.8 GB of weights; numbers given, so it runs on a CPU. The plan is then handed to transformers' own paged cache
+    (built on the meta device, the GPU's memory faked): its footprint (KV cache, attention mask, activation peaks),
+    the feature bank and the encoding must fit in the memory left after loading."""
     import json
+    import types
 
-    from transformers import Idefics2Config
+    import torch
+    from transformers import ContinuousBatchingConfig, Idefics2Config
+    from transformers.generation.continuous_batching import cache as paged
+    from transformers.generation.continuous_batching.initialization import resolve_continuous_batching_config
 
     from pipeline import engine_sizing as sizing
     from tests.conftest import REPO
@@ -301,15 +393,43 @@ def test_gpu_sizing_for_idefics2_8b_holds_over_128_pages_on_an_80_gb_card_and_bo
     encode = sizing.encode_bytes_per_page(config, 5, 2)
     assert 2.0e9 < encode < 2.7e9  # 5 crops of 4900 patches through the 14336-wide connector
     bank = 320 * 4096 * 2
+    batch_tokens = sizing.batch_tokens(356)
+    assert batch_tokens == 256 + 4 * 356  # every page decoding and four prefills a step, under transformers' 8192
+    text = config.text_config  # the decoding shell's: sdpa, no sliding window (no page reaches it)
+    text._attn_implementation, text.sliding_window = "sdpa", None
+    seen = {}
+    footprint = paged.PagedAttentionMemoryHandler.compute_memory_footprint
+
+    def spy(handler, max_batch_tokens, sectors):
+        seen.update(bytes=footprint(handler, max_batch_tokens, sectors),
+                    mask=handler.attention_mask_bytes(max_batch_tokens, sectors))
+        return seen["bytes"]
+
+    monkeypatch.setattr(paged.PagedAttentionMemoryHandler, "compute_memory_footprint", spy)
     GiB = 2**30
     for total_gib, weights, batch, least in [(80, 16.8e9, 4, 128), (141, 16.8e9, 4, 256), (80, 16.8e9, 16, 128)]:
         total = total_gib * GiB
         free = int(total - weights - 1 * GiB)  # the CUDA context and allocator slack
-        plan = sizing.plan_pages(free, total, kv, encode, bank, batch_size=batch)
-        assert least <= plan.pages_in_flight <= sizing.DEFAULT_MAX_PAGES, (total_gib, plan)
+        plan = sizing.plan_pages(free, total, kv, encode, bank, batch_size=batch, batch_tokens=batch_tokens,
+                                 cache_tokens_per_page=7 * 256, masks=1)
+        assert least <= plan.pages_in_flight <= sizing.DEFAULT_MAX_PAGES, (total_gib, plan)  # 80 GB: 193 (198 unmasked)
         usable = free - sizing.RESERVE_FRACTION * total - sizing.RESERVE_BYTES
         assert 1 <= plan.encode_pages <= batch and plan.encode_pages * encode <= sizing.ENCODE_SHARE * usable
-        assert plan.encode_pages * encode + plan.pages_in_flight * (kv + bank) <= usable  # no default OOMs
+        # transformers, as the engine calls it on that GPU (the bank already allocated), sizes what it was told
+        in_use = total - free + plan.pages_in_flight * bank
+        monkeypatch.setattr(paged, "get_device_and_memory_breakdown",
+                            lambda: (torch.device("cuda"), total, in_use, in_use))
+        cb = ContinuousBatchingConfig(allow_block_sharing=False, num_blocks=7 * plan.pages_in_flight,
+                                      max_requests_per_batch=plan.pages_in_flight, max_batch_tokens=plan.batch_tokens,
+                                      use_cuda_graph=False, default_compile_level=0, page_size=256,
+                                      max_memory_percent=plan.memory_fraction())
+        cb = resolve_continuous_batching_config(text, cb, None, has_logit_processors=False, device=torch.device("cuda"))
+        cache = paged.PagedAttentionCache(text, cb, device="meta", distributed_helper=types.SimpleNamespace(tp_size=1),
+                                          dtype=torch.bfloat16)  # raises MemoryError past max_memory_percent
+        assert (cache.max_batch_tokens, cache.num_blocks) == (batch_tokens, 7 * plan.pages_in_flight)
+        assert seen["mask"] == plan.mask_bytes  # the plan counts transformers' mask to the byte
+        # everything the engine holds at once fits in the memory left after loading, with room to spare
+        assert seen["bytes"] + plan.pages_in_flight * bank + plan.encode_pages * encode <= free - 1 * GiB, total_gib
     assert sizing.plan_pages(int(80 * GiB - 16.8e9), 80 * GiB, kv, encode, bank, 4, max_pages=64).pages_in_flight == 64
     starved = sizing.plan_pages(1 * GiB, 24 * GiB, kv, encode, bank, 4)  # nothing left: one page at a time
     assert (starved.pages_in_flight, starved.encode_pages) == (1, 1)
@@ -375,5 +495,9 @@ def test_on_a_gpu_the_engine_is_sized_from_the_memory_left_after_loading(tiny_mo
     assert plan.kv_bytes_per_page == sizing.kv_bytes_per_page(text, 400, 64, 4)  # float32 on this CPU
     assert plan.encode_bytes_per_page == sizing.encode_bytes_per_page(tiny_model.model.config, 5, 4)
     assert (plan.pages_in_flight, plan.encode_pages) == (sizing.DEFAULT_MAX_PAGES, 4)  # a tiny model: the cap
+    # sdpa and no sliding window the pages reach: one attention mask of 256 + 4 x 400 tokens by the cache's tokens
+    assert plan.batch_tokens == 256 + 4 * 400
+    assert plan.mask_bytes == (256 + 4 * 400) * (256 * 3 * 256 + 256 + 4 * 400) * 4  # 3 blocks of 256 per page
     capped = _plan_on_gpu(tiny_model, opts.model_copy(update={"max_pages_in_flight": 48}), 400, 320, True)
     assert capped.pages_in_flight == 48 and "48 pages in flight" in capped.describe()
+    assert capped.batch_tokens == 48 + 4 * 400 and f"{48 + 4 * 400} tokens a step" in capped.describe()
