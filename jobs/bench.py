@@ -148,7 +148,7 @@ def measure_routing(paths: list[Path], opts, longest_edge: int) -> dict[str, flo
         doc = pymupdf.open(p)
         running = RunningLines(doc)
         for page in doc:
-            pymupdf_text_layer(page, running)
+            pymupdf_text_layer(page, running).page_text()  # the Markdown is made on demand
             pages += 1
     text_layer_cpu = (time.process_time() - cpu) / pages
     return {"model_page_fraction": sum(s is None for s in sources) / len(sources),

@@ -125,9 +125,6 @@ def _route(page, rendered, route: RouteOptions) -> dict[str, Any]:
     if route.text_layer == "auto":
         try:
             layer = page.text_layer()
-        except ConversionError:  # the converter's libraries failed on this page's PDF: the model reads it
-            reraise_if_fail_fast()
-            layer, reason = None, "text_layer_error"
         except (AttributeError, TypeError, NameError):
             raise  # our code's mistake, not the document's: the page's error row shows it (a silent model read hid one)
         except Exception:  # a layer the renderer cannot read is not trusted: the model reads the page
@@ -135,8 +132,13 @@ def _route(page, rendered, route: RouteOptions) -> dict[str, Any]:
             layer, reason = None, "text_layer_error"
         verdict = trust_text_layer(layer, route)
         if verdict.trusted:
-            return {"text": clean_text(layer.text), "text_source": "text_layer", "route_reason": verdict.reason}
-        if reason != "text_layer_error":
+            try:
+                return {"text": clean_text(layer.page_text()), "text_source": "text_layer",
+                        "route_reason": verdict.reason}
+            except ConversionError:  # the converter's libraries failed on this page's PDF: the model reads it
+                reraise_if_fail_fast()
+                reason = "text_layer_error"
+        elif reason != "text_layer_error":
             reason = verdict.reason
     if route.skip_blank and is_blank(_pixels(rendered), route):
         return {"text": "", "text_source": "blank", "route_reason": "blank"}

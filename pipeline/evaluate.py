@@ -208,7 +208,7 @@ def score_against_text_layer(rows: OutputRows, storage=None) -> tuple[dict[str, 
     """Model-read pages of PDFs whose text layer the routing rules trust, scored against that layer."""
     from pipeline.config import RouteOptions
     from pipeline.documents import PDF, sniff_media_type
-    from pipeline.route import pymupdf_text_layer, trust_text_layer
+    from pipeline.route import ConversionError, pymupdf_text_layer, trust_text_layer
     from pipeline.text_layer import RunningLines, clean_text
     from pipeline.storage import read_bytes
 
@@ -252,9 +252,14 @@ def score_against_text_layer(rows: OutputRows, storage=None) -> tuple[dict[str, 
             if not trust_text_layer(layer, rules).trusted:
                 skipped["no_trusted_text_layer"] += 1
                 continue
+            try:
+                reference = clean_text(layer.page_text())
+            except ConversionError:  # the converter failed on this page: nothing to score against
+                skipped["unreadable_text_layer"] += 1
+                continue
             per_page.append({"source_uri": uri, "doc_id": row["doc_id"], "page_number": row["page_number"],
                              "status": row["status"], "text_source": row["text_source"], "missing": False,
-                             **edits(markdown_words(clean_text(layer.text)), markdown_words(row["text"]))})
+                             **edits(markdown_words(reference), markdown_words(row["text"]))})
     summary = summarise(per_page, [])
     summary["pages_not_scored"] = skipped
     return summary, per_page

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import unicodedata
 from dataclasses import dataclass
+from typing import Callable
 
 from pipeline.config import RouteOptions
 from pipeline.text_layer import normalise_layout  # noqa: F401  (re-exported: how pages carry text)
@@ -37,7 +38,9 @@ CELLS = 256  # blank detection: cells along the page's longest side
 class TextLayer:
     """What the routing rules need from a page's text layer; renderer-neutral (see documents.py)."""
 
-    text: str  # the layer's text in reading order (before normalise_layout)
+    # The layer's text, or (PyMuPDF) how to make its Markdown: made by page_text only for a page read from its
+    # layer, since the conversion is most of the layer's cost and a page the model reads never needs it.
+    text: str | Callable[[], str]
     width_pt: float
     height_pt: float
     chars: int  # non-space characters drawn, wherever and however
@@ -47,6 +50,10 @@ class TextLayer:
     unmapped_fonts: int  # Type0 Identity fonts with no ToUnicode map
     image_coverage: float  # share of the page covered by its largest image
     math_chars: int = 0  # of those: in math fonts, or math symbols (text_layer.math_char_count)
+
+    def page_text(self) -> str:
+        """The layer's text; PyMuPDF's Markdown is made here (ConversionError if the converter fails)."""
+        return self.text() if callable(self.text) else self.text
 
 
 class ConversionError(Exception):
@@ -89,9 +96,9 @@ def trust_text_layer(layer: TextLayer | None, opts: RouteOptions) -> Verdict:
 
 
 def pymupdf_text_layer(page, running=None) -> TextLayer:
-    """A PyMuPDF page's text layer, from one text page: its Markdown (text_layer.page_markdown; ``running``: the
-    document's text_layer.RunningLines) and per-span facts. Text outside the page is clipped away by MuPDF, so it
-    is neither counted nor kept."""
+    """A PyMuPDF page's text layer, from one text page: per-span facts, and how to make its Markdown
+    (text_layer.page_markdown; ``running``: the document's text_layer.RunningLines). Text outside the page is
+    clipped away by MuPDF, so it is neither counted nor kept."""
     import pymupdf
 
     from pipeline.text_layer import math_char_count, page_markdown
@@ -116,12 +123,15 @@ def pymupdf_text_layer(page, running=None) -> TextLayer:
     # /Rotate 90 full-page scan covers only a square of its page.
     coverage = max((abs(pymupdf.Rect(bbox) * page.rotation_matrix & rect) / area for kind, bbox in page.get_bboxlog()
                     if kind in ("fill-image", "fill-imgmask")), default=0.0)
-    try:
-        text = page_markdown(page, tp, blocks, running)
-    except Exception as exc:  # only the converter: a mistake in the facts above still surfaces as one
-        raise ConversionError(f"{type(exc).__name__}: {exc}") from exc
+
+    def markdown() -> str:
+        try:
+            return page_markdown(page, tp, blocks, running)
+        except Exception as exc:  # only the converter: a mistake in the facts above still surfaces as one
+            raise ConversionError(f"{type(exc).__name__}: {exc}") from exc
+
     return TextLayer(
-        text=text,
+        text=markdown,
         width_pt=rect.width,
         height_pt=rect.height,
         chars=chars,

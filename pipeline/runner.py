@@ -309,7 +309,6 @@ def _run_leased(config: RunConfig, out, run_id: str, lease, schema, listing, sta
                     engines[engine["actor"]] = engine
             _check_lease(lease)  # before writing: a run that lost its lease writes nothing more
             sink.consume(records)
-    _check_lease(lease)
 
     wall = time.perf_counter() - t0
     timings = {"wall_s": round(wall, 3), "pages_per_s": round(pages_seen / wall, 4) if wall else 0.0}
