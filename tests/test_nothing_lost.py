@@ -137,7 +137,8 @@ def test_killed_midway_then_resumed_ends_with_every_document_ok_once(sample_docs
     inputs = sorted(str(p) for p in folder.iterdir())
     out = tmp_path / "out"
     args = [sys.executable, "-m", "pipeline.cli", "run", str(folder), "--output", str(out), "--model", "tiny-random",
-            "--max-new-tokens", "2", "--checkpoint-seconds", "0.5", "--num-actors", "1", "--no-progress"]
+            "--max-new-tokens", "2", "--checkpoint-seconds", "0.5", "--num-actors", "1", "--no-progress",
+            "--text-layer", "never"]  # every page through the model: the run must outlast the first sealed file
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     victim = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
@@ -201,7 +202,8 @@ def test_a_model_actor_that_dies_is_restarted_and_its_pages_retried(sample_docs,
     marker.write_text("x")
     out = tmp_path / "out"
     proc = run_cli("run", sample_docs, "--output", out, "--model", "tiny-random", "--max-new-tokens", "2",
-                   "--num-actors", "1", "--no-progress", env={"DOCPIPE_FAULT_DIE_ONCE": str(marker)})
+                   "--num-actors", "1", "--no-progress", "--text-layer", "never",  # every page to the actor that dies
+                   env={"DOCPIPE_FAULT_DIE_ONCE": str(marker)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not marker.exists()  # the actor really died once
     inputs = sorted(str(p) for p in sample_docs.iterdir())
@@ -250,7 +252,8 @@ def test_a_worker_node_killed_mid_run_loses_nothing(sample_docs, tmp_path, gpus_
                    for _ in range(2)]
         cluster.wait_for_nodes()
         args = [sys.executable, "-m", "pipeline.cli", "run", str(folder), "--output", str(out), "--model",
-                "tiny-random", "--max-new-tokens", "2", "--checkpoint-seconds", "0.5", "--no-progress"]
+                "tiny-random", "--max-new-tokens", "2", "--checkpoint-seconds", "0.5", "--no-progress",
+                "--text-layer", "never"]  # every page through the model actors: the run outlasts the kill
         if not gpus_per_worker:
             args += ["--num-actors", "2"]
         proc = subprocess.Popen(args, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO),
