@@ -356,24 +356,24 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "run":
-            from pipeline.runner import run
+            from pipeline.execute.run import run
 
             result = run(config_from_args(args, args.inputs, args.output))
             print_summary(result)
         elif args.command == "submit":
-            from pipeline.submit import source_tree, submit
+            from pipeline.execute.submit import source_tree, submit
 
             working_dir = None if args.no_working_dir else (args.working_dir or source_tree())
             return submit(config_from_args(args, args.inputs, args.output), args.address, working_dir=working_dir,
                           env=args.env, wait=args.wait, submission_id=args.submission_id)
         elif args.command == "demo":
-            from jobs.demo import main as demo_main
+            from pipeline.tools.demo import main as demo_main
 
             demo_main(args)
         elif args.command == "eval":
             import json
 
-            from pipeline.evaluate import evaluate, print_report
+            from pipeline.tools.evaluate import evaluate, print_report
 
             summary = evaluate(args.output, labels=args.labels, against=args.against, scores=args.scores)
             print_report(summary)
@@ -382,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
                     json.dump(summary, f, indent=2)
         elif args.command == "report":
             from pipeline.config import StorageOptions
-            from pipeline.report import ReportOptions, write_report
+            from pipeline.tools.report import ReportOptions, write_report
 
             storage = StorageOptions(**{k: v for k, v in (("endpoint_url", args.endpoint_url), ("region", args.region),
                                                             ("anonymous", args.anonymous or None)) if v is not None})
@@ -403,12 +403,12 @@ def main(argv: list[str] | None = None) -> int:
 
             print(json.dumps(config_schema(args.finetune), indent=2))
         elif args.command == "finetune":
-            from pipeline.runner import finetune
+            from pipeline.execute.run import finetune
 
             config = finetune_config_from_args(args)
             print_finetune_summary(finetune(config), config.output)
         elif args.command == "bench":
-            from jobs.bench import main as bench_main
+            from pipeline.tools.bench import main as bench_main
 
             bench_main(args)
         sys.stdout.flush()  # here, not at exit: a reader gone by now (`| head`) is handled below

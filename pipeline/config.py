@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_serializer
 DEFAULT_MODEL = "HuggingFaceM4/idefics2-8b"
 TINY_MODEL = "tiny-random"
 
-# Both routes write a page in one format (pipeline/text_layer.py writes a trusted text layer this way), so a reader
+# Both routes write a page in one format (pipeline/render/text_layer.py writes a trusted text layer this way), so a reader
 # cannot tell from the text which route wrote it; text_source says. finetune trains on this same prompt.
 OCR_PROMPT = (
     "Transcribe this page as Markdown, in reading order: # headings, Markdown tables (an HTML table where cells "
@@ -71,7 +71,7 @@ class ModelOptions(_Options):
         None, ge=1,
         description="Pages the continuous engine holds at once on a GPU (its decode batch's cap). Default (null): "
         "sized from the GPU memory left after loading (each page's KV cache and image-encoding peak), up to 256: "
-        "about 200 for idefics2-8b in bf16 on an 80 GB card (pipeline/engine_sizing.py). On a CPU: "
+        "about 200 for idefics2-8b in bf16 on an 80 GB card (pipeline/model/sizing.py). On a CPU: "
         "calls_in_flight x rows_per_call.",
     )
     engine_stall_timeout_s: float = Field(
@@ -141,7 +141,7 @@ class RenderOptions(_Options):
 
 
 class RouteOptions(_Options):
-    """Which pages go to the model. Decided per page in the render stage (pipeline/route.py); a page answered
+    """Which pages go to the model. Decided per page in the render stage (pipeline/render/route.py); a page answered
     otherwise (its PDF text layer, or blank) is never shipped to the model actors."""
 
     text_layer: Literal["never", "auto"] = Field(

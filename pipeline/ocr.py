@@ -13,14 +13,14 @@ from typing import Any
 from pipeline import errors
 from pipeline.config import ModelOptions
 from pipeline.errors import describe, reraise_if_fail_fast
-from pipeline.model import LoadedModel, chat_prompt, load_model, stop_and_pad_ids
+from pipeline.model.load import LoadedModel, chat_prompt, load_model, stop_and_pad_ids
 from pipeline.records import PAGE
-from pipeline.render import RAW_CODEC, decode_raw
+from pipeline.render.pixels import RAW_CODEC, decode_raw
 
 
 class OcrStage:
     def __init__(self, opts: ModelOptions, checkpoint: str | None = None, loaded: LoadedModel | None = None):
-        from pipeline.engine import choose_engine
+        from pipeline.model.engine import choose_engine
 
         self.opts = opts
         self.m = loaded or load_model(opts, checkpoint)
@@ -73,7 +73,7 @@ class OcrStage:
     def _stream(self, engine, batches: list[list[dict[str, Any]]], forced: bool) -> None:
         """Continuous engine: every batch is encoded and submitted before any result is awaited, so the
         engine never drains between batches; each page's result or error lands in its own row."""
-        from pipeline.engine_continuous import LoopDied
+        from pipeline.model.continuous import LoopDied
 
         submitted, lost = [], []  # lost: pages the continuous loop took, or refused, and died with
         for batch in batches:
@@ -114,7 +114,7 @@ class OcrStage:
     def _fall_back(self, dead) -> None:
         """The continuous loop died mid-run: this stage (the whole actor, from its next call on) runs generate,
         and its record says so."""
-        from pipeline.engine import GenerateEngine
+        from pipeline.model.engine import GenerateEngine
 
         with self._swap:
             if self.engine is not dead:

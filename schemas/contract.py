@@ -41,7 +41,7 @@ class TextSource(str, Enum):
 
 
 class RouteReason(str, Enum):
-    """Why the render stage answered a page itself, or sent it to the model (pipeline/route.py)."""
+    """Why the render stage answered a page itself, or sent it to the model (pipeline/render/route.py)."""
 
     trusted = "trusted"  # text_layer: the layer passed every rule
     blank = "blank"  # the rendered page is blank

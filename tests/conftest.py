@@ -5,7 +5,7 @@ import sys
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.pop("RAY_ADDRESS", None)
-# Local Ray on loopback only (see pipeline.runner.init_ray); read when Ray is first imported.
+# Local Ray on loopback only (see pipeline.execute.run.init_ray); read when Ray is first imported.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 from pathlib import Path  # noqa: E402
@@ -25,7 +25,7 @@ def docpipe_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(docpipe_cache):
-    from pipeline.tiny import ensure_tiny_checkpoint
+    from pipeline.model.tiny import ensure_tiny_checkpoint
 
     return ensure_tiny_checkpoint()
 
@@ -33,7 +33,7 @@ def tiny_checkpoint(docpipe_cache):
 @pytest.fixture(scope="session")
 def tiny_model(tiny_checkpoint):
     from pipeline.config import ModelOptions
-    from pipeline.model import load_model
+    from pipeline.model.load import load_model
 
     return load_model(ModelOptions(name="tiny-random", max_new_tokens=6), str(tiny_checkpoint))
 
@@ -41,7 +41,7 @@ def tiny_model(tiny_checkpoint):
 @pytest.fixture(scope="session")
 def sample_docs(tmp_path_factory):
     """The demo documents (multi-page PDFs, JPEG scan, receipt PNG, 2-page TIFF) plus one corrupt 'PDF'."""
-    from jobs.demo import make_samples
+    from pipeline.tools.demo import make_samples
 
     folder = tmp_path_factory.mktemp("docs")
     make_samples(folder)

@@ -31,9 +31,9 @@ def compare(loaded=None, max_new_tokens: int = 12) -> dict:
     import transformers
 
     from pipeline.config import ModelOptions
-    from pipeline.model import load_model
+    from pipeline.model.load import load_model
     from pipeline.ocr import OcrStage
-    from pipeline.tiny import ensure_tiny_checkpoint
+    from pipeline.model.tiny import ensure_tiny_checkpoint
 
     opts = ModelOptions(name="tiny-random", max_new_tokens=max_new_tokens, do_image_splitting=True)
     loaded = loaded or load_model(opts, str(ensure_tiny_checkpoint()))

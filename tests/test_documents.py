@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from pipeline.config import RenderOptions
-from pipeline.documents import expand_document, sniff_media_type
+from pipeline.render.document import expand_document, sniff_media_type
 from pipeline.errors import InputError
 from pipeline.sources import list_inputs
 
@@ -41,11 +41,11 @@ def test_pdf_expands_to_one_record_per_page_at_the_target_size(sample_docs):
 
 
 def test_pages_are_rendered_lazily(sample_docs, monkeypatch):
-    import pipeline.documents
+    import pipeline.render.open
 
     rendered = []
-    real = pipeline.documents.render_pdf_page
-    monkeypatch.setattr(pipeline.documents, "render_pdf_page",
+    real = pipeline.render.open.render_pdf_page
+    monkeypatch.setattr(pipeline.render.open, "render_pdf_page",
                         lambda page, *a: rendered.append(page.number + 1) or real(page, *a))
     gen = expand_document(str(sample_docs / "report.pdf"), OPTS, 1960)
     assert next(gen)["kind"] == "document" and rendered == []  # opened, nothing rendered yet

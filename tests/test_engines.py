@@ -10,10 +10,10 @@ import pymupdf
 import pytest
 
 from pipeline.config import ModelOptions, RenderOptions
-from pipeline.documents import expand_document
-from pipeline.engine import choose_engine
+from pipeline.render.document import expand_document
+from pipeline.model.engine import choose_engine
 from pipeline.errors import ModelLoadError
-from pipeline.model import stop_and_pad_ids
+from pipeline.model.load import stop_and_pad_ids
 from pipeline.ocr import OcrStage
 from tests.conftest import run_cli
 
@@ -115,7 +115,7 @@ ENGINE_ROWS = ["generate, default batch", "generate, batch 64", "continuous"]
 
 
 def test_bench_engines_measures_the_waste_of_static_batches_on_the_length_mix(tmp_path):
-    from jobs.bench import length_mix
+    from pipeline.tools.bench import length_mix
 
     out = tmp_path / "engines.json"
     rows = [arg for label in ENGINE_ROWS for arg in ("--engine-row", label)]
@@ -154,7 +154,7 @@ def test_the_engine_bench_runs_every_row_where_ray_and_pymupdf_are_not_installed
     """The GPU machine has torch and transformers but no Ray and no PyMuPDF (whose wheel is too large to carry
     there): the engine bench must run without them, and without the other packages of ours a run needs and the
     bench does not. Without PyMuPDF it draws its pages with Pillow. Every row runs, or says why not."""
-    from jobs.bench import ENGINES
+    from pipeline.tools.bench import ENGINES
     from tests.conftest import REPO
 
     blocked = tmp_path / "blocked"
@@ -220,7 +220,7 @@ def test_the_continuous_engine_gives_each_page_what_generate_gives_it_alone_at_t
 
 def _run_local(docs, out, engine, **model):
     from pipeline.config import RunConfig
-    from pipeline.runner import run
+    from pipeline.execute.run import run
 
     result = run(RunConfig(inputs=[str(docs)], output=str(out), executor="local", progress=False,
                            model=ModelOptions(name="tiny-random", engine=engine, max_new_tokens=8, **model)))
@@ -355,7 +355,7 @@ def test_the_decoding_shell_drops_a_sliding_window_no_request_reaches_and_decode
                                                                                                   monkeypatch):
     """Like Mistral-7B's, the tiny text model has a 4096-token window, which no page reaches: the shell decodes
     without it (transformers' full-attention paged cache) and gives the tokens it gives with it."""
-    import pipeline.engine_continuous as ec
+    import pipeline.model.continuous as ec
     from tests.engine_equality import compare
 
     assert tiny_model.model.config.text_config.sliding_window == 4096
@@ -370,7 +370,7 @@ def test_the_decoding_shell_drops_a_sliding_window_no_request_reaches_and_decode
 
 
 def test_gpu_sizing_for_idefics2_8b_holds_over_128_pages_on_an_80_gb_card_and_bounds_the_encoding_peak(monkeypatch):
-    """pipeline/engine_sizing.py with idefics2-8b's configuration (pipeline/assets) in bf16, after loading its
+    """pipeline/model/sizing.py with idefics2-8b's configuration (pipeline/model/assets) in bf16, after loading its
     16.8 GB of weights; numbers given, so it runs on a CPU. The plan is then handed to transformers' own paged cache
     (built on the meta device, the GPU's memory faked): its footprint (KV cache, attention mask, activation peaks),
     the feature bank and the encoding must fit in the memory left after loading."""
@@ -382,10 +382,10 @@ def test_gpu_sizing_for_idefics2_8b_holds_over_128_pages_on_an_80_gb_card_and_bo
     from transformers.generation.continuous_batching import cache as paged
     from transformers.generation.continuous_batching.initialization import resolve_continuous_batching_config
 
-    from pipeline import engine_sizing as sizing
+    from pipeline.model import sizing
     from tests.conftest import REPO
 
-    spec = json.loads((REPO / "pipeline/assets/idefics2-8b.json").read_text())
+    spec = json.loads((REPO / "pipeline/model/assets/idefics2-8b.json").read_text())
     config = Idefics2Config(**{k: v for k, v in spec.items() if not k.startswith("_") and k != "model_type"})
     assert sizing.kv_bytes_per_token(config.text_config, 2) == 128 * 2**10  # 2 x 32 layers x 8 heads x 128 x bf16
     kv = sizing.kv_bytes_per_page(config.text_config, 356, 1024, 2)  # 5 crops' prompt, the default token cap
@@ -440,7 +440,7 @@ def test_random_idefics2_8b_is_created_in_its_dtype_without_a_float32_copy(monke
     No cast may run (Module.to is forbidden here), every parameter is bf16, the default dtype is restored."""
     import torch
 
-    from pipeline.tiny import build_random_model
+    from pipeline.model.tiny import build_random_model
 
     def no_cast(*args, **kwargs):
         raise AssertionError("the random model was cast after it was built")
@@ -452,7 +452,7 @@ def test_random_idefics2_8b_is_created_in_its_dtype_without_a_float32_copy(monke
 
 
 def test_bitsandbytes_leaves_the_vision_tower_and_connector_unquantised():
-    from pipeline.model import quantization_config
+    from pipeline.model.load import quantization_config
 
     for bits in ("8bit", "4bit"):
         config = quantization_config(ModelOptions(quantization=bits), "bfloat16")
@@ -462,7 +462,7 @@ def test_bitsandbytes_leaves_the_vision_tower_and_connector_unquantised():
 def test_auto_attention_picks_flash_attention_3_then_2_on_a_gpu_where_importable(monkeypatch):
     import importlib.util
 
-    from pipeline.model import pick_attention
+    from pipeline.model.load import pick_attention
 
     installed = set()
     real = importlib.util.find_spec
@@ -480,12 +480,12 @@ def test_auto_attention_picks_flash_attention_3_then_2_on_a_gpu_where_importable
 
 
 def test_on_a_gpu_the_engine_is_sized_from_the_memory_left_after_loading(tiny_model, monkeypatch):
-    """The glue from a loaded model to pipeline/engine_sizing.py, with the device's free memory given: the tiny model's
+    """The glue from a loaded model to pipeline/model/sizing.py, with the device's free memory given: the tiny model's
     own KV and encoding costs per page, capped by max_pages_in_flight, encoding at most batch_size pages a call."""
     import torch
 
-    from pipeline import engine_sizing as sizing
-    from pipeline.engine_continuous import _plan_on_gpu
+    from pipeline.model import sizing
+    from pipeline.model.continuous import _plan_on_gpu
 
     GiB = 2**30
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (60 * GiB, 80 * GiB))

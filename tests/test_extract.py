@@ -7,8 +7,9 @@ import pytest
 
 from pipeline.config import ExtractOptions
 from pipeline.errors import ConfigError
-from pipeline.extract import (VALID_DATE, RepetitionGuard, build_grammar, describe_fields, generation_schema,
-                              load_schema, merge_chunks)
+from pipeline.extract.schema import VALID_DATE, describe_fields, generation_schema, load_schema
+from pipeline.extract.grammar import RepetitionGuard, build_grammar
+from pipeline.extract.merge import merge_chunks
 from schemas.extraction import Invoice, Receipt
 from tests.conftest import run_cli
 
@@ -66,7 +67,7 @@ def test_generation_schema_bounds_every_output():
 def test_grammar_rejects_raw_control_characters_in_capped_strings():
     import xgrammar as xgr
 
-    from pipeline.tiny import build_tokenizer
+    from pipeline.model.tiny import build_tokenizer
 
     tok = build_tokenizer()
     compiler = xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(tok, stop_token_ids=[tok.eos_token_id]))
@@ -82,7 +83,7 @@ def test_grammar_rejects_raw_control_characters_in_capped_strings():
 def test_generated_dates_are_real_calendar_dates():
     import xgrammar as xgr
 
-    from pipeline.tiny import build_tokenizer
+    from pipeline.model.tiny import build_tokenizer
 
     tok = build_tokenizer()
     compiler = xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(tok, stop_token_ids=[tok.eos_token_id]))
@@ -108,8 +109,8 @@ def test_a_runaway_loop_ends_as_finish_reason_repetition(tiny_model, sample_docs
     """The guard inside real generation: a schema whose only valid string is one character repeated (a
     single-token character in the tiny vocabulary) makes the model loop, and the guard ends it."""
     from pipeline.config import ModelOptions, RenderOptions
-    from pipeline.documents import expand_document
-    from pipeline.extract import ExtractStage
+    from pipeline.render.document import expand_document
+    from pipeline.extract.stage import ExtractStage
 
     schema = tmp_path / "loop.json"
     schema.write_text(json.dumps({"type": "object", "properties": {"note": {"type": "string", "const": "~" * 40}},
@@ -127,9 +128,9 @@ def test_a_runaway_loop_ends_as_finish_reason_repetition(tiny_model, sample_docs
 def test_a_chunk_whose_extraction_raises_makes_the_document_partial(tiny_model, sample_docs):
     """extraction_failed: one chunk's extraction raised; the others' results are kept, the document is partial."""
     from pipeline.config import ModelOptions, RenderOptions
-    from pipeline.documents import expand_document
-    from pipeline.extract import ExtractStage
-    from pipeline.sink import DocumentLedger
+    from pipeline.render.document import expand_document
+    from pipeline.extract.stage import ExtractStage
+    from pipeline.output.ledger import DocumentLedger
     from pipeline.sources import DocumentRef
 
     class FailsOnSecondChunk(ExtractStage):
@@ -193,8 +194,8 @@ def test_receipt_extraction_with_a_lora_adapter(sample_docs, tmp_path, tiny_chec
     from transformers import AutoModelForImageTextToText
 
     from pipeline.config import ModelOptions, RenderOptions
-    from pipeline.documents import expand_document
-    from pipeline.extract import ExtractStage
+    from pipeline.render.document import expand_document
+    from pipeline.extract.stage import ExtractStage
 
     torch.manual_seed(0)  # a fixed random adapter, strong enough (alpha 16) to change what the tiny model writes
     base = AutoModelForImageTextToText.from_pretrained(tiny_checkpoint)
@@ -235,7 +236,7 @@ def test_adapter_changes_the_model(tiny_checkpoint, tmp_path):
     from transformers import AutoModelForImageTextToText
 
     from pipeline.config import ModelOptions
-    from pipeline.model import load_model
+    from pipeline.model.load import load_model
 
     base = AutoModelForImageTextToText.from_pretrained(tiny_checkpoint)
     get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).save_pretrained(
@@ -282,7 +283,7 @@ def test_fields_typed_as_a_list_get_the_caps_of_every_type_they_admit():
     field had no calendar pattern and was generated as "7858-11-16"), and null still allowed."""
     import xgrammar as xgr
 
-    from pipeline.tiny import build_tokenizer
+    from pipeline.model.tiny import build_tokenizer
 
     schema = {"type": "object", "required": ["d", "s", "n", "a"], "properties": {
         "d": {"type": ["string", "null"], "format": "date"},

@@ -1,4 +1,4 @@
-"""Tests that can catch a wrong page: the tiny model is image-sensitive (pipeline/tiny.py), so a page that
+"""Tests that can catch a wrong page: the tiny model is image-sensitive (pipeline/model/tiny.py), so a page that
 gets another page's text, an image that never reaches the model, or rows shuffled inside a batch show up as
 a changed text."""
 
@@ -7,7 +7,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from pipeline.config import ModelOptions, RenderOptions, RunConfig
-from pipeline.documents import expand_document
+from pipeline.render.document import expand_document
 from pipeline.ocr import OcrStage
 from tests.conftest import run_cli
 
@@ -52,7 +52,7 @@ def _key(row):
 @pytest.fixture(scope="module")
 def alone(corpus, tmp_path_factory, docpipe_cache):
     """Every page's result with nothing beside it: the local executor, one page per generate() call."""
-    from pipeline.runner import run
+    from pipeline.execute.run import run
 
     out = tmp_path_factory.mktemp("alone")
     run(RunConfig(inputs=[str(corpus)], output=str(out), executor="local", route={"text_layer": "never"},
@@ -118,7 +118,7 @@ def test_batched_extraction_gives_each_document_what_it_gets_alone(corpus, tiny_
     """Several documents' chunks in one generate() call, one grammar matcher per row, prompts of different
     lengths (1- to 3-page chunks) padded together: each result equals that chunk's extraction on its own."""
     from pipeline.config import ExtractOptions
-    from pipeline.extract import ExtractStage
+    from pipeline.extract.stage import ExtractStage
     from pipeline.ocr import decode_page
 
     stage = ExtractStage(ModelOptions(name="tiny-random", batch_size=4),
@@ -161,7 +161,7 @@ def test_a_batch_retried_in_halves_keeps_each_pages_own_text(alone, corpus, tiny
 
 def test_two_documents_get_different_extractions(corpus, tiny_model):
     from pipeline.config import ExtractOptions
-    from pipeline.extract import ExtractStage
+    from pipeline.extract.stage import ExtractStage
     from pipeline.ocr import decode_page
 
     stage = ExtractStage(ModelOptions(name="tiny-random"), ExtractOptions(schema="key_values", max_new_tokens=48),

@@ -1,6 +1,6 @@
 """`docpipe finetune`: LoRA adapters trained on rows in the pipeline's own shape, on the tiny model on the CPU.
 
-The tiny model is image-sensitive (pipeline/tiny.py), so distinct labels for distinct pages are learnable
+The tiny model is image-sensitive (pipeline/model/tiny.py), so distinct labels for distinct pages are learnable
 and a test can tell an adapter that learned them from one that did not. To stay fast on two cores, the
 training tests render small pages without image splitting, and run with the same options, as a user must.
 """
@@ -49,8 +49,8 @@ def test_labels_mask_everything_but_the_answer_and_training_sees_the_inference_i
     import torch
 
     from pipeline.config import ModelOptions, RenderOptions
-    from pipeline.documents import expand_document
-    from pipeline.finetune import IGNORE, Example, encode
+    from pipeline.render.document import expand_document
+    from pipeline.tools.finetune import IGNORE, Example, encode
     from pipeline.ocr import OcrStage
 
     page = next(r for r in expand_document(str(sample_docs / "report.pdf"), RenderOptions(), 1960)
@@ -84,8 +84,8 @@ def test_labels_mask_everything_but_the_answer_and_training_sees_the_inference_i
 
 def test_a_batch_learns_only_the_answers_whatever_the_processor_padding(tiny_model, sample_docs):
     from pipeline.config import RenderOptions
-    from pipeline.documents import expand_document
-    from pipeline.finetune import IGNORE, Example, encode
+    from pipeline.render.document import expand_document
+    from pipeline.tools.finetune import IGNORE, Example, encode
 
     pages = [r for r in expand_document(str(sample_docs / "receipt.png"), RenderOptions(), 448) if r["kind"] == "page"]
     img = [(pages[0]["image"], pages[0]["image_codec"], pages[0]["width"], pages[0]["height"])]
@@ -134,7 +134,7 @@ def test_finetune_learns_page_labels_and_run_with_the_adapter_writes_them(sample
                                                                   "fax.tiff")], adapter)
     texts = {(r["source_uri"], r["page_number"]): r["text"] for r in pq.read_table(out / "pages").to_pylist()}
     from pipeline.config import RunConfig
-    from pipeline.finetune import adapter_mismatches
+    from pipeline.tools.finetune import adapter_mismatches
 
     same = RunConfig(output="o", model=MODEL, render=RENDER)
     assert adapter_mismatches(str(adapter), same, 448) == []
@@ -154,7 +154,7 @@ def test_finetune_learns_page_labels_and_run_with_the_adapter_writes_them(sample
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
 
-    from pipeline.model import resolve_checkpoint
+    from pipeline.model.load import resolve_checkpoint
 
     base = AutoModelForImageTextToText.from_pretrained(resolve_checkpoint("tiny-random"))
     tuned = PeftModel.from_pretrained(base, str(adapter))
@@ -213,7 +213,7 @@ def test_bad_examples_are_listed_before_training_and_can_be_skipped(sample_docs,
     assert not (tmp_path / "adapter" / "adapter_model.safetensors").exists()
 
     from pipeline.config import FinetuneConfig
-    from pipeline.finetune import prepare_examples
+    from pipeline.tools.finetune import prepare_examples
 
     prepared = prepare_examples(FinetuneConfig(train=str(train), output=str(tmp_path / "a"), model=MODEL,
                                                render=RENDER, skip_invalid=True))
@@ -277,7 +277,7 @@ def test_two_ray_train_workers_on_the_cpu(sample_docs, tmp_path):
     assert record["workers"] == 2 and record["steps"] == 2  # 2 examples a step, one on each worker
 
     from pipeline.config import ModelOptions
-    from pipeline.model import load_model
+    from pipeline.model.load import load_model
 
     loaded = load_model(ModelOptions(**{**MODEL, "adapter": str(adapter)}))
     assert type(loaded.model).__name__ == "Idefics2ForConditionalGeneration"  # merged: a plain model again
@@ -296,8 +296,8 @@ def test_config_schema_includes_the_finetune_options():
 def test_an_extraction_example_is_the_extraction_prompt_then_the_json_as_the_grammar_writes_it(tiny_model,
                                                                                                  sample_docs):
     from pipeline.config import ExtractOptions, FinetuneConfig, ModelOptions
-    from pipeline.extract import ExtractStage
-    from pipeline.finetune import IGNORE, encode, examples_from_rows, render_examples
+    from pipeline.extract.stage import ExtractStage
+    from pipeline.tools.finetune import IGNORE, encode, examples_from_rows, render_examples
 
     schema = "tests.extraction_models:PurchaseOrder"
     config = FinetuneConfig(train="t", output="o", model={"name": "tiny-random"}, extract={"schema": schema})

@@ -144,8 +144,8 @@ def test_runs_without_progress_bars_log_progress_lines(nightly):
 def test_a_catalog_outage_fails_the_append_and_a_later_append_catches_up(nightly, tmp_path):
     from pipeline.config import IcebergOptions
     from pipeline.errors import OutputError
-    from pipeline.lake import append_runs
-    from pipeline.sink import Output
+    from pipeline.output.lake import append_runs
+    from pipeline.output.store import Output
 
     root, _, _ = nightly
     out = Output(str(root / "out"))
@@ -166,8 +166,8 @@ def test_pages_of_contract_v3_are_appended_beside_v4_ones(nightly, tmp_path):
     from pyiceberg.catalog import load_catalog
 
     from pipeline.config import IcebergOptions
-    from pipeline.lake import append_runs, lake_schema
-    from pipeline.sink import Output
+    from pipeline.output.lake import append_runs, lake_schema
+    from pipeline.output.store import Output
     from schemas import PAGES_SCHEMA
 
     root, _, _ = nightly

@@ -1,4 +1,4 @@
-"""One output, one run at a time: the lease on OUT (pipeline/lease.py), in-process and with real CLI runs on a
+"""One output, one run at a time: the lease on OUT (pipeline/output/lease.py), in-process and with real CLI runs on a
 local folder and on S3 (moto's server over HTTP)."""
 
 import json
@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pymupdf
 import pytest
 
-from pipeline.lease import LEASE_NAME, Lease, LeaseBusy, LeaseLost, LocalStore, S3Store, machine_key, parse, s3_client
+from pipeline.output.lease import LEASE_NAME, Lease, LeaseBusy, LeaseLost, LocalStore, S3Store, machine_key, parse, s3_client
 from tests.conftest import REPO, run_cli
 
 TIMEOUT = 600  # a safety net only: every wait below ends on an event
@@ -396,7 +396,7 @@ def test_wait_for_output_followed_by_an_input_says_how_to_write_it(capsys):
 
 def test_a_failing_release_does_not_hide_the_runs_own_error(tmp_path, monkeypatch, capsys):
     """The runner releases the lease in ``finally``: a store error there is a warning, the run's error stays."""
-    from pipeline import runner
+    from pipeline.execute import run as runner
     from pipeline.config import RunConfig
 
     make_pdfs(tmp_path / "in", names=("a",))

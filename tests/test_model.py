@@ -3,10 +3,10 @@ import json
 import pytest
 
 from pipeline.config import ModelOptions, RenderOptions
-from pipeline.documents import expand_document
-from pipeline.model import pick_attention, pick_dtype, render_edge_for
+from pipeline.render.document import expand_document
+from pipeline.model.load import pick_attention, pick_dtype, render_edge_for
 from pipeline.ocr import OcrStage
-from pipeline.tiny import IDEFICS2_CHAT_TEMPLATE, IMAGE_SEQ_LEN
+from pipeline.model.tiny import IDEFICS2_CHAT_TEMPLATE, IMAGE_SEQ_LEN
 
 
 def test_tiny_checkpoint_has_the_real_processor_setup(tiny_checkpoint, tiny_model):
@@ -138,7 +138,7 @@ def test_a_failing_batch_is_retried_in_halves_until_only_the_bad_page_fails(tiny
 
 def test_from_pretrained_on_a_missing_model_is_a_clear_error(tmp_path):
     from pipeline.errors import ModelLoadError
-    from pipeline.model import load_model
+    from pipeline.model.load import load_model
 
     with pytest.raises(ModelLoadError, match="cannot load model"):
         load_model(ModelOptions(name=str(tmp_path / "no-such-model")))
@@ -209,7 +209,7 @@ def no_splitting_checkpoint(tiny_checkpoint, tmp_path_factory):
 
 def test_a_checkpoint_saved_without_splitting_is_rendered_and_fed_unsplit(no_splitting_checkpoint, sample_docs):
     """One decision for render size and processor: the checkpoint's own unless the option overrides it."""
-    from pipeline.model import load_model
+    from pipeline.model.load import load_model
 
     ckpt = str(no_splitting_checkpoint)
     assert render_edge_for(ckpt, ModelOptions()) == 980

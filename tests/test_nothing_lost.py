@@ -98,7 +98,7 @@ def test_a_2000_page_pdf_streams_in_constant_memory(tmp_path):
     import psutil
 
     from pipeline.config import RenderOptions
-    from pipeline.documents import expand_document
+    from pipeline.render.document import expand_document
 
     doc = pymupdf.open()
     for i in range(2000):

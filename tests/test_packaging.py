@@ -28,7 +28,7 @@ def test_the_wheel_carries_every_file_the_package_reads(tmp_path):
 
     data = sorted(str(p.relative_to(src)) for package in PACKAGES for p in (src / package).rglob("*")
                   if p.is_file() and p.suffix != ".py")
-    assert "pipeline/assets/idefics2-8b.json" in data and "pipeline/templates/report.css" in data  # the walk sees them
+    assert "pipeline/model/assets/idefics2-8b.json" in data and "pipeline/tools/templates/report.css" in data  # the walk sees them
     assert [f for f in data if f not in inside] == []
     modules = sorted(str(p.relative_to(src)) for package in PACKAGES for p in (src / package).rglob("*.py"))
     assert [f for f in modules if f not in inside] == []

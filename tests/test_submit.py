@@ -242,7 +242,7 @@ def test_run_on_a_cluster_of_another_ray_version_is_one_line(head, tiny_checkpoi
 def test_secret_catalog_properties_are_refused_before_anything_is_sent(tmp_path):
     """Masked, they broke the job's lake step ('token': '**********' in the entrypoint); sent, they would show in
     Ray's job APIs. The refusal names pyiceberg's variables that carry them to the cluster instead."""
-    from pipeline.submit import job_entrypoint
+    from pipeline.execute.submit import job_entrypoint
 
     proc = run_cli("submit", "--address", "http://127.0.0.1:9", str(tmp_path), "--output", tmp_path / "o",
                    "--iceberg-catalog", "type=rest", "--iceberg-catalog", "uri=https://cat.example",

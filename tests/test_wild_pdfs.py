@@ -18,7 +18,8 @@ import pymupdf
 import pytest
 
 from pipeline.config import RenderOptions
-from pipeline.documents import expand_document, expand_document_isolated
+from pipeline.render.document import expand_document
+from pipeline.render.isolated import expand_document_isolated
 from tests.conftest import REPO
 
 OPTS = RenderOptions()
@@ -117,12 +118,12 @@ def test_pdfs_mupdf_gives_up_on_render_through_pdfium_in_the_same_render_process
     intact = mupdf_page_pixels(one_page_pdf(), tmp_path)
 
     before = list(expand_document_isolated(str(wild_dir / "intact.pdf"), OPTS, 1960))
-    from pipeline import documents
+    from pipeline.render import isolated
 
-    pid = documents._worker.process.pid
+    pid = isolated._worker.process.pid
     [doc, page] = list(expand_document_isolated(str(wild_dir / name), OPTS, 1960))
     after = list(expand_document_isolated(str(wild_dir / "intact.pdf"), OPTS, 1960))
-    assert documents._worker.process.pid == pid and documents._worker.process.is_alive()
+    assert isolated._worker.process.pid == pid and isolated._worker.process.is_alive()
     assert [r["status"] for r in before + after] == ["ok"] * 4
 
     assert (doc["status"], doc["page_count"], doc["renderer"]) == ("ok", 1, "pdfium")
@@ -141,7 +142,7 @@ def test_a_page_mupdf_fails_on_is_rendered_and_read_by_pdfium(tmp_path):
     data = one_page_pdf("<< /Type /Pages /Kids [2 0 R 3 0 R] /Count 1 >>")
     with pytest.raises(Exception):
         pymupdf.open(stream=data, filetype="pdf").load_page(0)
-    from pipeline.documents import _open
+    from pipeline.render.open import _open
 
     pages = _open(data, "application/pdf")
     assert next(pages) == (1, "pymupdf")  # MuPDF opened the document
@@ -217,12 +218,12 @@ def test_a_password_error_is_never_an_earlier_documents(tmp_path):
 
 RENDER_SCRIPT = """
 import json, sys
-from pipeline import documents
+from pipeline.render import isolated
 from pipeline.config import RenderOptions
 out = []
 for path in sys.argv[1:]:
-    recs = list(documents.expand_document_isolated(path, RenderOptions(), 980))
-    out.append({"pid": documents._worker.process.pid, "rows": [
+    recs = list(isolated.expand_document_isolated(path, RenderOptions(), 980))
+    out.append({"pid": isolated._worker.process.pid, "rows": [
         {k: r.get(k) for k in ("kind", "status", "error_type", "error_message", "renderer")} for r in recs]})
 print(json.dumps(out))
 """
@@ -252,9 +253,9 @@ def test_an_exception_escaping_a_document_ends_that_document_not_the_render_proc
     import multiprocessing
     import threading
 
-    from pipeline import documents
+    from pipeline.render import isolated
 
-    real = documents.expand_document
+    real = isolated.expand_document
 
     def buggy(source_uri, *args, **kwargs):
         gen = real(source_uri, *args, **kwargs)
@@ -263,11 +264,11 @@ def test_an_exception_escaping_a_document_ends_that_document_not_the_render_proc
             raise KeyError("a bug")
         yield from gen
 
-    monkeypatch.setattr(documents, "expand_document", buggy)
+    monkeypatch.setattr(isolated, "expand_document", buggy)
     path = tmp_path / "doc.pdf"
     path.write_bytes(one_page_pdf())
     parent, child = multiprocessing.Pipe()
-    server = threading.Thread(target=documents._render_server, args=(child,), daemon=True)
+    server = threading.Thread(target=isolated._render_server, args=(child,), daemon=True)
     server.start()
     assert parent.recv() == "started"
 
@@ -291,14 +292,14 @@ def test_an_exception_escaping_a_document_ends_that_document_not_the_render_proc
     assert "Traceback" not in capfd.readouterr().err
 
     # and the parent turns the tuple into rows for what the document did not deliver
-    rows = list(documents._finish_undelivered("x.pdf", {**recs[0], "page_count": 2}, {"page": {1}, "chunk": set()},
+    rows = list(isolated._finish_undelivered("x.pdf", {**recs[0], "page_count": 2}, {"page": {1}, "chunk": set()},
                                               failure))
     assert [(r["page_number"], r["error_type"]) for r in rows] == [(2, "render_error")]
 
 
 def test_a_run_counts_the_fallbacks_and_records_the_renderer(wild_dir, tmp_path, tiny_checkpoint):
     from pipeline.config import ModelOptions, RunConfig
-    from pipeline.runner import run
+    from pipeline.execute.run import run
 
     (tmp_path / "in").mkdir()
     for name in ("count_missing.pdf", "encrypted_attachment.pdf", "intact.pdf"):
@@ -321,9 +322,9 @@ def test_a_run_counts_the_fallbacks_and_records_the_renderer(wild_dir, tmp_path,
 
 def test_pdfium_pages_match_mupdf_pages_in_size_and_ink():
     """Same sizing rules, pixel cap included, on rotated, cropped and odd-sized pages."""
-    from pipeline.documents import _PdfPage
-    from pipeline.pdfium import PdfiumPage, open_pdfium
-    from pipeline.render import decode_raw
+    from pipeline.render.open import _PdfPage
+    from pipeline.render.pdfium import PdfiumPage, open_pdfium
+    from pipeline.render.pixels import decode_raw
 
     doc = pymupdf.open()
     for width, height, rotate, crop in [(612, 792, 0, None), (595.28, 841.89, 90, None), (612.5, 791.3, 0, None),

@@ -143,7 +143,7 @@ def versions(loaded_opts) -> dict[str, Any]:
     import torch
     import transformers
 
-    from pipeline.model import pick_attention, pick_device, pick_dtype
+    from pipeline.model.load import pick_attention, pick_device, pick_dtype
 
     device = pick_device()
     cuda = torch.cuda.is_available()
@@ -204,7 +204,7 @@ def _best_seconds(fn, reps: int) -> float:
 def load(opts) -> tuple[Any, dict[str, Any]]:
     import torch
 
-    from pipeline.model import load_model
+    from pipeline.model.load import load_model
 
     _sync()
     t0 = time.perf_counter()
@@ -479,7 +479,7 @@ def _parts_failed(rows: list[dict[str, Any]], key: str) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ the command
 def main(args) -> dict[str, Any]:
     from pipeline.config import TINY_MODEL, ModelOptions
-    from pipeline.model import pick_device
+    from pipeline.model.load import pick_device
 
     t_start = time.perf_counter()
     gpu = pick_device() == "cuda"
@@ -536,7 +536,7 @@ def main(args) -> dict[str, Any]:
         loaded, opts.model_copy(update={"max_new_tokens": plan.agreement_tokens}), pages_needed()[: plan.agreement_pages])))
 
     def engines_section():
-        from jobs.bench import length_mix
+        from pipeline.tools.bench import length_mix
 
         return engines(loaded, opts, pages_needed()[: plan.pages], length_mix(plan.pages, plan.median_tokens,
                                                                                plan.max_new_tokens))
@@ -557,10 +557,10 @@ def main(args) -> dict[str, Any]:
 
 def _page_records(loaded, opts, pages: int, workdir: str | None) -> list[dict[str, Any]]:
     """Page records as runs make them, from pages drawn with Pillow at the render size (no PyMuPDF)."""
-    from jobs.corpus import make_image_corpus
+    from pipeline.tools.corpus import make_image_corpus
     from pipeline.config import RenderOptions
-    from pipeline.documents import expand_document
-    from pipeline.model import render_edge_for, resolve_checkpoint
+    from pipeline.render.document import expand_document
+    from pipeline.model.load import render_edge_for, resolve_checkpoint
 
     edge = render_edge_for(resolve_checkpoint(opts.name), opts)
     work = Path(workdir or tempfile.mkdtemp(prefix="docpipe-gpu-check-"))

@@ -3,7 +3,7 @@
 - ``generate``: transformers' ``generate`` on static batches; every page of a batch decodes until its
   longest page is done. For comparison, and for models the continuous engine cannot serve.
 - ``continuous``: transformers' continuous-batching manager behind a feature bank
-  (pipeline/engine_continuous.py); a page leaves the batch when it is done and the next one takes its slot.
+  (pipeline/model/continuous.py); a page leaves the batch when it is done and the next one takes its slot.
 
 ``choose_engine`` turns ``ModelOptions.engine`` into one of them and says why, for the run's manifest.
 """
@@ -106,7 +106,7 @@ def choose_engine(loaded, opts, stop_ids: list[int], pad_id: int) -> EngineChoic
     problem = continuous_unsupported(opts)
     if problem is None:
         try:
-            from pipeline.engine_continuous import ContinuousEngine
+            from pipeline.model.continuous import ContinuousEngine
 
             engine = ContinuousEngine(loaded, opts, stop_ids, pad_id, opts.pages_in_flight)
             reason = "requested" if requested == "continuous" else f"auto on {loaded.device}"

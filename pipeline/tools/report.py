@@ -69,7 +69,7 @@ class ReportResult:
 
 
 def _output(uri: str, storage: StorageOptions | None):
-    from pipeline.sink import Output
+    from pipeline.output.store import Output
 
     try:
         return Output(uri, storage)
@@ -394,7 +394,7 @@ def render_images(source_uri: str, doc_id: str | None, storage: StorageOptions |
                   options: ReportOptions) -> tuple[dict[int, bytes], dict[int, str], list[str]]:
     """JPEG images of a document's first pages, rendered afresh by the run's own render stage (in its render
     process, under time limits); messages for pages that did not render; notes about the document."""
-    from pipeline.documents import expand_document_isolated
+    from pipeline.render.isolated import expand_document_isolated
     from pipeline.records import DOCUMENT, PAGE
 
     opts = RenderOptions(image_format="jpeg", jpeg_quality=options.jpeg_quality,
@@ -431,7 +431,7 @@ class Site:
     """The report's folder, local or in object storage; files are written whole (see sink.Output)."""
 
     def __init__(self, uri: str, storage: StorageOptions | None):
-        from pipeline.sink import Output
+        from pipeline.output.store import Output
 
         self.out = Output(uri, storage)
         self.made: set[str] = set()
@@ -449,7 +449,7 @@ class Site:
 def _environment():
     from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
-    env = Environment(loader=PackageLoader("pipeline", "templates"), undefined=StrictUndefined,
+    env = Environment(loader=PackageLoader("pipeline.tools", "templates"), undefined=StrictUndefined,
                       autoescape=select_autoescape(default=True, default_for_string=True))
     env.filters["basename"] = lambda uri: uri.rstrip("/").rsplit("/", 1)[-1] or uri
     env.filters["size"] = _human_size
@@ -469,7 +469,7 @@ def _human_size(n: int | None) -> str:
 def _asset(name: str) -> bytes:
     from importlib.resources import files
 
-    return files("pipeline").joinpath("templates", name).read_bytes()
+    return files("pipeline.tools").joinpath("templates", name).read_bytes()
 
 
 def write_report(output_uri: str, run_id: str | None = None, site_uri: str | None = None,

@@ -1,7 +1,7 @@
 """Joining an existing Ray cluster: token authentication, and one clear line when joining fails.
 
-Shared by `docpipe run` (pipeline.runner joins the cluster named by RAY_ADDRESS) and `docpipe submit`
-(pipeline.submit talks to the cluster's job server). Ray itself is imported by those two modules only.
+Shared by `docpipe run` (pipeline.execute.run joins the cluster named by RAY_ADDRESS) and `docpipe submit`
+(pipeline.execute.submit talks to the cluster's job server). Ray itself is imported by those two modules only.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 One Ray Data plan per run: inputs -> read and render (CPU tasks, lazily, page by page)
 -> model (a fixed-size actor pool, one actor per GPU) -> the driver's sink, which writes
 Parquet as results stream in and accounts for every input document. Fine-tuning with
-several workers runs its loop (pipeline/finetune.py) under Ray Train (``finetune``).
+several workers runs its loop (pipeline/tools/finetune.py) under Ray Train (``finetune``).
 """
 
 from __future__ import annotations
@@ -22,11 +22,14 @@ from typing import Any
 
 from pipeline import __version__
 from pipeline.config import FinetuneConfig, RunConfig
-from pipeline.documents import expand_document, expand_document_isolated
+from pipeline.render.document import expand_document
+from pipeline.render.isolated import expand_document_isolated
 from pipeline.errors import InputError, describe
-from pipeline.model import render_edge_for, resolve_checkpoint
+from pipeline.model.load import render_edge_for, resolve_checkpoint
 from pipeline.records import RENDERED_SCHEMA, RESULT_SCHEMA, to_table
-from pipeline.sink import RunSink, prepare_output, previous_ok, remove_stale_tmp, unchanged
+from pipeline.output.sink import RunSink
+from pipeline.output.store import prepare_output, remove_stale_tmp
+from pipeline.output.resume import previous_ok, unchanged
 from pipeline.sources import list_inputs
 from pipeline.storage import register_secrets
 from schemas import RunManifest
@@ -69,7 +72,7 @@ def _model_actor(model_opts, extract_opts, task: str):
 
     class ModelActor:
         def __init__(self):
-            from pipeline.model import load_model
+            from pipeline.model.load import load_model
             from pipeline.ocr import OcrStage
 
             loaded = load_model(model_opts)
@@ -77,7 +80,7 @@ def _model_actor(model_opts, extract_opts, task: str):
             self.ocr = OcrStage(model_opts, loaded=loaded)
             self.stages = [self.ocr]
             if "extract" in task:
-                from pipeline.extract import ExtractStage
+                from pipeline.extract.stage import ExtractStage
 
                 self.stages.append(ExtractStage(model_opts, extract_opts, loaded))
             self.ready_at = time.time()  # tells the driver when the model could start work
@@ -209,7 +212,8 @@ def run(config: RunConfig) -> RunResult:
     schema = None
     if "extract" in config.task:
         from pipeline.errors import ConfigError
-        from pipeline.extract import build_grammar, load_schema
+        from pipeline.extract.grammar import build_grammar
+        from pipeline.extract.schema import load_schema
 
         if not config.extract.schema_spec:
             raise ConfigError(f"task {config.task} needs a schema (--schema)")
@@ -237,9 +241,9 @@ def run(config: RunConfig) -> RunResult:
 
 
 def _take_lease(config: RunConfig, uri: str, run_id: str, started_at: str):
-    """This run's lease on OUT (pipeline/lease.py), or None where the store has no conditional writes."""
+    """This run's lease on OUT (pipeline/output/lease.py), or None where the store has no conditional writes."""
     from pipeline.errors import OutputError
-    from pipeline.lease import Lease, LeaseBusy, LeaseLost, store_for
+    from pipeline.output.lease import Lease, LeaseBusy, LeaseLost, store_for
     from pipeline.storage import explain
 
     store = store_for(uri, config.storage, config.lease_expiry_s)
@@ -276,7 +280,7 @@ def _run_leased(config: RunConfig, out, run_id: str, lease, schema, listing, sta
     checkpoint = resolve_checkpoint(config.model.name)
     longest_edge = config.render.longest_edge or render_edge_for(checkpoint, config.model)
     if config.model.adapter:
-        from pipeline.finetune import adapter_mismatches
+        from pipeline.tools.finetune import adapter_mismatches
 
         for problem in adapter_mismatches(config.model.adapter, config, longest_edge):
             print(f"docpipe: warning: {problem}", file=sys.stderr)
@@ -331,7 +335,7 @@ def _run_leased(config: RunConfig, out, run_id: str, lease, schema, listing, sta
 def _check_lease(lease) -> None:
     """Stop writing once another run has taken this run's lease over (it missed renewals past the expiry)."""
     from pipeline.errors import OutputError
-    from pipeline.lease import LeaseLost
+    from pipeline.output.lease import LeaseLost
 
     if lease is None:
         return
@@ -344,7 +348,7 @@ def _check_lease(lease) -> None:
 def _lake_step(config: RunConfig, out):
     if not config.iceberg.catalog:
         return None
-    from pipeline.lake import append_runs
+    from pipeline.output.lake import append_runs
 
     return lambda: append_runs(config.iceberg, out)
 
@@ -439,7 +443,7 @@ def _execute(config: RunConfig, todo, longest_edge: int, skip_ids: frozenset[str
     streams = model_opts.engine == "continuous" or (model_opts.engine == "auto" and gpus > 0)
     calls = model_opts.calls_in_flight if streams else 1
     if streams and gpus:
-        from pipeline.engine_sizing import DEFAULT_MAX_PAGES
+        from pipeline.model.sizing import DEFAULT_MAX_PAGES
 
         wanted = model_opts.max_pages_in_flight or DEFAULT_MAX_PAGES
         calls = min(16, max(calls, -(-wanted // model_opts.rows_per_call)))
@@ -492,7 +496,7 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     import json
     from pathlib import Path
 
-    from pipeline.finetune import RECORD, prepare_examples, train
+    from pipeline.tools.finetune import RECORD, prepare_examples, train
 
     register_secrets(config.storage)
     prepared = prepare_examples(config)
@@ -531,7 +535,7 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
 
 
 def _finetune_worker(loop_config: dict[str, Any]) -> None:
-    """One Ray Train worker: torch.distributed is already set up; pipeline.finetune.train does the rest."""
-    from pipeline.finetune import train
+    """One Ray Train worker: torch.distributed is already set up; pipeline.tools.finetune.train does the rest."""
+    from pipeline.tools.finetune import train
 
     train(loop_config["config"], loop_config["prepared"])

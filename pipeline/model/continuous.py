@@ -12,7 +12,7 @@ row and then decodes exactly what ``generate`` on the full model would. The text
   can capture the decode step.
 - Several threads may submit at once (an actor with several calls in flight): each waits for its own
   requests while the manager batches everyone's. The bank's size bounds the pages in flight; a call that
-  finds it full waits for rows to free up. On a GPU the bank is sized from memory (pipeline/engine_sizing.py).
+  finds it full waits for rows to free up. On a GPU the bank is sized from memory (pipeline/model/sizing.py).
 - The start sends one real request through the running loop; a loop that later stops or stalls fails its
   pages in flight with LoopDied at once, and the OCR stage decodes them with generate.
 - Works on transformers 5.17 and later (make test checks the floor): the cache block's name and the shape of
@@ -28,7 +28,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.engine import Generation
+from pipeline.model.engine import Generation
 
 
 def _bank_embedding(embed, bank):
@@ -129,7 +129,7 @@ class ContinuousEngine:
         import torch
         from transformers import AutoModelForCausalLM
 
-        from pipeline.model import chat_prompt
+        from pipeline.model.load import chat_prompt
 
         self.m, self.opts, self.stop_ids = loaded, opts, stop_ids
         model = loaded.model
@@ -456,7 +456,7 @@ class ContinuousEngine:
 
     def stop_loop(self) -> None:
         """Stop the manager and the result thread. The shell gets its own attention back (5.17-5.19 gave it a paged
-        one): it can then run as a plain causal LM on its bank (jobs/gpu_check.py compares its logits)."""
+        one): it can then run as a plain causal LM on its bank (pipeline/tools/gpu_check.py compares its logits)."""
         if hasattr(self, "_stop"):
             self._stop.set()
         manager = getattr(self, "manager", None)
@@ -506,10 +506,10 @@ def _fatal(manager) -> str:
 
 
 def _plan_on_gpu(loaded, opts, prompt_tokens: int, rows_per_page: int, splitting: bool):
-    """The engine's size on this GPU, from the memory left after loading (pipeline/engine_sizing.py)."""
+    """The engine's size on this GPU, from the memory left after loading (pipeline/model/sizing.py)."""
     import torch
 
-    from pipeline.engine_sizing import (batch_tokens, encode_bytes_per_page, kv_bytes_per_page, kv_bytes_per_token,
+    from pipeline.model.sizing import (batch_tokens, encode_bytes_per_page, kv_bytes_per_page, kv_bytes_per_token,
                                         plan_pages)
 
     config = loaded.model.config

@@ -14,7 +14,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from pipeline.cluster import use_token_auth
+from pipeline.execute.cluster import use_token_auth
 from pipeline.config import RunConfig
 from pipeline.errors import ConfigError, FatalError
 
@@ -25,7 +25,7 @@ _SECRETS = {"access_key_id", "secret_access_key", "session_token"}
 
 def source_tree() -> str | None:
     """The checkout docpipe runs from, if it is one (not an installed package)."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     return str(root) if (root / "pyproject.toml").exists() and (root / "pipeline").is_dir() else None
 
 

@@ -16,7 +16,7 @@ The trust rules (``trust_text_layer``), each a reason to send the page to the mo
   math fonts such as CMMI, CMSY, CMEX, Symbol, STIX Math; math symbols beyond prose's): no text layer gives LaTeX,
   the model does.
 
-The text of a trusted page is its Markdown (pipeline/text_layer.py: tables, headings, columns in reading order,
+The text of a trusted page is its Markdown (pipeline/render/text_layer.py: tables, headings, columns in reading order,
 running heads and page numbers dropped, characters normalised), the format the model is asked to write.
 """
 
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from pipeline.config import RouteOptions
-from pipeline.text_layer import normalise_layout  # noqa: F401  (re-exported: how pages carry text)
+from pipeline.render.text_layer import normalise_layout  # noqa: F401  (re-exported: how pages carry text)
 
 FULL_PAGE_IMAGE = 0.9  # share of the page an image must cover to make it a scan
 WHITE = 0.95  # every sRGB component at least this light
@@ -101,7 +101,7 @@ def pymupdf_text_layer(page, running=None) -> TextLayer:
     clipped away by MuPDF, so it is neither counted nor kept."""
     import pymupdf
 
-    from pipeline.text_layer import math_char_count, page_markdown
+    from pipeline.render.text_layer import math_char_count, page_markdown
 
     tp = page.get_textpage(flags=pymupdf.TEXTFLAGS_TEXT)
     blocks = tp.extractDICT()["blocks"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pipeline.config import RenderOptions
 from pipeline.errors import RowError, describe
-from pipeline.render import RenderedPage, encode_raw, pdf_pixels, pdf_zoom
+from pipeline.render.pixels import RenderedPage, encode_raw, pdf_pixels, pdf_zoom
 
 # FPDF_GetLastError codes. PDFium sets none when it refuses a document for having no pages (no page tree,
 # or an empty one), so the code is first set to FILE_ERROR, which a load from memory never sets itself.
@@ -83,7 +83,7 @@ class PdfiumPage:
 
         import pypdfium2.raw as c
 
-        from pipeline.route import TextLayer, is_bad_char
+        from pipeline.render.route import TextLayer, is_bad_char
 
         page = self._page()
         try:

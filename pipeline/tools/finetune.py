@@ -6,7 +6,7 @@ code (``expand_document``, at ``render_edge_for``'s size), preprocessed by the r
 and prompted with the run's ``chat_prompt``: training sees exactly what inference will.
 
 The loop is plain torch with transformers' ``get_scheduler``, rather than transformers' Trainer: the same
-short loop runs in this process and inside Ray Train's workers (the wiring is in pipeline/runner.py),
+short loop runs in this process and inside Ray Train's workers (the wiring is in pipeline/execute/run.py),
 and its checkpoints hold everything a killed run needs to end with the adapter an uninterrupted run
 would have written (adapter weights, optimizer, schedule, random states, position in the epoch).
 torch, transformers and peft are imported inside functions.
@@ -84,7 +84,7 @@ def read_rows(path: str, storage=None) -> list[dict[str, Any]]:
 def examples_from_rows(rows: list[dict[str, Any]], path: str, config: FinetuneConfig) -> list[Example]:
     """Pages rows become OCR examples, documents rows with an extraction become extraction examples; the
     extraction is validated against its schema and written as the grammar makes the model write it."""
-    from pipeline.extract import canonical_json, instruction, load_schema
+    from pipeline.extract.schema import canonical_json, instruction, load_schema
 
     schemas: dict[str, Any] = {}
     out = []
@@ -132,7 +132,7 @@ def examples_from_rows(rows: list[dict[str, Any]], path: str, config: FinetuneCo
 def render_examples(examples: list[Example], config: FinetuneConfig, longest_edge: int) -> None:
     """Render each example's pages with the run's own code, at the run's size; what can't be read or is out
     of range becomes the example's problem. Each document is opened once."""
-    from pipeline.documents import expand_document
+    from pipeline.render.document import expand_document
     from pipeline.records import DOCUMENT, PAGE
 
     by_uri: dict[str, list[Example]] = {}
@@ -197,7 +197,7 @@ def examples_hash(train: list[Example], evals: list[Example]) -> str:
 def prepare_examples(config: FinetuneConfig) -> Prepared:
     """Read, validate and render every example before any training: all problems are listed at once, or,
     with skip_invalid, the examples that have them are dropped and counted."""
-    from pipeline.model import render_edge_for, resolve_checkpoint
+    from pipeline.model.load import render_edge_for, resolve_checkpoint
 
     if config.model.adapter:
         raise ConfigError("model.adapter is set: fine-tuning trains a new adapter on the base model")
@@ -252,7 +252,7 @@ def answer_text(processor, ex: Example, prompt: str) -> str:
     OCR: the chat template's assistant turn (the model's free text follows the cue after a space; runs strip
     it). Extraction: the JSON straight after the cue, since the grammar allows no whitespace before it (a
     space learned there would be a token the grammar forbids at the first step)."""
-    from pipeline.model import chat_prompt
+    from pipeline.model.load import chat_prompt
 
     if ex.kind == "extract":
         return ex.answer + EOU
@@ -282,7 +282,7 @@ def encode(m, examples: list[Example], processor_device: str) -> dict[str, Any]:
     and the assistant's cue are all IGNORE."""
     import torch
 
-    from pipeline.model import chat_prompt
+    from pipeline.model.load import chat_prompt
     from pipeline.ocr import decode_page, model_inputs
 
     processor = m.processor
@@ -330,7 +330,7 @@ def _target_modules(names: list[str]) -> str:
 def _load_for_training(config: FinetuneConfig):
     import torch
 
-    from pipeline.model import load_model, pick_device
+    from pipeline.model.load import load_model, pick_device
 
     if config.model.quantization != "none" and pick_device() != "cuda":
         raise ConfigError("QLoRA (model.quantization 4bit/8bit, --qlora) needs a CUDA GPU: bitsandbytes "

@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from pipeline.config import IcebergOptions
 from pipeline.errors import OutputError, describe
-from pipeline.sink import Output, sealed_files
+from pipeline.output.store import Output, sealed_files
 from schemas import DOCUMENTS_SCHEMA, PAGES_SCHEMA
 
 RUN_PROPERTY = "docpipe.run_id"

@@ -195,7 +195,7 @@ def set_generation_tokens(model, tokenizer) -> None:
 
 
 def build_random_model(arch: str, device: str, dtype, attention: str):
-    """A model of a shipped architecture (``pipeline/assets/<arch>.json``) with random weights, built
+    """A model of a shipped architecture (``pipeline/model/assets/<arch>.json``) with random weights, built
     directly on ``device``, with the local processor. For benchmarks where real weights can't be downloaded."""
     import torch
     from transformers import Idefics2Config, Idefics2ForConditionalGeneration

@@ -81,9 +81,11 @@ def _best_rate(fn, pages: int, rounds: int = 2) -> float:
 def measure_render(paths: list[Path], opts, longest_edge: int) -> dict[str, float]:
     import pymupdf
 
-    from pipeline.documents import expand_document, expand_document_isolated
+    from pipeline.render.document import expand_document
+
+    from pipeline.render.isolated import expand_document_isolated
     from pipeline.records import RENDERED_SCHEMA, to_table
-    from pipeline.render import _zstd, pdf_zoom
+    from pipeline.render.pixels import _zstd, pdf_zoom
 
     pages = sum(pymupdf.open(p).page_count for p in paths)
     sizes: list[int] = []
@@ -129,9 +131,9 @@ def measure_routing(paths: list[Path], opts, longest_edge: int) -> dict[str, flo
     import pymupdf
 
     from pipeline.config import RouteOptions
-    from pipeline.documents import expand_document
-    from pipeline.route import pymupdf_text_layer
-    from pipeline.text_layer import RunningLines
+    from pipeline.render.document import expand_document
+    from pipeline.render.route import pymupdf_text_layer
+    from pipeline.render.text_layer import RunningLines
 
     route = RouteOptions(text_layer="auto")
     sources: list[str | None] = []
@@ -162,8 +164,8 @@ def measure_baseline(paths: list[Path], model_opts, longest_edge: int) -> dict[s
     import torch
     from PIL import Image
 
-    from pipeline.model import load_model
-    from pipeline.render import pdf_zoom
+    from pipeline.model.load import load_model
+    from pipeline.render.pixels import pdf_zoom
     from pipeline.config import RenderOptions
 
     m = load_model(model_opts)
@@ -206,10 +208,10 @@ def describe_device() -> str:
 
 
 def run_bench(args) -> dict[str, Any]:
-    from jobs.corpus import make_bench_corpus
+    from pipeline.tools.corpus import make_bench_corpus
     from pipeline.config import TINY_MODEL, ModelOptions, RenderOptions, RunConfig
-    from pipeline.model import pick_device, render_edge_for, resolve_checkpoint
-    from pipeline.runner import init_ray, run
+    from pipeline.model.load import pick_device, render_edge_for, resolve_checkpoint
+    from pipeline.execute.run import init_ray, run
 
     gpu = pick_device() == "cuda"
     name = f"random:{args.random_weights}" if args.random_weights else (args.model or TINY_MODEL)
@@ -330,8 +332,8 @@ def measure_engines(paths: list[Path], model_opts, longest_edge: int, pages: int
     import gc
 
     from pipeline.config import RenderOptions
-    from pipeline.documents import expand_document
-    from pipeline.model import load_model, pick_device
+    from pipeline.render.document import expand_document
+    from pipeline.model.load import load_model, pick_device
     from pipeline.ocr import OcrStage
 
     records = []
@@ -412,7 +414,7 @@ def _engine_unavailable(update: dict[str, Any], device: str, name: str) -> str |
 
 def main(args) -> None:
     if getattr(args, "gpu_check", False):
-        from jobs.gpu_check import main as gpu_check_main
+        from pipeline.tools.gpu_check import main as gpu_check_main
 
         gpu_check_main(args)
         return
@@ -431,9 +433,9 @@ def main(args) -> None:
 
 
 def engines_main(args) -> None:
-    from jobs.corpus import make_bench_corpus, make_image_corpus
+    from pipeline.tools.corpus import make_bench_corpus, make_image_corpus
     from pipeline.config import TINY_MODEL, ModelOptions
-    from pipeline.model import pick_device, render_edge_for, resolve_checkpoint
+    from pipeline.model.load import pick_device, render_edge_for, resolve_checkpoint
 
     unknown = set(args.engine_row or []) - {label for label, _ in ENGINES}
     if unknown:

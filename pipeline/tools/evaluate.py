@@ -156,7 +156,7 @@ def read_output(out) -> OutputRows:
     """The latest page and document rows of every sealed file in OUT (any contract version)."""
     import pyarrow.dataset as pads
 
-    from pipeline.sink import sealed_files
+    from pipeline.output.store import sealed_files
     from schemas import DOCUMENTS_SCHEMA, PAGES_SCHEMA
 
     def table(name, schema, columns):
@@ -207,9 +207,10 @@ def score_labels(rows: OutputRows, labels: list[dict[str, Any]]) -> tuple[dict[s
 def score_against_text_layer(rows: OutputRows, storage=None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Model-read pages of PDFs whose text layer the routing rules trust, scored against that layer."""
     from pipeline.config import RouteOptions
-    from pipeline.documents import PDF, sniff_media_type
-    from pipeline.route import ConversionError, pymupdf_text_layer, trust_text_layer
-    from pipeline.text_layer import RunningLines, clean_text
+    from pipeline.render.open import PDF
+    from pipeline.render.document import sniff_media_type
+    from pipeline.render.route import ConversionError, pymupdf_text_layer, trust_text_layer
+    from pipeline.render.text_layer import RunningLines, clean_text
     from pipeline.storage import read_bytes
 
     import pymupdf
@@ -240,7 +241,7 @@ def score_against_text_layer(rows: OutputRows, storage=None) -> tuple[dict[str, 
                     layer = None
                 elif row.get("renderer") == "pdfium" or pdf.needs_pass:
                     # The engine that drew the page reads its layer: MuPDF refuses these documents or pages.
-                    from pipeline.pdfium import PdfiumPage, open_pdfium
+                    from pipeline.render.pdfium import PdfiumPage, open_pdfium
 
                     pdfium_doc = pdfium_doc or open_pdfium(data)
                     layer = PdfiumPage(pdfium_doc, index).text_layer()
@@ -321,7 +322,7 @@ def write_scores(per_page: list[dict[str, Any]], out, path: str | None) -> str:
 def evaluate(output: str, labels: str | None = None, against: str | None = None, scores: str | None = None,
              storage=None) -> dict[str, Any]:
     """Score OUT; returns the summary (with ``scores_file``), as --json writes it."""
-    from pipeline.sink import Output
+    from pipeline.output.store import Output
 
     out = Output(output, storage)
     rows = read_output(out)

@@ -81,8 +81,8 @@ def make_samples(folder: str | os.PathLike) -> list[Path]:
 def main(args) -> None:
     from pipeline.cli import config_from_args, print_summary
     from pipeline.config import TINY_MODEL
-    from pipeline.model import pick_device
-    from pipeline.runner import run
+    from pipeline.model.load import pick_device
+    from pipeline.execute.run import run
 
     workdir = Path(args.workdir)
     samples = make_samples(workdir / "samples")

@@ -1,0 +1,151 @@
+"""JSON extraction: a document's pages in, a schema-valid JSON object out.
+
+Generation is constrained by a grammar compiled from the schema (xgrammar), so the
+output always has the schema's JSON shape; pydantic (or jsonschema, for a JSON Schema
+file) then validates it, custom validators included. A failed validation is data in
+the row, never an exception.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pipeline.config import ExtractOptions, ModelOptions
+from pipeline.errors import describe, reraise_if_fail_fast
+from pipeline.records import CHUNK
+from pipeline.extract.grammar import GrammarProcessor, RepetitionGuard, repetition_end, build_grammar
+from pipeline.extract.schema import instruction, load_schema
+
+
+class ExtractStage:
+    """Chunk records (a document's pages, up to the page cap) in, extraction results out."""
+
+    def __init__(self, opts: ModelOptions, extract: ExtractOptions, loaded):
+        import xgrammar as xgr
+
+        self.opts, self.extract, self.m = opts, extract, loaded
+        self.spec = load_schema(extract.schema_spec)
+        from pipeline.model.load import stop_and_pad_ids
+
+        tokenizer = loaded.processor.tokenizer
+        self.stop_ids, self.pad_id = stop_and_pad_ids(loaded)
+        info = xgr.TokenizerInfo.from_huggingface(
+            tokenizer, vocab_size=loaded.model.get_output_embeddings().weight.shape[0], stop_token_ids=self.stop_ids
+        )
+        self.grammar = xgr.GrammarCompiler(info).compile_grammar(build_grammar(self.spec.json_schema, extract))
+        self.text = instruction(self.spec, extract)
+
+    def prompt(self, pages: int) -> str:
+        from pipeline.model.load import chat_prompt
+
+        return chat_prompt(self.m.processor, pages, self.text)
+
+    def __call__(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Chunks are extracted batch_size to a generate() call (one grammar matcher per row), sorted by page
+        count so a batch's prompts are of similar length. A batch that fails is retried chunk by chunk, so
+        one document's failure stays in its own row."""
+        from pipeline.ocr import decode_page
+
+        todo = []
+        for rec in records:
+            if rec["kind"] != CHUNK or rec["status"] != "ok":
+                continue
+            try:
+                pixels = [decode_page(img, codec, w, h) for img, codec, w, h in
+                          zip(rec["images"], rec["image_codecs"], rec["widths"], rec["heights"])]
+                todo.append((rec, pixels, int(rec["doc_id"][:8], 16) + rec["chunk_index"]))
+            except Exception as exc:
+                reraise_if_fail_fast()
+                rec.update(status="error", error_type="model_error", error_message=describe(exc))
+        todo.sort(key=lambda item: len(item[1]))
+        size = self.opts.batch_size
+        for start in range(0, len(todo), size):
+            self._extract_batch(todo[start : start + size])
+        return records
+
+    def _extract_batch(self, batch: list[tuple[dict[str, Any], list, int]]) -> None:
+        try:
+            firsts = self._attempts([pixels for _, pixels, _ in batch], temperature=None, seed=0)
+        except Exception as exc:
+            reraise_if_fail_fast()
+            if len(batch) == 1:
+                batch[0][0].update(status="error", error_type="model_error", error_message=describe(exc))
+                return
+            for item in batch:
+                self._extract_batch([item])
+            return
+        for (rec, pixels, seed), first in zip(batch, firsts):
+            try:
+                rec.update(self._with_retry(first, pixels, seed))
+            except Exception as exc:  # the retry failed: this document's row only
+                reraise_if_fail_fast()
+                rec.update(status="error", error_type="model_error", error_message=describe(exc))
+
+    def extract_one(self, pixels: list, seed: int) -> dict[str, Any]:
+        """One chunk on its own: greedy first, then the retry if its output fails validation."""
+        return self._with_retry(self._attempts([pixels], temperature=None, seed=seed)[0], pixels, seed)
+
+    def _with_retry(self, result: dict[str, Any], pixels: list, seed: int) -> dict[str, Any]:
+        """Output that fails validation gets one retry at a higher temperature."""
+        attempts = 1
+        if not result["valid"] and self.extract.retry_temperature > 0:
+            [retry] = self._attempts([pixels], temperature=self.extract.retry_temperature, seed=seed)
+            attempts = 2
+            if retry["valid"] or not result["parsed"]:
+                result = retry
+        result["extraction_attempts"] = attempts
+        return result
+
+    def _attempts(self, pixels: list[list], temperature: float | None, seed: int) -> list[dict[str, Any]]:
+        """One generate() call for several chunks (each its own page images), one grammar matcher per row."""
+        import torch
+        from transformers import LogitsProcessorList, StoppingCriteriaList
+
+        from pipeline.ocr import model_inputs
+
+        m = self.m
+        device = m.device if self.opts.processor_device == "model" else "cpu"
+        inputs = model_inputs(m, [self.prompt(len(p)) for p in pixels], pixels, device)
+        sampling = {"do_sample": True, "temperature": temperature} if temperature else {"do_sample": False}
+        if temperature:
+            torch.manual_seed(seed)  # reproducible retries
+        guard = RepetitionGuard(self.extract.max_repeat)
+        grammar = GrammarProcessor(self.grammar, len(pixels), guard)
+        with torch.inference_mode():
+            out = m.model.generate(
+                **inputs,
+                max_new_tokens=self.extract.max_new_tokens,
+                logits_processor=LogitsProcessorList([grammar]),
+                stopping_criteria=StoppingCriteriaList([guard]),
+                eos_token_id=self.stop_ids,
+                pad_token_id=self.pad_id,
+                **sampling,
+            )
+        return [self._result(tokens, row in guard.rows)
+                for row, tokens in enumerate(out[:, inputs["input_ids"].shape[1] :].tolist())]
+
+    def _result(self, tokens: list[int], repeated: bool) -> dict[str, Any]:
+        m = self.m
+        if repeated:  # what follows the guard's stop in a batch is padding
+            tokens = tokens[: repetition_end(tokens, self.extract.max_repeat)]
+        end = next((i for i, t in enumerate(tokens) if t in self.stop_ids), None)
+        text = m.processor.tokenizer.decode(tokens if end is None else tokens[:end], skip_special_tokens=True)
+        finish = "stop" if end is not None else "repetition" if repeated else "length"
+        parsed, errors = None, []
+        try:
+            parsed = json.loads(text)
+        except ValueError as exc:
+            errors = [f"<output>: not complete JSON ({finish}): {exc}"]
+        if parsed is not None:
+            errors = self.spec.validate(parsed)
+        return {
+            "raw_output": text,
+            "extraction": json.dumps(parsed, ensure_ascii=False, separators=(",", ":")) if parsed is not None else None,
+            "parsed": parsed,
+            "valid": parsed is not None and not errors,
+            "validation_errors": errors,
+            "extraction_finish_reason": finish,
+            "output_tokens": len(tokens) if end is None else end + 1,
+            "model": m.name,
+        }

@@ -1,0 +1,1 @@
+"""The vision-language model: loading it, and the engines that turn token ids and image features into tokens."""

@@ -1,0 +1,48 @@
+"""Resume: which documents an earlier run already finished with the same bytes, so this run can skip them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+from pipeline.errors import OutputError, describe
+from pipeline.sources import DocumentRef
+from pipeline.storage import explain
+from schemas import DOCUMENTS_SCHEMA
+from pipeline.output.store import Output, sealed_files
+
+
+def previous_ok(out: Output) -> dict[str, dict[str, Any]]:
+    """What earlier runs finished in OUT, by source URI: the latest ok or skipped row of each (only sealed
+    files are read). A skipped row carries the doc_id of the ok row it stands for, and the size and
+    modification time seen when it was skipped, so a merely touched file is hashed once, not every run.
+
+    Reading them must succeed: treating an unreadable table as empty would redo finished documents and
+    write a second ok row for each.
+    """
+    import pyarrow.dataset as pads
+
+    try:
+        files = sealed_files(out, "documents")
+        if not files:
+            return {}
+        # The contract's schema: files from before a column existed read it as null.
+        table = pads.dataset(files, schema=DOCUMENTS_SCHEMA, filesystem=out.fs, format="parquet").to_table(
+            columns=["source_uri", "doc_id", "size_bytes", "source_mtime", "status", "run_id"],
+            filter=pads.field("status").isin(["ok", "skipped"]) & pads.field("doc_id").is_valid(),
+        )
+    except Exception as exc:
+        raise OutputError(explain(f"cannot read earlier results in {out.uri} to resume: {describe(exc)} "
+                                  "(--no-resume processes everything)")) from None
+    latest: dict[str, dict[str, Any]] = {}
+    for row in sorted(table.to_pylist(), key=lambda r: r["run_id"]):  # run ids start with their UTC time
+        latest[row["source_uri"]] = row
+    return latest
+
+
+def unchanged(prev: dict[str, Any], ref: DocumentRef) -> bool:
+    """Whether a listed document is the one an earlier run finished: same size and modification time where
+    both sides know them. Otherwise it is read again, and its bytes (doc_id) decide."""
+    if ref.size_bytes is not None and prev["size_bytes"] != ref.size_bytes:
+        return False
+    return ref.mtime is None or prev["source_mtime"] is None or prev["source_mtime"] == ref.mtime

@@ -1,0 +1,1 @@
+"""Render: a document's bytes in, page records out (open, draw, route to the text layer or the model)."""

@@ -1,0 +1,186 @@
+"""The render process: ``expand_document`` run in a child process under the document and page time limits.
+
+MuPDF's C code can't be interrupted from Python, so a document that hangs or crashes the renderer is contained in a
+process that can be killed; the document is then finished here with error rows for what was not delivered.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+from pipeline.config import RenderOptions
+from pipeline.errors import describe
+from pipeline.records import CHUNK, DOCUMENT, PAGE
+from pipeline.render.document import SAME_BYTES, expand_document
+
+
+STARTUP_S = 120  # for a render process to start
+
+
+def expand_document_isolated(source_uri: str, opts: RenderOptions, *args, **kwargs) -> Iterator[dict[str, Any]]:
+    """``expand_document`` in a render process, under ``opts``' document and page time limits.
+
+    MuPDF's C code can't be interrupted from Python, so a hanging or crashing document is contained in a
+    process that can be killed. The process is kept from one document to the next (warm fonts and caches;
+    a fresh one per document cost two thirds of the stage's speed) and replaced after a kill. Records stream
+    back one at a time; if the process is killed or dies, the document is finished here with error rows for
+    what it did not deliver, so its accounting stays whole.
+    """
+    import time
+
+    if opts.document_timeout_s is None and opts.page_timeout_s is None:
+        yield from expand_document(source_uri, opts, *args, **kwargs)
+        return
+    # The resume set can hold millions of ids: it stays here, and is checked on the first record.
+    skip_ids = kwargs.pop("skip_ids", frozenset())
+    doc, delivered = None, {PAGE: set(), CHUNK: set()}
+    worker, failure = _render_worker()
+    complete = False
+    try:
+        if failure is None:
+            try:
+                worker.conn.send((source_uri, opts, args, kwargs))
+            except OSError as exc:  # it died since the last document
+                failure = ("renderer_crashed", f"the rendering process died: {describe(exc)}")
+        # Only time spent waiting for the render process counts: while this generator is paused (Ray Data's
+        # backpressure), a finished page waits in the pipe and the clocks must not run.
+        waited = 0.0
+        doc_limit, page_limit = opts.document_timeout_s or float("inf"), opts.page_timeout_s or float("inf")
+        while failure is None:
+            t = time.monotonic()
+            ready = worker.conn.poll(min(page_limit, doc_limit - waited))
+            waited += time.monotonic() - t
+            if not ready:
+                which, limit = ("document", doc_limit) if waited >= doc_limit else ("page", page_limit)
+                failure = ("timeout", f"rendering exceeded the {which} time limit ({limit:g} s)")
+                break
+            try:
+                rec = worker.conn.recv()
+            except EOFError:  # the process died without a word
+                worker.process.join(5)
+                failure = ("renderer_crashed", f"the rendering process died (exit code {worker.process.exitcode})")
+                break
+            if rec is None:
+                complete = True
+                return
+            if isinstance(rec, tuple):  # the render process failed this document and goes on (_render_server)
+                failure, complete = rec, True
+                break
+            if rec["kind"] == DOCUMENT:
+                if rec.get("doc_id") in skip_ids:
+                    yield {k: v for k, v in rec.items() if k not in ("page_count", "chunk_count")} | {
+                        "status": "skipped", "error_message": SAME_BYTES}
+                    return
+                doc = rec
+            else:
+                delivered[rec["kind"]].add(rec["page_number"] if rec["kind"] == PAGE else rec["chunk_index"])
+            yield rec
+    finally:
+        if not complete:  # mid-document (over time, dead, skipped or abandoned): its output must not leak
+            _stop_render_worker()
+    yield from _finish_undelivered(source_uri, doc, delivered, failure)
+
+
+@dataclass
+class _RenderWorker:
+    process: Any
+    conn: Any
+
+
+_worker: _RenderWorker | None = None
+
+
+def _render_worker() -> tuple[_RenderWorker | None, tuple[str, str] | None]:
+    """This process's render process, started if need be; or why it could not start."""
+    global _worker
+    import multiprocessing as mp
+
+    if _worker is not None and _worker.process.is_alive():
+        return _worker, None
+    _stop_render_worker()
+    ctx = mp.get_context("forkserver")  # forks from a clean server process, not from a threaded Ray worker
+    # Each render process is forked with its readers already imported: a replacement for a killed one must not
+    # spend a document's page time limit importing MuPDF (about a second, several on a loaded machine).
+    ctx.set_forkserver_preload(["pipeline.documents", "pymupdf", "pypdfium2", "PIL.Image"])
+    conn, child_conn = ctx.Pipe(duplex=True)
+    process = ctx.Process(target=_render_server, args=(child_conn,), daemon=True)
+    process.start()
+    child_conn.close()
+    worker = _RenderWorker(process, conn)
+    try:
+        if conn.poll(STARTUP_S) and conn.recv() == "started":
+            _worker = worker
+            return worker, None
+    except EOFError:
+        pass
+    process.kill()
+    process.join(5)
+    return None, ("renderer_crashed", f"the rendering process did not start (exit code {process.exitcode})")
+
+
+def _stop_render_worker() -> None:
+    global _worker
+    if _worker is not None:
+        if _worker.process.is_alive():
+            _worker.process.kill()
+        _worker.process.join(5)
+        _worker.conn.close()
+        _worker = None
+
+
+def _render_server(conn) -> None:
+    """The render process: documents in, their records out, one document at a time, until the pipe closes.
+
+    It outlives every document: an exception that escapes ``expand_document`` (a bug, or a reader raising
+    where no one expected it) ends that document with an ``(error_type, message)`` tuple in place of the
+    closing None; the parent turns it into rows for what was not delivered, and the process takes the next
+    document. No traceback is printed.
+    """
+    conn.send("started")
+    while True:
+        try:
+            source_uri, opts, args, kwargs = conn.recv()
+        except EOFError:
+            return
+        try:
+            for rec in expand_document(source_uri, opts, *args, **kwargs):
+                _send(conn, rec)
+            end = None
+        except _ParentGone:
+            return
+        except Exception as exc:
+            end = ("render_error", f"rendering failed: {describe(exc)}")
+        try:
+            _send(conn, end)
+        except _ParentGone:
+            return
+
+
+class _ParentGone(Exception):
+    """The pipe to the parent is closed: the render process has no one left to serve."""
+
+
+def _send(conn, rec) -> None:
+    try:
+        conn.send(rec)
+    except OSError:  # BrokenPipeError and kin
+        raise _ParentGone() from None
+
+
+def _finish_undelivered(source_uri, doc, delivered, failure) -> Iterator[dict[str, Any]]:
+    """Error rows for what a killed or dead render process did not deliver: the document if it never came,
+    else its missing pages and chunks."""
+    error_type, message = failure
+    if doc is None:  # killed while reading or opening
+        yield {"kind": DOCUMENT, "source_uri": source_uri, "status": "error", "error_type": error_type,
+               "error_message": message}
+        return
+    base = {"source_uri": source_uri, "doc_id": doc["doc_id"], "page_count": doc["page_count"]}
+    error = {"status": "error", "error_type": error_type, "error_message": message}
+    for number in range(1, (doc["page_count"] or 0) + 1):
+        if number not in delivered[PAGE]:
+            yield {**base, "kind": PAGE, "page_number": number, **error}
+    for index in range(doc.get("chunk_count") or 0):
+        if index not in delivered[CHUNK]:
+            yield {**base, "kind": CHUNK, "chunk_index": index, "chunk_count": doc["chunk_count"], **error}

@@ -1,0 +1,1 @@
+"""The tools around a run: demo, benchmarks, evaluation, the report and fine-tuning."""
