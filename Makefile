@@ -1,7 +1,8 @@
 # make demo: set up, then run the main job on sample documents.
 # make test: set up, then run the test suite.
 # make gpu-wheels: docpipe's wheel and the Python 3.12 wheels `docpipe bench --gpu-check` needs on the lent GPU
-#                 machine, into .whl/ (git-ignored; README: "Running it on the lent GPU machine").
+#                 machine, into .whl/ (git-ignored; docs/engines.md: "Running it on the lent GPU machine").
+# make docs: regenerate the reference pages docs/reference/cli.md and config.md from the parser and the options.
 # make lock: re-resolve the dependencies in a throw-away virtualenv and rewrite constraints.txt (the pins that
 #            make setup and infra/Dockerfile install).
 PYTHON ?= python3
@@ -19,7 +20,7 @@ FLOOR ?= .venv-floor
 FLOOR_TRANSFORMERS := $(shell sed -n 's/.*"transformers>=\([0-9.]*\),.*/\1/p' pyproject.toml)
 FLOOR_PACKAGES := transformers==$(FLOOR_TRANSFORMERS) huggingface_hub==1.33.0 httpx==0.28.1 httpcore==1.0.9
 
-.PHONY: setup floor demo test gpu-wheels lock clean
+.PHONY: setup floor demo test docs gpu-wheels lock clean
 
 setup: $(VENV)/.docpipe-installed
 
@@ -41,6 +42,9 @@ demo: setup
 
 test: setup floor
 	HF_HUB_OFFLINE=1 $(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadfile --durations=20
+
+docs: setup
+	$(PY) -m pipeline.tools.reference
 
 gpu-wheels: setup
 	$(PY) -m jobs.gpu_wheels fetch
