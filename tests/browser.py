@@ -1,4 +1,4 @@
-"""Headless Chromium for the report tests (and the README screenshot), driven by Playwright.
+"""Headless Chromium for the report tests (and the docs/report.png screenshot), driven by Playwright.
 
 The browser is Debian's ``chromium`` package (.ci/run installs it); Playwright's own browser
 download is never used. ``python -m tests.browser PAGE.html OUT.png`` takes a screenshot.

@@ -126,7 +126,7 @@ def test_each_run_is_one_iceberg_commit_and_the_first_is_caught_up(nightly):
     assert sorted(map(key, rows)) == sorted(map(key, dataset))
     assert all(r["ingest_date"] == dt.date.fromisoformat(m["started_at"][:10]) for m in (first, second, third)
                for r in rows if r["run_id"] == m["run_id"])
-    # partitioned by ingest_date (identity), as the README says
+    # partitioned by ingest_date (identity), as docs/lake.md says
     [field] = table.spec().fields
     assert (table.schema().find_field(field.source_id).name, str(field.transform)) == ("ingest_date", "identity")
     pages = load_catalog("docpipe", **catalog).load_table("docpipe.pages").scan().to_arrow()
