@@ -6,6 +6,11 @@ rows with an error_type and error_message. Only the problems below stop a run.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from schemas import ErrorType
+
 
 class FatalError(Exception):
     """A problem with the run as a whole: reported in one line, exit code 2."""
@@ -35,23 +40,35 @@ class ExamplesError(FatalError):
     """Fine-tuning examples that can't be used, found before training starts."""
 
 
-# Set by the local executor for --fail-fast: stages re-raise instead of recording an error row.
-FAIL_FAST = False
-
-
-def reraise_if_fail_fast() -> None:
-    """Call inside an except block that turns an exception into an error row."""
-    if FAIL_FAST:
-        raise
+ERROR_KEYS = ("error_type", "error_message")  # a row's error columns, beside its status
 
 
 class RowError(Exception):
     """A failure that belongs to one document or page; turned into a row by the stage that catches it."""
 
-    def __init__(self, error_type: str, message: str):
+    def __init__(self, error_type: ErrorType, message: str):
         super().__init__(message)
-        self.error_type = error_type
+        self.error_type = _checked(error_type)
         self.message = message
+
+    def fields(self) -> dict[str, Any]:
+        """The error row's fields for this failure (see ``error_fields``)."""
+        return error_fields(self.error_type, self.message)
+
+
+def error_fields(error_type: ErrorType, message: str | None, status: str = "error") -> dict[str, Any]:
+    """The one way to mark a record or row as failed: its status, error_type and error_message, to merge into
+    it (``rec.update(error_fields(...))``). ``status`` is "partial" for a document only some of whose pages
+    failed. The stored type is the enum's string, as the contract's Arrow schema has it."""
+    return {"status": status, "error_type": _checked(error_type).value, "error_message": message}
+
+
+def _checked(error_type: ErrorType) -> ErrorType:
+    from schemas import ErrorType  # lazily: the contract pulls in pyarrow, which `docpipe --help` does without
+
+    if not isinstance(error_type, ErrorType):  # a bare string would slip a typo past the contract until write time
+        raise TypeError(f"error_type must be a schemas.ErrorType, not {error_type!r}")
+    return error_type
 
 
 def describe(exc: BaseException, limit: int = 500) -> str:

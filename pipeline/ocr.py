@@ -10,19 +10,21 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from pipeline import errors
 from pipeline.config import ModelOptions
-from pipeline.errors import describe, reraise_if_fail_fast
+from pipeline.errors import describe, error_fields
 from pipeline.model.load import LoadedModel, chat_prompt, load_model, stop_and_pad_ids
 from pipeline.records import PAGE
 from pipeline.render.pixels import RAW_CODEC, decode_raw
+from schemas import ErrorType
 
 
 class OcrStage:
-    def __init__(self, opts: ModelOptions, checkpoint: str | None = None, loaded: LoadedModel | None = None):
+    def __init__(self, opts: ModelOptions, checkpoint: str | None = None, loaded: LoadedModel | None = None,
+                 fail_fast: bool = False):
+        """``fail_fast``: re-raise the first failure instead of recording an error row (--fail-fast)."""
         from pipeline.model.engine import choose_engine
 
-        self.opts = opts
+        self.opts, self.fail_fast = opts, fail_fast
         self.m = loaded or load_model(opts, checkpoint)
         self.prompt = chat_prompt(self.m.processor, 1, opts.prompt)  # one image: the page
         self.stop_ids, self.pad_id = stop_and_pad_ids(self.m)
@@ -51,8 +53,9 @@ class OcrStage:
                     todo.append(rec)
                     continue
                 except Exception as exc:
-                    reraise_if_fail_fast()
-                    rec.update(status="error", error_type="image_decode_error", error_message=describe(exc))
+                    if self.fail_fast:
+                        raise
+                    rec.update(error_fields(ErrorType.image_decode_error, describe(exc)))
             out.append(rec)
         # Pages padded into one batch should be of similar shape: padding is wasted vision compute.
         todo.sort(key=lambda r: (r["height"] / r["width"], r["height"] * r["width"]))
@@ -82,7 +85,8 @@ class OcrStage:
             except LoopDied:
                 lost += batch
             except Exception:
-                reraise_if_fail_fast()
+                if self.fail_fast:
+                    raise
                 _free_cuda_cache()
                 if len(batch) == 1:
                     _mark_failed(batch[0])
@@ -94,7 +98,8 @@ class OcrStage:
                     except LoopDied:
                         lost.append(rec)
                     except Exception:
-                        reraise_if_fail_fast()
+                        if self.fail_fast:
+                            raise
                         _mark_failed(rec)
         for batch, handles in submitted:
             results = engine.wait(handles)
@@ -134,10 +139,11 @@ class OcrStage:
         try:
             self._generate(batch, forced)
         except Exception as exc:
-            reraise_if_fail_fast()
+            if self.fail_fast:
+                raise
             _free_cuda_cache()
             if len(batch) == 1:
-                batch[0].update(status="error", error_type="model_error", error_message=describe(exc))
+                batch[0].update(error_fields(ErrorType.model_error, describe(exc)))
                 return
             for rec in batch:
                 rec["retries"] += 1
@@ -153,9 +159,9 @@ class OcrStage:
         tokenizer = self.m.processor.tokenizer
         for rec, result in zip(batch, results):
             if isinstance(result, Exception):
-                if errors.FAIL_FAST:
+                if self.fail_fast:
                     raise result
-                rec.update(status="error", error_type="model_error", error_message=describe(result))
+                rec.update(error_fields(ErrorType.model_error, describe(result)))
                 continue
             kept = result.tokens[:-1] if result.finish_reason == "stop" else result.tokens
             rec.update(
@@ -176,7 +182,7 @@ def _mark_failed(rec: dict[str, Any]) -> None:
     """The exception being handled, into ``rec``'s error row."""
     import sys
 
-    rec.update(status="error", error_type="model_error", error_message=describe(sys.exc_info()[1]))
+    rec.update(error_fields(ErrorType.model_error, describe(sys.exc_info()[1])))
 
 
 def model_inputs(m: LoadedModel, prompts: list[str], images: list[list], processor_device: str) -> dict[str, Any]:

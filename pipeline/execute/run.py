@@ -60,10 +60,11 @@ def _render_args(config: RunConfig, longest_edge: int, skip_ids: frozenset[str])
         "chunk_pages": config.extract.page_cap if "extract" in config.task else None,
         "skip_ids": skip_ids,
         "route": config.route,
+        "fail_fast": config.fail_fast,
     }
 
 
-def _model_actor(model_opts, extract_opts, task: str):
+def _model_actor(model_opts, extract_opts, task: str, fail_fast: bool = False):
     """Ray Data actor UDF around the model stages; the model loads once per actor, in __init__.
 
     The options are bound in the class rather than passed as constructor arguments, which
@@ -77,12 +78,12 @@ def _model_actor(model_opts, extract_opts, task: str):
 
             loaded = load_model(model_opts)
             # OCR passes chunk records through untouched; extraction passes page records through.
-            self.ocr = OcrStage(model_opts, loaded=loaded)
+            self.ocr = OcrStage(model_opts, loaded=loaded, fail_fast=fail_fast)
             self.stages = [self.ocr]
             if "extract" in task:
                 from pipeline.extract.stage import ExtractStage
 
-                self.stages.append(ExtractStage(model_opts, extract_opts, loaded))
+                self.stages.append(ExtractStage(model_opts, extract_opts, loaded, fail_fast))
             self.ready_at = time.time()  # tells the driver when the model could start work
             self.actor = f"{socket.gethostname()}:{os.getpid()}"
             # With the continuous engine several calls run at once (threads): its OCR takes them all; a stage
@@ -181,7 +182,7 @@ def new_run_id() -> str:
 
 def init_ray() -> None:
     """Join the cluster named by RAY_ADDRESS, or start a local Ray instance bound to loopback."""
-    from pipeline import cluster
+    from pipeline.execute import cluster
 
     address = os.environ.get("RAY_ADDRESS") or None
     token_given = False
@@ -356,24 +357,18 @@ def _lake_step(config: RunConfig, out):
 def _execute_local(config: RunConfig, todo, longest_edge: int, skip_ids: frozenset[str]):
     """The same stages in a plain loop in this process: for debugging, and for --fail-fast, where a stage
     re-raises the first error instead of recording it."""
-    from pipeline import errors
-
-    errors.FAIL_FAST = config.fail_fast
-    try:
-        actor = _model_actor(config.model, config.extract, config.task)()
-        render_args = _render_args(config, longest_edge, skip_ids)
-        expand = expand_document if config.fail_fast else expand_document_isolated  # fail-fast: one traceback
-        for ref in todo:
-            batch = []
-            for rec in expand(ref.source_uri, **render_args):
-                batch.append(rec)
-                if len(batch) == config.model.rows_per_call:
-                    yield actor(to_table(batch, RENDERED_SCHEMA)).to_pylist()
-                    batch = []
-            if batch:
+    actor = _model_actor(config.model, config.extract, config.task, config.fail_fast)()
+    render_args = _render_args(config, longest_edge, skip_ids)
+    expand = expand_document if config.fail_fast else expand_document_isolated  # fail-fast: one traceback
+    for ref in todo:
+        batch = []
+        for rec in expand(ref.source_uri, **render_args):
+            batch.append(rec)
+            if len(batch) == config.model.rows_per_call:
                 yield actor(to_table(batch, RENDERED_SCHEMA)).to_pylist()
-    finally:
-        errors.FAIL_FAST = False
+                batch = []
+        if batch:
+            yield actor(to_table(batch, RENDERED_SCHEMA)).to_pylist()
 
 
 def _execute(config: RunConfig, todo, longest_edge: int, skip_ids: frozenset[str]):

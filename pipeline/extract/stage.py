@@ -12,19 +12,21 @@ import json
 from typing import Any
 
 from pipeline.config import ExtractOptions, ModelOptions
-from pipeline.errors import describe, reraise_if_fail_fast
+from pipeline.errors import describe, error_fields
 from pipeline.records import CHUNK
 from pipeline.extract.grammar import GrammarProcessor, RepetitionGuard, repetition_end, build_grammar
 from pipeline.extract.schema import instruction, load_schema
+from schemas import ErrorType
 
 
 class ExtractStage:
     """Chunk records (a document's pages, up to the page cap) in, extraction results out."""
 
-    def __init__(self, opts: ModelOptions, extract: ExtractOptions, loaded):
+    def __init__(self, opts: ModelOptions, extract: ExtractOptions, loaded, fail_fast: bool = False):
+        """``fail_fast``: re-raise the first failure instead of recording an error row (--fail-fast)."""
         import xgrammar as xgr
 
-        self.opts, self.extract, self.m = opts, extract, loaded
+        self.opts, self.extract, self.m, self.fail_fast = opts, extract, loaded, fail_fast
         self.spec = load_schema(extract.schema_spec)
         from pipeline.model.load import stop_and_pad_ids
 
@@ -56,8 +58,9 @@ class ExtractStage:
                           zip(rec["images"], rec["image_codecs"], rec["widths"], rec["heights"])]
                 todo.append((rec, pixels, int(rec["doc_id"][:8], 16) + rec["chunk_index"]))
             except Exception as exc:
-                reraise_if_fail_fast()
-                rec.update(status="error", error_type="model_error", error_message=describe(exc))
+                if self.fail_fast:
+                    raise
+                rec.update(error_fields(ErrorType.model_error, describe(exc)))
         todo.sort(key=lambda item: len(item[1]))
         size = self.opts.batch_size
         for start in range(0, len(todo), size):
@@ -68,9 +71,10 @@ class ExtractStage:
         try:
             firsts = self._attempts([pixels for _, pixels, _ in batch], temperature=None, seed=0)
         except Exception as exc:
-            reraise_if_fail_fast()
+            if self.fail_fast:
+                raise
             if len(batch) == 1:
-                batch[0][0].update(status="error", error_type="model_error", error_message=describe(exc))
+                batch[0][0].update(error_fields(ErrorType.model_error, describe(exc)))
                 return
             for item in batch:
                 self._extract_batch([item])
@@ -79,8 +83,9 @@ class ExtractStage:
             try:
                 rec.update(self._with_retry(first, pixels, seed))
             except Exception as exc:  # the retry failed: this document's row only
-                reraise_if_fail_fast()
-                rec.update(status="error", error_type="model_error", error_message=describe(exc))
+                if self.fail_fast:
+                    raise
+                rec.update(error_fields(ErrorType.model_error, describe(exc)))
 
     def extract_one(self, pixels: list, seed: int) -> dict[str, Any]:
         """One chunk on its own: greedy first, then the retry if its output fails validation."""

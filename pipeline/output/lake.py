@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from collections import defaultdict
 from typing import Any
 
 import pyarrow as pa
 
 from pipeline.config import IcebergOptions
 from pipeline.errors import OutputError, describe
-from pipeline.output.store import Output, sealed_files
+from pipeline.output.store import Output
+from pipeline.output.tables import files_by_run, read_table
 from schemas import DOCUMENTS_SCHEMA, PAGES_SCHEMA
 
 RUN_PROPERTY = "docpipe.run_id"
-_PART = re.compile(r"part-(?P<run>.+)-\d{5}\.parquet$")
 _DATE = re.compile(r"ingest_date=(\d{4}-\d{2}-\d{2})/")
 
 
@@ -55,8 +54,6 @@ def lake_schema(schema: pa.Schema) -> pa.Schema:
 
 
 def _append_table(catalog, identifier: str, schema: pa.Schema, out: Output, name: str) -> dict[str, int]:
-    import pyarrow.parquet as pq
-
     full = lake_schema(schema)
     table = catalog.create_table_if_not_exists(identifier, schema=full)
     if set(full.names) - set(table.schema().column_names):
@@ -67,16 +64,12 @@ def _append_table(catalog, identifier: str, schema: pa.Schema, out: Output, name
         with table.update_spec() as spec:
             spec.add_identity("ingest_date")
     done = {s.summary.additional_properties.get(RUN_PROPERTY) for s in table.snapshots() if s.summary}
-    runs: dict[str, list[str]] = defaultdict(list)
-    for path in sealed_files(out, name):
-        m = _PART.search(path)
-        if m and m["run"] not in done:
-            runs[m["run"]].append(path)
+    runs = {run_id: paths for run_id, paths in files_by_run(out, name).items() if run_id not in done}
     appended = {}
     for run_id in sorted(runs):  # run ids begin with their start time
         parts = []
         for path in runs[run_id]:
-            part = pq.read_table(path, filesystem=out.fs, schema=schema)
+            part = read_table(out, name, files=[path])  # one file at a time: its folder names its ingest date
             date = _DATE.search(path)
             day = dt.date.fromisoformat(date[1]) if date else dt.datetime.strptime(run_id[:8], "%Y%m%d").date()
             parts.append(part.append_column(full.field("ingest_date"), pa.array([day] * part.num_rows, pa.date32())))

@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 
+from pipeline.errors import ERROR_KEYS, error_fields
 from pipeline.records import CHUNK, DOCUMENT
 from pipeline.sources import DocumentRef
-from schemas import EXTRACTION_COLUMNS
+from schemas import EXTRACTION_COLUMNS, ErrorType
 
 
 class DocumentLedger:
@@ -67,20 +68,20 @@ class DocumentLedger:
             "media_type": doc.get("media_type"),
             "page_count": doc.get("page_count"),
             "status": doc.get("status", "error"),
-            "error_type": doc.get("error_type"),
-            "error_message": doc.get("error_message"),
+            # the document record's own failure (or none), carried over as recorded
+            **{key: doc.get(key) for key in ERROR_KEYS},
             "run_id": self.run_id,
         }
         if lost:
-            row.update(status="error", error_type="lost", error_message=lost)
+            row.update(error_fields(ErrorType.lost, lost))
         elif row["status"] == "ok" and st["failed"]:
             etype, emsg, number = st["first_error"]
             total = row["page_count"]
+            message = f"{st['failed']} of {total} pages failed; first, page {number}: {etype}: {emsg}"
             if st["failed"] >= total:
-                row.update(status="error", error_type="all_pages_failed")
+                row.update(error_fields(ErrorType.all_pages_failed, message))
             else:
-                row.update(status="partial", error_type=etype)
-            row["error_message"] = f"{st['failed']} of {total} pages failed; first, page {number}: {etype}: {emsg}"
+                row.update(error_fields(ErrorType(etype), message, status="partial"))
         if self.schema is not None and st["chunks"]:
             self._add_extraction(row, sorted(st["chunks"], key=lambda c: c["chunk_index"]))
         return row
@@ -97,8 +98,8 @@ class DocumentLedger:
             row.update(valid=False, validation_errors=[f"chunk {c['chunk_index'] + 1}: {c['error_type']}: "
                                                        f"{c['error_message']}" for c in failed])
             if row["status"] == "ok":
-                row.update(status="partial", error_type="extraction_failed",
-                           error_message=f"extraction failed on {len(failed)} of {len(chunks)} chunks")
+                message = f"extraction failed on {len(failed)} of {len(chunks)} chunks"
+                row.update(error_fields(ErrorType.extraction_failed, message, status="partial"))
         if len(chunks) == 1 and not failed:
             c = chunks[0]
             row.update({k: c[k] for k in EXTRACTION_COLUMNS})

@@ -6,10 +6,10 @@ from typing import Any
 
 
 from pipeline.errors import OutputError, describe
+from pipeline.output.store import Output
+from pipeline.output.tables import read_rows
 from pipeline.sources import DocumentRef
 from pipeline.storage import explain
-from schemas import DOCUMENTS_SCHEMA
-from pipeline.output.store import Output, sealed_files
 
 
 def previous_ok(out: Output) -> dict[str, dict[str, Any]]:
@@ -20,22 +20,14 @@ def previous_ok(out: Output) -> dict[str, dict[str, Any]]:
     Reading them must succeed: treating an unreadable table as empty would redo finished documents and
     write a second ok row for each.
     """
-    import pyarrow.dataset as pads
-
     try:
-        files = sealed_files(out, "documents")
-        if not files:
-            return {}
-        # The contract's schema: files from before a column existed read it as null.
-        table = pads.dataset(files, schema=DOCUMENTS_SCHEMA, filesystem=out.fs, format="parquet").to_table(
-            columns=["source_uri", "doc_id", "size_bytes", "source_mtime", "status", "run_id"],
-            filter=pads.field("status").isin(["ok", "skipped"]) & pads.field("doc_id").is_valid(),
-        )
+        rows = read_rows(out, "documents", ["source_uri", "doc_id", "size_bytes", "source_mtime", "status", "run_id"],
+                         statuses=["ok", "skipped"], not_null=["doc_id"])
     except Exception as exc:
         raise OutputError(explain(f"cannot read earlier results in {out.uri} to resume: {describe(exc)} "
                                   "(--no-resume processes everything)")) from None
     latest: dict[str, dict[str, Any]] = {}
-    for row in sorted(table.to_pylist(), key=lambda r: r["run_id"]):  # run ids start with their UTC time
+    for row in rows:  # oldest run first: the latest row of each URI stays
         latest[row["source_uri"]] = row
     return latest
 

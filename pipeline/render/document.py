@@ -13,10 +13,11 @@ import io
 from typing import Any, Iterator
 
 from pipeline.config import RenderOptions, RouteOptions, StorageOptions
-from pipeline.errors import RowError, describe, reraise_if_fail_fast
+from pipeline.errors import RowError, describe, error_fields
 from pipeline.records import CHUNK, DOCUMENT, PAGE
 from pipeline.storage import read_bytes
 from pipeline.render.open import IMAGE_TYPES, PDF, open_pages
+from schemas import ErrorType
 
 
 SAME_BYTES = "the same bytes are already ok in this output"
@@ -43,16 +44,19 @@ def expand_document(
     chunk_pages: int | None = None,
     skip_ids: frozenset[str] = frozenset(),
     route: RouteOptions | None = None,
+    fail_fast: bool = False,
 ) -> Iterator[dict[str, Any]]:
     """Yield the document record, its page records (with images when ``ocr``) and, when ``chunk_pages`` is
     set, one chunk record per ``chunk_pages`` pages carrying their images for extraction. With ``route``
-    (and ``ocr``), a page answered by its text layer or found blank carries its text and no image."""
+    (and ``ocr``), a page answered by its text layer or found blank carries its text and no image.
+    ``fail_fast``: re-raise the first failure instead of recording it (--fail-fast, for its traceback)."""
     doc: dict[str, Any] = {"kind": DOCUMENT, "source_uri": source_uri, "status": "ok"}
     try:
         data = read_bytes(source_uri, storage)
     except OSError as exc:  # after the filesystem's own retries: missing, denied, or still failing
-        reraise_if_fail_fast()
-        yield {**doc, "status": "error", "error_type": "read_error", "error_message": describe(exc)}
+        if fail_fast:
+            raise
+        yield {**doc, **error_fields(ErrorType.read_error, describe(exc))}
         return
     doc.update(doc_id=hashlib.sha256(data).hexdigest(), size_bytes=len(data), media_type=sniff_media_type(data))
     if doc["doc_id"] in skip_ids:  # resume: the same bytes are already ok in this output, under some URI
@@ -62,13 +66,14 @@ def expand_document(
         pages = open_pages(data, doc["media_type"])
         page_count, renderer = next(pages)
     except RowError as exc:
-        reraise_if_fail_fast()
-        yield {**doc, "status": "error", "error_type": exc.error_type, "error_message": exc.message}
+        if fail_fast:
+            raise
+        yield {**doc, **exc.fields()}
         return
     except Exception as exc:  # a reader's own failure while opening, not one it reported: the file is at fault
-        reraise_if_fail_fast()
-        yield {**doc, "status": "error", "error_type": "corrupt_document",
-               "error_message": f"cannot open: {describe(exc)}"}
+        if fail_fast:
+            raise
+        yield {**doc, **error_fields(ErrorType.corrupt_document, f"cannot open: {describe(exc)}")}
         return
     del data  # the opened document keeps what it needs
     chunk_count = -(-page_count // chunk_pages) if chunk_pages else 0
@@ -86,13 +91,15 @@ def expand_document(
             row.update(image=rendered.image, image_codec=rendered.codec, width=rendered.width, height=rendered.height,
                        renderer=page.renderer)
             if ocr and route is not None:
-                row.update(_route(page, rendered, route))
+                row.update(_route(page, rendered, route, fail_fast))
         except RowError as exc:
-            reraise_if_fail_fast()
-            row.update(status="error", error_type=exc.error_type, error_message=exc.message)
+            if fail_fast:
+                raise
+            row.update(exc.fields())
         except Exception as exc:  # one bad page must not take its document down
-            reraise_if_fail_fast()
-            row.update(status="error", error_type="render_error", error_message=describe(exc))
+            if fail_fast:
+                raise
+            row.update(error_fields(ErrorType.render_error, describe(exc)))
         if chunk_pages and row["status"] == "ok":
             chunk.append(row)
         # Pages the model won't read travel without their image (chunks above keep theirs, for extraction).
@@ -103,7 +110,7 @@ def expand_document(
             chunk = []
 
 
-def _route(page, rendered, route: RouteOptions) -> dict[str, Any]:
+def _route(page, rendered, route: RouteOptions, fail_fast: bool) -> dict[str, Any]:
     """text and text_source for a page answered without the model, and route_reason for every page: why it was
     answered so, or why the model must read it (route.trust_text_layer's reasons, text_layer_never,
     text_layer_error)."""
@@ -117,7 +124,8 @@ def _route(page, rendered, route: RouteOptions) -> dict[str, Any]:
         except (AttributeError, TypeError, NameError):
             raise  # our code's mistake, not the document's: the page's error row shows it (a silent model read hid one)
         except Exception:  # a layer the renderer cannot read is not trusted: the model reads the page
-            reraise_if_fail_fast()
+            if fail_fast:
+                raise
             layer, reason = None, "text_layer_error"
         verdict = trust_text_layer(layer, route)
         if verdict.trusted:
@@ -125,7 +133,8 @@ def _route(page, rendered, route: RouteOptions) -> dict[str, Any]:
                 return {"text": clean_text(layer.page_text()), "text_source": "text_layer",
                         "route_reason": verdict.reason}
             except ConversionError:  # the converter's libraries failed on this page's PDF: the model reads it
-                reraise_if_fail_fast()
+                if fail_fast:
+                    raise
                 reason = "text_layer_error"
         elif reason != "text_layer_error":
             reason = verdict.reason
@@ -175,5 +184,5 @@ def _chunk_record(base: dict[str, Any], index: int, count: int, pages: list[dict
            "images": [p["image"] for p in pages], "image_codecs": [p["image_codec"] for p in pages],
            "widths": [p["width"] for p in pages], "heights": [p["height"] for p in pages]}
     if not pages:
-        rec.update(status="error", error_type="render_error", error_message=f"no page of chunk {index + 1} rendered")
+        rec.update(error_fields(ErrorType.render_error, f"no page of chunk {index + 1} rendered"))
     return rec

@@ -10,9 +10,10 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 from pipeline.config import RenderOptions
-from pipeline.errors import describe
+from pipeline.errors import describe, error_fields
 from pipeline.records import CHUNK, DOCUMENT, PAGE
 from pipeline.render.document import SAME_BYTES, expand_document
+from schemas import ErrorType
 
 
 STARTUP_S = 120  # for a render process to start
@@ -42,7 +43,7 @@ def expand_document_isolated(source_uri: str, opts: RenderOptions, *args, **kwar
             try:
                 worker.conn.send((source_uri, opts, args, kwargs))
             except OSError as exc:  # it died since the last document
-                failure = ("renderer_crashed", f"the rendering process died: {describe(exc)}")
+                failure = (ErrorType.renderer_crashed, f"the rendering process died: {describe(exc)}")
         # Only time spent waiting for the render process counts: while this generator is paused (Ray Data's
         # backpressure), a finished page waits in the pipe and the clocks must not run.
         waited = 0.0
@@ -53,13 +54,14 @@ def expand_document_isolated(source_uri: str, opts: RenderOptions, *args, **kwar
             waited += time.monotonic() - t
             if not ready:
                 which, limit = ("document", doc_limit) if waited >= doc_limit else ("page", page_limit)
-                failure = ("timeout", f"rendering exceeded the {which} time limit ({limit:g} s)")
+                failure = (ErrorType.timeout, f"rendering exceeded the {which} time limit ({limit:g} s)")
                 break
             try:
                 rec = worker.conn.recv()
             except EOFError:  # the process died without a word
                 worker.process.join(5)
-                failure = ("renderer_crashed", f"the rendering process died (exit code {worker.process.exitcode})")
+                failure = (ErrorType.renderer_crashed,
+                           f"the rendering process died (exit code {worker.process.exitcode})")
                 break
             if rec is None:
                 complete = True
@@ -102,7 +104,7 @@ def _render_worker() -> tuple[_RenderWorker | None, tuple[str, str] | None]:
     ctx = mp.get_context("forkserver")  # forks from a clean server process, not from a threaded Ray worker
     # Each render process is forked with its readers already imported: a replacement for a killed one must not
     # spend a document's page time limit importing MuPDF (about a second, several on a loaded machine).
-    ctx.set_forkserver_preload(["pipeline.documents", "pymupdf", "pypdfium2", "PIL.Image"])
+    ctx.set_forkserver_preload(["pipeline.render.document", "pymupdf", "pypdfium2", "PIL.Image"])
     conn, child_conn = ctx.Pipe(duplex=True)
     process = ctx.Process(target=_render_server, args=(child_conn,), daemon=True)
     process.start()
@@ -116,7 +118,7 @@ def _render_worker() -> tuple[_RenderWorker | None, tuple[str, str] | None]:
         pass
     process.kill()
     process.join(5)
-    return None, ("renderer_crashed", f"the rendering process did not start (exit code {process.exitcode})")
+    return None, (ErrorType.renderer_crashed, f"the rendering process did not start (exit code {process.exitcode})")
 
 
 def _stop_render_worker() -> None:
@@ -150,7 +152,7 @@ def _render_server(conn) -> None:
         except _ParentGone:
             return
         except Exception as exc:
-            end = ("render_error", f"rendering failed: {describe(exc)}")
+            end = (ErrorType.render_error, f"rendering failed: {describe(exc)}")
         try:
             _send(conn, end)
         except _ParentGone:
@@ -173,11 +175,10 @@ def _finish_undelivered(source_uri, doc, delivered, failure) -> Iterator[dict[st
     else its missing pages and chunks."""
     error_type, message = failure
     if doc is None:  # killed while reading or opening
-        yield {"kind": DOCUMENT, "source_uri": source_uri, "status": "error", "error_type": error_type,
-               "error_message": message}
+        yield {"kind": DOCUMENT, "source_uri": source_uri, **error_fields(error_type, message)}
         return
     base = {"source_uri": source_uri, "doc_id": doc["doc_id"], "page_count": doc["page_count"]}
-    error = {"status": "error", "error_type": error_type, "error_message": message}
+    error = error_fields(error_type, message)
     for number in range(1, (doc["page_count"] or 0) + 1):
         if number not in delivered[PAGE]:
             yield {**base, "kind": PAGE, "page_number": number, **error}

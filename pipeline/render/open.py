@@ -10,6 +10,7 @@ from typing import Iterator
 from pipeline.config import RenderOptions
 from pipeline.errors import RowError, describe
 from pipeline.render.pixels import render_image, render_pdf_page
+from schemas import ErrorType
 
 
 PDF = "application/pdf"
@@ -30,13 +31,13 @@ def open_pages(data: bytes, media_type: str | None) -> Iterator:
     """Generator: first yields the page count and the renderer that found the pages, then one render
     callable per page."""
     if not data:
-        raise RowError("empty_file", "file is empty (0 bytes)")
+        raise RowError(ErrorType.empty_file, "file is empty (0 bytes)")
     if media_type == PDF:
         yield from _pdf_pages(data)
     elif media_type is not None:
         yield from _image_frames(data, media_type)
     else:
-        raise RowError("unsupported_media_type", f"not a PDF or a supported image (starts with {data[:8]!r})")
+        raise RowError(ErrorType.unsupported_media_type, f"not a PDF or a supported image (starts with {data[:8]!r})")
 
 
 def _pdf_pages(data: bytes) -> Iterator:
@@ -89,10 +90,10 @@ def _pdfium_pages(data: bytes, mupdf_what: str, mupdf_why: str) -> Iterator:
         return
     reasons = f"MuPDF: {mupdf_why}; PDFium: {why}"
     if mupdf_what == what == "empty":
-        raise RowError("empty_document", f"PDF has no pages ({reasons})")
+        raise RowError(ErrorType.empty_document, f"PDF has no pages ({reasons})")
     if "encrypted" in (mupdf_what, what):
-        raise RowError("encrypted_document", f"PDF is encrypted and needs a password ({reasons})")
-    raise RowError("corrupt_document", f"cannot open PDF: {reasons}")
+        raise RowError(ErrorType.encrypted_document, f"PDF is encrypted and needs a password ({reasons})")
+    raise RowError(ErrorType.corrupt_document, f"cannot open PDF: {reasons}")
 
 
 class _PdfiumFallback:
@@ -111,7 +112,7 @@ class _PdfiumFallback:
                 why = str(exc) if isinstance(exc, PdfiumOpenError) else describe(exc)
                 self.error = f"cannot open the document: {why}"
         if self.error is not None:
-            raise RowError("render_error", self.error)
+            raise RowError(ErrorType.render_error, self.error)
         return PdfiumPage(self.pdf, index)
 
 
@@ -128,7 +129,7 @@ class _WithFallback:
         except RowError as exc:
             error_type, first = exc.error_type, exc.message
         except Exception as exc:
-            error_type, first = "render_error", describe(exc)
+            error_type, first = ErrorType.render_error, describe(exc)
         try:
             second = self._fallback()
             rendered = second(opts, longest_edge)
@@ -171,9 +172,9 @@ def _image_frames(data: bytes, media_type: str) -> Iterator:
         img = Image.open(io.BytesIO(data))
         frames = getattr(img, "n_frames", 1)  # multi-page TIFF, animated GIF/WebP: each frame is a page
     except Image.DecompressionBombError as exc:  # Pillow checks the header's size before decoding anything
-        raise RowError("image_too_large", describe(exc)) from None
+        raise RowError(ErrorType.image_too_large, describe(exc)) from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise RowError("corrupt_document", f"cannot open {media_type}: {describe(exc)}") from None
+        raise RowError(ErrorType.corrupt_document, f"cannot open {media_type}: {describe(exc)}") from None
     yield frames, _ImageFrame.renderer
     for index in range(frames):
         yield _ImageFrame(img, index)
@@ -194,10 +195,11 @@ class _ImageFrame:
         w, h = self.img.size
         if w * h > opts.max_pixels * 4:
             # Decoding would allocate a huge buffer; scaling after decode is too late.
-            raise RowError("image_too_large", f"image is {w}x{h} pixels, over 4 x max_pixels ({opts.max_pixels})")
+            raise RowError(ErrorType.image_too_large,
+                           f"image is {w}x{h} pixels, over 4 x max_pixels ({opts.max_pixels})")
         try:
             self.img.seek(self.index)
             frame = ImageOps.exif_transpose(self.img)  # scanners and phones store rotation in EXIF
             return render_image(frame, opts, longest_edge)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-            raise RowError("image_decode_error", describe(exc)) from None
+            raise RowError(ErrorType.image_decode_error, describe(exc)) from None

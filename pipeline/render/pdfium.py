@@ -12,6 +12,7 @@ from __future__ import annotations
 from pipeline.config import RenderOptions
 from pipeline.errors import RowError, describe
 from pipeline.render.pixels import RenderedPage, encode_raw, pdf_pixels, pdf_zoom
+from schemas import ErrorType
 
 # FPDF_GetLastError codes. PDFium sets none when it refuses a document for having no pages (no page tree,
 # or an empty one), so the code is first set to FILE_ERROR, which a load from memory never sets itself.
@@ -126,7 +127,7 @@ class PdfiumPage:
         try:
             return self.pdf[self.index]
         except pdfium.PdfiumError as exc:
-            raise RowError("render_error", f"cannot load page {self.index + 1}: {describe(exc)}") from None
+            raise RowError(ErrorType.render_error, f"cannot load page {self.index + 1}: {describe(exc)}") from None
 
 
 def render_pdfium_page(page, opts: RenderOptions, longest_edge: int) -> RenderedPage:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from pipeline.config import RenderOptions
 from pipeline.errors import RowError
+from schemas import ErrorType
 
 
 RAW_CODEC = "rgb8+zstd"  # row-major 8-bit RGB, zstd-compressed
@@ -47,7 +48,7 @@ def decode_raw(data: bytes, width: int, height: int):
 def pdf_zoom(page_width: float, page_height: float, opts: RenderOptions, longest_edge: int) -> float:
     """Scale that brings the longest side to ``longest_edge``, shrunk if needed to stay under max_pixels."""
     if page_width <= 0 or page_height <= 0:
-        raise RowError("render_error", f"page has no area ({page_width} x {page_height} pt)")
+        raise RowError(ErrorType.render_error, f"page has no area ({page_width} x {page_height} pt)")
     zoom = longest_edge / max(page_width, page_height)
     if page_width * page_height * zoom * zoom > opts.max_pixels:
         zoom = math.sqrt(opts.max_pixels / (page_width * page_height))

@@ -154,24 +154,14 @@ class OutputRows:
 
 def read_output(out) -> OutputRows:
     """The latest page and document rows of every sealed file in OUT (any contract version)."""
-    import pyarrow.dataset as pads
-
-    from pipeline.output.store import sealed_files
-    from schemas import DOCUMENTS_SCHEMA, PAGES_SCHEMA
-
-    def table(name, schema, columns):
-        files = sealed_files(out, name)
-        if not files:
-            return []
-        rows = pads.dataset(files, schema=schema, filesystem=out.fs, format="parquet").to_table(columns=columns)
-        return sorted(rows.to_pylist(), key=lambda r: r["run_id"])  # run ids start with their UTC time
+    from pipeline.output.tables import read_rows
 
     pages: dict[tuple[str, int], dict[str, Any]] = {}
-    for row in table("pages", PAGES_SCHEMA, ["source_uri", "doc_id", "page_number", "status", "text",
-                                              "text_source", "renderer", "run_id"]):
+    for row in read_rows(out, "pages", ["source_uri", "doc_id", "page_number", "status", "text", "text_source",
+                                        "renderer", "run_id"]):  # oldest run first: the latest row stays
         pages[(row["source_uri"], row["page_number"])] = pages[(row["doc_id"], row["page_number"])] = row
     documents: dict[str, dict[str, Any]] = {}
-    for row in table("documents", DOCUMENTS_SCHEMA, ["source_uri", "doc_id", "status", "extraction", "run_id"]):
+    for row in read_rows(out, "documents", ["source_uri", "doc_id", "status", "extraction", "run_id"]):
         if row["status"] != "skipped":
             documents[row["source_uri"]] = row
             if row["doc_id"]:

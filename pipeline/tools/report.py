@@ -79,17 +79,18 @@ def _output(uri: str, storage: StorageOptions | None):
 
 def run_ids(out) -> list[str]:
     """Finished runs in OUT (those with a manifest), oldest first: run ids start with their UTC start time."""
-    from pyarrow.fs import FileSelector, FileType
+    from pipeline.output import tables
 
     try:
-        infos = out.fs.get_file_info(FileSelector(out.path("_runs"), allow_not_found=True))
+        return tables.run_ids(out)
     except Exception as exc:
         raise InputError(explain(f"cannot list {out.uri}/_runs: {describe(exc)}")) from None
-    return sorted(i.base_name[: -len(".json")] for i in infos
-                  if i.type == FileType.File and i.base_name.endswith(".json") and not i.base_name.startswith("_"))
 
 
 def load_manifest(out, run_id: str | None) -> dict[str, Any]:
+    """The manifest of run ``run_id`` (the latest finished run by default)."""
+    from pipeline.output.tables import read_manifest
+
     ids = run_ids(out)
     if not ids:
         raise InputError(f"no finished run in {out.uri}: no _runs/<run_id>.json (is it a docpipe output?)")
@@ -98,26 +99,19 @@ def load_manifest(out, run_id: str | None) -> dict[str, Any]:
     elif run_id not in ids:
         raise InputError(f"no run {run_id} in {out.uri}; latest runs: {', '.join(ids[-5:])}")
     try:
-        with out.fs.open_input_file(out.path("_runs", f"{run_id}.json")) as f:
-            return json.loads(f.read())
+        return read_manifest(out, run_id)
     except Exception as exc:
         raise InputError(explain(f"cannot read the manifest of run {run_id}: {describe(exc)}")) from None
 
 
 def _read_table(out, manifest: dict[str, Any], table: str, columns: list[str], uris: set[str] | None = None):
-    """This run's rows of a table, read with the contract's schema: columns older files lack read as null."""
-    import pyarrow.dataset as pads
+    """This run's rows of a table (the files its manifest lists), read with the contract's schema: columns older
+    files lack read as null."""
+    from pipeline.output.tables import manifest_files, read_table
 
-    schema = PAGES_SCHEMA if table == "pages" else DOCUMENTS_SCHEMA
-    files = [out.path(rel) for rel in manifest.get("files", {}).get(table, [])]
-    if not files:
-        return schema.empty_table().select(columns)
-    condition = pads.field("run_id") == manifest["run_id"]
-    if uris is not None:
-        condition = condition & pads.field("source_uri").isin(sorted(uris))
     try:
-        dataset = pads.dataset(files, schema=schema, filesystem=out.fs, format="parquet")
-        return dataset.to_table(columns=columns, filter=condition)
+        return read_table(out, table, columns, files=manifest_files(out, manifest, table), run_id=manifest["run_id"],
+                          uris=uris)
     except Exception as exc:
         raise InputError(explain(f"cannot read {table} of run {manifest['run_id']}: {describe(exc)}")) from None
 
@@ -344,18 +338,15 @@ def rate_points(out, manifest: dict[str, Any]) -> list[tuple[float, int]]:
 
     Pages carry no timestamps; the files do: a run seals its files at every checkpoint, so a long run
     leaves one point per checkpoint_s. Empty files (no rows) are left out."""
-    import pyarrow.parquet as pq
+    from pipeline.output.tables import file_rows, manifest_files
 
     try:
         start = datetime.strptime(manifest["started_at"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
         points = []
-        for rel in manifest.get("files", {}).get("pages", []):
-            path = out.path(rel)
-            info = out.fs.get_file_info(path)
-            with out.fs.open_input_file(path) as f:
-                rows = pq.ParquetFile(f).metadata.num_rows
-            if rows and info.mtime is not None:
-                points.append(((info.mtime - start).total_seconds(), rows))
+        for path in manifest_files(out, manifest, "pages"):
+            rows, mtime = file_rows(out, path)
+            if rows and mtime is not None:
+                points.append(((mtime - start).total_seconds(), rows))
     except Exception:  # a figure is not worth failing the report for
         return []
     points.sort()
