@@ -142,9 +142,9 @@ def test_a_page_mupdf_fails_on_is_rendered_and_read_by_pdfium(tmp_path):
     data = one_page_pdf("<< /Type /Pages /Kids [2 0 R 3 0 R] /Count 1 >>")
     with pytest.raises(Exception):
         pymupdf.open(stream=data, filetype="pdf").load_page(0)
-    from pipeline.render.open import _open
+    from pipeline.render.open import open_pages
 
-    pages = _open(data, "application/pdf")
+    pages = open_pages(data, "application/pdf")
     assert next(pages) == (1, "pymupdf")  # MuPDF opened the document
     page = next(pages)
     assert page.renderer == "pymupdf"  # until it has rendered

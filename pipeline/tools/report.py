@@ -152,7 +152,7 @@ def json_tree(value: Any, errors: list[str]) -> tuple[dict[str, Any] | None, lis
     """The extraction as a tree of nodes for the template, each validation error placed at the deepest node
     its path names; errors naming no part of the JSON (the output as a whole, a failed chunk) come back apart.
 
-    Errors are 'path: message' with dotted paths (line_items.0.amount), as pipeline.extract writes them."""
+    Errors are 'path: message' with dotted paths (line_items.0.amount), as pipeline.extract.stage writes them."""
     def build(v: Any, path: tuple[str, ...], key: str | None) -> dict[str, Any]:
         node = {"key": key, "path": ".".join(path), "errors": []}
         if isinstance(v, dict):
