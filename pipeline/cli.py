@@ -365,11 +365,16 @@ def main(argv: list[str] | None = None) -> int:
 
             working_dir = None if args.no_working_dir else (args.working_dir or source_tree())
             return submit(config_from_args(args, args.inputs, args.output), args.address, working_dir=working_dir,
-                          env=args.env, wait=args.wait, submission_id=args.submission_id)
+                          env=key_values(args.env, "--env"), wait=args.wait, submission_id=args.submission_id)
         elif args.command == "demo":
-            from pipeline.tools.demo import main as demo_main
+            from pipeline.execute.run import run
+            from pipeline.tools import demo
 
-            demo_main(args)
+            inputs, output = demo.prepare(args)
+            result = run(config_from_args(args, inputs, output))
+            print()
+            print_summary(result)
+            demo.show(result)
         elif args.command == "eval":
             import json
 
@@ -403,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print(json.dumps(config_schema(args.finetune), indent=2))
         elif args.command == "finetune":
-            from pipeline.execute.run import finetune
+            from pipeline.execute.train import finetune
 
             config = finetune_config_from_args(args)
             print_finetune_summary(finetune(config), config.output)

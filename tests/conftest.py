@@ -5,7 +5,7 @@ import sys
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.pop("RAY_ADDRESS", None)
-# Local Ray on loopback only (see pipeline.execute.run.init_ray); read when Ray is first imported.
+# Local Ray on loopback only (see pipeline.execute.cluster.init_ray); read when Ray is first imported.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 from pathlib import Path  # noqa: E402

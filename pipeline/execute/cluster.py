@@ -1,7 +1,8 @@
-"""Joining an existing Ray cluster: token authentication, and one clear line when joining fails.
+"""Ray's cluster: starting a local instance or joining the one named by RAY_ADDRESS (``init_ray``), token
+authentication, and one clear line when joining fails.
 
-Shared by `docpipe run` (pipeline.execute.run joins the cluster named by RAY_ADDRESS) and `docpipe submit`
-(pipeline.execute.submit talks to the cluster's job server). Ray itself is imported by those two modules only.
+Shared by `docpipe run` (execute/plan.py and execute/train.py start or join with ``init_ray``), `docpipe submit`
+(execute/submit.py talks to the cluster's job server) and `docpipe bench` (``shutdown_ray``).
 """
 
 from __future__ import annotations
@@ -136,3 +137,34 @@ def joining(address: str, token_given: bool):
     if captured:
         sys.stderr.write(captured)
         sys.stderr.flush()
+
+
+def init_ray() -> None:
+    """Join the cluster named by RAY_ADDRESS, or start a local Ray instance bound to loopback."""
+    address = os.environ.get("RAY_ADDRESS") or None
+    token_given = False
+    if address is None or is_loopback(address):
+        # A local instance needs no other host: without this, Ray listens on every interface and advertises
+        # the machine's network address. A head joined on loopback is on this machine: without this, Ray
+        # swaps 127.0.0.1 for the network address, where a head bound to loopback never answers. Read when
+        # Ray is first imported.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if address is not None:
+        token_given = use_token_auth()  # before Ray is imported, which reads the mode once
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address is None:
+        # "local": a new instance, even if `ray start` left a cluster on this machine (ray.init() would join it)
+        ray.init(address="local", include_dashboard=False, logging_level="WARNING")
+    else:
+        with joining(address, token_given):
+            ray.init(address=address, include_dashboard=False, logging_level="WARNING")
+
+
+def shutdown_ray() -> None:
+    """Leave Ray (stopping a local instance): frees the cores and GPU its actors held, for work that follows."""
+    import ray
+
+    ray.shutdown()

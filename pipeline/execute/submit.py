@@ -56,11 +56,8 @@ def job_entrypoint(config: RunConfig) -> str:
     return f"python -m pipeline.cli run --config-json {shlex.quote(payload)}"
 
 
-def runtime_env(working_dir: str | None, env: list[str]) -> dict:
-    from pipeline.cli import key_values
-
-    env_vars = key_values(env, "--env")
-    renv: dict = {"env_vars": env_vars} if env_vars else {}
+def runtime_env(working_dir: str | None, env_vars: dict[str, str]) -> dict:
+    renv: dict = {"env_vars": dict(env_vars)} if env_vars else {}
     if working_dir:
         if not os.path.isdir(working_dir):
             raise ConfigError(f"--working-dir is not a folder: {working_dir}")
@@ -68,9 +65,10 @@ def runtime_env(working_dir: str | None, env: list[str]) -> dict:
     return renv
 
 
-def submit(config: RunConfig, address: str, *, working_dir: str | None, env: list[str], wait: bool,
+def submit(config: RunConfig, address: str, *, working_dir: str | None, env: dict[str, str], wait: bool,
            submission_id: str | None = None, out=sys.stdout) -> int:
-    """Submit the run; print the job id; with ``wait``, follow its logs and return 0 only if it succeeded."""
+    """Submit the run; print the job id; with ``wait``, follow its logs and return 0 only if it succeeded.
+    ``env``: variables set in the job's environment (the command line's --env KEY=VALUE, parsed by cli.py)."""
     use_token_auth()  # before Ray is imported
     try:
         from ray.job_submission import JobStatus, JobSubmissionClient

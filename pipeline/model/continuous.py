@@ -28,7 +28,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.model.engine import Generation
+from pipeline.model.generation import Generation
 
 
 def _bank_embedding(embed, bank):

@@ -5,7 +5,9 @@
 - ``continuous``: transformers' continuous-batching manager behind a feature bank
   (pipeline/model/continuous.py); a page leaves the batch when it is done and the next one takes its slot.
 
-``choose_engine`` turns ``ModelOptions.engine`` into one of them and says why, for the run's manifest.
+``wants_continuous`` is the one place that decides what ``auto`` means (continuous on a GPU); ``choose_engine``
+turns ``ModelOptions.engine`` into one of the engines with it and says why, for the run's manifest, and the
+executor's resource policy (pipeline/execute/resources.py) asks it how many calls an actor takes.
 """
 
 from __future__ import annotations
@@ -15,20 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.errors import ModelLoadError, describe
+from pipeline.model.generation import Generation
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Generation:
-    tokens: list[int]  # generated tokens, ending with the stop token when there is one
-    finish_reason: str  # "stop" | "length"
-
-    @classmethod
-    def from_tokens(cls, tokens: list[int], stop_ids: list[int]) -> "Generation":
-        """Cut at the first stop token (kept): what follows it is padding or the engine's run-on."""
-        end = next((i for i, t in enumerate(tokens) if t in stop_ids), None)
-        return cls(tokens, "length") if end is None else cls(tokens[: end + 1], "stop")
 
 
 @dataclass
@@ -89,19 +80,22 @@ class _StopAt:
         return torch.where(at_end, forced, scores)
 
 
+def wants_continuous(requested: str, on_gpu: bool) -> bool:
+    """Whether ``ModelOptions.engine`` asks for the continuous engine: ``auto`` means continuous on a GPU, generate
+    on a CPU (where its scheduling costs more than it saves for small models)."""
+    return requested == "continuous" or (requested == "auto" and on_gpu)
+
+
 def choose_engine(loaded, opts, stop_ids: list[int], pad_id: int) -> EngineChoice:
     """``auto``: continuous on CUDA, generate on a CPU (where its scheduling costs more than it saves for
     small models). On CUDA ``auto`` never gambles a run on the continuous engine: if it can't start (its start
     check sends one real request through the running loop), the actor runs generate and the manifest says why.
     A loop that dies later is replaced by generate in the OCR stage (pipeline/ocr.py)."""
     requested = opts.engine
-    if requested == "generate":
+    if not wants_continuous(requested, on_gpu=loaded.device == "cuda" or _fault_injected()):
         return EngineChoice(GenerateEngine(loaded, opts, stop_ids, pad_id),
-                            {"engine": "generate", "requested": requested, "reason": "requested",
-                             "attention": loaded.attention})
-    if requested == "auto" and loaded.device != "cuda" and not _fault_injected():
-        return EngineChoice(GenerateEngine(loaded, opts, stop_ids, pad_id),
-                            {"engine": "generate", "requested": requested, "reason": f"auto on {loaded.device}",
+                            {"engine": "generate", "requested": requested,
+                             "reason": "requested" if requested == "generate" else f"auto on {loaded.device}",
                              "attention": loaded.attention})
     problem = continuous_unsupported(opts)
     if problem is None:

@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipeline.tools.corpus import LENGTH_SEED, LENGTH_SPREAD, length_mix
+
 
 class _PeakSampler:
     """Peak resident memory of this process and its descendants (Ray's local processes), and of the GPU."""
@@ -211,7 +213,8 @@ def run_bench(args) -> dict[str, Any]:
     from pipeline.tools.corpus import make_bench_corpus
     from pipeline.config import TINY_MODEL, ModelOptions, RenderOptions, RunConfig
     from pipeline.model.load import pick_device, render_edge_for, resolve_checkpoint
-    from pipeline.execute.run import init_ray, run
+    from pipeline.execute.cluster import init_ray, shutdown_ray
+    from pipeline.execute.run import run
 
     gpu = pick_device() == "cuda"
     name = f"random:{args.random_weights}" if args.random_weights else (args.model or TINY_MODEL)
@@ -252,9 +255,7 @@ def run_bench(args) -> dict[str, Any]:
         gpu_peak_memory_bytes=peak.peak_gpu,
     )
     print("pipeline done", flush=True)
-    import ray
-
-    ray.shutdown()  # frees the cores (and GPU) the pipeline's actors held before the baseline runs
+    shutdown_ray()  # frees the cores (and GPU) the pipeline's actors held before the baseline runs
     results.update(measure_baseline(paths, model_opts, longest_edge))
     results["pipeline_vs_baseline"] = results["pipeline_pages_per_s"] / results["baseline_pages_per_s"]
     results["render_vs_bare_render"] = (results["render_pages_per_s_per_core"]
@@ -308,21 +309,6 @@ ENGINES: list[tuple[str, dict[str, Any]]] = [
 ]
 # Row settings that are not ModelOptions: applied to the loaded model's generation config.
 BENCH_ONLY = {"auto_compile"}
-
-# The output length mix: each page is forced to stop at its own length, lognormal around a median with this
-# spread (sigma of the log), capped at max_new_tokens, drawn with a fixed seed, so every row decodes the same
-# tokens. Real OCR outputs range from a few tokens (a near-empty page) to over a thousand (a dense one).
-LENGTH_SPREAD = 0.9
-LENGTH_SEED = 0
-
-
-def length_mix(pages: int, median: int, cap: int) -> list[int]:
-    import numpy as np
-
-    rng = np.random.default_rng(LENGTH_SEED)
-    draws = median * np.exp(LENGTH_SPREAD * rng.standard_normal(pages))
-    return [int(x) for x in np.clip(np.round(draws), 1, cap)]
-
 
 def measure_engines(paths: list[Path], model_opts, longest_edge: int, pages: int,
                     lengths: list[int], only: list[str] | None = None) -> list[dict[str, Any]]:

@@ -1,4 +1,5 @@
-"""A synthetic but realistic corpus for benchmarks: dense two-column text, tables, vector charts, photos."""
+"""A synthetic but realistic corpus for benchmarks: dense two-column text, tables, vector charts, photos; and
+the output length mix the engine benchmarks force on its pages (bench.py, gpu_check.py)."""
 
 from __future__ import annotations
 
@@ -98,3 +99,18 @@ def make_image_corpus(folder: str | Path, pages: int, longest_edge: int, seed: i
         img.save(path)
         paths.append(path)
     return paths
+
+
+# The output length mix: each page is forced to stop at its own length, lognormal around a median with this
+# spread (sigma of the log), capped at max_new_tokens, drawn with a fixed seed, so every row decodes the same
+# tokens. Real OCR outputs range from a few tokens (a near-empty page) to over a thousand (a dense one).
+LENGTH_SPREAD = 0.9
+LENGTH_SEED = 0
+
+
+def length_mix(pages: int, median: int, cap: int) -> list[int]:
+    import numpy as np
+
+    rng = np.random.default_rng(LENGTH_SEED)
+    draws = median * np.exp(LENGTH_SPREAD * rng.standard_normal(pages))
+    return [int(x) for x in np.clip(np.round(draws), 1, cap)]

@@ -1,4 +1,5 @@
-"""``docpipe demo``: write a few sample documents, run the pipeline over them, print a summary.
+"""``docpipe demo``: a few sample documents for the pipeline (cli.py runs it over them and prints the summary),
+then one page of each route.
 
 With a CUDA GPU it runs the real default model; on a CPU-only machine the tiny random
 model, whose text is meaningless: the demo then shows the pipeline, not OCR quality. The born-digital
@@ -78,11 +79,11 @@ def make_samples(folder: str | os.PathLike) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file())
 
 
-def main(args) -> None:
-    from pipeline.cli import config_from_args, print_summary
+def prepare(args) -> tuple[list[str], str]:
+    """Write the sample documents and pick the model (the tiny one without a GPU); the run's inputs and output.
+    cli.py runs them and prints the summary, then ``show``."""
     from pipeline.config import TINY_MODEL
     from pipeline.model.load import pick_device
-    from pipeline.execute.run import run
 
     workdir = Path(args.workdir)
     samples = make_samples(workdir / "samples")
@@ -94,9 +95,11 @@ def main(args) -> None:
               "this demo shows the pipeline (rendering, image splitting, batching, Parquet), not OCR quality.")
         args.max_new_tokens = args.max_new_tokens or 24
     print(f"Sample documents: {len(samples)} in {workdir / 'samples'}")
-    result = run(config_from_args(args, [str(workdir / "samples")], str(workdir / "out")))
-    print()
-    print_summary(result)
+    return [str(workdir / "samples")], str(workdir / "out")
+
+
+def show(result) -> None:
+    """After the run's summary: one page of each route, and how to see the rest."""
     import pyarrow.parquet as pq
 
     pages = sorted(pq.read_table(Path(result.output) / "pages").to_pylist(),

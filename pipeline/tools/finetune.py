@@ -6,7 +6,7 @@ code (``expand_document``, at ``render_edge_for``'s size), preprocessed by the r
 and prompted with the run's ``chat_prompt``: training sees exactly what inference will.
 
 The loop is plain torch with transformers' ``get_scheduler``, rather than transformers' Trainer: the same
-short loop runs in this process and inside Ray Train's workers (the wiring is in pipeline/execute/run.py),
+short loop runs in this process and inside Ray Train's workers (the wiring is in pipeline/execute/train.py),
 and its checkpoints hold everything a killed run needs to end with the adapter an uninterrupted run
 would have written (adapter weights, optimizer, schedule, random states, position in the epoch).
 torch, transformers and peft are imported inside functions.

@@ -536,7 +536,7 @@ def main(args) -> dict[str, Any]:
         loaded, opts.model_copy(update={"max_new_tokens": plan.agreement_tokens}), pages_needed()[: plan.agreement_pages])))
 
     def engines_section():
-        from pipeline.tools.bench import length_mix
+        from pipeline.tools.corpus import length_mix
 
         return engines(loaded, opts, pages_needed()[: plan.pages], length_mix(plan.pages, plan.median_tokens,
                                                                                plan.max_new_tokens))

@@ -1,0 +1,28 @@
+"""The in-process executor (``executor: local``, and --fail-fast): the same stages as the Ray Data plan, in a
+plain loop in this process, without Ray. For debugging, and for --fail-fast, where a stage re-raises the first
+error instead of recording it.
+"""
+
+from __future__ import annotations
+
+from pipeline.config import RunConfig
+from pipeline.execute import stages
+from pipeline.records import RENDERED_SCHEMA, to_table
+from pipeline.render.document import expand_document
+from pipeline.render.isolated import expand_document_isolated
+
+
+def execute_local(config: RunConfig, todo, longest_edge: int, skip_ids: frozenset[str]):
+    """Result records for the documents still to do, a model call's worth at a time."""
+    actor = stages.model_actor(config.model, config.extract, config.task, config.fail_fast)()
+    render_args = stages.render_args(config, longest_edge, skip_ids)
+    expand = expand_document if config.fail_fast else expand_document_isolated  # fail-fast: one traceback
+    for ref in todo:
+        batch = []
+        for rec in expand(ref.source_uri, **render_args):
+            batch.append(rec)
+            if len(batch) == config.model.rows_per_call:
+                yield actor(to_table(batch, RENDERED_SCHEMA)).to_pylist()
+                batch = []
+        if batch:
+            yield actor(to_table(batch, RENDERED_SCHEMA)).to_pylist()
