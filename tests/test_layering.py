@@ -46,8 +46,8 @@ RULES: list[tuple[str, list[str], list[str], list[str]]] = [
       "pipeline.execute.run -> pipeline.tools.finetune"]),
     ("nothing under pipeline/ or schemas/ imports jobs/ (job configs and scripts sit on top)",
      ["pipeline", "schemas"], ["jobs"], []),
-    ("nothing imports the CLI: it is the top",
-     ["pipeline", "schemas", "jobs"], ["pipeline.cli"], ["pipeline.cli"]),
+    ("nothing imports the CLI: it is the top (but the reference generator, tools/reference.py, reads its parser)",
+     ["pipeline", "schemas", "jobs"], ["pipeline.cli"], ["pipeline.cli", "pipeline.tools.reference -> pipeline.cli"]),
 ]
 
 # Modules a light command must not load: each costs seconds, or needs a GPU stack.
