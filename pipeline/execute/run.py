@@ -181,7 +181,7 @@ def new_run_id() -> str:
 
 def init_ray() -> None:
     """Join the cluster named by RAY_ADDRESS, or start a local Ray instance bound to loopback."""
-    from pipeline import cluster
+    from pipeline.execute import cluster
 
     address = os.environ.get("RAY_ADDRESS") or None
     token_given = False

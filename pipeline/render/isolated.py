@@ -102,7 +102,7 @@ def _render_worker() -> tuple[_RenderWorker | None, tuple[str, str] | None]:
     ctx = mp.get_context("forkserver")  # forks from a clean server process, not from a threaded Ray worker
     # Each render process is forked with its readers already imported: a replacement for a killed one must not
     # spend a document's page time limit importing MuPDF (about a second, several on a loaded machine).
-    ctx.set_forkserver_preload(["pipeline.documents", "pymupdf", "pypdfium2", "PIL.Image"])
+    ctx.set_forkserver_preload(["pipeline.render.document", "pymupdf", "pypdfium2", "PIL.Image"])
     conn, child_conn = ctx.Pipe(duplex=True)
     process = ctx.Process(target=_render_server, args=(child_conn,), daemon=True)
     process.start()
