@@ -618,3 +618,45 @@ def test_a_bank_smaller_than_the_batch_holds_exactly_its_pages_and_loses_none(ti
     assert len(taken) == 5 and all(rows.stop <= engine.bank_rows for rows, _ in taken)
     assert sorted(r["source_uri"] for r in out) == sorted(p["source_uri"] for p in pages)  # none dropped, none twice
     assert _texts(out) == alone and {row[0] for row in alone.values()} == {"ok"}
+
+
+def test_a_page_that_fails_in_its_batch_is_retried_alone_and_the_manifest_counts_the_retried_pages(tmp_path):
+    """A 2-page TIFF whose second frame is 2000 x 1 pixels, a real input the image processor fails on (it divides
+    by a side that rounds to zero): the batch of both pages fails, each page is retried alone, the thin one gets its
+    error row and its batch-mate the text it gets in a batch of its own. counters.model_retries counts the two
+    retried pages; a run of single-page batches retries nothing."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.config import RunConfig
+    from pipeline.execute.run import run
+    from tests.engine_equality import drawn_pages
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    page = Image.open(io.BytesIO(drawn_pages()[0]["image"])).convert("RGB")
+    thin = Image.fromarray(np.random.default_rng(0).integers(0, 255, (1, 2000, 3), dtype=np.uint8))
+    page.save(inputs / "two.tiff", save_all=True, append_images=[thin])
+
+    def run_with(batch_size):
+        out = tmp_path / f"out-{batch_size}"
+        result = run(RunConfig(inputs=[str(inputs)], output=str(out), executor="local", progress=False,
+                               route={"text_layer": "never", "skip_blank": False},  # the thin frame reaches the model
+                               model=ModelOptions(name="tiny-random", engine="generate", batch_size=batch_size,
+                                                  max_new_tokens=6)))
+        [manifest] = (out / "_runs").glob("*.json")
+        assert manifest.stem == result.manifest.run_id
+        rows = {r["page_number"]: r for r in pq.read_table(out / "pages").to_pylist()}
+        return rows, json.loads(manifest.read_text())
+
+    together, manifest = run_with(2)
+    alone, manifest_alone = run_with(1)
+    assert manifest["counters"]["model_retries"] == 2 and manifest_alone["counters"]["model_retries"] == 0
+    assert manifest["pages"] == manifest_alone["pages"] == {"ok": 1, "error": 1, "total": 2}
+    for rows in (together, alone):
+        assert (rows[2]["status"], rows[2]["error_type"]) == ("error", "model_error")
+        assert rows[2]["error_message"].startswith("ZeroDivisionError")
+        assert rows[1]["status"] == "ok" and rows[1]["text_source"] == "model"
+    assert (together[1]["text"], together[1]["output_tokens"]) == (alone[1]["text"], alone[1]["output_tokens"])
