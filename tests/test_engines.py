@@ -590,7 +590,7 @@ def test_a_bank_smaller_than_the_batch_holds_exactly_its_pages_and_loses_none(ti
     alone = _texts(OcrStage(opts.model_copy(update={"engine": "generate", "batch_size": 1}), loaded=tiny_model)(
         [dict(p) for p in pages]))
     stage = OcrStage(opts, loaded=tiny_model)
-    stage.engine.close()  # its bank holds batch_size x sort_window x calls_in_flight pages: 40
+    stage.engine.close()  # its bank: on a CPU batch_size x sort_window x calls_in_flight pages (40)
     engine = stage.engine = ContinuousEngine(tiny_model, opts, stage.stop_ids, stage.pad_id, 2)
     both_in = threading.Event()
     taken = []
@@ -645,7 +645,7 @@ def test_a_page_that_fails_in_its_batch_is_retried_alone_and_the_manifest_counts
         result = run(RunConfig(inputs=[str(inputs)], output=str(out), executor="local", progress=False,
                                route={"text_layer": "never", "skip_blank": False},  # the thin frame reaches the model
                                model=ModelOptions(name="tiny-random", engine="generate", batch_size=batch_size,
-                                                  max_new_tokens=6)))
+                                                  max_new_tokens=6, processor_device="cpu")))  # the same on a GPU
         [manifest] = (out / "_runs").glob("*.json")
         assert manifest.stem == result.manifest.run_id
         rows = {r["page_number"]: r for r in pq.read_table(out / "pages").to_pylist()}
