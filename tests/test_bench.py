@@ -5,6 +5,12 @@ import json
 
 from tests.conftest import run_cli
 
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
 KEYS = {
     "render_pages_per_s_per_core", "bare_render_pages_per_s_per_core", "object_store_bytes_per_page",
     "pipeline_pages_per_s", "baseline_pages_per_s", "model_output_tokens_per_s", "peak_rss_bytes",
@@ -19,8 +25,12 @@ def test_bench_reports_every_figure(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     figures = json.loads(out.read_text())
     assert KEYS <= figures.keys()
-    assert figures["pages"] == 6 and figures["device"].startswith("cpu")
-    assert figures["gpu_peak_memory_bytes"] is None  # no GPU here
+    cuda = _cuda()
+    assert figures["pages"] == 6 and figures["device"].startswith("cuda: " if cuda else "cpu")
+    if cuda:  # the pipeline's model actor held its weights on the GPU
+        assert figures["gpu_peak_memory_bytes"] > 0
+    else:
+        assert figures["gpu_peak_memory_bytes"] is None  # no GPU: nothing to measure, and no made-up figure
     assert 0 < figures["object_store_bytes_per_page"] <= 2.5e6  # compacted pages, image splitting on
     assert figures["longest_edge"] == 1960
     for key in KEYS - {"device", "pages", "gpu_peak_memory_bytes", "model_page_fraction"}:

@@ -22,6 +22,14 @@ def _pages(*paths):
     return [r for p in paths for r in expand_document(str(p), RenderOptions(), 1960) if r["kind"] == "page"]
 
 
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(_cuda(), reason="needs a machine without CUDA (the engine's start must fail for real); on a GPU "
+                                    "tests/gpu/test_gpu.py checks that auto runs the continuous engine there")
 def test_auto_on_a_device_where_the_continuous_engine_cannot_start_runs_generate_and_says_why(tiny_model):
     """auto never gambles a run: here the engine's start fails for real (its feature bank asks for CUDA memory
     on a machine without CUDA), the actor runs generate, and the record carries the reason."""
@@ -133,7 +141,14 @@ def test_bench_engines_measures_the_waste_of_static_batches_on_the_length_mix(tm
         assert row["status"] == "ok" and row["tokens_kept"] == sum(lengths)
         assert row["pages_per_s"] > 0 and row["output_tokens_per_s"] > 0
         assert row["useful_decode_fraction"] == row["tokens_kept"] / row["decode_positions"]
-    assert first["vs_first_row"] == 1.0 and first["dtype"] == "float32"
+    # dtype auto: bfloat16 on a CUDA GPU that has it (float16 on one that has not), float32 on a CPU
+    if _cuda():
+        import torch
+
+        expected_dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    else:
+        expected_dtype = "float32"
+    assert first["vs_first_row"] == 1.0 and first["dtype"] == expected_dtype
     assert (first["engine_ran"], first["batch_size"]) == ("generate", 4)
     assert (big["engine_ran"], big["batch_size"]) == ("generate", 64)
     assert continuous["engine_ran"] == "continuous"
@@ -501,3 +516,147 @@ def test_on_a_gpu_the_engine_is_sized_from_the_memory_left_after_loading(tiny_mo
     capped = _plan_on_gpu(tiny_model, opts.model_copy(update={"max_pages_in_flight": 48}), 400, 320, True)
     assert capped.pages_in_flight == 48 and "48 pages in flight" in capped.describe()
     assert capped.batch_tokens == 48 + 4 * 400 and f"{48 + 4 * 400} tokens a step" in capped.describe()
+
+
+def _more_drawn_pages(n: int) -> list[dict]:
+    """``n`` distinct pages drawn with Pillow, of several shapes (engine_equality's five, then more)."""
+    import io
+
+    from PIL import Image, ImageDraw
+
+    from tests.engine_equality import drawn_pages
+
+    pages = drawn_pages()
+    for i in range(len(pages), n):
+        size = [(360, 480), (520, 400), (300, 620)][i % 3]
+        img = Image.new("RGB", size, "white")
+        ImageDraw.Draw(img).text((20, 20 + 9 * (i % 5)), f"sheet {i}: invoice {100 + 7 * i} due " * 2, fill="black")
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        pages.append({"kind": "page", "status": "ok", "image": buf.getvalue(), "image_codec": "png",
+                      "width": size[0], "height": size[1], "source_uri": f"page{i}.png", "page_number": 1})
+    return pages[:n]
+
+
+def _texts(rows):
+    return {r["source_uri"]: (r["status"], r.get("text"), r.get("output_tokens"), r.get("finish_reason")) for r in rows}
+
+
+def test_the_continuous_engine_gives_each_page_what_generate_gives_it_when_the_bank_rows_are_reused(tiny_model):
+    """A feature bank of 2 pages (batch 2, one batch a call, one call in flight) for 8 pages: every row is written
+    four times. A row read before its new page's features are written, or a virtual id pointing at another page's
+    rows, changes that page's text."""
+    pages = _more_drawn_pages(8)
+    opts = ModelOptions(name="tiny-random", max_new_tokens=12, batch_size=2, sort_window=1, calls_in_flight=1,
+                        max_pages_in_flight=2)  # the bank on a GPU too
+    alone = _texts(OcrStage(opts.model_copy(update={"engine": "generate", "batch_size": 1}), loaded=tiny_model)(
+        [dict(p) for p in pages]))
+    assert len({v[1] for v in alone.values()}) >= 4  # the pages' texts differ: a swapped row would show
+    stage = OcrStage(opts.model_copy(update={"engine": "continuous"}), loaded=tiny_model)
+    engine = stage.engine
+    taken = []
+    take = engine._take_rows
+
+    def counted(n):
+        rows = take(n)
+        taken.append(rows)
+        return rows
+
+    engine._take_rows = counted
+    try:
+        out = stage([dict(p) for p in pages])
+    finally:
+        engine.close()
+    assert engine.capacity_pages == 2 and len(taken) == len(pages) == 4 * engine.capacity_pages
+    per_page = engine.rows_per_page
+    assert {(r.start, r.stop) for r in taken} == {(0, per_page), (per_page, 2 * per_page)}  # the same two, reused
+    assert stage.engine_record["engine"] == "continuous"
+    assert len(out) == len(pages) and _texts(out) == alone
+    assert {row[0] for row in alone.values()} == {"ok"}
+
+
+def test_a_bank_smaller_than_the_batch_holds_exactly_its_pages_and_loses_none(tiny_model):
+    """The bank holds 2 pages and a batch brings 5: the engine holds 2 at once (the first forward pass waits until
+    both are in, so the peak is the schedule's, not a race's), the third waits for a row, and every page comes
+    back once, with the text generate gives it alone."""
+    import threading
+
+    from pipeline.model.continuous import ContinuousEngine
+    from tests.engine_equality import drawn_pages
+
+    pages = drawn_pages()
+    opts = ModelOptions(name="tiny-random", max_new_tokens=10, batch_size=5, engine="continuous",
+                        max_pages_in_flight=2)  # on a GPU, the plan's cap; on a CPU, the size given below
+    alone = _texts(OcrStage(opts.model_copy(update={"engine": "generate", "batch_size": 1}), loaded=tiny_model)(
+        [dict(p) for p in pages]))
+    stage = OcrStage(opts, loaded=tiny_model)
+    stage.engine.close()  # its bank: on a CPU batch_size x sort_window x calls_in_flight pages (40)
+    engine = stage.engine = ContinuousEngine(tiny_model, opts, stage.stop_ids, stage.pad_id, 2)
+    both_in = threading.Event()
+    taken = []
+    take = engine._take_rows
+
+    def counted(n):
+        rows = take(n)
+        taken.append((rows, engine.pages_in_flight))
+        if engine.pages_in_flight == engine.capacity_pages:
+            both_in.set()
+        return rows
+
+    def first_forward_waits(module, args):
+        both_in.wait(timeout=120)  # a safety net: the second page's rows set it
+
+    engine._take_rows = counted
+    engine.lm.register_forward_pre_hook(first_forward_waits)
+    try:
+        out = stage([dict(p) for p in pages])
+    finally:
+        engine.close()
+    assert engine.capacity_pages == 2 and engine.bank_rows == 2 * engine.rows_per_page
+    assert engine.peak_pages_in_flight == 2  # the bank's size, reached: and never more
+    assert [held for _, held in taken][:2] == [1, 2] and max(held for _, held in taken) == 2
+    assert len(taken) == 5 and all(rows.stop <= engine.bank_rows for rows, _ in taken)
+    assert sorted(r["source_uri"] for r in out) == sorted(p["source_uri"] for p in pages)  # none dropped, none twice
+    assert _texts(out) == alone and {row[0] for row in alone.values()} == {"ok"}
+
+
+def test_a_page_that_fails_in_its_batch_is_retried_alone_and_the_manifest_counts_the_retried_pages(tmp_path):
+    """A 2-page TIFF whose second frame is 2000 x 1 pixels, a real input the image processor fails on (it divides
+    by a side that rounds to zero): the batch of both pages fails, each page is retried alone, the thin one gets its
+    error row and its batch-mate the text it gets in a batch of its own. counters.model_retries counts the two
+    retried pages; a run of single-page batches retries nothing."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.config import RunConfig
+    from pipeline.execute.run import run
+    from tests.engine_equality import drawn_pages
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    page = Image.open(io.BytesIO(drawn_pages()[0]["image"])).convert("RGB")
+    thin = Image.fromarray(np.random.default_rng(0).integers(0, 255, (1, 2000, 3), dtype=np.uint8))
+    page.save(inputs / "two.tiff", save_all=True, append_images=[thin])
+
+    def run_with(batch_size):
+        out = tmp_path / f"out-{batch_size}"
+        result = run(RunConfig(inputs=[str(inputs)], output=str(out), executor="local", progress=False,
+                               route={"text_layer": "never", "skip_blank": False},  # the thin frame reaches the model
+                               model=ModelOptions(name="tiny-random", engine="generate", batch_size=batch_size,
+                                                  max_new_tokens=6, processor_device="cpu")))  # the same on a GPU
+        [manifest] = (out / "_runs").glob("*.json")
+        assert manifest.stem == result.manifest.run_id
+        rows = {r["page_number"]: r for r in pq.read_table(out / "pages").to_pylist()}
+        return rows, json.loads(manifest.read_text())
+
+    together, manifest = run_with(2)
+    alone, manifest_alone = run_with(1)
+    assert manifest["counters"]["model_retries"] == 2 and manifest_alone["counters"]["model_retries"] == 0
+    assert manifest["pages"] == manifest_alone["pages"] == {"ok": 1, "error": 1, "total": 2}
+    for rows in (together, alone):
+        assert (rows[2]["status"], rows[2]["error_type"]) == ("error", "model_error")
+        assert rows[2]["error_message"].startswith("ZeroDivisionError")
+        assert rows[1]["status"] == "ok" and rows[1]["text_source"] == "model"
+    assert (together[1]["text"], together[1]["output_tokens"]) == (alone[1]["text"], alone[1]["output_tokens"])

@@ -196,3 +196,35 @@ def test_against_text_layer_scores_pages_pdfium_drew(tiny_checkpoint, tmp_path, 
         "not_from_model": 0, "no_trusted_text_layer": 0, "unreadable_source": 0, "unreadable_text_layer": 0}
     [row] = pq.read_table(next((tmp_path / "out" / "_eval").glob("*.parquet"))).to_pylist()
     assert row["ref_chars"] == len(text)
+
+
+def test_the_latest_row_of_each_page_counts_by_run_id_whatever_the_file_order(routed_run, tmp_path):
+    """Two later files beside the run's own: one from an earlier run (its name sorts last) with wrong text for both
+    pages, one from a later run (its name sorts first) with page 1's text as labelled and page 2 failed. The later
+    run's rows count: page 1 scores no edit, page 2 is missing (its latest row is an error), the older text nowhere."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(routed_run / "out", out)
+    [sealed] = sorted((out / "pages").rglob("part-*.parquet"))
+    schema = pq.read_schema(sealed)
+    rows = sorted(pq.read_table(sealed).to_pylist(), key=lambda r: r["page_number"])
+    assert [r["text"] for r in rows] == ["the cat sat on the mat", "hello world"]
+    older = [r | {"run_id": "19990101T000000Z-000000", "text": "a text an older run wrote"} for r in rows]
+    newer = [rows[0] | {"run_id": "29990101T000000Z-ffffff", "text": "the cat sat on a mat"},
+             rows[1] | {"run_id": "29990101T000000Z-ffffff", "status": "error", "text": None,
+                        "error_type": "model_error", "error_message": "failed in the later run"}]
+    pq.write_table(pa.Table.from_pylist(older, schema=schema), sealed.parent / "part-zzzzzz-older.parquet")
+    pq.write_table(pa.Table.from_pylist(newer, schema=schema), sealed.parent / "part-000000-newer.parquet")
+    uri = rows[0]["source_uri"]
+    labels = _write([{"source_uri": uri, "page_number": 1, "text": "the cat sat on a mat"},
+                     {"source_uri": uri, "page_number": 2, "text": "hello world"}], tmp_path / "labels.jsonl")
+    report, scores = tmp_path / "eval.json", tmp_path / "scores.parquet"
+    proc = run_cli("eval", out, "--labels", labels, "--json", report, "--scores", scores)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(report.read_text())
+    assert (summary["pages_scored"], summary["pages_missing"]) == (2, 1)
+    assert summary["cer"] == pytest.approx(11 / 31)  # page 1: 0 of 20; page 2: all 11 characters, as empty text
+    by_page = {r["page_number"]: r for r in pq.read_table(scores).to_pylist()}
+    assert (by_page[1]["char_edits"], by_page[1]["status"]) == (0, "ok")
+    assert (by_page[2]["char_edits"], by_page[2]["status"], by_page[2]["missing"]) == (11, "error", True)

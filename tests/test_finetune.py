@@ -283,6 +283,42 @@ def test_two_ray_train_workers_on_the_cpu(sample_docs, tmp_path):
     assert type(loaded.model).__name__ == "Idefics2ForConditionalGeneration"  # merged: a plain model again
 
 
+def test_two_ray_train_workers_average_their_gradients_to_the_one_worker_adapter(sample_docs, tmp_path):
+    """Two workers, one example each a step, DDP averaging their gradients: the adapter equals one worker's that
+    takes both examples a step (gradient accumulation over 2, each loss halved: the same mean gradient). Workers
+    that trained apart (no all-reduce) would each have followed one example, and rank 0 would save its own."""
+    import torch
+
+    rows = [{"source_uri": str(sample_docs / "receipt.png"), "page_number": 1, "text": "one"},
+            {"source_uri": str(sample_docs / "scan.jpg"), "page_number": 1, "text": "two words"}]
+    train = _jsonl(tmp_path / "train.jsonl", rows)
+    options = dict(model={**MODEL, "cpu_threads": None}, render=RENDER, epochs=2, learning_rate=1e-2,
+                   lora={"dropout": 0.0})  # no dropout: the workers' random streams differ from one process's
+    two, one = tmp_path / "two", tmp_path / "one"
+    proc = run_cli("finetune", "--config", _job(tmp_path / "two.yaml", **options), "--train", train, "--output", two,
+                   "--num-workers", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_cli("finetune", "--config", _job(tmp_path / "one.yaml", **options, gradient_accumulation_steps=2),
+                   "--train", train, "--output", one)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    by_two, by_one = (json.loads((d / "docpipe_finetune.json").read_text()) for d in (two, one))
+    assert (by_two["workers"], by_two["steps"]) == (2, 2) and (by_one["workers"], by_one["steps"]) == (1, 2)
+    assert by_two["losses"]["train"] == pytest.approx(by_one["losses"]["train"], rel=1e-4)
+    a, b = _adapter_weights(two), _adapter_weights(one)
+    assert a.keys() == b.keys() and len(a) == 2 * 2 * 7
+    assert any(t.abs().max() > 0 for k, t in a.items() if "lora_B" in k)  # trained: LoRA's B starts at zero
+    for key in a:
+        assert torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-6), key
+    # and not an equality any adapter meets: one trained on the first example alone differs
+    alone = tmp_path / "alone"
+    only_first = _jsonl(tmp_path / "first.jsonl", rows[:1])
+    proc = run_cli("finetune", "--config", _job(tmp_path / "alone.yaml", **options), "--train", only_first,
+                   "--output", alone)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    c = _adapter_weights(alone)
+    assert any(not torch.allclose(a[key], c[key], rtol=1e-4, atol=1e-6) for key in a)
+
+
 def test_config_schema_includes_the_finetune_options():
     proc = run_cli("config", "schema")
     schema = json.loads(proc.stdout)
@@ -314,6 +350,13 @@ def test_an_extraction_example_is_the_extraction_prompt_then_the_json_as_the_gra
     assert ids[: learned[0]] == list(tiny_model.processor(text=[stage.prompt(1)])["input_ids"][0])
 
 
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(_cuda(), reason="needs a machine without CUDA; on a GPU tests/gpu/test_gpu.py runs a QLoRA step")
 def test_qlora_without_a_gpu_is_a_clear_error(sample_docs, tmp_path):
     train = _jsonl(tmp_path / "train.jsonl", [{"source_uri": str(sample_docs / "receipt.png"), "page_number": 1,
                                                 "text": "x"}])

@@ -2,6 +2,7 @@
 Chromium: the counts, a document's page images and text, a validation error at its field, and markup from the
 documents (a file name, page text, a JSON value) staying text."""
 
+import ast
 import json
 import os
 import shutil
@@ -325,3 +326,86 @@ def test_report_errors_are_one_line(tmp_path, extract_run):
     proc = run_cli("report", out, "--run", "nope", "--output", tmp_path / "site")
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"docpipe: error: no run nope in {out}; latest runs: {manifest['run_id']}"
+
+
+def test_tables_that_disagree_with_the_manifest_show_the_warning(browser, extract_run, tmp_path):
+    """A page row lost from the pages table after the run: the overview, in the browser, says the tables and the
+    manifest disagree, and by how much."""
+    out, manifest, _, _ = extract_run
+    lost = tmp_path / "lost"
+    shutil.copytree(out, lost)
+    rel = next(r for r in manifest["files"]["pages"] if any(p["status"] == "ok" for p in pq.read_table(out / r)
+                                                            .to_pylist()))
+    rows = pq.read_table(lost / rel).to_pylist()
+    drop = next(i for i, p in enumerate(rows) if p["status"] == "ok")
+    _rewrite(lost / rel, rows[:drop] + rows[drop + 1:])
+    proc = run_cli("report", lost, "--output", tmp_path / "site")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    page = _open(browser, tmp_path / "site" / "index.html")
+    warning = page.locator("#mismatch")
+    assert warning.is_visible()
+    text = warning.inner_text()
+    assert text.startswith("The tables and the run manifest disagree:")
+    recorded = {k: v for k, v in manifest["pages"].items() if k != "total"}
+    assert f"pages: the manifest says {recorded}, the pages table has " in text
+    counted = ast.literal_eval(text.split("the pages table has ", 1)[1].splitlines()[0])  # as the report prints it
+    assert counted == recorded | {"ok": recorded["ok"] - 1}
+    assert "documents:" not in text  # the documents table still agrees
+    assert page.errors == []
+    # the unchanged output shows no warning
+    proc = run_cli("report", out, "--output", tmp_path / "agrees")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _open(browser, tmp_path / "agrees" / "index.html").locator("#mismatch").count() == 0
+
+
+CSP_LISTENER = ("window.__violations = []; document.addEventListener('securitypolicyviolation', "
+                "e => window.__violations.push([e.effectiveDirective, e.blockedURI]));")
+
+
+@pytest.mark.parametrize("view", ["index", "document"])
+def test_the_content_security_policy_blocks_an_inline_script_that_reached_the_page(browser, site, view, tmp_path):
+    """Escaping keeps document markup text (test_markup_from_documents_stays_text); the policy is the second wall.
+    An inline script and an inline handler put into a generated page as if escaping had failed do not run, and
+    Chromium reports the violations; the site's own script still runs (the index's filters work)."""
+    from tests.browser import new_page
+
+    copy = tmp_path / "site"
+    shutil.copytree(site, copy)
+    if view == "index":
+        target = copy / "index.html"
+    else:
+        target = next(p for p in copy.rglob("*.html") if p.name != "index.html")
+    html = target.read_text()
+    assert 'http-equiv="Content-Security-Policy"' in html and "script-src 'self'" in html
+    injected = '<script>window.pwned = "inline"</script><img src="missing.png" onerror="window.pwned = \'handler\'">'
+    target.write_text(html.replace("</body>", injected + "</body>", 1))
+    page = new_page(browser)
+    page.add_init_script(CSP_LISTENER)  # Playwright's own init script: outside the page's policy
+    page.goto(target.as_uri())
+    page.wait_for_load_state("load")
+    assert page.evaluate("typeof window.pwned") == "undefined"
+    violations = page.evaluate("window.__violations")
+    directives = {d for d, _ in violations}
+    assert ["script-src-elem", "inline"] in violations, violations
+    assert "script-src-attr" in directives or "script-src" in directives, violations  # the onerror handler
+    assert any("Content Security Policy" in e for e in page.errors), page.errors
+    if view == "index":  # report.js, the site's own file, ran: filtering hides rows
+        rows = page.locator("#document-list tbody tr:visible")
+        before = rows.count()
+        page.select_option("#filter-status", "error")
+        assert 0 < rows.count() < before
+
+
+def test_max_page_images_caps_the_images_per_document(extract_run, tmp_path):
+    """--max-page-images 1: report.pdf (3 pages) gets an image for its first page only; the others say why."""
+    out, _, _, _ = extract_run
+    proc = run_cli("report", out, "--output", tmp_path / "site", "--max-page-images", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    views = [p for p in (tmp_path / "site").rglob("*.html") if "report.pdf" in p.read_text() and p.name != "index.html"]
+    [view] = [p for p in views if 'id="page-3"' in p.read_text()]
+    html = view.read_text()
+    assert "Images for the first 1 pages only (--max-page-images)." in html
+    assert 'alt="page 1"' in html and 'alt="page 2"' not in html and 'alt="page 3"' not in html
+    assert html.count("no image: not rendered for the report") == 2
+    [folder] = {p.parent for p in (tmp_path / "site").rglob("*.jpg") if p.parent.name == view.stem}
+    assert sorted(p.name for p in folder.glob("*.jpg")) == ["p00001.jpg"]

@@ -454,3 +454,37 @@ def test_a_converter_failure_sends_the_page_to_the_model_and_our_routing_bugs_st
     [row] = pages()
     assert (row["status"], row["error_type"]) == ("error", "render_error")
     assert "NoneType" in row["error_message"]
+
+
+def test_a_routed_page_carries_the_text_the_test_wrote_into_the_pdf(tmp_path):
+    """The reference is what this test wrote into the PDF (a title, a paragraph and a ruled table), not a second
+    call of the converter under test: the routed page's text is that, as Markdown, word for word."""
+    import pymupdf
+
+    written = [
+        ("Ledger of shipments", "Shipment 4471 left Rotterdam on 3 March with 18 pallets of copper wire. The carrier "
+         "confirmed arrival in Hamburg two days later, and the invoice was settled in full.",
+         [["Port", "Pallets", "Days"], ["Rotterdam", "18", "2"], ["Antwerp", "7", "3"]]),
+        ("Minutes of the board", "The board met on Tuesday. Present were Ada, Brook and Chen. The budget for 2027 "
+         "was approved with one abstention, and the audit committee will report in June.", None),
+    ]
+    doc = pymupdf.open()
+    for title, body, table in written:
+        page = doc.new_page(width=595, height=842)
+        page.insert_text((72, 90), title, fontsize=20)
+        page.insert_textbox((72, 110, 523, 300), body, fontsize=11)
+        for r, row in enumerate(table or []):
+            for c, cell in enumerate(row):
+                rect = (72 + c * 110, 320 + r * 24, 72 + (c + 1) * 110, 320 + (r + 1) * 24)
+                page.draw_rect(rect, color=(0, 0, 0), width=0.8)
+                page.insert_text((rect[0] + 6, rect[1] + 16), cell, fontsize=11)
+    path = _save(doc, tmp_path / "written.pdf")
+    recs = _pages(path, AUTO)
+    assert [(r["page_number"], r["text_source"], r["route_reason"]) for r in recs] == [
+        (1, "text_layer", "trusted"), (2, "text_layer", "trusted")]
+    for rec, (title, body, table) in zip(recs, written):
+        expected = f"# {title}\n\n{body}"
+        if table:
+            rows = ["| " + " | ".join(row) + " |" for row in table]
+            expected += "\n\n" + "\n".join([rows[0], "|---|---|---|", *rows[1:]])
+        assert rec["text"] == expected, rec["page_number"]

@@ -1,6 +1,7 @@
 """End to end through the real CLI: local Ray, real PyMuPDF rendering, the tiny Idefics2."""
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -86,19 +87,29 @@ def test_run_manifest_is_written_and_adds_up(cli_run, sample_docs):
         assert all((out / n).exists() for n in names)
     assert not [p for p in out.rglob("_tmp-*")]  # no half-written files left behind
     assert "documents  6 (error 1, ok 5)" in proc.stdout and m.run_id in proc.stdout
-    # which engine each model actor ran, and why: auto means generate on a CPU
+    # which engine each model actor ran, and why: auto means generate on a CPU, the continuous engine on a GPU
+    import torch
+
+    cuda = torch.cuda.is_available()
     requested = m.config["model"]["engine"]
+    generate = requested == "auto" and not cuda
     assert m.engines and {e["requested"] for e in m.engines} == {requested}
-    assert {e["engine"] for e in m.engines} == {"generate" if requested == "auto" else "continuous"}
-    assert {e["reason"] for e in m.engines} == {"auto on cpu" if requested == "auto" else "requested"}
-    name = "generate" if requested == "auto" else "continuous"
+    assert {e["engine"] for e in m.engines} == {"generate" if generate else "continuous"}
+    if cuda:  # on a GPU the engine is sized from the memory left, and the reason says how (sizing.py's describe)
+        for e in m.engines:
+            assert re.fullmatch(rf"{'auto on cuda' if requested == 'auto' else 'requested'}; (\d+) pages in "
+                                r"flight, encoding \d+ at a time \(sized from .*", e["reason"]), e["reason"]
+    else:
+        assert {e["reason"] for e in m.engines} == {"auto on cpu" if requested == "auto" else "requested"}
+    name = "generate" if generate else "continuous"
     assert f"engine     {name} x{len(m.engines)} ({m.engines[0]['reason']})" in proc.stdout
     rows_per_call = m.config["model"]["batch_size"] * m.config["model"]["sort_window"]
     calls = {e["peak_calls_in_flight"] for e in m.engines}  # one call at a time with generate, up to 2 else
-    assert calls == {1} if requested == "auto" else calls <= {1, 2}
+    assert calls == {1} if generate else calls <= {1, 2}
     for e in m.engines:  # pages an actor held at once: the continuous engine's bound (generate doesn't count)
-        assert e["peak_pages_in_flight"] is None if requested == "auto" else \
-            1 <= e["peak_pages_in_flight"] <= 2 * rows_per_call
+        # the bank's size: calls_in_flight x rows_per_call on a CPU, the planned pages in flight on a GPU
+        bound = int(re.search(r"; (\d+) pages in flight", e["reason"]).group(1)) if cuda else 2 * rows_per_call
+        assert e["peak_pages_in_flight"] is None if generate else 1 <= e["peak_pages_in_flight"] <= bound
 
 
 def test_missing_input_is_fatal_with_one_line(tmp_path):

@@ -6,6 +6,7 @@ one head, as heads are expensive.
 
 import json
 import os
+import re
 import secrets
 import shlex
 import shutil
@@ -101,6 +102,10 @@ def test_submit_runs_the_job_on_the_cluster_and_follows_it(ray_head, sample_docs
     assert proc.stdout.startswith("submitted  docpipe-test-1\n")
     assert "documents  6 (error 1, ok 5)" in proc.stdout  # the job's own summary, followed live
     assert "job        docpipe-test-1 SUCCEEDED" in proc.stdout
+    # a Ray job has no terminal: it logs progress lines, the last one with the run's final counts
+    progress = [line for line in proc.stdout.splitlines() if line.startswith("docpipe: progress: ")]
+    assert progress and re.fullmatch(r"docpipe: progress: documents 6/6, pages 9 \(\d+\.\d\d pages/s\), documents "
+                                     r"with errors 1, pages with errors 0", progress[-1]), progress
     [manifest] = [json.loads(p.read_text()) for p in (out / "_runs").glob("*.json")]
     assert manifest["documents"] == {"ok": 5, "error": 1, "total": 6}
     assert pq.read_table(out / "pages").num_rows == 9
@@ -262,3 +267,97 @@ def test_secret_catalog_properties_are_refused_before_anything_is_sent(tmp_path)
     entrypoint = job_entrypoint(RunConfig(output="s3://b/o", iceberg={"catalog": catalog}))
     sent = json.loads(shlex.split(entrypoint)[-1])
     assert sent["iceberg"]["catalog"] == catalog  # the job gets the real values, none masked
+
+
+def test_a_job_carries_its_local_paths_made_absolute_and_its_uris_as_given(tmp_path, monkeypatch):
+    """The job runs in its own working directory: a relative path must mean there what it meant here."""
+    from pipeline.execute.submit import job_entrypoint
+
+    monkeypatch.chdir(tmp_path)
+    entry = job_entrypoint(RunConfig(inputs=["in", "s3://bucket/in/"], output="out/run", manifests=["m.jsonl"]))
+    words = shlex.split(entry)
+    assert words[:5] == ["python", "-m", "pipeline.cli", "run", "--config-json"]
+    sent = json.loads(words[5])
+    assert sent["inputs"] == [str(tmp_path / "in"), "s3://bucket/in/"]
+    assert sent["output"] == str(tmp_path / "out" / "run") and sent["manifests"] == [str(tmp_path / "m.jsonl")]
+    assert RunConfig(**sent).output == str(tmp_path / "out" / "run")  # what the job's run reads back
+
+
+@pytest.mark.parametrize("field", ["access_key_id", "secret_access_key", "session_token"])
+def test_explicit_storage_credentials_are_refused_before_anything_is_sent(tmp_path, field):
+    """The entrypoint shows in Ray's dashboard and job APIs: a credential in the configuration is refused, in one
+    line that says where it goes instead, before the job server is contacted (nothing listens at port 9)."""
+    secret = "Cr3d-" + secrets.token_hex(8)
+    config = tmp_path / "job.yaml"
+    config.write_text(f"inputs: ['s3://bucket/in/']\noutput: s3://bucket/out\nstorage:\n  {field}: {secret}\n")
+    proc = run_cli("submit", "--config", config, "--address", "http://127.0.0.1:9")
+    assert proc.returncode == 2
+    [line] = proc.stderr.strip().splitlines()
+    assert line == ("docpipe: error: explicit storage credentials are not sent with a job: give them to the cluster "
+                    "(instance roles, or --env AWS_ACCESS_KEY_ID=... and friends)")
+    assert "submitted" not in proc.stdout and secret not in proc.stdout + proc.stderr
+
+
+def test_run_at_an_address_that_never_replies_gives_up_after_the_probe_timeout_in_one_line(tiny_checkpoint,
+                                                                                          sample_docs, tmp_path):
+    """Something holds the port but never completes a connection (a listener whose queue is full: Linux drops the
+    SYN, as a firewall would): the 5 s check stops the run with one line rather than Ray's long retries."""
+    import socket
+
+    from pipeline.execute.cluster import PROBE_TIMEOUT_S
+
+    with socket.socket() as server, socket.socket() as queued:
+        server.bind(("127.0.0.1", 0))
+        server.listen(0)  # an accept queue of one, never accepted
+        port = server.getsockname()[1]
+        address = f"127.0.0.1:{port}"
+        queued.connect(("127.0.0.1", port))  # completes, and fills the queue: the next SYN is dropped
+        proc = run_cli("run", sample_docs / "receipt.png", "--output", tmp_path / "out", "--model", "tiny-random",
+                       env={"RAY_ADDRESS": address}, unset=new_user(), timeout=120)
+    assert PROBE_TIMEOUT_S == 5.0
+    assert _one_error_line(proc) == (
+        f"docpipe: error: no Ray cluster answers at {address} (no reply within 5 s): check RAY_ADDRESS (HOST:PORT of "
+        "the head's GCS, 6379 by default) and that the host is reachable")
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("*.json"))
+
+
+def test_run_joins_with_the_token_in_the_file_ray_auth_token_path_names(head, sample_docs, tiny_checkpoint,
+                                                                       tmp_path):
+    """RAY_AUTH_TOKEN_PATH alone (no RAY_AUTH_TOKEN) turns token mode on and joins; a path naming no file is one
+    line before Ray is asked."""
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    out = tmp_path / "out"
+    proc = run_cli("run", sample_docs / "receipt.png", "--output", out, "--model", "tiny-random", "--max-new-tokens",
+                   "2", "--no-progress", env={"RAY_ADDRESS": head["gcs"], "RAY_AUTH_TOKEN_PATH": str(token_file)},
+                   unset=new_user())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [manifest] = [json.loads(p.read_text()) for p in (out / "_runs").glob("*.json")]
+    assert manifest["documents"]["ok"] == manifest["documents"]["total"] == manifest["pages"]["ok"] == 1
+    proc = run_cli("run", sample_docs / "receipt.png", "--output", tmp_path / "o2", "--model", "tiny-random",
+                   env={"RAY_ADDRESS": head["gcs"], "RAY_AUTH_TOKEN_PATH": str(tmp_path / "nope")}, unset=new_user(),
+                   timeout=60)
+    assert _one_error_line(proc) == f"docpipe: error: RAY_AUTH_TOKEN_PATH names no file: {tmp_path / 'nope'}"
+
+
+_SET_CLUSTER_PYTHON_VERSION = _SET_CLUSTER_RAY_VERSION.replace('metadata["ray_version"]', 'metadata["python_version"]')
+
+
+def test_run_on_a_cluster_of_another_python_version_is_one_line(head, tiny_checkpoint, sample_docs, tmp_path):
+    import ray
+
+    python = ".".join(map(str, sys.version_info[:3]))
+
+    def set_python(version):  # what the head recorded at start, which joining drivers check theirs against
+        subprocess.run([sys.executable, "-c", _SET_CLUSTER_PYTHON_VERSION, head["gcs"], version], check=True,
+                       env={**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN}, timeout=120)
+
+    set_python("3.9.7")
+    try:
+        proc = run_cli("run", sample_docs, "--output", tmp_path / "out", "--model", "tiny-random",
+                       env={"RAY_ADDRESS": head["gcs"], "RAY_AUTH_TOKEN": TOKEN}, unset=new_user(), timeout=60)
+    finally:
+        set_python(python)
+    assert _one_error_line(proc) == (
+        f"docpipe: error: version mismatch with the Ray cluster at {head['gcs']}: it runs Ray {ray.__version__} on "
+        f"Python 3.9.7, this machine Ray {ray.__version__} on Python {python}: install the cluster's versions here")
