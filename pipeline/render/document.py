@@ -110,7 +110,7 @@ def expand_document(
             chunk = []
 
 
-def _route(page, rendered, route: RouteOptions, fail_fast: bool) -> dict[str, Any]:
+def _route(page, rendered, route: RouteOptions, fail_fast: bool = False) -> dict[str, Any]:
     """text and text_source for a page answered without the model, and route_reason for every page: why it was
     answered so, or why the model must read it (route.trust_text_layer's reasons, text_layer_never,
     text_layer_error)."""
