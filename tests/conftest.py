@@ -7,12 +7,30 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.pop("RAY_ADDRESS", None)
 # Local Ray on loopback only (see pipeline.execute.run.init_ray); read when Ray is first imported.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+# No fixed port from the environment: a GCS port set here would make every local Ray instance of every test worker
+# ask for the same one. Unset, Ray lets the OS give each instance its own.
+os.environ.pop("RAY_GCS_SERVER_PORT", None)
 
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config):
+    # The two tiers: tests marked ray start Ray (a local instance, a cluster or `ray start`) and prove the wiring
+    # through it; the rest run in-process or on the local executor. `pytest -m "not ray"` runs the fast tier alone.
+    config.addinivalue_line("markers", "ray: starts Ray (the Ray tier: wiring proved once each through Ray)")
+
+
+@pytest.fixture(scope="session")
+def local_job(tmp_path_factory):
+    """A config file choosing the local executor, for `docpipe run --config` beside other flags: the stages run in
+    the CLI's own process, no Ray instance is started (for tests whose subject Ray adds nothing to)."""
+    path = tmp_path_factory.mktemp("local-job") / "local.yaml"
+    path.write_text("executor: local\n")
+    return path
 
 
 @pytest.fixture(scope="session", autouse=True)

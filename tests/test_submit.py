@@ -90,6 +90,7 @@ def ray_head(head):
     return head["jobs"]
 
 
+@pytest.mark.ray
 def test_submit_runs_the_job_on_the_cluster_and_follows_it(ray_head, sample_docs, tmp_path):
     out = tmp_path / "out"
     config = tmp_path / "adhoc.yaml"
@@ -111,6 +112,7 @@ def test_submit_runs_the_job_on_the_cluster_and_follows_it(ray_head, sample_docs
     assert info["runtime_env"]["working_dir"].startswith("gcs://")
 
 
+@pytest.mark.ray
 def test_a_failing_job_is_reported_and_a_bad_config_is_never_sent(ray_head, tmp_path):
     proc = run_cli("submit", "--address", ray_head, "--wait", str(tmp_path / "missing"), "--output", tmp_path / "o",
                    "--model", "tiny-random", "--env", f"DOCPIPE_CACHE={os.environ['DOCPIPE_CACHE']}", env=AUTH)
@@ -123,6 +125,7 @@ def test_a_failing_job_is_reported_and_a_bad_config_is_never_sent(ray_head, tmp_
     assert proc.returncode == 2 and "cannot submit to http://127.0.0.1:9" in proc.stderr
 
 
+@pytest.mark.ray
 def test_no_working_dir_uploads_nothing(ray_head, tmp_path):
     """--no-working-dir: the job runs the docpipe the cluster has (here: the head's PYTHONPATH, as an image's
     install would be), and nothing is uploaded."""
@@ -135,6 +138,7 @@ def test_no_working_dir_uploads_nothing(ray_head, tmp_path):
     assert "working_dir" not in (info["runtime_env"] or {})
 
 
+@pytest.mark.ray
 def test_the_job_server_refuses_requests_without_the_token(ray_head):
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(f"{ray_head}/api/version", timeout=10)
@@ -154,6 +158,7 @@ def _one_error_line(proc) -> str:
     return line
 
 
+@pytest.mark.ray
 def test_run_joins_a_token_cluster_with_only_the_address_and_token(head, sample_docs, tiny_checkpoint, tmp_path):
     docs, out = tmp_path / "docs", tmp_path / "out"
     docs.mkdir()
@@ -179,6 +184,7 @@ def test_run_joins_a_token_cluster_with_only_the_address_and_token(head, sample_
     assert any("pipeline.cli" in (j.get("entrypoint") or "") and j["status"] == "SUCCEEDED" for j in drivers)
 
 
+@pytest.mark.ray
 def test_run_without_the_token_or_with_a_wrong_one_is_one_line(head, tiny_checkpoint, sample_docs, tmp_path):
     args = ("run", sample_docs, "--output", tmp_path / "out", "--model", "tiny-random")
     proc = run_cli(*args, env={"RAY_ADDRESS": head["gcs"]}, unset=new_user(), timeout=60)
@@ -220,6 +226,7 @@ client.internal_kv_put(key, json.dumps(metadata).encode(), overwrite=True, names
 """
 
 
+@pytest.mark.ray
 def test_run_on_a_cluster_of_another_ray_version_is_one_line(head, tiny_checkpoint, sample_docs, tmp_path):
     import ray
 
