@@ -148,7 +148,7 @@ def sealed_ok(out) -> set[str]:
 
 
 @pytest.mark.ray
-def test_killed_midway_then_resumed_ends_with_every_document_ok_once(sample_docs, tmp_path):
+def test_killed_midway_then_resumed_ends_with_every_document_ok_once(sample_docs, tmp_path, local_job):
     folder = tmp_path / "in"
     folder.mkdir()
     for i in range(6):
@@ -182,7 +182,9 @@ def test_killed_midway_then_resumed_ends_with_every_document_ok_once(sample_docs
     assert 0 < len(done_before) < len(inputs)
     left_behind = list(out.rglob("_tmp-*"))  # files the killed run had open, if any
 
-    proc = run_cli(*args[3:], env=env)
+    # the rerun on the local executor: what it must find (sealed files, tmp files left behind) is the killed Ray
+    # run's, and resuming is decided before either executor starts
+    proc = run_cli(*args[3:], "--config", local_job, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     docs = pq.read_table(out / "documents").to_pylist()
     ok = Counter(d["source_uri"] for d in docs if d["status"] == "ok")

@@ -35,12 +35,35 @@ def _get(url: str) -> urllib.request.Request:
     return urllib.request.Request(url, headers={"Authorization": f"Bearer {TOKEN}"})
 
 
+_DASHBOARD_ADDRESS = """
+import sys
+from ray._private import ray_constants
+from ray._raylet import GcsClient
+
+url = GcsClient(address=sys.argv[1]).internal_kv_get(ray_constants.DASHBOARD_ADDRESS.encode(),
+                                                    namespace=ray_constants.KV_NAMESPACE_DASHBOARD)
+print(url.decode() if url else "")
+"""
+
+
+def _dashboard_address(gcs: str, env: dict) -> str | None:
+    """The job server's address as the dashboard recorded it in the GCS once it bound its port (None until then)."""
+    proc = subprocess.run([sys.executable, "-c", _DASHBOARD_ADDRESS, gcs], capture_output=True, text=True, env=env,
+                          timeout=120)
+    url = proc.stdout.strip() if proc.returncode == 0 else ""
+    return f"http://{url}" if url else None
+
+
 @pytest.fixture(scope="module")
 def head(docpipe_cache):
     """`ray start --head` with its dashboard (the job server) on 127.0.0.1, as its own process group, with
     token authentication on (Ray's default for clusters): clients need RAY_AUTH_TOKEN. Yields its job server
     address (for docpipe submit) and its GCS address (RAY_ADDRESS, for docpipe run)."""
-    port, dashboard, agent = _free_port(), _free_port(), _free_port()
+    # Every port the OS's, given when Ray binds (0), never a number chosen before: the GCS (its address is the file
+    # `ray start` writes in its temp dir), the dashboard (the job server; its address is in the GCS), and the
+    # dashboard agent the job server hands jobs to (its default, 52365, is taken by any other Ray instance on the
+    # machine, such as a run in another test worker, and then every job is refused: "No available agent to submit
+    # job"). The Ray client server takes no 0: a port the OS gave just now, not its default 10001.
     # Ray's session and sockets: a short path of its own, since a socket's path must fit in 107 bytes (under
     # pytest-xdist the test's own temporary folder is already 48 characters deep)
     temp = tempfile.mkdtemp(prefix="dp-head-", dir="/tmp")
@@ -52,29 +75,32 @@ def head(docpipe_cache):
     env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")  # as in an activated environment: jobs run `python`
     ray = os.path.join(bin_dir, "ray")
     proc = subprocess.Popen(
-        [ray, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
-         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "2",
-         # the job server hands jobs to this agent; its default port (52365) is taken by any other Ray instance
-         # on the machine, such as a run in another test worker, and then every job is refused ("No available
-         # agent to submit job")
-         "--dashboard-agent-listen-port", str(agent),
+        [ray, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", "0",
+         "--dashboard-host", "127.0.0.1", "--dashboard-port", "0", "--num-cpus", "2",
+         "--dashboard-agent-listen-port", "0", "--ray-client-server-port", str(_free_port()),
          "--temp-dir", str(temp), "--disable-usage-stats"],
         env=env, stdout=(log := open(os.path.join(temp, "start.log"), "wb")), stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    address = f"http://127.0.0.1:{dashboard}"
-    deadline = time.time() + 120
+    gcs_file = Path(temp) / "ray_current_cluster"
+    gcs = address = None
+    deadline = time.monotonic() + 180  # a safety net: each step waits on what the head writes or answers
     while True:
         try:
-            with urllib.request.urlopen(_get(f"{address}/api/version"), timeout=2) as r:
-                if r.status == 200:
-                    break
+            if gcs is None and gcs_file.exists() and gcs_file.read_text().strip():
+                gcs = gcs_file.read_text().strip()
+            if gcs is not None and address is None:
+                address = _dashboard_address(gcs, env)
+            if address is not None:
+                with urllib.request.urlopen(_get(f"{address}/api/version"), timeout=2) as r:
+                    if r.status == 200:
+                        break
         except OSError:
             pass
-        if proc.poll() is not None or time.time() > deadline:
+        if proc.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError("the Ray head did not start:\n" + Path(log.name).read_text()[-3000:])
-        time.sleep(0.5)
-    yield {"jobs": address, "gcs": f"127.0.0.1:{port}"}
+        time.sleep(0.2)
+    yield {"jobs": address, "gcs": gcs}
     os.killpg(proc.pid, signal.SIGTERM)  # this head's processes only, not other Ray instances
     try:
         proc.wait(timeout=30)
