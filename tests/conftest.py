@@ -96,29 +96,38 @@ def _free_port() -> int:
 
 
 def _start_moto(extra_env=None):
-    """moto's S3 in server mode, as a separate process serving real HTTP on loopback."""
+    """moto's S3 in server mode, as a separate process serving real HTTP on loopback, on the port the OS gives it
+    when it binds (-p 0): its address is the line the server writes once it listens (no port picked beforehand that
+    another test worker could take meanwhile)."""
+    import re
     import subprocess
+    import tempfile
     import time
     import urllib.request
 
-    port = _free_port()
+    log = tempfile.NamedTemporaryFile(prefix="moto-", suffix=".log", delete=False)  # its request log goes on too
     proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", "0"],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=log,
         env={**os.environ, **(extra_env or {})},
     )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60  # a loaded 2-core machine can take a while to import moto
+    deadline = time.monotonic() + 120  # a safety net: a loaded 2-core machine can take a while to import moto
+    url = None
     while True:
+        if url is None:
+            found = re.search(r"Running on (http://127\.0\.0\.1:\d+)", Path(log.name).read_text(errors="replace"))
+            url = found and found.group(1)
         try:
-            urllib.request.urlopen(url + "/moto-api/", timeout=1)
-            break
+            if url is not None:
+                urllib.request.urlopen(url + "/moto-api/", timeout=1)
+                break
         except Exception:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError("moto server did not start") from None
-            time.sleep(0.1)
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("moto server did not start:\n" + Path(log.name).read_text(errors="replace")[-2000:])
+        time.sleep(0.1)
     return proc, url
 
 
