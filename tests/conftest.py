@@ -24,6 +24,17 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "ray: starts Ray (the Ray tier: wiring proved once each through Ray)")
 
 
+# The longest files first (CI's profile, --durations): `--dist loadfile` hands each file whole to the next free
+# worker in collection order, so a long file collected last would run alone at the end while the other worker idles.
+LONGEST_FIRST = ["test_nothing_lost.py", "test_node_loss.py", "test_bench.py", "test_engines.py", "test_submit.py",
+                 "test_s3.py", "test_extract.py", "test_run.py", "test_finetune.py", "test_fidelity.py", "test_lease.py"]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's tests keep their order
+
+
 @pytest.fixture(scope="session")
 def local_job(tmp_path_factory):
     """A config file choosing the local executor, for `docpipe run --config` beside other flags: the stages run in
