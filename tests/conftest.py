@@ -22,12 +22,18 @@ def pytest_configure(config):
     # The two tiers: tests marked ray start Ray (a local instance, a cluster or `ray start`) and prove the wiring
     # through it; the rest run in-process or on the local executor. `pytest -m "not ray"` runs the fast tier alone.
     config.addinivalue_line("markers", "ray: starts Ray (the Ray tier: wiring proved once each through Ray)")
+    # pytest-xdist would otherwise queue files by their number of tests (--loadscope-reorder, its default), which
+    # puts the few long Ray tests last: keep the collection order, longest first (pytest_collection_modifyitems)
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
 
 
 # The longest files first (CI's profile, --durations): `--dist loadfile` hands each file whole to the next free
-# worker in collection order, so a long file collected last would run alone at the end while the other worker idles.
-LONGEST_FIRST = ["test_nothing_lost.py", "test_node_loss.py", "test_bench.py", "test_engines.py", "test_submit.py",
-                 "test_s3.py", "test_extract.py", "test_run.py", "test_finetune.py", "test_fidelity.py", "test_lease.py"]
+# worker in collection order (with xdist's reordering off, above), so a long file collected last would run alone at
+# the end while the other worker idles.
+LONGEST_FIRST = ["test_nothing_lost.py", "test_node_loss.py", "test_bench.py", "test_engines.py",
+                 "test_submit.py", "test_s3.py", "test_extract.py", "test_run.py", "test_finetune.py",
+                 "test_fidelity.py", "test_lease.py"]
 
 
 def pytest_collection_modifyitems(items):

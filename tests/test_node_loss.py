@@ -60,7 +60,8 @@ def test_a_worker_node_killed_mid_run_loses_nothing(sample_docs, tmp_path, gpus_
         # an event: a worker's actor holds pages (a CPU actor can also land on the head; the deadline is a net)
         if not wait_for(holders, proc, 300):
             proc.kill()
-            pytest.fail(f"no worker's model actor took pages: {sorted(os.listdir(hold))}\n{proc.communicate()[1][-3000:]}")
+            stderr = proc.communicate()[1]
+            pytest.fail(f"no worker's model actor took pages: {sorted(os.listdir(hold))}\n{stderr[-3000:]}")
         [victim, *_] = holders()
         assert proc.poll() is None and not list((out / "_runs").glob("*.json"))  # held: it cannot have finished
         cluster.remove_node(victim, allow_graceful=False)  # SIGKILL: its raylet, workers and model actor
