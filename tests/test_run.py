@@ -136,7 +136,9 @@ def test_a_model_that_cannot_be_loaded_is_fatal_with_exit_2(tmp_path, sample_doc
     # a checkpoint without weights: it fails inside the Ray model actor, and still ends as one fatal line
     broken = tmp_path / "broken"
     shutil.copytree(tiny_checkpoint, broken, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
-    proc = run_cli("run", sample_docs / "receipt.png", "--output", tmp_path / "b", "--model", broken, "--no-progress")
+    # no progress line either, however long Ray takes to start and fail on a loaded machine (one comes every 30 s)
+    proc = run_cli("run", sample_docs / "receipt.png", "--output", tmp_path / "b", "--model", broken, "--no-progress",
+                   "--progress-interval", "3600")
     assert proc.returncode == 2, proc.stderr[-3000:]
     ours = [ln for ln in proc.stderr.splitlines() if ln.startswith("docpipe:")]  # Ray logs the actor's traceback
     assert len(ours) == 1 and ours[0].startswith(f"docpipe: error: cannot load model '{broken}': OSError: "), ours
