@@ -212,7 +212,8 @@ def test_run_joins_a_token_cluster_with_only_the_address_and_token(head, sample_
 
 @pytest.mark.ray
 def test_run_without_the_token_or_with_a_wrong_one_is_one_line(head, tiny_checkpoint, sample_docs, tmp_path):
-    args = ("run", sample_docs, "--output", tmp_path / "out", "--model", "tiny-random")
+    # no progress line beside the one error line, however slowly the join fails on a loaded machine
+    args = ("run", sample_docs, "--output", tmp_path / "out", "--model", "tiny-random", "--progress-interval", "3600")
     proc = run_cli(*args, env={"RAY_ADDRESS": head["gcs"]}, unset=new_user(), timeout=60)
     assert _one_error_line(proc) == (
         f"docpipe: error: the Ray cluster at {head['gcs']} requires a token: export RAY_AUTH_TOKEN=<the cluster's "
@@ -228,12 +229,14 @@ def test_run_without_the_token_or_with_a_wrong_one_is_one_line(head, tiny_checkp
 def test_run_against_a_port_where_nothing_listens_or_a_dashboard_address_is_one_line(tiny_checkpoint, sample_docs, tmp_path):
     address = f"127.0.0.1:{_free_port()}"
     proc = run_cli("run", sample_docs, "--output", tmp_path / "out", "--model", "tiny-random",
-                   env={"RAY_ADDRESS": address, "RAY_AUTH_TOKEN": TOKEN}, unset=new_user(), timeout=60)
+                   "--progress-interval", "3600", env={"RAY_ADDRESS": address, "RAY_AUTH_TOKEN": TOKEN},
+                   unset=new_user(), timeout=60)
     assert _one_error_line(proc) == (
         f"docpipe: error: no Ray cluster answers at {address} (Connection refused): start one with "
         "`ray start --head`, or set RAY_ADDRESS to the head's GCS address (HOST:6379 by default)")
     proc = run_cli("run", sample_docs, "--output", tmp_path / "out", "--model", "tiny-random",
-                   env={"RAY_ADDRESS": "http://127.0.0.1:8265"}, unset=new_user(), timeout=60)
+                   "--progress-interval", "3600", env={"RAY_ADDRESS": "http://127.0.0.1:8265"}, unset=new_user(),
+                   timeout=60)
     assert "is a dashboard (job server) address: docpipe run joins the cluster's GCS address" in _one_error_line(proc)
 
 
