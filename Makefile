@@ -10,8 +10,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 
 LOCK_VENV ?= .lock-venv
-# Test files run this many at a time (pytest-xdist), each file's tests in one process, in order.
+# Test files run this many at a time (pytest-xdist), each file's tests in one process, in order (--dist loadfile:
+# a file's module fixtures, such as a run several tests read, are made once), longest files first
+# (tests/conftest.py LONGEST_FIRST; --no-loadscope-reorder keeps that order, not xdist's by test count).
+# Both tiers run: the in-process and local-executor tests, and those marked `ray` (pytest -m ray: the wiring
+# through Ray, proved once each). TEST_ARGS adds to the line, e.g. TEST_ARGS='-m "not ray"' for the fast tier
+# alone. -rs: every skip's reason.
 TEST_WORKERS ?= 2
+TEST_ARGS ?=
 
 # The lowest transformers pyproject.toml admits, installed on its own beside the venv: the engine-equality test
 # runs once under it (tests/test_engines.py, PYTHONPATH=$(FLOOR)). With it, the huggingface_hub it accepts (< 2)
@@ -41,7 +47,8 @@ demo: setup
 	$(VENV)/bin/docpipe demo --workdir demo_output
 
 test: setup floor
-	HF_HUB_OFFLINE=1 $(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadfile --durations=20
+	HF_HUB_OFFLINE=1 $(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -rs \
+		--durations=20 $(TEST_ARGS)
 
 docs: setup
 	$(PY) -m pipeline.tools.reference

@@ -7,12 +7,47 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.pop("RAY_ADDRESS", None)
 # Local Ray on loopback only (see pipeline.execute.cluster.init_ray); read when Ray is first imported.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+# No fixed port from the environment: a GCS port set here would make every local Ray instance of every test worker
+# ask for the same one. Unset, Ray lets the OS give each instance its own.
+os.environ.pop("RAY_GCS_SERVER_PORT", None)
 
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config):
+    # The two tiers: tests marked ray start Ray (a local instance, a cluster or `ray start`) and prove the wiring
+    # through it; the rest run in-process or on the local executor. `pytest -m "not ray"` runs the fast tier alone.
+    config.addinivalue_line("markers", "ray: starts Ray (the Ray tier: wiring proved once each through Ray)")
+    # pytest-xdist would otherwise queue files by their number of tests (--loadscope-reorder, its default), which
+    # puts the few long Ray tests last: keep the collection order, longest first (pytest_collection_modifyitems)
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+# The longest files first (CI's profile, --durations): `--dist loadfile` hands each file whole to the next free
+# worker in collection order (with xdist's reordering off, above), so a long file collected last would run alone at
+# the end while the other worker idles.
+LONGEST_FIRST = ["test_nothing_lost.py", "test_node_loss.py", "test_bench.py", "test_engines.py",
+                 "test_submit.py", "test_s3.py", "test_extract.py", "test_run.py", "test_finetune.py",
+                 "test_fidelity.py", "test_lease.py"]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's tests keep their order
+
+
+@pytest.fixture(scope="session")
+def local_job(tmp_path_factory):
+    """A config file choosing the local executor, for `docpipe run --config` beside other flags: the stages run in
+    the CLI's own process, no Ray instance is started (for tests whose subject Ray adds nothing to)."""
+    path = tmp_path_factory.mktemp("local-job") / "local.yaml"
+    path.write_text("executor: local\n")
+    return path
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -78,29 +113,38 @@ def _free_port() -> int:
 
 
 def _start_moto(extra_env=None):
-    """moto's S3 in server mode, as a separate process serving real HTTP on loopback."""
+    """moto's S3 in server mode, as a separate process serving real HTTP on loopback, on the port the OS gives it
+    when it binds (-p 0): its address is the line the server writes once it listens (no port picked beforehand that
+    another test worker could take meanwhile)."""
+    import re
     import subprocess
+    import tempfile
     import time
     import urllib.request
 
-    port = _free_port()
+    log = tempfile.NamedTemporaryFile(prefix="moto-", suffix=".log", delete=False)  # its request log goes on too
     proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", "0"],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=log,
         env={**os.environ, **(extra_env or {})},
     )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60  # a loaded 2-core machine can take a while to import moto
+    deadline = time.monotonic() + 120  # a safety net: a loaded 2-core machine can take a while to import moto
+    url = None
     while True:
+        if url is None:
+            found = re.search(r"Running on (http://127\.0\.0\.1:\d+)", Path(log.name).read_text(errors="replace"))
+            url = found and found.group(1)
         try:
-            urllib.request.urlopen(url + "/moto-api/", timeout=1)
-            break
+            if url is not None:
+                urllib.request.urlopen(url + "/moto-api/", timeout=1)
+                break
         except Exception:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError("moto server did not start") from None
-            time.sleep(0.1)
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("moto server did not start:\n" + Path(log.name).read_text(errors="replace")[-2000:])
+        time.sleep(0.1)
     return proc, url
 
 

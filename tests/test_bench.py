@@ -3,6 +3,8 @@ No assertion here is about speed."""
 
 import json
 
+import pytest
+
 from tests.conftest import run_cli
 
 
@@ -19,6 +21,7 @@ KEYS = {
 }
 
 
+@pytest.mark.ray
 def test_bench_reports_every_figure(tmp_path):
     out = tmp_path / "bench.json"
     proc = run_cli("bench", "--pages", "6", "--output-tokens", "2", "--json", out, "--workdir", tmp_path / "w")

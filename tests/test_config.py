@@ -47,7 +47,8 @@ def test_config_schema_documents_every_option():
 def test_a_config_file_with_command_line_overrides(sample_docs, tmp_path):
     path = tmp_path / "job.yaml"
     path.write_text(f"inputs: ['{sample_docs / 'receipt.png'}']\noutput: {tmp_path / 'from-file'}\n"
-                    "model:\n  name: tiny-random\n  max_new_tokens: 2\nprogress: false\n")
+                    "model:\n  name: tiny-random\n  max_new_tokens: 2\nprogress: false\n"
+                    "executor: local\n")  # the subject is the merge of file and flags, before any executor
     proc = run_cli("run", "--config", path, "--output", tmp_path / "from-flag")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not (tmp_path / "from-file").exists()
@@ -57,6 +58,7 @@ def test_a_config_file_with_command_line_overrides(sample_docs, tmp_path):
     assert len(pages) == 1 and pages[0]["output_tokens"] <= 2
 
 
+@pytest.mark.ray
 def test_impossible_resources_and_malformed_flags_are_one_line_errors(sample_docs, tmp_path):
     # a local Ray instance can't grow: an actor no node can hold would wait forever, so the run refuses it
     proc = run_cli("run", sample_docs / "receipt.png", "--output", tmp_path / "o", "--model", "tiny-random",

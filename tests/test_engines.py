@@ -93,6 +93,7 @@ def test_a_failing_page_in_the_continuous_engine_gets_its_error_row_and_its_neig
     assert engine.pages_in_flight == 0 and engine._free == [range(0, engine.bank_rows)]
 
 
+@pytest.mark.ray
 def test_a_long_run_on_the_continuous_engine_holds_a_bounded_number_of_pages(tmp_path):
     """240 pages in 24 documents, one actor taking two calls of 8 pages at once: every page comes back, the actor
     took a second call while the first was still decoding, and it never held more than calls_in_flight x

@@ -167,6 +167,7 @@ def read_docs(out):
     return {r["source_uri"].rsplit("/", 1)[-1]: r for r in pq.read_table(out / "documents").to_pylist()}
 
 
+@pytest.mark.ray
 def test_ocr_and_invoice_extraction_in_one_pass(sample_docs, tmp_path):
     out = tmp_path / "out"
     proc = run_cli("run", sample_docs, "--output", out, "--task", "ocr+extract", "--schema", "invoice",

@@ -76,12 +76,14 @@ def test_pages_of_one_document_and_frames_of_one_file_differ(alone):
         assert len(set(texts)) == count, (name, texts)
 
 
-def test_a_batched_sorted_two_actor_ray_run_gives_each_page_its_own_text(alone, corpus, tmp_path):
-    """Pages of different shapes are sorted and padded together, four to a call, over two model actors: every
-    page must come back with exactly the text, length and finish reason it gets alone."""
+def test_a_batched_sorted_two_actor_ray_run_gives_each_page_its_own_text(alone, corpus, tmp_path, local_job):
+    """Pages of different shapes are sorted and padded together, four to a call: every page must come back with
+    exactly the text, length and finish reason it gets alone. On the local executor (sorting and padding are the
+    actor's stages); pages spread over two Ray actors and back through Ray Data are ray_run's, below."""
     out = tmp_path / "out"
     proc = run_cli("run", corpus, "--output", out, "--model", "tiny-random", "--batch-size", "4", "--num-actors", "2",
-                   "--max-new-tokens", MAX_NEW_TOKENS, "--no-progress", "--text-layer", "never")
+                   "--max-new-tokens", MAX_NEW_TOKENS, "--no-progress", "--text-layer", "never",
+                   "--config", local_job)
     assert proc.returncode == 0, proc.stderr[-3000:]
     batched = {_key(r): r for r in pq.read_table(out / "pages").to_pylist()}
     assert batched.keys() == alone.keys()
@@ -90,11 +92,17 @@ def test_a_batched_sorted_two_actor_ray_run_gives_each_page_its_own_text(alone, 
         assert got == (alone[key]["text"], alone[key]["output_tokens"], alone[key]["finish_reason"]), key
 
 
+@pytest.mark.ray
 def test_the_continuous_engine_gives_every_page_what_generate_gives_it_alone(alone, corpus, tmp_path):
     """15 pages of 8 shapes, some stopping on their own after different lengths, others at the cap, through the
     continuous engine (feature bank, transformers' continuous batching) on two actors with two calls in flight
-    each: text, output_tokens and finish_reason must equal generate's, batch 1."""
+    each: text, output_tokens and finish_reason must equal generate's, batch 1.
+
+    The Ray tier's contract run: the output contract through Ray Data (schemas, partitions, one row per
+    document) is checked here, for the local-executor runs of test_run, test_route and the batched test above."""
     import json
+
+    from schemas import CONTRACT_VERSION, DOCUMENTS_SCHEMA, PAGES_SCHEMA
 
     out = tmp_path / "out"
     proc = run_cli("run", corpus, "--output", out, "--model", "tiny-random", "--engine", "continuous",
@@ -112,6 +120,23 @@ def test_the_continuous_engine_gives_every_page_what_generate_gives_it_alone(alo
     engines = json.loads(manifest.read_text())["engines"]
     # every actor that took pages ran the continuous engine (with 15 pages, one actor may have taken them all)
     assert 1 <= len(engines) <= 2 and {e["engine"] for e in engines} == {"continuous"}
+    # the contract, as Ray Data's blocks came back: Hive partitions of the run's day, the schemas, the version
+    day = json.loads(manifest.read_text())["started_at"][:10]
+    pages_t, docs_t = pq.read_table(out / "pages"), pq.read_table(out / "documents")
+    for table in (pages_t, docs_t):
+        assert set(table.column("ingest_date").to_pylist()) == {day}
+    assert pages_t.drop_columns(["ingest_date"]).schema.remove_metadata() == PAGES_SCHEMA.remove_metadata()
+    assert docs_t.drop_columns(["ingest_date"]).schema.remove_metadata() == DOCUMENTS_SCHEMA.remove_metadata()
+    files = list(out.rglob("*.parquet"))
+    assert files and all(f.parent.name == f"ingest_date={day}" for f in files)
+    assert all(pq.read_schema(f).metadata[b"docpipe.contract_version"] == str(CONTRACT_VERSION).encode() for f in files)
+    docs = docs_t.to_pylist()
+    assert sorted(d["source_uri"] for d in docs) == sorted(str(f) for f in corpus.iterdir())  # one row each
+    by_uri = {d["source_uri"]: d for d in docs}
+    assert all(d["status"] == "ok" for d in docs)
+    for p in pages_t.to_pylist():
+        doc = by_uri[p["source_uri"]]
+        assert p["doc_id"] == doc["doc_id"] and p["page_count"] == doc["page_count"]
 
 
 def test_batched_extraction_gives_each_document_what_it_gets_alone(corpus, tiny_model):

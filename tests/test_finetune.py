@@ -264,6 +264,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_to_the_same_adapter(sampl
     assert other.returncode == 2 and "checkpoint of another fine-tuning" in other.stderr
 
 
+@pytest.mark.ray
 def test_two_ray_train_workers_on_the_cpu(sample_docs, tmp_path):
     rows = [{"source_uri": str(sample_docs / "receipt.png"), "page_number": 1, "text": "one"},
             {"source_uri": str(sample_docs / "scan.jpg"), "page_number": 1, "text": "two"}]

@@ -34,7 +34,9 @@ def nightly(sample_docs, tmp_path_factory):
     catalog = {"type": "sql", "uri": f"sqlite:///{root / 'catalog.db'}", "warehouse": f"file://{root / 'warehouse'}"}
     config = root / "nightly.yaml"
     config.write_text(json.dumps({
-        "inputs": [str(inbox)], "output": str(root / "out"), "progress": False,
+        # the local executor: partitions, incremental skips and the Iceberg step are the sink's and the run's,
+        # the same under Ray (whose output contract tests/test_fidelity.py and tests/test_s3.py prove)
+        "inputs": [str(inbox)], "output": str(root / "out"), "progress": False, "executor": "local",
         "model": {"name": "tiny-random", "max_new_tokens": 2},
     }))
     with_iceberg = root / "nightly-iceberg.yaml"

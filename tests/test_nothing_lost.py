@@ -14,7 +14,7 @@ import pymupdf
 import pytest
 
 from tests.bad_inputs import PAGES, write_corpus
-from tests.conftest import REPO, _free_port, run_cli
+from tests.conftest import REPO, run_cli
 
 
 def check_accounting(out, inputs: list[str]):
@@ -29,7 +29,10 @@ def check_accounting(out, inputs: list[str]):
 
 
 @pytest.fixture(scope="module")
-def mixed(sample_docs, tmp_path_factory):
+def mixed(sample_docs, tmp_path_factory, local_job):
+    """The bad-input corpus on the local executor: rendering, error rows and the ledger are the subject, and they
+    are the same code under Ray (a model actor dying and a node dying are tests/test_node_loss.py's and the
+    actor test's here)."""
     folder = tmp_path_factory.mktemp("mixed")
     expected = write_corpus(folder)
     for name in ("report.pdf", "receipt.png", "scan.jpg"):
@@ -40,6 +43,7 @@ def mixed(sample_docs, tmp_path_factory):
     expected["hangs.pdf"] = ("partial", "timeout")
     out = tmp_path_factory.mktemp("out")
     proc = run_cli("run", folder, "--output", out, "--model", "tiny-random", "--max-new-tokens", "2", "--no-progress",
+                   "--config", local_job,
                    # long enough for a slow page on a loaded 2-core machine (5 s once cut off broken_xref.pdf)
                    "--page-timeout", "15", env={"DOCPIPE_FAULT_RENDER": "hangs.pdf@2=3600"})
     return folder, out, expected, proc
@@ -65,9 +69,10 @@ def test_a_folder_of_bad_inputs_is_fully_accounted_for(mixed):
     assert (exif["width"], exif["height"]) == (40, 80)  # rotation applied
 
 
-def test_a_rerun_skips_what_is_done_and_retries_errors(mixed):
+def test_a_rerun_skips_what_is_done_and_retries_errors(mixed, local_job):
     folder, out, expected, _ = mixed
-    proc = run_cli("run", folder, "--output", out, "--model", "tiny-random", "--max-new-tokens", "2", "--no-progress")
+    proc = run_cli("run", folder, "--output", out, "--model", "tiny-random", "--max-new-tokens", "2", "--no-progress",
+                   "--config", local_job)  # resume is decided before either executor starts
     assert proc.returncode == 0, proc.stderr[-3000:]
     inputs = [str(folder / name) for name in expected]
     docs = check_accounting(out, inputs)
@@ -126,7 +131,24 @@ def test_a_2000_page_pdf_streams_in_constant_memory(tmp_path):
     assert rss[2000] - rss[200] < 40 * 2**20  # nor does MuPDF's side grow with the page count
 
 
-def test_killed_midway_then_resumed_ends_with_every_document_ok_once(sample_docs, tmp_path):
+def wait_for(condition, proc, timeout_s: float) -> bool:
+    """Poll for a file the run writes, until it is there, the process has ended, or the safety net's deadline."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            return condition()
+        time.sleep(0.1)
+    return True
+
+
+def sealed_ok(out) -> set[str]:
+    """The documents of sealed (renamed into place, so whole) files with status ok."""
+    files = list((out / "documents").rglob("part-*.parquet"))
+    return {d["source_uri"] for f in files for d in pq.read_table(f).to_pylist() if d["status"] == "ok"}
+
+
+@pytest.mark.ray
+def test_killed_midway_then_resumed_ends_with_every_document_ok_once(sample_docs, tmp_path, local_job):
     folder = tmp_path / "in"
     folder.mkdir()
     for i in range(6):
@@ -137,22 +159,32 @@ def test_killed_midway_then_resumed_ends_with_every_document_ok_once(sample_docs
     inputs = sorted(str(p) for p in folder.iterdir())
     out = tmp_path / "out"
     args = [sys.executable, "-m", "pipeline.cli", "run", str(folder), "--output", str(out), "--model", "tiny-random",
-            "--max-new-tokens", "2", "--checkpoint-seconds", "0.5", "--num-actors", "1", "--no-progress",
-            "--text-layer", "never"]  # every page through the model: the run must outlast the first sealed file
+            "--max-new-tokens", "2", "--checkpoint-seconds", "0.001", "--num-actors", "1", "--no-progress",
+            # no render time limit cuts the held page off while the test waits
+            "--page-timeout", "3600", "--document-timeout", "3600", "--text-layer", "never"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    victim = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    # One page of a document in the middle is held until a file that never comes: the run cannot finish before
+    # it is killed, and the documents after it go on, so sealed files hold finished documents by then.
+    hold = tmp_path / "hold"
+    victim = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env={**env, "DOCPIPE_FAULT_RENDER": f"2-minutes.pdf@1=until:{hold}"},
                               start_new_session=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and not list((out / "documents").rglob("part-*.parquet")):
-        time.sleep(0.2)
-    os.killpg(victim.pid, signal.SIGKILL)  # the driver and the local Ray processes it started
-    victim.wait()
+    try:
+        # events, both files the run writes: the held page is waiting, and a sealed file has a finished document
+        # (the deadline is only a safety net against a broken run)
+        assert wait_for(lambda: hold.with_name("hold.waiting").exists() and sealed_ok(out), victim, 300), \
+            "the held page never started, or no document was sealed"
+    finally:
+        os.killpg(victim.pid, signal.SIGKILL)  # the driver and the local Ray processes it started
+        victim.wait()
     assert not list((out / "_runs").glob("*.json")), "the run finished before it could be killed"
-    done_before = {d["source_uri"] for d in pq.read_table(out / "documents").to_pylist() if d["status"] == "ok"}
+    done_before = sealed_ok(out)
     assert 0 < len(done_before) < len(inputs)
     left_behind = list(out.rglob("_tmp-*"))  # files the killed run had open, if any
 
-    proc = run_cli(*args[3:], env=env)
+    # the rerun on the local executor: what it must find (sealed files, tmp files left behind) is the killed Ray
+    # run's, and resuming is decided before either executor starts
+    proc = run_cli(*args[3:], "--config", local_job, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     docs = pq.read_table(out / "documents").to_pylist()
     ok = Counter(d["source_uri"] for d in docs if d["status"] == "ok")
@@ -172,8 +204,9 @@ def test_killed_midway_then_resumed_ends_with_every_document_ok_once(sample_docs
         assert sorted(p["page_number"] for p in mine) == list(range(1, count + 1))
 
 
-def test_a_flaky_s3_endpoint_loses_nothing(s3, s3_env, sample_docs, tmp_path):
-    """503 SlowDown and connection resets for a while, in front of a real S3 server: the run completes."""
+def test_a_flaky_s3_endpoint_loses_nothing(s3, s3_env, sample_docs, tmp_path, local_job):
+    """503 SlowDown and connection resets for a while, in front of a real S3 server: the run completes. On the local
+    executor: the retries are the storage layer's, the same in a Ray worker (test_s3 runs S3 through Ray)."""
     from tests.faulty_proxy import FaultyProxy
 
     s3.create_bucket(Bucket="flaky")
@@ -182,7 +215,8 @@ def test_a_flaky_s3_endpoint_loses_nothing(s3, s3_env, sample_docs, tmp_path):
         s3.put_object(Bucket="flaky", Key=f"in/{name}", Body=(sample_docs / name).read_bytes())
     with FaultyProxy(s3_env["AWS_ENDPOINT_URL"], faulty_requests=80, every=2) as proxy:
         proc = run_cli("run", "s3://flaky/in", "--output", "s3://flaky/out", "--model", "tiny-random",
-                       "--max-new-tokens", "2", "--no-progress", env={**s3_env, "AWS_ENDPOINT_URL": proxy.url})
+                       "--max-new-tokens", "2", "--no-progress", "--config", local_job,
+                       env={**s3_env, "AWS_ENDPOINT_URL": proxy.url})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proxy.errors_503 >= 10 and proxy.resets >= 10  # the faults really happened
     objects = s3.list_objects_v2(Bucket="flaky", Prefix="out/_runs/")["Contents"]
@@ -197,6 +231,7 @@ def test_a_flaky_s3_endpoint_loses_nothing(s3, s3_env, sample_docs, tmp_path):
     assert pq.read_table("flaky/out/pages", filesystem=fs).num_rows == 9
 
 
+@pytest.mark.ray
 def test_a_model_actor_that_dies_is_restarted_and_its_pages_retried(sample_docs, tmp_path):
     marker = tmp_path / "die-once"
     marker.write_text("x")
@@ -213,78 +248,6 @@ def test_a_model_actor_that_dies_is_restarted_and_its_pages_retried(sample_docs,
     assert len(pages) == 9 and all(p["status"] == "ok" for p in pages)
 
 
-def model_actor_nodes(address: str) -> list[str]:
-    """Node ids of the live model actors in a running cluster (Ray's state API, from a separate driver)."""
-    script = ("import json\nfrom ray.util.state import list_actors\n"
-              f"actors = list_actors(address={address!r}, filters=[('state', '=', 'ALIVE')])\n"
-              "print(json.dumps([a.node_id for a in actors if 'ModelActor' in a.class_name]))")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-@pytest.mark.parametrize("gpus_per_worker", [1, 0], ids=["gpu-workers", "cpu-only"])
-def test_a_worker_node_killed_mid_run_loses_nothing(sample_docs, tmp_path, gpus_per_worker, monkeypatch):
-    """A three-node Ray cluster on loopback (Ray's own multi-node test harness): a CPU head for the driver and
-    rendering, two workers for the model (given a logical GPU each, as in the GPU cluster of infra/, or plain
-    CPU nodes). One worker is killed, with its model actor, once results are flowing."""
-    from ray.cluster_utils import Cluster
-
-    # Every page takes a while to render, so the model actors are still alive, waiting for pages, when the
-    # first results are sealed (the tiny model alone could finish before the node is killed). CPU clusters
-    # render several pages at once on small CPU shares, and one actor can serve the whole run while the other
-    # is still loading its model: their pages take longer. The nodes' processes take this environment.
-    monkeypatch.setenv("DOCPIPE_FAULT_RENDER", "@*=0.5" if gpus_per_worker else "@*=2")
-
-    folder = tmp_path / "in"
-    folder.mkdir()
-    for i in range(6):
-        for name in ("report.pdf", "minutes.pdf", "receipt.png"):
-            (folder / f"{i}-{name}").write_bytes((sample_docs / name).read_bytes() + f"\n% copy {i}\n".encode())
-    inputs = sorted(str(p) for p in folder.iterdir())
-    out = tmp_path / "out"
-    # the head's dashboard (Ray's state API) on a free port: another test worker's cluster may hold the default
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1",
-                                                            "dashboard_port": _free_port()})
-    try:
-        workers = [cluster.add_node(num_cpus=1, num_gpus=gpus_per_worker, node_ip_address="127.0.0.1")
-                   for _ in range(2)]
-        cluster.wait_for_nodes()
-        args = [sys.executable, "-m", "pipeline.cli", "run", str(folder), "--output", str(out), "--model",
-                "tiny-random", "--max-new-tokens", "2", "--checkpoint-seconds", "0.5", "--no-progress",
-                "--text-layer", "never"]  # every page through the model actors: the run outlasts the kill
-        if not gpus_per_worker:
-            args += ["--num-actors", "2"]
-        proc = subprocess.Popen(args, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO),
-                                                     "RAY_ADDRESS": cluster.address},
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.time() + 300
-        while time.time() < deadline and not list((out / "documents").rglob("part-*.parquet")):
-            time.sleep(0.2)
-        # the victim is a worker holding a model actor. A CPU actor can also land on the head, and the other one
-        # may still be starting on a loaded machine: ask again until a worker holds one.
-        victim, holders = None, []
-        while victim is None and time.time() < deadline and proc.poll() is None:
-            holders = model_actor_nodes(cluster.address)
-            [victim, *_] = [w for w in workers if w.node_id in holders] or [None]
-        assert not list((out / "_runs").glob("*.json")), "the run finished before the node could be killed"
-        assert victim is not None, f"no worker node holds a model actor: {holders}"
-        cluster.remove_node(victim, allow_graceful=False)  # SIGKILL: its raylet, workers and model actor
-        stdout, stderr = proc.communicate(timeout=400)
-        assert proc.returncode == 0, stderr[-3000:]
-    finally:
-        if "proc" in locals() and proc.poll() is None:
-            proc.kill()
-        cluster.shutdown()
-    docs = check_accounting(out, inputs)
-    assert Counter(d["status"] for d in docs) == {"ok": len(inputs)}
-    pages = pq.read_table(out / "pages").to_pylist()
-    assert len(pages) == 36 and all(p["status"] == "ok" for p in pages)
-    assert Counter(p["source_uri"] for p in pages) == {u: 3 if "report" in u else 2 if "minutes" in u else 1
-                                                        for u in inputs}
-
-
 def test_hanging_slow_and_crashing_renders_are_cut_off_and_recorded(sample_docs, tmp_path):
     """Rendering runs in a child process under per-page and per-document limits: a page that hangs, a document
     that is slow overall, and a renderer that crashes each end in error rows, and the run goes on."""
@@ -299,7 +262,8 @@ def test_hanging_slow_and_crashing_renders_are_cut_off_and_recorded(sample_docs,
     slow.save(folder / "slow.pdf")
     (folder / "hang.pdf").write_bytes((sample_docs / "report.pdf").read_bytes() + b"\n% hang\n")
     config = tmp_path / "job.yaml"
-    config.write_text(f"inputs: ['{folder}']\noutput: {tmp_path / 'out'}\nprogress: false\n"
+    # the local executor: the limits are the render process's (expand_document_isolated), the same under Ray
+    config.write_text(f"inputs: ['{folder}']\noutput: {tmp_path / 'out'}\nprogress: false\nexecutor: local\n"
                       "model: {name: tiny-random, max_new_tokens: 2}\n"
                       "render: {page_timeout_s: 8, document_timeout_s: 14}\n")
     faults = "hang.pdf@2=3600,slow.pdf@*=2,crash.pdf@2=crash"

@@ -313,8 +313,10 @@ def test_routed_and_blank_pages_never_reach_the_model(sample_docs, docs, tiny_ch
     assert generated == [] and again.manifest.documents == {"skipped": 15, "error": 1, "total": 16}
 
 
-def test_mixed_run_through_ray_keeps_the_contract(sample_docs, docs, tmp_path):
-    """The same mixed input through the CLI and Ray Data: rows match the contract, counts by source add up."""
+def test_mixed_run_through_ray_keeps_the_contract(sample_docs, docs, tmp_path, local_job):
+    """The same mixed input through the CLI: rows match the contract, counts by source add up. On the local
+    executor (routing is the render stage's, the same code in a Ray task); routed pages through Ray Data are
+    tests/test_s3.py's Ray run and tests/test_fidelity.py's contract run."""
     import pyarrow.parquet as pq
 
     from schemas import PAGES_SCHEMA, PageRow
@@ -326,7 +328,7 @@ def test_mixed_run_through_ray_keeps_the_contract(sample_docs, docs, tmp_path):
         (inputs / path.name).write_bytes(path.read_bytes())
     out = tmp_path / "out"
     proc = run_cli("run", inputs, "--output", out, "--model", "tiny-random", "--max-new-tokens", "4",
-                   "--no-image-splitting", "--no-progress", "--text-layer", "auto")
+                   "--no-image-splitting", "--no-progress", "--text-layer", "auto", "--config", local_job)
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = pq.read_table(out / "pages").drop_columns(["ingest_date"])
     assert table.schema.remove_metadata() == PAGES_SCHEMA.remove_metadata()

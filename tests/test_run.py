@@ -24,12 +24,15 @@ def expected_pages(path: Path) -> int | None:
 
 
 @pytest.fixture(scope="module", params=["auto", "continuous"])
-def cli_run(request, sample_docs, tmp_path_factory):
+def cli_run(request, sample_docs, tmp_path_factory, local_job):
     """The mixed sample folder (a corrupt PDF among them) with the default engine (generate, on a CPU) and
-    with the continuous engine: both must keep the same contract."""
+    with the continuous engine: both must keep the same contract. On the local executor: rows, files and the
+    manifest are the stages' and the sink's; the same contract through Ray Data, with two actors and calls in
+    flight, is tests/test_fidelity.py's Ray run."""
     out = tmp_path_factory.mktemp("out")
     proc = run_cli("run", sample_docs, "--output", out, "--model", "tiny-random", "--max-new-tokens", "4",
-                   "--batch-size", "3", "--engine", request.param, "--no-progress", "--text-layer", "never")
+                   "--batch-size", "3", "--engine", request.param, "--no-progress", "--text-layer", "never",
+                   "--config", local_job)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc, out
 
@@ -132,6 +135,7 @@ def test_bad_option_value_is_fatal(tmp_path, sample_docs):
     assert "batch_size" in proc.stderr
 
 
+@pytest.mark.ray
 def test_a_model_that_cannot_be_loaded_is_fatal_with_exit_2(tmp_path, sample_docs, tiny_checkpoint):
     import shutil
 
@@ -143,7 +147,9 @@ def test_a_model_that_cannot_be_loaded_is_fatal_with_exit_2(tmp_path, sample_doc
     # a checkpoint without weights: it fails inside the Ray model actor, and still ends as one fatal line
     broken = tmp_path / "broken"
     shutil.copytree(tiny_checkpoint, broken, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
-    proc = run_cli("run", sample_docs / "receipt.png", "--output", tmp_path / "b", "--model", broken, "--no-progress")
+    # no progress line either, however long Ray takes to start and fail on a loaded machine (one comes every 30 s)
+    proc = run_cli("run", sample_docs / "receipt.png", "--output", tmp_path / "b", "--model", broken, "--no-progress",
+                   "--progress-interval", "3600")
     assert proc.returncode == 2, proc.stderr[-3000:]
     ours = [ln for ln in proc.stderr.splitlines() if ln.startswith("docpipe:")]  # Ray logs the actor's traceback
     assert len(ours) == 1 and ours[0].startswith(f"docpipe: error: cannot load model '{broken}': OSError: "), ours

@@ -37,6 +37,7 @@ def assert_no_secret(*texts):
         assert S3_SECRET not in text
 
 
+@pytest.mark.ray
 def test_run_from_s3_to_s3(docs_bucket, s3_env, tmp_path):
     """With the credentials given only in the run's configuration: they work, and the secret appears nowhere,
     not in the output, the manifest, or the logs of Ray's processes."""
@@ -90,11 +91,12 @@ def test_run_from_s3_to_s3(docs_bucket, s3_env, tmp_path):
     assert_no_secret(index, proc.stdout, proc.stderr)
 
 
-def test_manifest_input_from_s3_to_local_output(docs_bucket, s3, s3_env, tmp_path):
+def test_manifest_input_from_s3_to_local_output(docs_bucket, s3, s3_env, tmp_path, local_job):
     listing = f"s3://docs/in/receipt.png\ns3://docs/{ODD_KEY}\ns3://docs/in/missing.pdf\n"
     s3.put_object(Bucket="docs", Key="lists/today.txt", Body=listing.encode())
     proc = run_cli("run", "--manifest", "s3://docs/lists/today.txt", "--output", tmp_path / "out",
-                   "--model", "tiny-random", "--max-new-tokens", "2", "--no-progress", env=s3_env)
+                   "--model", "tiny-random", "--max-new-tokens", "2", "--no-progress",
+                   "--config", local_job, env=s3_env)  # reading S3 through Ray: test_run_from_s3_to_s3
     assert proc.returncode == 0, proc.stderr[-3000:]
     docs = {r["source_uri"]: r for r in pq.read_table(tmp_path / "out" / "documents").to_pylist()}
     assert docs.keys() == {"s3://docs/in/receipt.png", f"s3://docs/{ODD_KEY}", "s3://docs/in/missing.pdf"}

@@ -36,12 +36,35 @@ def _get(url: str) -> urllib.request.Request:
     return urllib.request.Request(url, headers={"Authorization": f"Bearer {TOKEN}"})
 
 
+_DASHBOARD_ADDRESS = """
+import sys
+from ray._private import ray_constants
+from ray._raylet import GcsClient
+
+url = GcsClient(address=sys.argv[1]).internal_kv_get(ray_constants.DASHBOARD_ADDRESS.encode(),
+                                                    namespace=ray_constants.KV_NAMESPACE_DASHBOARD)
+print(url.decode() if url else "")
+"""
+
+
+def _dashboard_address(gcs: str, env: dict) -> str | None:
+    """The job server's address as the dashboard recorded it in the GCS once it bound its port (None until then)."""
+    proc = subprocess.run([sys.executable, "-c", _DASHBOARD_ADDRESS, gcs], capture_output=True, text=True, env=env,
+                          timeout=120)
+    url = proc.stdout.strip() if proc.returncode == 0 else ""
+    return f"http://{url}" if url else None
+
+
 @pytest.fixture(scope="module")
 def head(docpipe_cache):
     """`ray start --head` with its dashboard (the job server) on 127.0.0.1, as its own process group, with
     token authentication on (Ray's default for clusters): clients need RAY_AUTH_TOKEN. Yields its job server
     address (for docpipe submit) and its GCS address (RAY_ADDRESS, for docpipe run)."""
-    port, dashboard, agent = _free_port(), _free_port(), _free_port()
+    # Every port the OS's, given when Ray binds (0), never a number chosen before: the GCS (its address is the file
+    # `ray start` writes in its temp dir), the dashboard (the job server; its address is in the GCS), and the
+    # dashboard agent the job server hands jobs to (its default, 52365, is taken by any other Ray instance on the
+    # machine, such as a run in another test worker, and then every job is refused: "No available agent to submit
+    # job"). The Ray client server takes no 0: a port the OS gave just now, not its default 10001.
     # Ray's session and sockets: a short path of its own, since a socket's path must fit in 107 bytes (under
     # pytest-xdist the test's own temporary folder is already 48 characters deep)
     temp = tempfile.mkdtemp(prefix="dp-head-", dir="/tmp")
@@ -53,29 +76,32 @@ def head(docpipe_cache):
     env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")  # as in an activated environment: jobs run `python`
     ray = os.path.join(bin_dir, "ray")
     proc = subprocess.Popen(
-        [ray, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
-         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "2",
-         # the job server hands jobs to this agent; its default port (52365) is taken by any other Ray instance
-         # on the machine, such as a run in another test worker, and then every job is refused ("No available
-         # agent to submit job")
-         "--dashboard-agent-listen-port", str(agent),
+        [ray, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", "0",
+         "--dashboard-host", "127.0.0.1", "--dashboard-port", "0", "--num-cpus", "2",
+         "--dashboard-agent-listen-port", "0", "--ray-client-server-port", str(_free_port()),
          "--temp-dir", str(temp), "--disable-usage-stats"],
         env=env, stdout=(log := open(os.path.join(temp, "start.log"), "wb")), stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    address = f"http://127.0.0.1:{dashboard}"
-    deadline = time.time() + 120
+    gcs_file = Path(temp) / "ray_current_cluster"
+    gcs = address = None
+    deadline = time.monotonic() + 180  # a safety net: each step waits on what the head writes or answers
     while True:
         try:
-            with urllib.request.urlopen(_get(f"{address}/api/version"), timeout=2) as r:
-                if r.status == 200:
-                    break
+            if gcs is None and gcs_file.exists() and gcs_file.read_text().strip():
+                gcs = gcs_file.read_text().strip()
+            if gcs is not None and address is None:
+                address = _dashboard_address(gcs, env)
+            if address is not None:
+                with urllib.request.urlopen(_get(f"{address}/api/version"), timeout=2) as r:
+                    if r.status == 200:
+                        break
         except OSError:
             pass
-        if proc.poll() is not None or time.time() > deadline:
+        if proc.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError("the Ray head did not start:\n" + Path(log.name).read_text()[-3000:])
-        time.sleep(0.5)
-    yield {"jobs": address, "gcs": f"127.0.0.1:{port}"}
+        time.sleep(0.2)
+    yield {"jobs": address, "gcs": gcs}
     os.killpg(proc.pid, signal.SIGTERM)  # this head's processes only, not other Ray instances
     try:
         proc.wait(timeout=30)
@@ -91,6 +117,7 @@ def ray_head(head):
     return head["jobs"]
 
 
+@pytest.mark.ray
 def test_submit_runs_the_job_on_the_cluster_and_follows_it(ray_head, sample_docs, tmp_path):
     out = tmp_path / "out"
     config = tmp_path / "adhoc.yaml"
@@ -116,6 +143,7 @@ def test_submit_runs_the_job_on_the_cluster_and_follows_it(ray_head, sample_docs
     assert info["runtime_env"]["working_dir"].startswith("gcs://")
 
 
+@pytest.mark.ray
 def test_a_failing_job_is_reported_and_a_bad_config_is_never_sent(ray_head, tmp_path):
     proc = run_cli("submit", "--address", ray_head, "--wait", str(tmp_path / "missing"), "--output", tmp_path / "o",
                    "--model", "tiny-random", "--env", f"DOCPIPE_CACHE={os.environ['DOCPIPE_CACHE']}", env=AUTH)
@@ -128,6 +156,7 @@ def test_a_failing_job_is_reported_and_a_bad_config_is_never_sent(ray_head, tmp_
     assert proc.returncode == 2 and "cannot submit to http://127.0.0.1:9" in proc.stderr
 
 
+@pytest.mark.ray
 def test_no_working_dir_uploads_nothing(ray_head, tmp_path):
     """--no-working-dir: the job runs the docpipe the cluster has (here: the head's PYTHONPATH, as an image's
     install would be), and nothing is uploaded."""
@@ -140,6 +169,7 @@ def test_no_working_dir_uploads_nothing(ray_head, tmp_path):
     assert "working_dir" not in (info["runtime_env"] or {})
 
 
+@pytest.mark.ray
 def test_the_job_server_refuses_requests_without_the_token(ray_head):
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(f"{ray_head}/api/version", timeout=10)
@@ -159,6 +189,7 @@ def _one_error_line(proc) -> str:
     return line
 
 
+@pytest.mark.ray
 def test_run_joins_a_token_cluster_with_only_the_address_and_token(head, sample_docs, tiny_checkpoint, tmp_path):
     docs, out = tmp_path / "docs", tmp_path / "out"
     docs.mkdir()
@@ -184,8 +215,10 @@ def test_run_joins_a_token_cluster_with_only_the_address_and_token(head, sample_
     assert any("pipeline.cli" in (j.get("entrypoint") or "") and j["status"] == "SUCCEEDED" for j in drivers)
 
 
+@pytest.mark.ray
 def test_run_without_the_token_or_with_a_wrong_one_is_one_line(head, tiny_checkpoint, sample_docs, tmp_path):
-    args = ("run", sample_docs, "--output", tmp_path / "out", "--model", "tiny-random")
+    # no progress line beside the one error line, however slowly the join fails on a loaded machine
+    args = ("run", sample_docs, "--output", tmp_path / "out", "--model", "tiny-random", "--progress-interval", "3600")
     proc = run_cli(*args, env={"RAY_ADDRESS": head["gcs"]}, unset=new_user(), timeout=60)
     assert _one_error_line(proc) == (
         f"docpipe: error: the Ray cluster at {head['gcs']} requires a token: export RAY_AUTH_TOKEN=<the cluster's "
@@ -201,12 +234,14 @@ def test_run_without_the_token_or_with_a_wrong_one_is_one_line(head, tiny_checkp
 def test_run_against_a_port_where_nothing_listens_or_a_dashboard_address_is_one_line(tiny_checkpoint, sample_docs, tmp_path):
     address = f"127.0.0.1:{_free_port()}"
     proc = run_cli("run", sample_docs, "--output", tmp_path / "out", "--model", "tiny-random",
-                   env={"RAY_ADDRESS": address, "RAY_AUTH_TOKEN": TOKEN}, unset=new_user(), timeout=60)
+                   "--progress-interval", "3600", env={"RAY_ADDRESS": address, "RAY_AUTH_TOKEN": TOKEN},
+                   unset=new_user(), timeout=60)
     assert _one_error_line(proc) == (
         f"docpipe: error: no Ray cluster answers at {address} (Connection refused): start one with "
         "`ray start --head`, or set RAY_ADDRESS to the head's GCS address (HOST:6379 by default)")
     proc = run_cli("run", sample_docs, "--output", tmp_path / "out", "--model", "tiny-random",
-                   env={"RAY_ADDRESS": "http://127.0.0.1:8265"}, unset=new_user(), timeout=60)
+                   "--progress-interval", "3600", env={"RAY_ADDRESS": "http://127.0.0.1:8265"}, unset=new_user(),
+                   timeout=60)
     assert "is a dashboard (job server) address: docpipe run joins the cluster's GCS address" in _one_error_line(proc)
 
 
@@ -225,6 +260,7 @@ client.internal_kv_put(key, json.dumps(metadata).encode(), overwrite=True, names
 """
 
 
+@pytest.mark.ray
 def test_run_on_a_cluster_of_another_ray_version_is_one_line(head, tiny_checkpoint, sample_docs, tmp_path):
     import ray
 

@@ -61,6 +61,7 @@ def model_actor(model_opts, extract_opts, task: str, fail_fast: bool = False):
 
         def __call__(self, batch):
             _maybe_die()
+            _maybe_hold()
             # Calls in flight follow the engine that runs, not the one asked for: Ray may hand a generate actor
             # (asked for, or fallen back to at start or mid-run) several calls, and it runs them one at a time.
             with contextlib.nullcontext() if self.ocr.engine.streams else self.lock:
@@ -103,3 +104,18 @@ def _maybe_die() -> None:
         except FileNotFoundError:
             return
         os._exit(1)
+
+
+def _maybe_hold() -> None:
+    """Fault injection for tests: if DOCPIPE_FAULT_HOLD_MODEL names a folder, each model call first creates
+    FOLDER/NODE_ID.PID there (an actor on that node holds work) and then waits until FOLDER/release exists: a test
+    kills a node once an actor on it holds pages, and the run cannot end before the test lets it (an event, not a
+    guess at timing)."""
+    folder = os.environ.get("DOCPIPE_FAULT_HOLD_MODEL")
+    if folder:
+        import ray
+
+        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+        open(os.path.join(folder, f"{node}.{os.getpid()}"), "w").close()
+        while not os.path.exists(os.path.join(folder, "release")):
+            time.sleep(0.05)
