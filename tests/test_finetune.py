@@ -284,6 +284,7 @@ def test_two_ray_train_workers_on_the_cpu(sample_docs, tmp_path):
     assert type(loaded.model).__name__ == "Idefics2ForConditionalGeneration"  # merged: a plain model again
 
 
+@pytest.mark.ray
 def test_two_ray_train_workers_average_their_gradients_to_the_one_worker_adapter(sample_docs, tmp_path):
     """Two workers, one example each a step, DDP averaging their gradients: the adapter equals one worker's that
     takes both examples a step (gradient accumulation over 2, each loss halved: the same mean gradient). Workers

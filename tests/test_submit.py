@@ -357,6 +357,7 @@ def test_run_at_an_address_that_never_replies_gives_up_after_the_probe_timeout_i
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("*.json"))
 
 
+@pytest.mark.ray
 def test_run_joins_with_the_token_in_the_file_ray_auth_token_path_names(head, sample_docs, tiny_checkpoint,
                                                                        tmp_path):
     """RAY_AUTH_TOKEN_PATH alone (no RAY_AUTH_TOKEN) turns token mode on and joins; a path naming no file is one
@@ -379,6 +380,7 @@ def test_run_joins_with_the_token_in_the_file_ray_auth_token_path_names(head, sa
 _SET_CLUSTER_PYTHON_VERSION = _SET_CLUSTER_RAY_VERSION.replace('metadata["ray_version"]', 'metadata["python_version"]')
 
 
+@pytest.mark.ray
 def test_run_on_a_cluster_of_another_python_version_is_one_line(head, tiny_checkpoint, sample_docs, tmp_path):
     import ray
 
