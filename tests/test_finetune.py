@@ -264,16 +264,31 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_to_the_same_adapter(sampl
     assert other.returncode == 2 and "checkpoint of another fine-tuning" in other.stderr
 
 
-@pytest.mark.ray
-def test_two_ray_train_workers_on_the_cpu(sample_docs, tmp_path):
-    rows = [{"source_uri": str(sample_docs / "receipt.png"), "page_number": 1, "text": "one"},
-            {"source_uri": str(sample_docs / "scan.jpg"), "page_number": 1, "text": "two"}]
-    train = _jsonl(tmp_path / "train.jsonl", rows)
-    adapter = tmp_path / "adapter"
-    job = _job(tmp_path / "finetune.yaml", model={**MODEL, "cpu_threads": None}, render=RENDER, epochs=2,
-               learning_rate=1e-2)
-    proc = run_cli("finetune", "--config", job, "--train", train, "--output", adapter, "--num-workers", "2")
+TWO_ROWS = [{"page_number": 1, "text": "one", "name": "receipt.png"}, {"page_number": 1, "text": "two words",
+                                                                     "name": "scan.jpg"}]
+# no dropout: the workers' random streams differ from one process's (the gradient-averaging test compares them)
+TWO_OPTIONS = dict(model={**MODEL, "cpu_threads": None}, render=RENDER, epochs=2, learning_rate=1e-2,
+                   lora={"dropout": 0.0})
+
+
+@pytest.fixture(scope="module")
+def two_worker_adapter(sample_docs, tmp_path_factory):
+    """One Ray Train run with two workers over two examples, shared by the tests below (a Ray Train start is the
+    costly part): (its folder, the training file)."""
+    tmp = tmp_path_factory.mktemp("two-workers")
+    rows = [{"source_uri": str(sample_docs / r["name"]), "page_number": r["page_number"], "text": r["text"]}
+            for r in TWO_ROWS]
+    train = _jsonl(tmp / "train.jsonl", rows)
+    adapter = tmp / "two"
+    proc = run_cli("finetune", "--config", _job(tmp / "two.yaml", **TWO_OPTIONS), "--train", train, "--output",
+                   adapter, "--num-workers", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return adapter, train
+
+
+@pytest.mark.ray
+def test_two_ray_train_workers_on_the_cpu(two_worker_adapter):
+    adapter, _ = two_worker_adapter
     record = json.loads((adapter / "docpipe_finetune.json").read_text())
     assert record["workers"] == 2 and record["steps"] == 2  # 2 examples a step, one on each worker
 
@@ -285,21 +300,17 @@ def test_two_ray_train_workers_on_the_cpu(sample_docs, tmp_path):
 
 
 @pytest.mark.ray
-def test_two_ray_train_workers_average_their_gradients_to_the_one_worker_adapter(sample_docs, tmp_path):
+def test_two_ray_train_workers_average_their_gradients_to_the_one_worker_adapter(two_worker_adapter, sample_docs,
+                                                                                tmp_path):
     """Two workers, one example each a step, DDP averaging their gradients: the adapter equals one worker's that
     takes both examples a step (gradient accumulation over 2, each loss halved: the same mean gradient). Workers
     that trained apart (no all-reduce) would each have followed one example, and rank 0 would save its own."""
     import torch
 
-    rows = [{"source_uri": str(sample_docs / "receipt.png"), "page_number": 1, "text": "one"},
-            {"source_uri": str(sample_docs / "scan.jpg"), "page_number": 1, "text": "two words"}]
-    train = _jsonl(tmp_path / "train.jsonl", rows)
-    options = dict(model={**MODEL, "cpu_threads": None}, render=RENDER, epochs=2, learning_rate=1e-2,
-                   lora={"dropout": 0.0})  # no dropout: the workers' random streams differ from one process's
-    two, one = tmp_path / "two", tmp_path / "one"
-    proc = run_cli("finetune", "--config", _job(tmp_path / "two.yaml", **options), "--train", train, "--output", two,
-                   "--num-workers", "2")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    two, train = two_worker_adapter
+    options = TWO_OPTIONS
+    rows = [json.loads(line) for line in train.read_text().splitlines()]
+    one = tmp_path / "one"
     proc = run_cli("finetune", "--config", _job(tmp_path / "one.yaml", **options, gradient_accumulation_steps=2),
                    "--train", train, "--output", one)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -161,10 +161,13 @@ def test_killed_midway_then_resumed_ends_with_every_document_ok_once(sample_docs
     args = [sys.executable, "-m", "pipeline.cli", "run", str(folder), "--output", str(out), "--model", "tiny-random",
             "--max-new-tokens", "2", "--checkpoint-seconds", "0.001", "--num-actors", "1", "--no-progress",
             # no render time limit cuts the held page off while the test waits
-            "--page-timeout", "3600", "--document-timeout", "3600", "--text-layer", "never"]
+            "--page-timeout", "3600", "--document-timeout", "3600", "--text-layer", "never",
+            # the local executor: what a kill leaves (sealed files, open tmp files) and what a rerun makes of it are
+            # the sink's and resume's, the same under Ray (a run killed on Ray: test_node_loss)
+            "--config", str(local_job)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     # One page of a document in the middle is held until a file that never comes: the run cannot finish before
-    # it is killed, and the documents after it go on, so sealed files hold finished documents by then.
+    # it is killed, and the documents before it are sealed by then.
     hold = tmp_path / "hold"
     victim = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               env={**env, "DOCPIPE_FAULT_RENDER": f"2-minutes.pdf@1=until:{hold}"},
@@ -175,16 +178,16 @@ def test_killed_midway_then_resumed_ends_with_every_document_ok_once(sample_docs
         assert wait_for(lambda: hold.with_name("hold.waiting").exists() and sealed_ok(out), victim, 300), \
             "the held page never started, or no document was sealed"
     finally:
-        os.killpg(victim.pid, signal.SIGKILL)  # the driver and the local Ray processes it started
+        os.killpg(victim.pid, signal.SIGKILL)  # the driver and the render process it started
         victim.wait()
     assert not list((out / "_runs").glob("*.json")), "the run finished before it could be killed"
     done_before = sealed_ok(out)
     assert 0 < len(done_before) < len(inputs)
     left_behind = list(out.rglob("_tmp-*"))  # files the killed run had open, if any
 
-    # the rerun on the local executor: what it must find (sealed files, tmp files left behind) is the killed Ray
-    # run's, and resuming is decided before either executor starts
-    proc = run_cli(*args[3:], "--config", local_job, env=env)
+    # the rerun: what it must find (sealed files, tmp files left behind) is the killed run's, and resuming is
+    # decided before either executor starts
+    proc = run_cli(*args[3:], env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     docs = pq.read_table(out / "documents").to_pylist()
     ok = Counter(d["source_uri"] for d in docs if d["status"] == "ok")

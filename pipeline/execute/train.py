@@ -12,6 +12,7 @@ from typing import Any
 from pipeline.config import FinetuneConfig
 from pipeline.execute.cluster import init_ray
 from pipeline.execute.resources import train_resources
+from pipeline.model.load import resolve_checkpoint
 from pipeline.storage import register_secrets
 
 
@@ -27,6 +28,9 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     if config.num_workers == 1:
         return train(config, prepared)
 
+    # A locally built checkpoint (tiny-random) is built here, before the workers start: a worker that is not
+    # rank 0 of torch.distributed would write it without weights (transformers saves on rank 0 only).
+    resolve_checkpoint(config.model.name)
     init_ray()
     import ray
     from ray.train import RunConfig as TrainRunConfig

@@ -58,17 +58,21 @@ def ensure_tiny_checkpoint(path: Path | None = None) -> Path:
     if (path / "config.json").exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Build beside the target and rename: a reader never sees a half-written checkpoint.
-    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=path.parent))
-    try:
-        build_tiny_checkpoint(tmp)
+    import fcntl
+
+    # One builder at a time (Ray Train's workers, test workers and the driver may all ask at once): the others
+    # wait on the lock, then find the checkpoint. Built beside the target and renamed, so a reader that does not
+    # take the lock never sees a half-written checkpoint.
+    with open(path.parent / f".{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (path / "config.json").exists():
+            return path
+        tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=path.parent))
         try:
+            build_tiny_checkpoint(tmp)
             os.rename(tmp, path)
-        except OSError:
-            if not (path / "config.json").exists():  # lost a race only if the winner finished
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 
@@ -168,6 +172,8 @@ def build_tiny_checkpoint(dest: Path, seed: int = 0) -> None:
     set_generation_tokens(model, tokenizer)
     model.save_pretrained(dest)
     processor.save_pretrained(dest)
+    if not (dest / "config.json").exists():  # rank != 0 of torch.distributed: transformers saved no model
+        raise RuntimeError("the tiny checkpoint must be built outside a torch.distributed worker of rank > 0")
     (dest / "docpipe_tiny.json").write_text(json.dumps({"tiny_version": TINY_VERSION, "seed": seed}))
 
 
