@@ -31,9 +31,9 @@ def pytest_configure(config):
 # The longest files first (CI's profile, --durations): `--dist loadfile` hands each file whole to the next free
 # worker in collection order (with xdist's reordering off, above), so a long file collected last would run alone at
 # the end while the other worker idles.
-LONGEST_FIRST = ["test_nothing_lost.py", "test_node_loss.py", "test_bench.py", "test_engines.py",
-                 "test_submit.py", "test_s3.py", "test_extract.py", "test_run.py", "test_finetune.py",
-                 "test_fidelity.py", "test_lease.py"]
+LONGEST_FIRST = ["test_engines.py", "test_nothing_lost.py", "test_node_loss.py", "test_submit.py",
+                 "test_fidelity.py", "test_bench.py", "test_extract.py", "test_finetune.py", "test_s3.py",
+                 "test_run.py", "test_lease.py", "test_report.py"]
 
 
 def pytest_collection_modifyitems(items):
@@ -86,19 +86,213 @@ def sample_docs(tmp_path_factory):
     return folder
 
 
-def run_cli(*args, env=None, unset=(), timeout=600):
-    """The docpipe CLI in a subprocess; ``unset`` names variables of this process it must not inherit."""
+def _cli_env(env, unset):
+    full = {k: v for k, v in os.environ.items() if k not in unset}
+    return {**full, "PYTHONPATH": str(REPO), **(env or {})}
+
+
+def start_cli(*args, env=None, unset=(), fresh=False, stdout=-1, stderr=-1, new_session=False):
+    """The docpipe CLI started in a process of its own, as ``subprocess.Popen(..., text=True)`` would start it
+    (``stdout``/``stderr``: subprocess.PIPE, the default, DEVNULL or None; ``new_session``: start_new_session); the
+    object returned has Popen's ways (pid, poll, wait, kill, send_signal, communicate, and the pipes).
+
+    The process is forked from the CLI server (tests/cli_server.py), which has done the imports once. A command
+    needs a fresh interpreter where its subject is the process itself (``fresh``: its command line as Ray records
+    it) or its imports (another PYTHONPATH: modules blocked, another transformers); every command gets one when
+    DOCPIPE_TEST_FRESH_CLI=1. ``unset`` names variables of this process the command must not inherit."""
     import subprocess
 
-    full = {k: v for k, v in os.environ.items() if k not in unset}
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=REPO,
-        env={**full, "PYTHONPATH": str(REPO), **(env or {})},
-    )
+    env = _cli_env(env, unset)
+    argv = [str(a) for a in args]
+    if fresh or env["PYTHONPATH"] != str(REPO) or os.environ.get("DOCPIPE_TEST_FRESH_CLI"):
+        return subprocess.Popen([sys.executable, "-m", "pipeline.cli", *argv], cwd=REPO, env=env, text=True,
+                                stdout=stdout, stderr=stderr, start_new_session=new_session)
+    return _cli_server().start(argv, env, stdout, stderr, new_session)
+
+
+def run_cli(*args, env=None, unset=(), timeout=600, fresh=False):
+    """The docpipe CLI run to its end, as ``subprocess.run(..., capture_output=True, text=True)`` would (see
+    start_cli)."""
+    import subprocess
+
+    proc = start_cli(*args, env=env, unset=unset, fresh=fresh)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+class _ServedCli:
+    """A command the CLI server forked, seen as a subprocess.Popen: its replies come through _CliServer."""
+
+    def __init__(self, args, stdout, stderr):
+        import threading
+
+        self.args, self.stdout, self.stderr = args, stdout, stderr
+        self.returncode = None
+        self._pid = None
+        self.started, self.ended = threading.Event(), threading.Event()
+
+    @property
+    def pid(self) -> int:
+        if not self.started.wait(300) or self._pid is None:
+            raise RuntimeError(f"the CLI server never started {self.args}")
+        return self._pid
+
+    def poll(self):
+        return self.returncode
+
+    def wait(self, timeout=None):
+        import subprocess
+
+        if not self.ended.wait(timeout):
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        if self.returncode is None:
+            raise RuntimeError(f"the CLI server died running {self.args}")
+        return self.returncode
+
+    def send_signal(self, sig):
+        if self.returncode is None:
+            os.kill(self.pid, sig)
+
+    def kill(self):
+        import signal
+
+        self.send_signal(signal.SIGKILL)
+
+    def terminate(self):
+        import signal
+
+        self.send_signal(signal.SIGTERM)
+
+    def communicate(self, timeout=None):
+        """Both pipes read to their end, as Popen.communicate reads them, then the exit status."""
+        import subprocess
+        import threading
+        import time
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        read = {}
+        readers = [threading.Thread(target=lambda n=name, f=pipe: read.__setitem__(n, f.read()), daemon=True)
+                   for name, pipe in (("stdout", self.stdout), ("stderr", self.stderr)) if pipe is not None]
+        for reader in readers:
+            reader.start()
+        for reader in readers:
+            reader.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            if reader.is_alive():
+                raise subprocess.TimeoutExpired(self.args, timeout)
+        for pipe in (self.stdout, self.stderr):
+            if pipe is not None:
+                pipe.close()
+        self.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return read.get("stdout"), read.get("stderr")
+
+
+class _CliServer:
+    """The client of tests/cli_server.py: one server per test worker, any number of commands at a time (from
+    threads). Requests go on a Unix socket with the command's stdin, stdout and stderr; replies come on the
+    server's stdout."""
+
+    def __init__(self):
+        import socket
+        import subprocess
+        import threading
+
+        self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.cli_server", str(theirs.fileno())], cwd=REPO,
+                                     pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     env={**os.environ, "PYTHONPATH": str(REPO)})
+        theirs.close()
+        self.lock = threading.Lock()
+        self.ready = threading.Event()
+        self.commands: dict[int, _ServedCli] = {}
+        self.next_id = 0
+        threading.Thread(target=self._read, name="cli-server-replies", daemon=True).start()
+
+    def _read(self):
+        import json
+
+        for line in self.proc.stdout:
+            message = json.loads(line)
+            if message.get("ready"):
+                self.ready.set()
+                continue
+            with self.lock:
+                command = self.commands[message["id"]]
+            if "pid" in message:
+                command._pid = message["pid"]
+                command.started.set()
+            else:
+                with self.lock:
+                    del self.commands[message["id"]]
+                command.returncode = message["rc"]
+                command.ended.set()
+        self.ready.set()  # the server is gone: whoever waits finds out
+        with self.lock:
+            for command in self.commands.values():
+                command.started.set()
+                command.ended.set()
+
+    def start(self, argv, env, stdout, stderr, new_session) -> _ServedCli:
+        import json
+        import socket
+        import subprocess
+
+        if not self.ready.wait(300) or self.proc.poll() is not None:
+            raise RuntimeError(f"the CLI server did not start (exit code {self.proc.poll()})")
+        theirs, ours = [os.open(os.devnull, os.O_RDONLY)], {}
+        for name, how in (("stdout", stdout), ("stderr", stderr)):
+            if how == subprocess.PIPE:
+                r, w = os.pipe()
+                ours[name] = open(r, encoding="utf-8")  # universal newlines, as Popen's text mode reads
+                theirs.append(w)
+            elif how == subprocess.DEVNULL:
+                theirs.append(os.open(os.devnull, os.O_WRONLY))
+            elif how is None:  # inherited
+                theirs.append(os.dup(1 if name == "stdout" else 2))
+            else:
+                raise ValueError(f"{name}={how!r}: PIPE, DEVNULL or None")
+        command = _ServedCli([sys.executable, "-m", "pipeline.cli", *argv], ours.get("stdout"), ours.get("stderr"))
+        try:
+            with self.lock:
+                self.next_id += 1
+                self.commands[self.next_id] = command
+                request = {"id": self.next_id, "argv": argv, "env": env, "cwd": str(REPO),
+                           "new_session": new_session}
+                socket.send_fds(self.sock, [json.dumps(request).encode()], theirs)
+        finally:
+            for fd in theirs:  # the child holds them now (in flight, the socket does)
+                os.close(fd)
+        return command
+
+    def close(self):
+        self.sock.close()  # the server finishes what runs, then exits
+        try:
+            self.proc.wait(60)
+        except Exception:
+            self.proc.kill()
+
+
+_SERVER = []
+
+
+def _cli_server() -> _CliServer:
+    if not _SERVER:
+        _SERVER.append(_CliServer())
+    return _SERVER[0]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cli_server(docpipe_cache):
+    """Started with the session, so its imports overlap the first tests; closed at its end."""
+    if not os.environ.get("DOCPIPE_TEST_FRESH_CLI"):
+        _cli_server()
+    yield
+    if _SERVER:
+        _SERVER.pop().close()
 
 
 S3_SECRET = "s3cr3t-Do-Not-Print-7f3a9"  # a distinctive secret: tests check it never leaks

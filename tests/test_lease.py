@@ -16,7 +16,7 @@ import pymupdf
 import pytest
 
 from pipeline.output.lease import LEASE_NAME, Lease, LeaseBusy, LeaseLost, LocalStore, S3Store, machine_key, parse, s3_client
-from tests.conftest import REPO, run_cli
+from tests.conftest import run_cli, start_cli
 
 TIMEOUT = 600  # a safety net only: every wait below ends on an event
 
@@ -38,12 +38,6 @@ def wait_for(predicate, what: str):
     while not predicate():
         assert time.monotonic() < deadline, f"never happened: {what}"
         time.sleep(0.05)
-
-
-def start_cli(*args, env=None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", *map(str, args)], cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
 
 
 def job_file(tmp_path: Path) -> Path:

@@ -2,14 +2,12 @@
 so that `--dist loadfile` can give it to one test worker while the other takes the rest."""
 
 import os
-import subprocess
-import sys
 from collections import Counter
 
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import start_cli
 from tests.test_nothing_lost import check_accounting, wait_for
 
 pytestmark = pytest.mark.ray
@@ -44,14 +42,11 @@ def test_a_worker_node_killed_mid_run_loses_nothing(sample_docs, tmp_path, gpus_
     try:
         workers = [cluster.add_node(num_cpus=1, num_gpus=gpus_per_worker, **node_args) for _ in range(2)]
         cluster.wait_for_nodes()
-        args = [sys.executable, "-m", "pipeline.cli", "run", str(folder), "--output", str(out), "--model",
-                "tiny-random", "--max-new-tokens", "2", "--checkpoint-seconds", "0.5", "--no-progress",
-                "--text-layer", "never"]  # every page through the model actors
+        args = ["run", folder, "--output", out, "--model", "tiny-random", "--max-new-tokens", "2",
+                "--checkpoint-seconds", "0.5", "--no-progress", "--text-layer", "never"]  # every page to the model
         if not gpus_per_worker:
             args += ["--num-actors", "2"]
-        proc = subprocess.Popen(args, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO),
-                                                     "RAY_ADDRESS": cluster.address},
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = start_cli(*args, env={"RAY_ADDRESS": cluster.address})
 
         def holders():  # worker nodes whose model actor holds a call
             held = {p.name.split(".")[0] for p in hold.iterdir()}

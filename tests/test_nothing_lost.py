@@ -14,7 +14,7 @@ import pymupdf
 import pytest
 
 from tests.bad_inputs import PAGES, write_corpus
-from tests.conftest import REPO, run_cli
+from tests.conftest import run_cli, start_cli
 
 
 def check_accounting(out, inputs: list[str]):
@@ -158,20 +158,18 @@ def test_killed_midway_then_resumed_ends_with_every_document_ok_once(sample_docs
             (folder / f"{i}-{name}").write_bytes(data)
     inputs = sorted(str(p) for p in folder.iterdir())
     out = tmp_path / "out"
-    args = [sys.executable, "-m", "pipeline.cli", "run", str(folder), "--output", str(out), "--model", "tiny-random",
+    args = ["run", folder, "--output", out, "--model", "tiny-random",
             "--max-new-tokens", "2", "--checkpoint-seconds", "0.001", "--num-actors", "1", "--no-progress",
             # no render time limit cuts the held page off while the test waits
             "--page-timeout", "3600", "--document-timeout", "3600", "--text-layer", "never",
             # the local executor: what a kill leaves (sealed files, open tmp files) and what a rerun makes of it are
             # the sink's and resume's, the same under Ray (a run killed on Ray: test_node_loss)
-            "--config", str(local_job)]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+            "--config", local_job]
     # One page of a document in the middle is held until a file that never comes: the run cannot finish before
     # it is killed, and the documents before it are sealed by then.
     hold = tmp_path / "hold"
-    victim = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              env={**env, "DOCPIPE_FAULT_RENDER": f"2-minutes.pdf@1=until:{hold}"},
-                              start_new_session=True)
+    victim = start_cli(*args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       env={"DOCPIPE_FAULT_RENDER": f"2-minutes.pdf@1=until:{hold}"}, new_session=True)
     try:
         # events, both files the run writes: the held page is waiting, and a sealed file has a finished document
         # (the deadline is only a safety net against a broken run)
@@ -187,7 +185,7 @@ def test_killed_midway_then_resumed_ends_with_every_document_ok_once(sample_docs
 
     # the rerun: what it must find (sealed files, tmp files left behind) is the killed run's, and resuming is
     # decided before either executor starts
-    proc = run_cli(*args[3:], env=env)
+    proc = run_cli(*args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     docs = pq.read_table(out / "documents").to_pylist()
     ok = Counter(d["source_uri"] for d in docs if d["status"] == "ok")

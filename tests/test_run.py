@@ -215,14 +215,11 @@ def test_local_executor_flat_output_and_no_resume(sample_docs, tmp_path):
 
 def test_progress_lines_come_on_time_while_a_page_is_slow(tmp_path):
     """A run held on one page (no batch arrives) still prints a progress line every --progress-interval."""
-    import os
     import queue
-    import subprocess
-    import sys
     import threading
     import time
 
-    from tests.conftest import REPO
+    from tests.conftest import start_cli
 
     (tmp_path / "in").mkdir()
     for name in ("a", "b"):
@@ -232,11 +229,9 @@ def test_progress_lines_come_on_time_while_a_page_is_slow(tmp_path):
     job = tmp_path / "job.yaml"
     job.write_text("executor: local\nprogress: false\n")
     release = tmp_path / "release"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "run", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
-         "--config", str(job), "--model", "tiny-random", "--max-new-tokens", "2", "--progress-interval", "0.1",
-         "--page-timeout", "3600"], cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": str(REPO), "DOCPIPE_FAULT_RENDER": f"b.pdf@1=until:{release}"})
+    proc = start_cli("run", tmp_path / "in", "--output", tmp_path / "out", "--config", job, "--model", "tiny-random",
+                     "--max-new-tokens", "2", "--progress-interval", "0.1", "--page-timeout", "3600",
+                     env={"DOCPIPE_FAULT_RENDER": f"b.pdf@1=until:{release}"})
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(ln) for ln in proc.stderr], daemon=True).start()
     try:

@@ -196,7 +196,8 @@ def test_run_joins_a_token_cluster_with_only_the_address_and_token(head, sample_
     for name in ("receipt.png", "corrupt.pdf"):
         (docs / name).write_bytes((sample_docs / name).read_bytes())
     proc = run_cli("run", docs, "--output", out, "--model", "tiny-random", "--max-new-tokens", "2", "--no-progress",
-                   env={"RAY_ADDRESS": head["gcs"], "RAY_AUTH_TOKEN": TOKEN}, unset=new_user())
+                   env={"RAY_ADDRESS": head["gcs"], "RAY_AUTH_TOKEN": TOKEN}, unset=new_user(),
+                   fresh=True)  # a fresh interpreter: the cluster lists this driver by its command line (below)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "documents  2 (error 1, ok 1)" in proc.stdout
     [manifest] = [json.loads(p.read_text()) for p in (out / "_runs").glob("*.json")]
