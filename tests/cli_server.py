@@ -6,8 +6,9 @@ an idle 2-core machine, and more under a loaded one, some 80 times a suite. Here
 of its own, with its own environment, working directory, stdout and stderr, exit code and ``atexit`` handlers; only
 the imports are done once. The server is started from a fresh interpreter (not forked from pytest's threaded worker),
 imports no Ray (Ray reads some of its settings from the environment when imported), starts no Python thread and
-runs no torch operation (OpenMP's threads start with the first one and would not survive the fork). A command whose subject is the interpreter's start (other
-import paths, another Python) runs in a real subprocess: ``run_cli`` decides.
+runs no torch operation (OpenMP's threads start with the first one and would not survive the fork). A command
+whose subject is the process itself (other import paths, its command line) runs in a fresh interpreter:
+``tests.conftest.start_cli`` decides.
 
 Protocol: requests come on a Unix socket (SOCK_SEQPACKET, a message each), ``{"id", "argv", "env", "cwd",
 "new_session"}`` with the command's stdin, stdout and stderr as descriptors (SCM_RIGHTS: the test's own pipes, so

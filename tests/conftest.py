@@ -1,4 +1,5 @@
 import os
+import subprocess
 import sys
 
 # Before anything imports transformers or starts Ray (whose workers inherit the environment).
@@ -86,12 +87,8 @@ def sample_docs(tmp_path_factory):
     return folder
 
 
-def _cli_env(env, unset):
-    full = {k: v for k, v in os.environ.items() if k not in unset}
-    return {**full, "PYTHONPATH": str(REPO), **(env or {})}
-
-
-def start_cli(*args, env=None, unset=(), fresh=False, stdout=-1, stderr=-1, new_session=False):
+def start_cli(*args, env=None, unset=(), fresh=False, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+              new_session=False):
     """The docpipe CLI started in a process of its own, as ``subprocess.Popen(..., text=True)`` would start it
     (``stdout``/``stderr``: subprocess.PIPE, the default, DEVNULL or None; ``new_session``: start_new_session); the
     object returned has Popen's ways (pid, poll, wait, kill, send_signal, communicate, and the pipes).
@@ -100,9 +97,7 @@ def start_cli(*args, env=None, unset=(), fresh=False, stdout=-1, stderr=-1, new_
     needs a fresh interpreter where its subject is the process itself (``fresh``: its command line as Ray records
     it) or its imports (another PYTHONPATH: modules blocked, another transformers); every command gets one when
     DOCPIPE_TEST_FRESH_CLI=1. ``unset`` names variables of this process the command must not inherit."""
-    import subprocess
-
-    env = _cli_env(env, unset)
+    env = {**{k: v for k, v in os.environ.items() if k not in unset}, "PYTHONPATH": str(REPO), **(env or {})}
     argv = [str(a) for a in args]
     if fresh or env["PYTHONPATH"] != str(REPO) or os.environ.get("DOCPIPE_TEST_FRESH_CLI"):
         return subprocess.Popen([sys.executable, "-m", "pipeline.cli", *argv], cwd=REPO, env=env, text=True,
@@ -113,8 +108,6 @@ def start_cli(*args, env=None, unset=(), fresh=False, stdout=-1, stderr=-1, new_
 def run_cli(*args, env=None, unset=(), timeout=600, fresh=False):
     """The docpipe CLI run to its end, as ``subprocess.run(..., capture_output=True, text=True)`` would (see
     start_cli)."""
-    import subprocess
-
     proc = start_cli(*args, env=env, unset=unset, fresh=fresh)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
@@ -146,8 +139,6 @@ class _ServedCli:
         return self.returncode
 
     def wait(self, timeout=None):
-        import subprocess
-
         if not self.ended.wait(timeout):
             raise subprocess.TimeoutExpired(self.args, timeout)
         if self.returncode is None:
@@ -170,7 +161,6 @@ class _ServedCli:
 
     def communicate(self, timeout=None):
         """Both pipes read to their end, as Popen.communicate reads them, then the exit status."""
-        import subprocess
         import threading
         import time
 
@@ -198,7 +188,6 @@ class _CliServer:
 
     def __init__(self):
         import socket
-        import subprocess
         import threading
 
         self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -239,7 +228,6 @@ class _CliServer:
     def start(self, argv, env, stdout, stderr, new_session) -> _ServedCli:
         import json
         import socket
-        import subprocess
 
         if not self.ready.wait(300) or self.proc.poll() is not None:
             raise RuntimeError(f"the CLI server did not start (exit code {self.proc.poll()})")
@@ -287,9 +275,8 @@ def _cli_server() -> _CliServer:
 
 @pytest.fixture(scope="session", autouse=True)
 def cli_server(docpipe_cache):
-    """Started with the session, so its imports overlap the first tests; closed at its end."""
-    if not os.environ.get("DOCPIPE_TEST_FRESH_CLI"):
-        _cli_server()
+    """The CLI server, started by the first command that needs it (a session without one starts none), closed at
+    the session's end."""
     yield
     if _SERVER:
         _SERVER.pop().close()
@@ -311,7 +298,6 @@ def _start_moto(extra_env=None):
     when it binds (-p 0): its address is the line the server writes once it listens (no port picked beforehand that
     another test worker could take meanwhile)."""
     import re
-    import subprocess
     import tempfile
     import time
     import urllib.request

@@ -300,18 +300,16 @@ def test_two_ray_train_workers_on_the_cpu(two_worker_adapter):
 
 
 @pytest.mark.ray
-def test_two_ray_train_workers_average_their_gradients_to_the_one_worker_adapter(two_worker_adapter, sample_docs,
-                                                                                tmp_path):
+def test_two_ray_train_workers_average_their_gradients_to_the_one_worker_adapter(two_worker_adapter, tmp_path):
     """Two workers, one example each a step, DDP averaging their gradients: the adapter equals one worker's that
     takes both examples a step (gradient accumulation over 2, each loss halved: the same mean gradient). Workers
     that trained apart (no all-reduce) would each have followed one example, and rank 0 would save its own."""
     import torch
 
     two, train = two_worker_adapter
-    options = TWO_OPTIONS
     rows = [json.loads(line) for line in train.read_text().splitlines()]
     one = tmp_path / "one"
-    proc = run_cli("finetune", "--config", _job(tmp_path / "one.yaml", **options, gradient_accumulation_steps=2),
+    proc = run_cli("finetune", "--config", _job(tmp_path / "one.yaml", **TWO_OPTIONS, gradient_accumulation_steps=2),
                    "--train", train, "--output", one)
     assert proc.returncode == 0, proc.stderr[-3000:]
     by_two, by_one = (json.loads((d / "docpipe_finetune.json").read_text()) for d in (two, one))
@@ -325,7 +323,7 @@ def test_two_ray_train_workers_average_their_gradients_to_the_one_worker_adapter
     # and not an equality any adapter meets: one trained on the first example alone differs
     alone = tmp_path / "alone"
     only_first = _jsonl(tmp_path / "first.jsonl", rows[:1])
-    proc = run_cli("finetune", "--config", _job(tmp_path / "alone.yaml", **options), "--train", only_first,
+    proc = run_cli("finetune", "--config", _job(tmp_path / "alone.yaml", **TWO_OPTIONS), "--train", only_first,
                    "--output", alone)
     assert proc.returncode == 0, proc.stderr[-3000:]
     c = _adapter_weights(alone)
