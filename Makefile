@@ -51,10 +51,10 @@ test: setup floor
 		--durations=20 $(TEST_ARGS)
 
 docs: setup
-	$(PY) -m pipeline.tools.reference
+	$(PY) -m docpipe.tools.reference
 
 gpu-wheels: setup
-	$(PY) -m jobs.gpu_wheels fetch
+	$(PY) -m docpipe.jobs.gpu_wheels fetch
 
 # Resolved without the old pins (that is the point), in a fresh virtualenv, so the file lists exactly what
 # pyproject.toml pulls in today. Written to a temporary file first: a failed resolution leaves the pins as they were.

@@ -3,10 +3,10 @@
 That machine has Python 3.12, torch 2.11, transformers 5.17 and pyarrow, and no Ray, PyMuPDF or flash-attn; it
 reaches no package registry, and files travel to it in one folder of at most 64 MiB per call.
 
-- ``python -m jobs.gpu_wheels fetch`` (here, ``make gpu-wheels``): docpipe's own wheel and the binary wheels the
+- ``python -m docpipe.jobs.gpu_wheels fetch`` (here, ``make gpu-wheels``): docpipe's own wheel and the binary wheels the
   check needs there into ``.whl/`` (git-ignored), for Python 3.12 on manylinux x86_64; fails over 64 MiB. A
   transformers newer than the machine's is carried when pyproject.toml's floor is above it (or ``--transformers``).
-- ``python3 -m jobs.gpu_wheels install`` (there): installs into ``.gpu-site/`` (put it on PYTHONPATH) docpipe, the
+- ``python3 -m docpipe.jobs.gpu_wheels install`` (there): installs into ``.gpu-site/`` (put it on PYTHONPATH) docpipe, the
   carried transformers, and every other carried wheel the machine lacks or has too old for what is installed, so
   nothing it already has (torch, its torchvision) is replaced without need.
 """
@@ -169,7 +169,7 @@ def install() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.gpu_wheels", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m docpipe.jobs.gpu_wheels", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="action", required=True)
     f = sub.add_parser("fetch", help="here: fill .whl/ for the GPU machine")
     f.add_argument("--transformers", metavar="VERSION",

@@ -7,8 +7,8 @@ import os
 import sys
 import traceback
 
-from pipeline.config import DEFAULT_MODEL, FinetuneConfig, RunConfig
-from pipeline.errors import FatalError
+from docpipe.config import DEFAULT_MODEL, FinetuneConfig, RunConfig
+from docpipe.errors import FatalError
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -194,7 +194,7 @@ def load_config_file(path: str) -> dict:
 
     import yaml
 
-    from pipeline.errors import ConfigError
+    from docpipe.errors import ConfigError
 
     try:
         with open(path) as f:
@@ -215,7 +215,7 @@ def _deep_merge(base: dict, override: dict) -> dict:
 
 
 def key_values(items: list[str], flag: str) -> dict[str, str]:
-    from pipeline.errors import ConfigError
+    from docpipe.errors import ConfigError
 
     pairs = {}
     for item in items:
@@ -279,7 +279,7 @@ def config_from_args(args: argparse.Namespace, inputs: list[str], output: str | 
         base = _deep_merge(base, json.loads(args.config_json))
     merged = _deep_merge(base, flags)
     if "output" not in merged:
-        from pipeline.errors import ConfigError
+        from docpipe.errors import ConfigError
 
         raise ConfigError("no output: give --output, or 'output' in the --config file")
     return RunConfig.model_validate(merged)
@@ -287,7 +287,7 @@ def config_from_args(args: argparse.Namespace, inputs: list[str], output: str | 
 
 def finetune_config_from_args(args: argparse.Namespace) -> FinetuneConfig:
     """The fine-tuning configuration: the --config file (if any), with the flags given on top."""
-    from pipeline.errors import ConfigError
+    from docpipe.errors import ConfigError
 
     model = {"name": args.model, "quantization": "4bit" if args.qlora else None,
              "do_image_splitting": False if args.no_image_splitting else None}
@@ -356,19 +356,19 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "run":
-            from pipeline.execute.run import run
+            from docpipe.execute.run import run
 
             result = run(config_from_args(args, args.inputs, args.output))
             print_summary(result)
         elif args.command == "submit":
-            from pipeline.execute.submit import source_tree, submit
+            from docpipe.execute.submit import source_tree, submit
 
             working_dir = None if args.no_working_dir else (args.working_dir or source_tree())
             return submit(config_from_args(args, args.inputs, args.output), args.address, working_dir=working_dir,
                           env=key_values(args.env, "--env"), wait=args.wait, submission_id=args.submission_id)
         elif args.command == "demo":
-            from pipeline.execute.run import run
-            from pipeline.tools import demo
+            from docpipe.execute.run import run
+            from docpipe.tools import demo
 
             inputs, output = demo.prepare(args)
             result = run(config_from_args(args, inputs, output))
@@ -378,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "eval":
             import json
 
-            from pipeline.tools.evaluate import evaluate, print_report
+            from docpipe.tools.evaluate import evaluate, print_report
 
             summary = evaluate(args.output, labels=args.labels, against=args.against, scores=args.scores)
             print_report(summary)
@@ -386,8 +386,8 @@ def main(argv: list[str] | None = None) -> int:
                 with open(args.json, "w") as f:
                     json.dump(summary, f, indent=2)
         elif args.command == "report":
-            from pipeline.config import StorageOptions
-            from pipeline.tools.report import ReportOptions, write_report
+            from docpipe.config import StorageOptions
+            from docpipe.tools.report import ReportOptions, write_report
 
             storage = StorageOptions(**{k: v for k, v in (("endpoint_url", args.endpoint_url), ("region", args.region),
                                                             ("anonymous", args.anonymous or None)) if v is not None})
@@ -408,12 +408,12 @@ def main(argv: list[str] | None = None) -> int:
 
             print(json.dumps(config_schema(args.finetune), indent=2))
         elif args.command == "finetune":
-            from pipeline.execute.train import finetune
+            from docpipe.execute.train import finetune
 
             config = finetune_config_from_args(args)
             print_finetune_summary(finetune(config), config.output)
         elif args.command == "bench":
-            from pipeline.tools.bench import main as bench_main
+            from docpipe.tools.bench import main as bench_main
 
             bench_main(args)
         sys.stdout.flush()  # here, not at exit: a reader gone by now (`| head`) is handled below

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from schemas import ErrorType
+    from docpipe.schemas import ErrorType
 
 
 class FatalError(Exception):
@@ -64,16 +64,16 @@ def error_fields(error_type: ErrorType, message: str | None, status: str = "erro
 
 
 def _checked(error_type: ErrorType) -> ErrorType:
-    from schemas import ErrorType  # lazily: the contract pulls in pyarrow, which `docpipe --help` does without
+    from docpipe.schemas import ErrorType  # lazily: the contract pulls in pyarrow, which `docpipe --help` does without
 
     if not isinstance(error_type, ErrorType):  # a bare string would slip a typo past the contract until write time
-        raise TypeError(f"error_type must be a schemas.ErrorType, not {error_type!r}")
+        raise TypeError(f"error_type must be a docpipe.schemas.ErrorType, not {error_type!r}")
     return error_type
 
 
 def describe(exc: BaseException, limit: int = 500) -> str:
     """One line naming the exception, short enough for a Parquet cell, with any known secret blanked out."""
-    from pipeline.storage import redact
+    from docpipe.storage import redact
 
     text = redact(f"{type(exc).__name__}: {exc}".replace("\n", " ").strip())
     return text if len(text) <= limit else text[: limit - 1] + "…"

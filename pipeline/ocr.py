@@ -10,19 +10,19 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from pipeline.config import ModelOptions
-from pipeline.errors import describe, error_fields
-from pipeline.model.load import LoadedModel, chat_prompt, load_model, stop_and_pad_ids
-from pipeline.records import PAGE
-from pipeline.render.pixels import RAW_CODEC, decode_raw
-from schemas import ErrorType
+from docpipe.config import ModelOptions
+from docpipe.errors import describe, error_fields
+from docpipe.model.load import LoadedModel, chat_prompt, load_model, stop_and_pad_ids
+from docpipe.records import PAGE
+from docpipe.render.pixels import RAW_CODEC, decode_raw
+from docpipe.schemas import ErrorType
 
 
 class OcrStage:
     def __init__(self, opts: ModelOptions, checkpoint: str | None = None, loaded: LoadedModel | None = None,
                  fail_fast: bool = False):
         """``fail_fast``: re-raise the first failure instead of recording an error row (--fail-fast)."""
-        from pipeline.model.engine import choose_engine
+        from docpipe.model.engine import choose_engine
 
         self.opts, self.fail_fast = opts, fail_fast
         self.m = loaded or load_model(opts, checkpoint)
@@ -76,7 +76,7 @@ class OcrStage:
     def _stream(self, engine, batches: list[list[dict[str, Any]]], forced: bool) -> None:
         """Continuous engine: every batch is encoded and submitted before any result is awaited, so the
         engine never drains between batches; each page's result or error lands in its own row."""
-        from pipeline.model.continuous import LoopDied
+        from docpipe.model.continuous import LoopDied
 
         submitted, lost = [], []  # lost: pages the continuous loop took, or refused, and died with
         for batch in batches:
@@ -119,7 +119,7 @@ class OcrStage:
     def _fall_back(self, dead) -> None:
         """The continuous loop died mid-run: this stage (the whole actor, from its next call on) runs generate,
         and its record says so."""
-        from pipeline.model.engine import GenerateEngine
+        from docpipe.model.engine import GenerateEngine
 
         with self._swap:
             if self.engine is not dead:

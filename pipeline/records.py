@@ -11,7 +11,7 @@ from typing import Any, Iterable
 
 import pyarrow as pa
 
-from schemas import DOCUMENTS_SCHEMA, EXTRACTION_COLUMNS
+from docpipe.schemas import DOCUMENTS_SCHEMA, EXTRACTION_COLUMNS
 
 DOCUMENT = "document"
 PAGE = "page"
@@ -30,10 +30,10 @@ RENDERED_SCHEMA = pa.schema(
         ("height", pa.int32()),
         ("image", pa.binary()),  # encoded page image; null on error
         ("image_codec", pa.string()),  # render.RAW_CODEC, "png" or "jpeg"
-        ("renderer", pa.string()),  # schemas.Renderer: what rendered the page
-        ("text_source", pa.string()),  # schemas.TextSource, once decided (the model stage sets "model")
+        ("renderer", pa.string()),  # docpipe.schemas.Renderer: what rendered the page
+        ("text_source", pa.string()),  # docpipe.schemas.TextSource, once decided (the model stage sets "model")
         ("text", pa.large_string()),  # set by the render stage for text_layer and blank pages, else by the model
-        ("route_reason", pa.string()),  # schemas.RouteReason: why the render stage answered the page, or did not
+        ("route_reason", pa.string()),  # docpipe.schemas.RouteReason: why the render stage answered the page, or did not
         ("status", pa.string()),
         ("error_type", pa.string()),
         ("error_message", pa.string()),

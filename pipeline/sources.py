@@ -13,9 +13,9 @@ import os
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
-from pipeline.config import StorageOptions
-from pipeline.errors import InputError, describe
-from pipeline.storage import explain, glob_to_regex, has_magic, is_remote, resolve, scheme_of, strip_scheme
+from docpipe.config import StorageOptions
+from docpipe.errors import InputError, describe
+from docpipe.storage import explain, glob_to_regex, has_magic, is_remote, resolve, scheme_of, strip_scheme
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import re
 from functools import lru_cache
 from typing import Any
 
-from pipeline.config import StorageOptions
+from docpipe.config import StorageOptions
 
 REMOTE_SCHEMES = ("s3", "s3a", "gs", "gcs", "abfs", "abfss", "az")
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")

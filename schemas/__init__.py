@@ -3,7 +3,7 @@
 Importable without torch or Ray, so lake readers and tests can depend on it alone.
 """
 
-from schemas.contract import (
+from docpipe.schemas.contract import (
     CONTRACT_VERSION,
     DOCUMENTS_SCHEMA,
     EXTRACTION_COLUMNS,

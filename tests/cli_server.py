@@ -27,9 +27,9 @@ PRELOAD = [
     "torch", "torchvision", "PIL.Image", "pyarrow", "pyarrow.parquet", "pyarrow.fs", "pyarrow.dataset", "pydantic",
     "pymupdf", "pypdfium2", "transformers", "transformers.models.idefics2.modeling_idefics2",
     "transformers.models.idefics2.processing_idefics2", "transformers.models.idefics2.image_processing_idefics2",
-    "transformers.generation", "pipeline.cli", "pipeline.execute.run", "pipeline.execute.local",
-    "pipeline.execute.stages", "pipeline.model.load", "pipeline.model.generation", "pipeline.model.continuous",
-    "pipeline.render.document", "pipeline.render.isolated", "pipeline.extract.stage", "pipeline.output.writer",
+    "transformers.generation", "docpipe.cli", "docpipe.execute.run", "docpipe.execute.local",
+    "docpipe.execute.stages", "docpipe.model.load", "docpipe.model.generation", "docpipe.model.continuous",
+    "docpipe.render.document", "docpipe.render.isolated", "docpipe.extract.stage", "docpipe.output.writer",
 ]
 
 
@@ -52,10 +52,10 @@ def _child(request: dict, fds: list[int], inherited: list[int]) -> None:
         os.environ.clear()
         os.environ.update(request["env"])
         sys.argv = ["docpipe", *request["argv"]]
-        from pipeline.cli import main
+        from docpipe.cli import main
 
         code = main(request["argv"])
-    except SystemExit as exc:  # argparse's usage errors, as `python -m pipeline.cli` would exit
+    except SystemExit as exc:  # argparse's usage errors, as `python -m docpipe.cli` would exit
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         if isinstance(exc.code, str):
             print(exc.code, file=sys.stderr)

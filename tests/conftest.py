@@ -6,7 +6,7 @@ import sys
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.pop("RAY_ADDRESS", None)
-# Local Ray on loopback only (see pipeline.execute.cluster.init_ray); read when Ray is first imported.
+# Local Ray on loopback only (see docpipe.execute.cluster.init_ray); read when Ray is first imported.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 # No fixed port from the environment: a GCS port set here would make every local Ray instance of every test worker
 # ask for the same one. Unset, Ray lets the OS give each instance its own.
@@ -61,15 +61,15 @@ def docpipe_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(docpipe_cache):
-    from pipeline.model.tiny import ensure_tiny_checkpoint
+    from docpipe.model.tiny import ensure_tiny_checkpoint
 
     return ensure_tiny_checkpoint()
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_checkpoint):
-    from pipeline.config import ModelOptions
-    from pipeline.model.load import load_model
+    from docpipe.config import ModelOptions
+    from docpipe.model.load import load_model
 
     return load_model(ModelOptions(name="tiny-random", max_new_tokens=6), str(tiny_checkpoint))
 
@@ -77,7 +77,7 @@ def tiny_model(tiny_checkpoint):
 @pytest.fixture(scope="session")
 def sample_docs(tmp_path_factory):
     """The demo documents (multi-page PDFs, JPEG scan, receipt PNG, 2-page TIFF) plus one corrupt 'PDF'."""
-    from pipeline.tools.demo import make_samples
+    from docpipe.tools.demo import make_samples
 
     folder = tmp_path_factory.mktemp("docs")
     make_samples(folder)
@@ -100,7 +100,7 @@ def start_cli(*args, env=None, unset=(), fresh=False, stdout=subprocess.PIPE, st
     env = {**{k: v for k, v in os.environ.items() if k not in unset}, "PYTHONPATH": str(REPO), **(env or {})}
     argv = [str(a) for a in args]
     if fresh or env["PYTHONPATH"] != str(REPO) or os.environ.get("DOCPIPE_TEST_FRESH_CLI"):
-        return subprocess.Popen([sys.executable, "-m", "pipeline.cli", *argv], cwd=REPO, env=env, text=True,
+        return subprocess.Popen([sys.executable, "-m", "docpipe.cli", *argv], cwd=REPO, env=env, text=True,
                                 stdout=stdout, stderr=stderr, start_new_session=new_session)
     return _cli_server().start(argv, env, stdout, stderr, new_session)
 
@@ -243,7 +243,7 @@ class _CliServer:
                 theirs.append(os.dup(1 if name == "stdout" else 2))
             else:
                 raise ValueError(f"{name}={how!r}: PIPE, DEVNULL or None")
-        command = _ServedCli([sys.executable, "-m", "pipeline.cli", *argv], ours.get("stdout"), ours.get("stderr"))
+        command = _ServedCli([sys.executable, "-m", "docpipe.cli", *argv], ours.get("stdout"), ours.get("stderr"))
         try:
             with self.lock:
                 self.next_id += 1

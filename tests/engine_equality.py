@@ -30,10 +30,10 @@ def compare(loaded=None, max_new_tokens: int = 12) -> dict:
     """Each page's (text, output_tokens, finish_reason) from generate alone and from the continuous engine."""
     import transformers
 
-    from pipeline.config import ModelOptions
-    from pipeline.model.load import load_model
-    from pipeline.ocr import OcrStage
-    from pipeline.model.tiny import ensure_tiny_checkpoint
+    from docpipe.config import ModelOptions
+    from docpipe.model.load import load_model
+    from docpipe.ocr import OcrStage
+    from docpipe.model.tiny import ensure_tiny_checkpoint
 
     opts = ModelOptions(name="tiny-random", max_new_tokens=max_new_tokens, do_image_splitting=True)
     loaded = loaded or load_model(opts, str(ensure_tiny_checkpoint()))

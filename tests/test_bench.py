@@ -45,7 +45,7 @@ def test_bench_reports_every_figure(tmp_path):
 def test_random_idefics2_8b_has_the_real_architecture():
     import torch
 
-    from pipeline.model.tiny import build_random_model
+    from docpipe.model.tiny import build_random_model
 
     model, processor = build_random_model("idefics2-8b", "meta", torch.bfloat16, "sdpa")
     params = sum(p.numel() for p in model.parameters())

@@ -5,8 +5,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.cli import load_config_file
-from pipeline.config import FinetuneConfig, RunConfig
+from docpipe.cli import load_config_file
+from docpipe.config import FinetuneConfig, RunConfig
 from tests.conftest import REPO, run_cli
 
 
@@ -79,7 +79,7 @@ def test_a_command_whose_reader_goes_away_ends_quietly():
 
     read_end, write_end = os.pipe()
     fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "config", "schema"], cwd=REPO, stdout=write_end,
+    proc = subprocess.Popen([sys.executable, "-m", "docpipe.cli", "config", "schema"], cwd=REPO, stdout=write_end,
                             stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)})
     os.close(write_end)
     with os.fdopen(read_end, "rb") as reader:

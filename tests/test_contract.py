@@ -5,7 +5,7 @@ import pyarrow as pa
 import pytest
 from pydantic import ValidationError
 
-from schemas import DOCUMENTS_SCHEMA, PAGES_SCHEMA, DocumentRow, PageRow
+from docpipe.schemas import DOCUMENTS_SCHEMA, PAGES_SCHEMA, DocumentRow, PageRow
 
 PY_TO_ARROW = {int: {pa.int32(), pa.int64()}, str: {pa.string(), pa.large_string()}}
 
@@ -42,7 +42,7 @@ def test_the_docs_state_the_contract_version_rows_carry():
     import re
     from pathlib import Path
 
-    from schemas import CONTRACT_VERSION
+    from docpipe.schemas import CONTRACT_VERSION
 
     repo = Path(__file__).resolve().parent.parent
     version = re.compile(r"the contract's version[ ,(]+(\d+)")

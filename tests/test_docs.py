@@ -4,7 +4,7 @@ link leads somewhere, and the README stays a front page."""
 import re
 from pathlib import Path
 
-from pipeline.tools import reference
+from docpipe.tools import reference
 from tests.conftest import REPO
 
 README_MAX_LINES = 250
@@ -56,7 +56,7 @@ def test_the_reference_pages_are_what_the_generator_writes_now():
     for path, text in reference.pages().items():
         assert path.exists() and path.read_text() == text, (
             f"{path.relative_to(REPO)} is stale: regenerate it with `make docs` "
-            f"(or `.venv/bin/python -m pipeline.tools.reference`) and commit the result")
+            f"(or `.venv/bin/python -m docpipe.tools.reference`) and commit the result")
 
 
 def test_the_generator_is_deterministic():

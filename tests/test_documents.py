@@ -4,17 +4,17 @@ import pymupdf
 import pytest
 from PIL import Image
 
-from pipeline.config import RenderOptions
-from pipeline.render.document import expand_document, sniff_media_type
-from pipeline.errors import InputError
-from pipeline.sources import list_inputs
+from docpipe.config import RenderOptions
+from docpipe.render.document import expand_document, sniff_media_type
+from docpipe.errors import InputError
+from docpipe.sources import list_inputs
 
 OPTS = RenderOptions()
 
 
 def page_pil(rec):
     """A page record's image, decoded the way the model stage decodes it."""
-    from pipeline.ocr import decode_page
+    from docpipe.ocr import decode_page
 
     pixels = decode_page(rec["image"], rec["image_codec"], rec["width"], rec["height"])
     return Image.fromarray(pixels.permute(1, 2, 0).numpy())
@@ -41,11 +41,11 @@ def test_pdf_expands_to_one_record_per_page_at_the_target_size(sample_docs):
 
 
 def test_pages_are_rendered_lazily(sample_docs, monkeypatch):
-    import pipeline.render.open
+    import docpipe.render.open
 
     rendered = []
-    real = pipeline.render.open.render_pdf_page
-    monkeypatch.setattr(pipeline.render.open, "render_pdf_page",
+    real = docpipe.render.open.render_pdf_page
+    monkeypatch.setattr(docpipe.render.open, "render_pdf_page",
                         lambda page, *a: rendered.append(page.number + 1) or real(page, *a))
     gen = expand_document(str(sample_docs / "report.pdf"), OPTS, 1960)
     assert next(gen)["kind"] == "document" and rendered == []  # opened, nothing rendered yet

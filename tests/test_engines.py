@@ -9,12 +9,12 @@ import pyarrow.parquet as pq
 import pymupdf
 import pytest
 
-from pipeline.config import ModelOptions, RenderOptions
-from pipeline.render.document import expand_document
-from pipeline.model.engine import choose_engine
-from pipeline.errors import ModelLoadError
-from pipeline.model.load import stop_and_pad_ids
-from pipeline.ocr import OcrStage
+from docpipe.config import ModelOptions, RenderOptions
+from docpipe.render.document import expand_document
+from docpipe.model.engine import choose_engine
+from docpipe.errors import ModelLoadError
+from docpipe.model.load import stop_and_pad_ids
+from docpipe.ocr import OcrStage
 from tests.conftest import run_cli
 
 
@@ -124,7 +124,7 @@ ENGINE_ROWS = ["generate, default batch", "generate, batch 64", "continuous"]
 
 
 def test_bench_engines_measures_the_waste_of_static_batches_on_the_length_mix(tmp_path):
-    from pipeline.tools.bench import length_mix
+    from docpipe.tools.bench import length_mix
 
     out = tmp_path / "engines.json"
     rows = [arg for label in ENGINE_ROWS for arg in ("--engine-row", label)]
@@ -170,7 +170,7 @@ def test_the_engine_bench_runs_every_row_where_ray_and_pymupdf_are_not_installed
     """The GPU machine has torch and transformers but no Ray and no PyMuPDF (whose wheel is too large to carry
     there): the engine bench must run without them, and without the other packages of ours a run needs and the
     bench does not. Without PyMuPDF it draws its pages with Pillow. Every row runs, or says why not."""
-    from pipeline.tools.bench import ENGINES
+    from docpipe.tools.bench import ENGINES
     from tests.conftest import REPO
 
     blocked = tmp_path / "blocked"
@@ -235,8 +235,8 @@ def test_the_continuous_engine_gives_each_page_what_generate_gives_it_alone_at_t
 
 
 def _run_local(docs, out, engine, **model):
-    from pipeline.config import RunConfig
-    from pipeline.execute.run import run
+    from docpipe.config import RunConfig
+    from docpipe.execute.run import run
 
     result = run(RunConfig(inputs=[str(docs)], output=str(out), executor="local", progress=False,
                            model=ModelOptions(name="tiny-random", engine=engine, max_new_tokens=8, **model)))
@@ -371,7 +371,7 @@ def test_the_decoding_shell_drops_a_sliding_window_no_request_reaches_and_decode
                                                                                                   monkeypatch):
     """Like Mistral-7B's, the tiny text model has a 4096-token window, which no page reaches: the shell decodes
     without it (transformers' full-attention paged cache) and gives the tokens it gives with it."""
-    import pipeline.model.continuous as ec
+    import docpipe.model.continuous as ec
     from tests.engine_equality import compare
 
     assert tiny_model.model.config.text_config.sliding_window == 4096
@@ -398,7 +398,7 @@ def test_gpu_sizing_for_idefics2_8b_holds_over_128_pages_on_an_80_gb_card_and_bo
     from transformers.generation.continuous_batching import cache as paged
     from transformers.generation.continuous_batching.initialization import resolve_continuous_batching_config
 
-    from pipeline.model import sizing
+    from docpipe.model import sizing
     from tests.conftest import REPO
 
     spec = json.loads((REPO / "pipeline/model/assets/idefics2-8b.json").read_text())
@@ -456,7 +456,7 @@ def test_random_idefics2_8b_is_created_in_its_dtype_without_a_float32_copy(monke
     No cast may run (Module.to is forbidden here), every parameter is bf16, the default dtype is restored."""
     import torch
 
-    from pipeline.model.tiny import build_random_model
+    from docpipe.model.tiny import build_random_model
 
     def no_cast(*args, **kwargs):
         raise AssertionError("the random model was cast after it was built")
@@ -468,7 +468,7 @@ def test_random_idefics2_8b_is_created_in_its_dtype_without_a_float32_copy(monke
 
 
 def test_bitsandbytes_leaves_the_vision_tower_and_connector_unquantised():
-    from pipeline.model.load import quantization_config
+    from docpipe.model.load import quantization_config
 
     for bits in ("8bit", "4bit"):
         config = quantization_config(ModelOptions(quantization=bits), "bfloat16")
@@ -478,7 +478,7 @@ def test_bitsandbytes_leaves_the_vision_tower_and_connector_unquantised():
 def test_auto_attention_picks_flash_attention_3_then_2_on_a_gpu_where_importable(monkeypatch):
     import importlib.util
 
-    from pipeline.model.load import pick_attention
+    from docpipe.model.load import pick_attention
 
     installed = set()
     real = importlib.util.find_spec
@@ -500,8 +500,8 @@ def test_on_a_gpu_the_engine_is_sized_from_the_memory_left_after_loading(tiny_mo
     own KV and encoding costs per page, capped by max_pages_in_flight, encoding at most batch_size pages a call."""
     import torch
 
-    from pipeline.model import sizing
-    from pipeline.model.continuous import _plan_on_gpu
+    from docpipe.model import sizing
+    from docpipe.model.continuous import _plan_on_gpu
 
     GiB = 2**30
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (60 * GiB, 80 * GiB))
@@ -582,7 +582,7 @@ def test_a_bank_smaller_than_the_batch_holds_exactly_its_pages_and_loses_none(ti
     back once, with the text generate gives it alone."""
     import threading
 
-    from pipeline.model.continuous import ContinuousEngine
+    from docpipe.model.continuous import ContinuousEngine
     from tests.engine_equality import drawn_pages
 
     pages = drawn_pages()
@@ -631,8 +631,8 @@ def test_a_page_that_fails_in_its_batch_is_retried_alone_and_the_manifest_counts
     import numpy as np
     from PIL import Image
 
-    from pipeline.config import RunConfig
-    from pipeline.execute.run import run
+    from docpipe.config import RunConfig
+    from docpipe.execute.run import run
     from tests.engine_equality import drawn_pages
 
     inputs = tmp_path / "in"

@@ -1,4 +1,4 @@
-"""Error rows have one maker (pipeline.errors.error_fields, RowError) typed by schemas.ErrorType."""
+"""Error rows have one maker (docpipe.errors.error_fields, RowError) typed by docpipe.schemas.ErrorType."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import ERROR_KEYS, RowError, error_fields
-from schemas import ErrorType
+from docpipe.errors import ERROR_KEYS, RowError, error_fields
+from docpipe.schemas import ErrorType
 
 PIPELINE = Path(__file__).resolve().parent.parent / "pipeline"
 MAKERS = {"RowError", "error_fields"}
@@ -34,7 +34,7 @@ def test_row_error_carries_its_type_and_fields():
 @pytest.mark.parametrize("make", [lambda t: error_fields(t, "m"), lambda t: RowError(t, "m")])
 @pytest.mark.parametrize("bad", ["model_error", "not-a-type", None])
 def test_a_string_is_not_an_error_type(make, bad):
-    with pytest.raises(TypeError, match="schemas.ErrorType"):
+    with pytest.raises(TypeError, match="docpipe.schemas.ErrorType"):
         make(bad)
 
 
@@ -73,7 +73,7 @@ def test_no_error_row_is_made_by_hand():
             continue
         offenders += [f"{path.relative_to(PIPELINE.parent)}:{line}: {what}"
                       for line, what in _hand_made_error_rows(ast.parse(path.read_text(), str(path)))]
-    assert offenders == [], "make error rows with pipeline.errors.error_fields / RowError and a schemas.ErrorType"
+    assert offenders == [], "make error rows with docpipe.errors.error_fields / RowError and a docpipe.schemas.ErrorType"
 
 
 @pytest.mark.parametrize("code", [

@@ -12,8 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import RouteOptions, RunConfig
-from pipeline.tools.evaluate import OutputRows, edits, field_matches, normalise_value, score_labels
+from docpipe.config import RouteOptions, RunConfig
+from docpipe.tools.evaluate import OutputRows, edits, field_matches, normalise_value, score_labels
 from tests.conftest import run_cli
 
 MODEL = {"name": "tiny-random", "max_new_tokens": 4, "do_image_splitting": False}
@@ -24,7 +24,7 @@ def routed_run(tmp_path_factory, tiny_checkpoint):
     """An output whose page text is known: a 2-page PDF answered by its text layer."""
     import pymupdf
 
-    from pipeline.execute.run import run
+    from docpipe.execute.run import run
 
     folder = tmp_path_factory.mktemp("eval")
     doc = pymupdf.open()
@@ -84,7 +84,7 @@ def test_error_rates_computed_by_hand(routed_run, tmp_path, fmt):
 
 
 def test_default_scores_file_lands_under_out(routed_run, tmp_path):
-    from pipeline.tools.evaluate import evaluate
+    from docpipe.tools.evaluate import evaluate
 
     labels = _write(_labels(routed_run), tmp_path / "labels.jsonl")
     summary = evaluate(str(routed_run / "out"), labels=str(labels))
@@ -145,9 +145,9 @@ def test_against_text_layer_counts_model_pages_only(sample_docs, tiny_checkpoint
     """A run with --text-layer auto whose rules are stricter than the defaults (min_chars 200): report.pdf's
     sparser pages 2 and 3 go to the model, and only they are scored against their text layer; routed pages,
     and the scan (no text layer), are not counted. The reference is the layer's Markdown without its markup."""
-    from pipeline.tools.demo import LOREM
-    from pipeline.tools.evaluate import normalise_text
-    from pipeline.execute.run import run
+    from docpipe.tools.demo import LOREM
+    from docpipe.tools.evaluate import normalise_text
+    from docpipe.execute.run import run
 
     inputs = tmp_path / "in"
     inputs.mkdir()
@@ -176,7 +176,7 @@ def test_against_text_layer_counts_model_pages_only(sample_docs, tiny_checkpoint
 def test_against_text_layer_scores_pages_pdfium_drew(tiny_checkpoint, tmp_path, monkeypatch):
     """A PDF MuPDF asks a password for (only its attachment is encrypted) is drawn by PDFium; eval reads its text
     layer with PDFium too, instead of ending with MuPDF's 'document closed or encrypted'."""
-    from pipeline.execute.run import run
+    from docpipe.execute.run import run
     from tests import test_wild_pdfs
 
     text = "The quick brown fox jumps over the lazy dog while the cat sleeps on the warm mat"

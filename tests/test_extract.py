@@ -5,12 +5,12 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import ExtractOptions
-from pipeline.errors import ConfigError
-from pipeline.extract.schema import VALID_DATE, describe_fields, generation_schema, load_schema
-from pipeline.extract.grammar import RepetitionGuard, build_grammar
-from pipeline.extract.merge import merge_chunks
-from schemas.extraction import Invoice, Receipt
+from docpipe.config import ExtractOptions
+from docpipe.errors import ConfigError
+from docpipe.extract.schema import VALID_DATE, describe_fields, generation_schema, load_schema
+from docpipe.extract.grammar import RepetitionGuard, build_grammar
+from docpipe.extract.merge import merge_chunks
+from docpipe.schemas.extraction import Invoice, Receipt
 from tests.conftest import run_cli
 
 PO_SCHEMA = {
@@ -67,7 +67,7 @@ def test_generation_schema_bounds_every_output():
 def test_grammar_rejects_raw_control_characters_in_capped_strings():
     import xgrammar as xgr
 
-    from pipeline.model.tiny import build_tokenizer
+    from docpipe.model.tiny import build_tokenizer
 
     tok = build_tokenizer()
     compiler = xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(tok, stop_token_ids=[tok.eos_token_id]))
@@ -83,7 +83,7 @@ def test_grammar_rejects_raw_control_characters_in_capped_strings():
 def test_generated_dates_are_real_calendar_dates():
     import xgrammar as xgr
 
-    from pipeline.model.tiny import build_tokenizer
+    from docpipe.model.tiny import build_tokenizer
 
     tok = build_tokenizer()
     compiler = xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(tok, stop_token_ids=[tok.eos_token_id]))
@@ -108,9 +108,9 @@ def test_chunks_merge_first_value_wins_and_lists_concatenate():
 def test_a_runaway_loop_ends_as_finish_reason_repetition(tiny_model, sample_docs, tmp_path):
     """The guard inside real generation: a schema whose only valid string is one character repeated (a
     single-token character in the tiny vocabulary) makes the model loop, and the guard ends it."""
-    from pipeline.config import ModelOptions, RenderOptions
-    from pipeline.render.document import expand_document
-    from pipeline.extract.stage import ExtractStage
+    from docpipe.config import ModelOptions, RenderOptions
+    from docpipe.render.document import expand_document
+    from docpipe.extract.stage import ExtractStage
 
     schema = tmp_path / "loop.json"
     schema.write_text(json.dumps({"type": "object", "properties": {"note": {"type": "string", "const": "~" * 40}},
@@ -127,11 +127,11 @@ def test_a_runaway_loop_ends_as_finish_reason_repetition(tiny_model, sample_docs
 
 def test_a_chunk_whose_extraction_raises_makes_the_document_partial(tiny_model, sample_docs):
     """extraction_failed: one chunk's extraction raised; the others' results are kept, the document is partial."""
-    from pipeline.config import ModelOptions, RenderOptions
-    from pipeline.render.document import expand_document
-    from pipeline.extract.stage import ExtractStage
-    from pipeline.output.ledger import DocumentLedger
-    from pipeline.sources import DocumentRef
+    from docpipe.config import ModelOptions, RenderOptions
+    from docpipe.render.document import expand_document
+    from docpipe.extract.stage import ExtractStage
+    from docpipe.output.ledger import DocumentLedger
+    from docpipe.sources import DocumentRef
 
     class FailsOnSecondChunk(ExtractStage):
         """Any generate() call holding the 1-page chunk fails: first the batch of both chunks, then that chunk
@@ -194,9 +194,9 @@ def test_receipt_extraction_with_a_lora_adapter(sample_docs, tmp_path, tiny_chec
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText
 
-    from pipeline.config import ModelOptions, RenderOptions
-    from pipeline.render.document import expand_document
-    from pipeline.extract.stage import ExtractStage
+    from docpipe.config import ModelOptions, RenderOptions
+    from docpipe.render.document import expand_document
+    from docpipe.extract.stage import ExtractStage
 
     torch.manual_seed(0)  # a fixed random adapter, strong enough (alpha 16) to change what the tiny model writes
     base = AutoModelForImageTextToText.from_pretrained(tiny_checkpoint)
@@ -236,8 +236,8 @@ def test_adapter_changes_the_model(tiny_checkpoint, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText
 
-    from pipeline.config import ModelOptions
-    from pipeline.model.load import load_model
+    from docpipe.config import ModelOptions
+    from docpipe.model.load import load_model
 
     base = AutoModelForImageTextToText.from_pretrained(tiny_checkpoint)
     get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).save_pretrained(
@@ -284,7 +284,7 @@ def test_fields_typed_as_a_list_get_the_caps_of_every_type_they_admit():
     field had no calendar pattern and was generated as "7858-11-16"), and null still allowed."""
     import xgrammar as xgr
 
-    from pipeline.model.tiny import build_tokenizer
+    from docpipe.model.tiny import build_tokenizer
 
     schema = {"type": "object", "required": ["d", "s", "n", "a"], "properties": {
         "d": {"type": ["string", "null"], "format": "date"},

@@ -6,9 +6,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageDraw
 
-from pipeline.config import ModelOptions, RenderOptions, RunConfig
-from pipeline.render.document import expand_document
-from pipeline.ocr import OcrStage
+from docpipe.config import ModelOptions, RenderOptions, RunConfig
+from docpipe.render.document import expand_document
+from docpipe.ocr import OcrStage
 from tests.conftest import run_cli
 
 MAX_NEW_TOKENS = 16  # long enough that some pages stop on their own and others reach the cap
@@ -52,7 +52,7 @@ def _key(row):
 @pytest.fixture(scope="module")
 def alone(corpus, tmp_path_factory, docpipe_cache):
     """Every page's result with nothing beside it: the local executor, one page per generate() call."""
-    from pipeline.execute.run import run
+    from docpipe.execute.run import run
 
     out = tmp_path_factory.mktemp("alone")
     run(RunConfig(inputs=[str(corpus)], output=str(out), executor="local", route={"text_layer": "never"},
@@ -102,7 +102,7 @@ def test_the_continuous_engine_gives_every_page_what_generate_gives_it_alone(alo
     document) is checked here, for the local-executor runs of test_run, test_route and the batched test above."""
     import json
 
-    from schemas import CONTRACT_VERSION, DOCUMENTS_SCHEMA, PAGES_SCHEMA
+    from docpipe.schemas import CONTRACT_VERSION, DOCUMENTS_SCHEMA, PAGES_SCHEMA
 
     out = tmp_path / "out"
     proc = run_cli("run", corpus, "--output", out, "--model", "tiny-random", "--engine", "continuous",
@@ -142,9 +142,9 @@ def test_the_continuous_engine_gives_every_page_what_generate_gives_it_alone(alo
 def test_batched_extraction_gives_each_document_what_it_gets_alone(corpus, tiny_model):
     """Several documents' chunks in one generate() call, one grammar matcher per row, prompts of different
     lengths (1- to 3-page chunks) padded together: each result equals that chunk's extraction on its own."""
-    from pipeline.config import ExtractOptions
-    from pipeline.extract.stage import ExtractStage
-    from pipeline.ocr import decode_page
+    from docpipe.config import ExtractOptions
+    from docpipe.extract.stage import ExtractStage
+    from docpipe.ocr import decode_page
 
     stage = ExtractStage(ModelOptions(name="tiny-random", batch_size=4),
                          ExtractOptions(schema="key_values", max_new_tokens=48, retry_temperature=0), tiny_model)
@@ -185,9 +185,9 @@ def test_a_batch_retried_in_halves_keeps_each_pages_own_text(alone, corpus, tiny
 
 
 def test_two_documents_get_different_extractions(corpus, tiny_model):
-    from pipeline.config import ExtractOptions
-    from pipeline.extract.stage import ExtractStage
-    from pipeline.ocr import decode_page
+    from docpipe.config import ExtractOptions
+    from docpipe.extract.stage import ExtractStage
+    from docpipe.ocr import decode_page
 
     stage = ExtractStage(ModelOptions(name="tiny-random"), ExtractOptions(schema="key_values", max_new_tokens=48),
                          tiny_model)

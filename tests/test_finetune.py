@@ -48,10 +48,10 @@ def test_labels_mask_everything_but_the_answer_and_training_sees_the_inference_i
     <end_of_utterance> are learned; the prompt, pixels and all, is exactly what OcrStage sends."""
     import torch
 
-    from pipeline.config import ModelOptions, RenderOptions
-    from pipeline.render.document import expand_document
-    from pipeline.tools.finetune import IGNORE, Example, encode
-    from pipeline.ocr import OcrStage
+    from docpipe.config import ModelOptions, RenderOptions
+    from docpipe.render.document import expand_document
+    from docpipe.tools.finetune import IGNORE, Example, encode
+    from docpipe.ocr import OcrStage
 
     page = next(r for r in expand_document(str(sample_docs / "report.pdf"), RenderOptions(), 1960)
                 if r["kind"] == "page")
@@ -73,7 +73,7 @@ def test_labels_mask_everything_but_the_answer_and_training_sees_the_inference_i
 
     stage = OcrStage(opts, loaded=tiny_model)
     rec = {**page, "_pixels": None}
-    from pipeline.ocr import decode_page
+    from docpipe.ocr import decode_page
 
     rec["_pixels"] = decode_page(page["image"], page["image_codec"], page["width"], page["height"])
     reference = stage.prepare_inputs([rec])
@@ -83,9 +83,9 @@ def test_labels_mask_everything_but_the_answer_and_training_sees_the_inference_i
 
 
 def test_a_batch_learns_only_the_answers_whatever_the_processor_padding(tiny_model, sample_docs):
-    from pipeline.config import RenderOptions
-    from pipeline.render.document import expand_document
-    from pipeline.tools.finetune import IGNORE, Example, encode
+    from docpipe.config import RenderOptions
+    from docpipe.render.document import expand_document
+    from docpipe.tools.finetune import IGNORE, Example, encode
 
     pages = [r for r in expand_document(str(sample_docs / "receipt.png"), RenderOptions(), 448) if r["kind"] == "page"]
     img = [(pages[0]["image"], pages[0]["image_codec"], pages[0]["width"], pages[0]["height"])]
@@ -133,8 +133,8 @@ def test_finetune_learns_page_labels_and_run_with_the_adapter_writes_them(sample
     out = _run_with_adapter(tmp_path, [sample_docs / n for n in ("report.pdf", "minutes.pdf", "receipt.png",
                                                                   "fax.tiff")], adapter)
     texts = {(r["source_uri"], r["page_number"]): r["text"] for r in pq.read_table(out / "pages").to_pylist()}
-    from pipeline.config import RunConfig
-    from pipeline.tools.finetune import adapter_mismatches
+    from docpipe.config import RunConfig
+    from docpipe.tools.finetune import adapter_mismatches
 
     same = RunConfig(output="o", model=MODEL, render=RENDER)
     assert adapter_mismatches(str(adapter), same, 448) == []
@@ -154,7 +154,7 @@ def test_finetune_learns_page_labels_and_run_with_the_adapter_writes_them(sample
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
 
-    from pipeline.model.load import resolve_checkpoint
+    from docpipe.model.load import resolve_checkpoint
 
     base = AutoModelForImageTextToText.from_pretrained(resolve_checkpoint("tiny-random"))
     tuned = PeftModel.from_pretrained(base, str(adapter))
@@ -212,8 +212,8 @@ def test_bad_examples_are_listed_before_training_and_can_be_skipped(sample_docs,
     assert "row 1 " not in err
     assert not (tmp_path / "adapter" / "adapter_model.safetensors").exists()
 
-    from pipeline.config import FinetuneConfig
-    from pipeline.tools.finetune import prepare_examples
+    from docpipe.config import FinetuneConfig
+    from docpipe.tools.finetune import prepare_examples
 
     prepared = prepare_examples(FinetuneConfig(train=str(train), output=str(tmp_path / "a"), model=MODEL,
                                                render=RENDER, skip_invalid=True))
@@ -292,8 +292,8 @@ def test_two_ray_train_workers_on_the_cpu(two_worker_adapter):
     record = json.loads((adapter / "docpipe_finetune.json").read_text())
     assert record["workers"] == 2 and record["steps"] == 2  # 2 examples a step, one on each worker
 
-    from pipeline.config import ModelOptions
-    from pipeline.model.load import load_model
+    from docpipe.config import ModelOptions
+    from docpipe.model.load import load_model
 
     loaded = load_model(ModelOptions(**{**MODEL, "adapter": str(adapter)}))
     assert type(loaded.model).__name__ == "Idefics2ForConditionalGeneration"  # merged: a plain model again
@@ -342,9 +342,9 @@ def test_config_schema_includes_the_finetune_options():
 
 def test_an_extraction_example_is_the_extraction_prompt_then_the_json_as_the_grammar_writes_it(tiny_model,
                                                                                                  sample_docs):
-    from pipeline.config import ExtractOptions, FinetuneConfig, ModelOptions
-    from pipeline.extract.stage import ExtractStage
-    from pipeline.tools.finetune import IGNORE, encode, examples_from_rows, render_examples
+    from docpipe.config import ExtractOptions, FinetuneConfig, ModelOptions
+    from docpipe.extract.stage import ExtractStage
+    from docpipe.tools.finetune import IGNORE, encode, examples_from_rows, render_examples
 
     schema = "tests.extraction_models:PurchaseOrder"
     config = FinetuneConfig(train="t", output="o", model={"name": "tiny-random"}, extract={"schema": schema})

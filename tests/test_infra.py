@@ -6,8 +6,8 @@ import shlex
 import pytest
 import yaml
 
-from pipeline.cli import load_config_file
-from pipeline.config import RunConfig
+from docpipe.cli import load_config_file
+from docpipe.config import RunConfig
 from tests.conftest import REPO
 
 INFRA = REPO / "infra"

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from schemas import CONTRACT_VERSION
+from docpipe.schemas import CONTRACT_VERSION
 from tests.conftest import run_cli
 
 
@@ -144,10 +144,10 @@ def test_runs_without_progress_bars_log_progress_lines(nightly):
 
 
 def test_a_catalog_outage_fails_the_append_and_a_later_append_catches_up(nightly, tmp_path):
-    from pipeline.config import IcebergOptions
-    from pipeline.errors import OutputError
-    from pipeline.output.lake import append_runs
-    from pipeline.output.store import Output
+    from docpipe.config import IcebergOptions
+    from docpipe.errors import OutputError
+    from docpipe.output.lake import append_runs
+    from docpipe.output.store import Output
 
     root, _, _ = nightly
     out = Output(str(root / "out"))
@@ -167,10 +167,10 @@ def test_pages_of_contract_v3_are_appended_beside_v4_ones(nightly, tmp_path):
     import pyarrow as pa
     from pyiceberg.catalog import load_catalog
 
-    from pipeline.config import IcebergOptions
-    from pipeline.output.lake import append_runs, lake_schema
-    from pipeline.output.store import Output
-    from schemas import PAGES_SCHEMA
+    from docpipe.config import IcebergOptions
+    from docpipe.output.lake import append_runs, lake_schema
+    from docpipe.output.store import Output
+    from docpipe.schemas import PAGES_SCHEMA
 
     root, _, _ = nightly
     old = tmp_path / "out"

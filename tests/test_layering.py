@@ -4,7 +4,7 @@ Fast and Ray-free: the import graph is read with ``ast`` from every .py under pi
 module-level and function-level imports alike (a lazy import still ties two modules together).
 
 The rules are one table, RULES: (the rule, whose imports it checks, what they must not import, what it lets
-through). A module matches a pattern when it is the pattern or lies under it (``pipeline.execute`` matches
+through). A module matches a pattern when it is the pattern or lies under it (``docpipe.execute`` matches
 pipeline/execute/*); "A -> B" lets one module import one other. A failure names the importer, its line, the
 module it imports and the rule. Light commands: ``docpipe config schema`` and ``docpipe eval`` run in a fresh
 interpreter and must not load HEAVY.
@@ -22,32 +22,36 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parents[1]
-OURS = ("pipeline", "schemas", "jobs")
+# Each folder and the import name it is installed under (pyproject.toml's package-dir).
+OURS = {"pipeline": "docpipe", "schemas": "docpipe.schemas", "jobs": "docpipe.jobs"}
+# Everything installed from pipeline/: docpipe and its modules, not docpipe.schemas or docpipe.jobs.
+PIPELINE = sorted({"docpipe." + p.stem for p in (ROOT / "pipeline").iterdir()
+                   if p.suffix == ".py" and p.stem != "__init__" or (p / "__init__.py").exists()})
 
-FOUNDATIONS = ["pipeline.config", "pipeline.errors", "pipeline.records", "pipeline.storage", "pipeline.sources"]
-PACKAGES = ["pipeline.render", "pipeline.model", "pipeline.extract", "pipeline.output", "pipeline.execute",
-            "pipeline.tools"]
-STAGES = ["pipeline.render", "pipeline.model", "pipeline.extract", "pipeline.output", "pipeline.ocr"]
+FOUNDATIONS = ["docpipe.config", "docpipe.errors", "docpipe.records", "docpipe.storage", "docpipe.sources"]
+PACKAGES = ["docpipe.render", "docpipe.model", "docpipe.extract", "docpipe.output", "docpipe.execute",
+            "docpipe.tools"]
+STAGES = ["docpipe.render", "docpipe.model", "docpipe.extract", "docpipe.output", "docpipe.ocr"]
 
 # (rule, importers, forbidden imports, let through: importers, or "importer -> imported" pairs)
 RULES: list[tuple[str, list[str], list[str], list[str]]] = [
     ("Ray is imported only by the executor (pipeline/execute/): the one door to Ray",
-     ["pipeline", "schemas", "jobs"], ["ray"], ["pipeline.execute"]),
+     ["docpipe"], ["ray"], ["docpipe.execute"]),
     ("schemas (the output contract) imports nothing from pipeline: it is importable without torch or Ray",
-     ["schemas"], ["pipeline"], []),
+     ["docpipe.schemas"], PIPELINE, []),
     ("the foundations (config, errors, records, storage, sources) import no pipeline package, nor ocr or cli",
-     FOUNDATIONS, PACKAGES + ["pipeline.ocr", "pipeline.cli"], []),
+     FOUNDATIONS, PACKAGES + ["docpipe.ocr", "docpipe.cli"], []),
     ("the stages (render, model, extract, output, ocr) never import the executor, the tools or the CLI",
-     STAGES, ["pipeline.execute", "pipeline.tools", "pipeline.cli"], []),
+     STAGES, ["docpipe.execute", "docpipe.tools", "docpipe.cli"], []),
     ("tools are imported by cli.py and by tools; the executor imports tools/finetune.py alone: execute/train.py "
      "runs its training loop, execute/run.py checks an adapter against its training record",
-     ["pipeline", "schemas", "jobs"], ["pipeline.tools"],
-     ["pipeline.cli", "pipeline.tools", "pipeline.execute.train -> pipeline.tools.finetune",
-      "pipeline.execute.run -> pipeline.tools.finetune"]),
+     ["docpipe"], ["docpipe.tools"],
+     ["docpipe.cli", "docpipe.tools", "docpipe.execute.train -> docpipe.tools.finetune",
+      "docpipe.execute.run -> docpipe.tools.finetune"]),
     ("nothing under pipeline/ or schemas/ imports jobs/ (job configs and scripts sit on top)",
-     ["pipeline", "schemas"], ["jobs"], []),
+     PIPELINE + ["docpipe.schemas"], ["docpipe.jobs"], []),
     ("nothing imports the CLI: it is the top (but the reference generator, tools/reference.py, reads its parser)",
-     ["pipeline", "schemas", "jobs"], ["pipeline.cli"], ["pipeline.cli", "pipeline.tools.reference -> pipeline.cli"]),
+     ["docpipe"], ["docpipe.cli"], ["docpipe.cli", "docpipe.tools.reference -> docpipe.cli"]),
 ]
 
 # Modules a light command must not load: each costs seconds, or needs a GPU stack.
@@ -65,7 +69,8 @@ def let_through(importer: str, target: str, allowed: list[str]) -> bool:
 
 
 def module_name(path: Path) -> str:
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    folder, *parts = path.relative_to(ROOT).with_suffix("").parts
+    parts = [OURS[folder], *parts]
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
@@ -92,7 +97,7 @@ def imports(path: Path, name: str, known: dict[str, Path]) -> list[tuple[str, in
                 target = ".".join(base + ([node.module] if node.module else []))
             else:
                 target = node.module or ""
-            # `from pipeline.execute import stages` imports the module pipeline.execute.stages
+            # `from docpipe.execute import stages` imports the module docpipe.execute.stages
             subs = [f"{target}.{alias.name}" for alias in node.names if f"{target}.{alias.name}" in known]
             found += [(sub, node.lineno) for sub in subs] or [(target, node.lineno)]
     return found
@@ -163,16 +168,16 @@ def test_no_import_cycles():
 
 
 def test_the_graph_sees_lazy_imports_and_submodules():
-    """The checks above can fail: a function-level import is in the graph, and `from pipeline.execute import
-    stages` is an import of the module pipeline.execute.stages."""
+    """The checks above can fail: a function-level import is in the graph, and `from docpipe.execute import
+    stages` is an import of the module docpipe.execute.stages."""
     g = graph()
-    assert ("pipeline.tools.finetune" in {t for t, _ in g["pipeline.execute.train"]})  # inside finetune()
-    assert "ray" in {t for t, _ in g["pipeline.execute.plan"]}  # inside execute_ray()
-    assert "pipeline.execute.stages" in {t for t, _ in g["pipeline.execute.local"]}
-    [tools_rule] = [allowed for rule, _, forbidden, allowed in RULES if forbidden == ["pipeline.tools"]]
-    assert let_through("pipeline.execute.train", "pipeline.tools.finetune", tools_rule)
-    assert not let_through("pipeline.execute.plan", "pipeline.tools.finetune", tools_rule)
-    assert not let_through("pipeline.execute.train", "pipeline.tools.bench", tools_rule)
+    assert ("docpipe.tools.finetune" in {t for t, _ in g["docpipe.execute.train"]})  # inside finetune()
+    assert "ray" in {t for t, _ in g["docpipe.execute.plan"]}  # inside execute_ray()
+    assert "docpipe.execute.stages" in {t for t, _ in g["docpipe.execute.local"]}
+    [tools_rule] = [allowed for rule, _, forbidden, allowed in RULES if forbidden == ["docpipe.tools"]]
+    assert let_through("docpipe.execute.train", "docpipe.tools.finetune", tools_rule)
+    assert not let_through("docpipe.execute.plan", "docpipe.tools.finetune", tools_rule)
+    assert not let_through("docpipe.execute.train", "docpipe.tools.bench", tools_rule)
 
 
 def _light(code: str, tmp_path: Path) -> list[str]:
@@ -185,13 +190,13 @@ def _light(code: str, tmp_path: Path) -> list[str]:
 
 
 def test_config_schema_stays_light(tmp_path):
-    loaded = _light("from pipeline.cli import main\nassert main(['config', 'schema']) == 0", tmp_path)
+    loaded = _light("from docpipe.cli import main\nassert main(['config', 'schema']) == 0", tmp_path)
     assert not loaded, f"`docpipe config schema` imported {loaded}"
 
 
 def test_eval_stays_light(tmp_path):
     """`docpipe eval` scores an output against labels without the model, the renderers or Ray."""
-    from schemas import PAGES_SCHEMA
+    from docpipe.schemas import PAGES_SCHEMA
 
     out = tmp_path / "out"
     (out / "pages").mkdir(parents=True)
@@ -201,7 +206,7 @@ def test_eval_stays_light(tmp_path):
     labels = tmp_path / "labels.jsonl"
     labels.write_text(json.dumps({"source_uri": "file:///a.pdf", "page_number": 1, "text": "hello world"}) + "\n")
     report = tmp_path / "eval.json"
-    loaded = _light(f"from pipeline.cli import main\nassert main(['eval', {str(out)!r}, '--labels', {str(labels)!r}, "
+    loaded = _light(f"from docpipe.cli import main\nassert main(['eval', {str(out)!r}, '--labels', {str(labels)!r}, "
                     f"'--json', {str(report)!r}]) == 0", tmp_path)
     assert json.loads(report.read_text())["cer"] == 0.0, report.read_text()
     assert not loaded, f"`docpipe eval` imported {loaded}"

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pymupdf
 import pytest
 
-from pipeline.output.lease import LEASE_NAME, Lease, LeaseBusy, LeaseLost, LocalStore, S3Store, machine_key, parse, s3_client
+from docpipe.output.lease import LEASE_NAME, Lease, LeaseBusy, LeaseLost, LocalStore, S3Store, machine_key, parse, s3_client
 from tests.conftest import run_cli, start_cli
 
 TIMEOUT = 600  # a safety net only: every wait below ends on an event
@@ -375,7 +375,7 @@ def test_a_lease_from_another_host_is_taken_over_after_expiry(tmp_path):
 
 
 def test_wait_for_output_followed_by_an_input_says_how_to_write_it(capsys):
-    from pipeline.cli import build_parser
+    from docpipe.cli import build_parser
 
     with pytest.raises(SystemExit) as exit_:
         build_parser().parse_args(["run", "--wait-for-output", "in.pdf", "--output", "out"])
@@ -390,8 +390,8 @@ def test_wait_for_output_followed_by_an_input_says_how_to_write_it(capsys):
 
 def test_a_failing_release_does_not_hide_the_runs_own_error(tmp_path, monkeypatch, capsys):
     """The runner releases the lease in ``finally``: a store error there is a warning, the run's error stays."""
-    from pipeline.execute import run as runner
-    from pipeline.config import RunConfig
+    from docpipe.execute import run as runner
+    from docpipe.config import RunConfig
 
     make_pdfs(tmp_path / "in", names=("a",))
 

@@ -2,11 +2,11 @@ import json
 
 import pytest
 
-from pipeline.config import ModelOptions, RenderOptions
-from pipeline.render.document import expand_document
-from pipeline.model.load import pick_attention, pick_dtype, render_edge_for
-from pipeline.ocr import OcrStage
-from pipeline.model.tiny import IDEFICS2_CHAT_TEMPLATE, IMAGE_SEQ_LEN
+from docpipe.config import ModelOptions, RenderOptions
+from docpipe.render.document import expand_document
+from docpipe.model.load import pick_attention, pick_dtype, render_edge_for
+from docpipe.ocr import OcrStage
+from docpipe.model.tiny import IDEFICS2_CHAT_TEMPLATE, IMAGE_SEQ_LEN
 
 
 def test_tiny_checkpoint_has_the_real_processor_setup(tiny_checkpoint, tiny_model):
@@ -137,8 +137,8 @@ def test_a_failing_batch_is_retried_in_halves_until_only_the_bad_page_fails(tiny
 
 
 def test_from_pretrained_on_a_missing_model_is_a_clear_error(tmp_path):
-    from pipeline.errors import ModelLoadError
-    from pipeline.model.load import load_model
+    from docpipe.errors import ModelLoadError
+    from docpipe.model.load import load_model
 
     with pytest.raises(ModelLoadError, match="cannot load model"):
         load_model(ModelOptions(name=str(tmp_path / "no-such-model")))
@@ -151,7 +151,7 @@ def test_model_inputs_match_the_reference_processor(tiny_model, sample_docs):
     from PIL import Image
     from transformers.models.idefics2.image_processing_pil_idefics2 import Idefics2ImageProcessorPil
 
-    from pipeline.ocr import decode_page
+    from docpipe.ocr import decode_page
 
     stage = OcrStage(ModelOptions(name="tiny-random", max_new_tokens=1, batch_size=8), loaded=tiny_model)
     pages = _pages(sample_docs / "report.pdf", 2) + _pages(sample_docs / "scan.jpg") + _pages(sample_docs / "receipt.png")
@@ -209,7 +209,7 @@ def no_splitting_checkpoint(tiny_checkpoint, tmp_path_factory):
 
 def test_a_checkpoint_saved_without_splitting_is_rendered_and_fed_unsplit(no_splitting_checkpoint, sample_docs):
     """One decision for render size and processor: the checkpoint's own unless the option overrides it."""
-    from pipeline.model.load import load_model
+    from docpipe.model.load import load_model
 
     ckpt = str(no_splitting_checkpoint)
     assert render_edge_for(ckpt, ModelOptions()) == 980

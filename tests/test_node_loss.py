@@ -20,7 +20,7 @@ def test_a_worker_node_killed_mid_run_loses_nothing(sample_docs, tmp_path, gpus_
     CPU nodes). A worker is killed, with its model actor, while that actor holds pages."""
     from ray.cluster_utils import Cluster
 
-    # Every model call announces its node and waits for the test's release (pipeline.execute.run._maybe_hold):
+    # Every model call announces its node and waits for the test's release (docpipe.execute.run._maybe_hold):
     # the victim is a node whose actor is known to hold work, and the run cannot end before the kill. The nodes'
     # processes take this environment.
     hold = tmp_path / "hold"

@@ -102,8 +102,8 @@ def test_a_2000_page_pdf_streams_in_constant_memory(tmp_path):
 
     import psutil
 
-    from pipeline.config import RenderOptions
-    from pipeline.render.document import expand_document
+    from docpipe.config import RenderOptions
+    from docpipe.render.document import expand_document
 
     doc = pymupdf.open()
     for i in range(2000):

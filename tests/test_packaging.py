@@ -8,7 +8,8 @@ import zipfile
 
 from tests.conftest import REPO
 
-PACKAGES = ("pipeline", "schemas", "jobs")
+# Each folder and where its files sit in the wheel (pyproject.toml installs them under one import name, docpipe).
+PACKAGES = {"pipeline": "docpipe", "schemas": "docpipe/schemas", "jobs": "docpipe/jobs"}
 
 
 def test_the_wheel_carries_every_file_the_package_reads(tmp_path):
@@ -26,9 +27,13 @@ def test_the_wheel_carries_every_file_the_package_reads(tmp_path):
     [wheel] = (tmp_path / "dist").glob("docpipe-*.whl")
     inside = set(zipfile.ZipFile(wheel).namelist())
 
-    data = sorted(str(p.relative_to(src)) for package in PACKAGES for p in (src / package).rglob("*")
-                  if p.is_file() and p.suffix != ".py")
-    assert "pipeline/model/assets/idefics2-8b.json" in data and "pipeline/tools/templates/report.css" in data  # the walk sees them
+    def walk(pattern: str) -> list[str]:
+        return sorted(f"{there}/{p.relative_to(src / folder)}" for folder, there in PACKAGES.items()
+                      for p in (src / folder).rglob(pattern) if p.is_file())
+
+    data = [f for f in walk("*") if not f.endswith(".py")]
+    assert "docpipe/model/assets/idefics2-8b.json" in data and "docpipe/tools/templates/report.css" in data  # the walk sees them
     assert [f for f in data if f not in inside] == []
-    modules = sorted(str(p.relative_to(src)) for package in PACKAGES for p in (src / package).rglob("*.py"))
+    modules = walk("*.py")
+    assert "docpipe/schemas/contract.py" in modules and "docpipe/jobs/gpu_wheels.py" in modules
     assert [f for f in modules if f not in inside] == []

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.tools.report import choose_full_views, json_tree
+from docpipe.tools.report import choose_full_views, json_tree
 from tests.bad_inputs import CORPUS
 from tests.conftest import run_cli
 
@@ -59,8 +59,8 @@ def browser():
 def extract_run(tmp_path_factory, tiny_checkpoint, sample_docs):
     """ocr+extract over demo documents, bad inputs and a file named with markup, with a schema whose validator
     no output passes; then one page's text and one JSON value replaced by hostile markup."""
-    from pipeline.config import RunConfig
-    from pipeline.execute.run import run
+    from docpipe.config import RunConfig
+    from docpipe.execute.run import run
 
     folder = tmp_path_factory.mktemp("report-in")
     for name in ("report.pdf", "receipt.png"):
@@ -284,7 +284,7 @@ def test_full_views_put_errors_first_then_a_sample():
 
 def test_an_output_older_than_contract_v3_is_shown(extract_run, tmp_path):
     """Pages files from before text_source and renderer existed: the report reads them as not recorded."""
-    from pipeline.tools.report import ReportOptions, write_report
+    from docpipe.tools.report import ReportOptions, write_report
 
     out, manifest, _, _ = extract_run
     old = tmp_path / "old"
@@ -302,7 +302,7 @@ def test_an_output_older_than_contract_v3_is_shown(extract_run, tmp_path):
 
 def test_an_output_older_than_contract_v4_is_shown(extract_run, tmp_path):
     """Pages files from before route_reason existed (contract v3): the report reads it as not recorded."""
-    from pipeline.tools.report import ReportOptions, write_report
+    from docpipe.tools.report import ReportOptions, write_report
 
     out, manifest, _, _ = extract_run
     old = tmp_path / "old"

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import FinetuneConfig, ModelOptions, RunConfig
-from pipeline.errors import ConfigError
-from pipeline.execute.resources import (RunResources, TrainResources, check_actor_memory, run_resources,
+from docpipe.config import FinetuneConfig, ModelOptions, RunConfig
+from docpipe.errors import ConfigError
+from docpipe.execute.resources import (RunResources, TrainResources, check_actor_memory, run_resources,
                                         train_resources)
-from pipeline.model.engine import wants_continuous
+from docpipe.model.engine import wants_continuous
 
 GIB = 2**30
 
@@ -113,5 +113,5 @@ def test_the_policy_needs_no_ray():
     import subprocess
     import sys
 
-    code = "import sys, pipeline.execute.resources; assert 'ray' not in sys.modules and 'torch' not in sys.modules"
+    code = "import sys, docpipe.execute.resources; assert 'ray' not in sys.modules and 'torch' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1]).returncode == 0

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import RenderOptions, RouteOptions, RunConfig
-from pipeline.render.document import expand_document
-from pipeline.render.route import TextLayer, is_blank, pymupdf_text_layer, trust_text_layer
+from docpipe.config import RenderOptions, RouteOptions, RunConfig
+from docpipe.render.document import expand_document
+from docpipe.render.route import TextLayer, is_blank, pymupdf_text_layer, trust_text_layer
 
 AUTO = RouteOptions(text_layer="auto")
 BODY = ("Invoice 2026-114 for services rendered in October. Consulting, 12 hours at 95.00 EUR per hour. "
@@ -126,7 +126,7 @@ def _markdown(path: Path, number: int) -> str:
     """The page's text layer as Markdown, with the document's running lines found as the render stage finds them."""
     import pymupdf
 
-    from pipeline.render.text_layer import RunningLines, clean_text, page_markdown
+    from docpipe.render.text_layer import RunningLines, clean_text, page_markdown
 
     doc = pymupdf.open(path)
     return clean_text(page_markdown(doc[number - 1], running=RunningLines(doc)))
@@ -135,7 +135,7 @@ def _markdown(path: Path, number: int) -> str:
 def test_born_digital_samples_take_their_text_layer(sample_docs, tmp_path):
     """Demo PDFs and the bench corpus go to the text layer as Markdown (the corpus's two columns stay whole, its
 ruled table is a table); images go to the model."""
-    from pipeline.tools.corpus import make_bench_corpus
+    from docpipe.tools.corpus import make_bench_corpus
 
     corpus = make_bench_corpus(tmp_path, pages=4, pages_per_doc=2)
     pdfs = sorted(sample_docs.glob("*.pdf"))
@@ -262,9 +262,9 @@ def test_routed_and_blank_pages_never_reach_the_model(sample_docs, docs, tiny_ch
     second run resumes."""
     import pyarrow.parquet as pq
 
-    from pipeline.cli import print_summary
-    from pipeline.ocr import OcrStage
-    from pipeline.execute.run import run
+    from docpipe.cli import print_summary
+    from docpipe.ocr import OcrStage
+    from docpipe.execute.run import run
 
     inputs = tmp_path / "in"
     inputs.mkdir()
@@ -319,7 +319,7 @@ def test_mixed_run_through_ray_keeps_the_contract(sample_docs, docs, tmp_path, l
     tests/test_s3.py's Ray run and tests/test_fidelity.py's contract run."""
     import pyarrow.parquet as pq
 
-    from schemas import PAGES_SCHEMA, PageRow
+    from docpipe.schemas import PAGES_SCHEMA, PageRow
     from tests.conftest import run_cli
 
     inputs = tmp_path / "in"
@@ -342,8 +342,8 @@ def test_mixed_run_through_ray_keeps_the_contract(sample_docs, docs, tmp_path, l
 
 
 def test_a_text_layer_that_cannot_be_read_sends_the_page_to_the_model(sample_docs):
-    from pipeline.render.document import _route
-    from pipeline.render.pixels import render_image
+    from docpipe.render.document import _route
+    from docpipe.render.pixels import render_image
 
     class Broken:
         def text_layer(self):
@@ -381,7 +381,7 @@ def test_rotated_full_page_scans_are_full_page_images(rotation, tmp_path):
     scan at 0.71): a wrong visible layer over it is not trusted, its OCR layer is when asked."""
     import pymupdf
 
-    from pipeline.render.pdfium import PdfiumPage, open_pdfium
+    from docpipe.render.pdfium import PdfiumPage, open_pdfium
 
     wrong = tmp_path / "wrong.pdf"
     wrong.write_bytes(_scan(rotation, visible_text=True))
@@ -401,8 +401,8 @@ def test_rotated_full_page_scans_are_full_page_images(rotation, tmp_path):
 def test_pdfium_pages_measure_their_images(rendered_logo_page):
     """PDFium's view of a page with a small logo over a good text layer: the logo's share of the page, and the
     layer is trusted (the pinned pypdfium2 has get_bounds, not get_pos: every such page went to the model)."""
-    from pipeline.render.document import _route
-    from pipeline.render.pdfium import PdfiumPage, open_pdfium
+    from docpipe.render.document import _route
+    from docpipe.render.pdfium import PdfiumPage, open_pdfium
 
     data, logo_share = rendered_logo_page
     page = PdfiumPage(open_pdfium(data), 0)
@@ -430,9 +430,9 @@ def rendered_logo_page():
 def test_a_converter_failure_sends_the_page_to_the_model_and_our_routing_bugs_still_surface(monkeypatch, tmp_path):
     import pymupdf
 
-    import pipeline.render.route
-    import pipeline.render.text_layer
-    from pipeline.render.document import expand_document
+    import docpipe.render.route
+    import docpipe.render.text_layer
+    from docpipe.render.document import expand_document
 
     doc = pymupdf.open()
     page = doc.new_page(width=595, height=842)
@@ -446,13 +446,13 @@ def test_a_converter_failure_sends_the_page_to_the_model_and_our_routing_bugs_st
     def third_party_failure(*args, **kwargs):
         raise TypeError("'NoneType' object is not subscriptable")  # as a layout library fails on an odd page
 
-    monkeypatch.setattr(pipeline.render.text_layer, "page_markdown", third_party_failure)
+    monkeypatch.setattr(docpipe.render.text_layer, "page_markdown", third_party_failure)
     [row] = pages()
     assert (row["status"], row["route_reason"], row.get("text_source")) == ("ok", "text_layer_error", None)
     assert row["image"]
     monkeypatch.undo()
 
-    monkeypatch.setattr(pipeline.render.route, "_unmapped_fonts", third_party_failure)  # a mistake in routing proper
+    monkeypatch.setattr(docpipe.render.route, "_unmapped_fonts", third_party_failure)  # a mistake in routing proper
     [row] = pages()
     assert (row["status"], row["error_type"]) == ("error", "render_error")
     assert "NoneType" in row["error_message"]

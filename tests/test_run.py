@@ -10,7 +10,7 @@ import pymupdf
 import pytest
 from PIL import Image
 
-from schemas import CONTRACT_VERSION, DOCUMENTS_SCHEMA, PAGES_SCHEMA, DocumentRow, PageRow, RunManifest
+from docpipe.schemas import CONTRACT_VERSION, DOCUMENTS_SCHEMA, PAGES_SCHEMA, DocumentRow, PageRow, RunManifest
 from tests.conftest import run_cli
 
 
@@ -157,13 +157,13 @@ def test_a_model_that_cannot_be_loaded_is_fatal_with_exit_2(tmp_path, sample_doc
 
 
 def test_internal_errors_exit_1_and_docpipe_debug_shows_the_traceback(monkeypatch, capsys, tmp_path):
-    import pipeline.execute.run
-    from pipeline.cli import main
+    import docpipe.execute.run
+    from docpipe.cli import main
 
     def broken(config):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(pipeline.execute.run, "run", broken)
+    monkeypatch.setattr(docpipe.execute.run, "run", broken)
     monkeypatch.delenv("DOCPIPE_DEBUG", raising=False)
     argv = ["run", str(tmp_path), "--output", str(tmp_path / "out")]
     assert main(argv) == 1
@@ -179,8 +179,8 @@ def test_internal_errors_exit_1_and_docpipe_debug_shows_the_traceback(monkeypatc
 def test_local_executor_flat_output_and_no_resume(sample_docs, tmp_path):
     """executor: local (in this process, no Ray), --partition-by none (flat folders), --no-resume (everything
     processed again), each through the command line's parsing."""
-    from pipeline.cli import build_parser, config_from_args
-    from pipeline.execute.run import run
+    from docpipe.cli import build_parser, config_from_args
+    from docpipe.execute.run import run
 
     job = tmp_path / "job.yaml"
     job.write_text("executor: local\nprogress: false\n")

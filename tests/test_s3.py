@@ -8,10 +8,10 @@ import pyarrow.parquet as pq
 import pytest
 from pyarrow.fs import S3FileSystem
 
-from pipeline.config import StorageOptions
-from pipeline.errors import InputError
-from pipeline.sources import list_inputs
-from schemas import DocumentRow, PageRow
+from docpipe.config import StorageOptions
+from docpipe.errors import InputError
+from docpipe.sources import list_inputs
+from docpipe.schemas import DocumentRow, PageRow
 from tests.conftest import S3_SECRET, run_cli
 
 ODD_KEY = "in/scans/ünïcode scan ✓.jpg"  # spaces and non-ASCII in a key
@@ -151,8 +151,8 @@ def test_wrong_credentials_fail_fast_without_the_secret(s3_auth_server, s3_env, 
 
 
 def test_redaction_and_settings_from_the_environment(monkeypatch):
-    from pipeline.errors import describe
-    from pipeline.storage import register_secrets, s3_settings
+    from docpipe.errors import describe
+    from docpipe.storage import register_secrets, s3_settings
 
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://minio.local:9000")
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://other:1")
@@ -175,7 +175,7 @@ def test_listing_reads_no_object_body_and_the_storage_flags_reach_the_requests(d
     object; --endpoint-url sends the requests there, --region signs for that region, --anonymous signs nothing."""
     from urllib.parse import urlsplit
 
-    from pipeline.cli import build_parser, config_from_args
+    from docpipe.cli import build_parser, config_from_args
     from tests.faulty_proxy import FaultyProxy
 
     for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):

@@ -1,12 +1,12 @@
 import pyarrow.parquet as pq
 
-from pipeline.output.ledger import DocumentLedger
+from docpipe.output.ledger import DocumentLedger
 
-from pipeline.output.store import Output
+from docpipe.output.store import Output
 
-from pipeline.output.writer import TableWriter
-from pipeline.sources import DocumentRef
-from schemas import CONTRACT_VERSION, PAGES_SCHEMA
+from docpipe.output.writer import TableWriter
+from docpipe.sources import DocumentRef
+from docpipe.schemas import CONTRACT_VERSION, PAGES_SCHEMA
 
 
 def doc(uri, status="ok", pages=2, **kw):
@@ -76,9 +76,9 @@ def test_table_writer_leaves_an_empty_file_with_the_schema(tmp_path):
 def test_resume_refuses_to_guess_when_earlier_results_are_unreadable(tmp_path):
     import pytest
 
-    from pipeline.errors import OutputError
-    from pipeline.output.resume import previous_ok
-    from pipeline.output.store import prepare_output
+    from docpipe.errors import OutputError
+    from docpipe.output.resume import previous_ok
+    from docpipe.output.store import prepare_output
 
     out = prepare_output(str(tmp_path / "out"))
     assert previous_ok(out) == {}  # no earlier run
@@ -88,7 +88,7 @@ def test_resume_refuses_to_guess_when_earlier_results_are_unreadable(tmp_path):
 
 
 def test_stale_tmp_files_of_killed_runs_are_removed(tmp_path):
-    from pipeline.output.store import prepare_output, remove_stale_tmp
+    from docpipe.output.store import prepare_output, remove_stale_tmp
 
     out = prepare_output(str(tmp_path / "out"))
     part = tmp_path / "out" / "pages" / "ingest_date=2026-11-25"
@@ -105,9 +105,9 @@ def test_close_stops_before_the_lake_step_and_the_manifest_once_the_lease_is_los
     closed, the lake step never runs and no manifest is written."""
     import pytest
 
-    from pipeline.output.sink import RunSink
+    from docpipe.output.sink import RunSink
 
-    from pipeline.output.store import prepare_output
+    from docpipe.output.store import prepare_output
 
     out = prepare_output(str(tmp_path / "out"))
     sink = RunSink(out, "r1", [DocumentRef("a.pdf")], rows_per_file=10)

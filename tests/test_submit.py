@@ -22,9 +22,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import RunConfig
-from pipeline.errors import ConfigError
-from schemas import DOCUMENTS_SCHEMA, PAGES_SCHEMA, DocumentRow, PageRow
+from docpipe.config import RunConfig
+from docpipe.errors import ConfigError
+from docpipe.schemas import DOCUMENTS_SCHEMA, PAGES_SCHEMA, DocumentRow, PageRow
 from tests.conftest import REPO, _free_port, run_cli
 
 
@@ -139,8 +139,11 @@ def test_submit_runs_the_job_on_the_cluster_and_follows_it(ray_head, sample_docs
     # the job ran in the uploaded working directory, under Ray's job supervisor
     with urllib.request.urlopen(_get(f"{ray_head}/api/jobs/docpipe-test-1"), timeout=10) as r:
         info = json.load(r)
-    assert info["entrypoint"].startswith("python -m pipeline.cli run --config-json")
+    assert info["entrypoint"].startswith("python -m docpipe.cli run --config-json")
     assert info["runtime_env"]["working_dir"].startswith("gcs://")
+    # and this checkout's docpipe travelled with it, as the package it is installed as
+    [package] = info["runtime_env"]["py_modules"]
+    assert package.startswith("gcs://")
 
 
 @pytest.mark.ray
@@ -166,7 +169,7 @@ def test_no_working_dir_uploads_nothing(ray_head, tmp_path):
     assert "docpipe: error: input not found" in proc.stdout
     with urllib.request.urlopen(_get(f"{ray_head}/api/jobs/docpipe-nowd"), timeout=10) as r:
         info = json.load(r)
-    assert "working_dir" not in (info["runtime_env"] or {})
+    assert "working_dir" not in (info["runtime_env"] or {}) and "py_modules" not in (info["runtime_env"] or {})
 
 
 @pytest.mark.ray
@@ -213,7 +216,7 @@ def test_run_joins_a_token_cluster_with_only_the_address_and_token(head, sample_
     # the work ran on the head's workers: this driver joined the cluster rather than starting its own
     with urllib.request.urlopen(_get(f"{head['jobs']}/api/jobs/"), timeout=10) as r:
         drivers = [j for j in json.load(r) if j["type"] == "DRIVER"]
-    assert any("pipeline.cli" in (j.get("entrypoint") or "") and j["status"] == "SUCCEEDED" for j in drivers)
+    assert any("docpipe.cli" in (j.get("entrypoint") or "") and j["status"] == "SUCCEEDED" for j in drivers)
 
 
 @pytest.mark.ray
@@ -284,7 +287,7 @@ def test_run_on_a_cluster_of_another_ray_version_is_one_line(head, tiny_checkpoi
 def test_secret_catalog_properties_are_refused_before_anything_is_sent(tmp_path):
     """Masked, they broke the job's lake step ('token': '**********' in the entrypoint); sent, they would show in
     Ray's job APIs. The refusal names pyiceberg's variables that carry them to the cluster instead."""
-    from pipeline.execute.submit import job_entrypoint
+    from docpipe.execute.submit import job_entrypoint
 
     proc = run_cli("submit", "--address", "http://127.0.0.1:9", str(tmp_path), "--output", tmp_path / "o",
                    "--iceberg-catalog", "type=rest", "--iceberg-catalog", "uri=https://cat.example",
@@ -308,12 +311,12 @@ def test_secret_catalog_properties_are_refused_before_anything_is_sent(tmp_path)
 
 def test_a_job_carries_its_local_paths_made_absolute_and_its_uris_as_given(tmp_path, monkeypatch):
     """The job runs in its own working directory: a relative path must mean there what it meant here."""
-    from pipeline.execute.submit import job_entrypoint
+    from docpipe.execute.submit import job_entrypoint
 
     monkeypatch.chdir(tmp_path)
     entry = job_entrypoint(RunConfig(inputs=["in", "s3://bucket/in/"], output="out/run", manifests=["m.jsonl"]))
     words = shlex.split(entry)
-    assert words[:5] == ["python", "-m", "pipeline.cli", "run", "--config-json"]
+    assert words[:5] == ["python", "-m", "docpipe.cli", "run", "--config-json"]
     sent = json.loads(words[5])
     assert sent["inputs"] == [str(tmp_path / "in"), "s3://bucket/in/"]
     assert sent["output"] == str(tmp_path / "out" / "run") and sent["manifests"] == [str(tmp_path / "m.jsonl")]
@@ -341,7 +344,7 @@ def test_run_at_an_address_that_never_replies_gives_up_after_the_probe_timeout_i
     SYN, as a firewall would): the 5 s check stops the run with one line rather than Ray's long retries."""
     import socket
 
-    from pipeline.execute.cluster import PROBE_TIMEOUT_S
+    from docpipe.execute.cluster import PROBE_TIMEOUT_S
 
     with socket.socket() as server, socket.socket() as queued:
         server.bind(("127.0.0.1", 0))

@@ -1,4 +1,4 @@
-"""pipeline.output.tables: reading OUT's sealed Parquet files and run manifests back, written by the real sink."""
+"""docpipe.output.tables: reading OUT's sealed Parquet files and run manifests back, written by the real sink."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import sys
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.output import tables
-from pipeline.output.sink import RunSink
-from pipeline.output.store import prepare_output
-from pipeline.sources import DocumentRef
-from schemas import DOCUMENTS_SCHEMA
+from docpipe.output import tables
+from docpipe.output.sink import RunSink
+from docpipe.output.store import prepare_output
+from docpipe.sources import DocumentRef
+from docpipe.schemas import DOCUMENTS_SCHEMA
 
 
 def _run(out, run_id: str, docs: dict[str, str]) -> dict:
@@ -95,6 +95,6 @@ def test_manifests_and_the_files_they_list(tmp_path):
 
 
 def test_the_reader_imports_no_heavy_library():
-    code = ("import sys, pipeline.output.tables; "
+    code = ("import sys, docpipe.output.tables; "
             "print([m for m in ('torch', 'ray', 'transformers', 'fitz', 'pymupdf') if m in sys.modules])")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import RenderOptions, RouteOptions
-from pipeline.render.document import expand_document
-from pipeline.render.text_layer import markdown_table, math_char_count, normalise_chars
+from docpipe.config import RenderOptions, RouteOptions
+from docpipe.render.document import expand_document
+from docpipe.render.text_layer import markdown_table, math_char_count, normalise_chars
 
 AUTO = RouteOptions(text_layer="auto")
 PROSE = ("The committee reviewed the quarterly results and found that shipments rose in every region, while "
@@ -152,7 +152,7 @@ def test_a_page_number_alone_is_dropped_even_on_a_single_page():
     page = doc.new_page(width=595, height=842)
     page.insert_textbox((72, 90, 523, 760), PROSE * 3, fontsize=11)
     page.insert_text((280, 815), "- 17 -", fontsize=9)
-    from pipeline.render.text_layer import page_markdown
+    from docpipe.render.text_layer import page_markdown
 
     assert page_markdown(page) == (PROSE * 3).strip()
 
@@ -198,7 +198,7 @@ def test_markdown_table_escapes_pipes():
 def test_numbered_first_lines_and_code_lines_are_body_text_not_running_heads():
     import pymupdf
 
-    from pipeline.render.text_layer import RunningLines, page_markdown
+    from docpipe.render.text_layer import RunningLines, page_markdown
 
     doc = pymupdf.open()
     for n in range(1, 4):
@@ -219,7 +219,7 @@ def test_numbered_first_lines_and_code_lines_are_body_text_not_running_heads():
 def test_numbers_in_tables_and_beside_text_in_the_bottom_band_are_kept():
     import pymupdf
 
-    from pipeline.render.text_layer import page_markdown
+    from docpipe.render.text_layer import page_markdown
 
     # a ruled table whose totals row lies in the bottom band
     doc = pymupdf.open()
@@ -243,7 +243,7 @@ def test_numbers_in_tables_and_beside_text_in_the_bottom_band_are_kept():
 
 
 def test_page_numbers_read_as_numbers_or_valid_roman_numerals_of_one_case():
-    from pipeline.render.text_layer import PAGE_NUMBER
+    from docpipe.render.text_layer import PAGE_NUMBER
 
     for text in ("3", "- 17 -", "Page 2 of 9", "xii", "XXXIV", "iv", "p. 4", "(ix)"):
         assert PAGE_NUMBER.match(text), text

@@ -17,9 +17,9 @@ import pyarrow.parquet as pq
 import pymupdf
 import pytest
 
-from pipeline.config import RenderOptions
-from pipeline.render.document import expand_document
-from pipeline.render.isolated import expand_document_isolated
+from docpipe.config import RenderOptions
+from docpipe.render.document import expand_document
+from docpipe.render.isolated import expand_document_isolated
 from tests.conftest import REPO
 
 OPTS = RenderOptions()
@@ -97,7 +97,7 @@ def mupdf_page_pixels(data: bytes, tmp_path) -> np.ndarray:
 
 
 def page_pixels(rec) -> np.ndarray:
-    from pipeline.ocr import decode_page
+    from docpipe.ocr import decode_page
 
     return decode_page(rec["image"], rec["image_codec"], rec["width"], rec["height"]).permute(1, 2, 0).numpy()
 
@@ -118,7 +118,7 @@ def test_pdfs_mupdf_gives_up_on_render_through_pdfium_in_the_same_render_process
     intact = mupdf_page_pixels(one_page_pdf(), tmp_path)
 
     before = list(expand_document_isolated(str(wild_dir / "intact.pdf"), OPTS, 1960))
-    from pipeline.render import isolated
+    from docpipe.render import isolated
 
     pid = isolated._worker.process.pid
     [doc, page] = list(expand_document_isolated(str(wild_dir / name), OPTS, 1960))
@@ -142,7 +142,7 @@ def test_a_page_mupdf_fails_on_is_rendered_and_read_by_pdfium(tmp_path):
     data = one_page_pdf("<< /Type /Pages /Kids [2 0 R 3 0 R] /Count 1 >>")
     with pytest.raises(Exception):
         pymupdf.open(stream=data, filetype="pdf").load_page(0)
-    from pipeline.render.open import open_pages
+    from docpipe.render.open import open_pages
 
     pages = open_pages(data, "application/pdf")
     assert next(pages) == (1, "pymupdf")  # MuPDF opened the document
@@ -160,7 +160,7 @@ def test_a_page_mupdf_fails_on_is_rendered_and_read_by_pdfium(tmp_path):
 
 def test_text_layer_routing_reads_the_text_of_the_renderer_that_drew_the_page(wild_dir, tmp_path):
     """A page PDFium drew is judged and answered by PDFium's text layer (its own view of the characters)."""
-    from pipeline.config import RouteOptions
+    from docpipe.config import RouteOptions
 
     route = RouteOptions(text_layer="auto", min_chars=5, min_chars_per_in2=0)
     path = tmp_path / "loop.pdf"
@@ -218,8 +218,8 @@ def test_a_password_error_is_never_an_earlier_documents(tmp_path):
 
 RENDER_SCRIPT = """
 import json, sys
-from pipeline.render import isolated
-from pipeline.config import RenderOptions
+from docpipe.render import isolated
+from docpipe.config import RenderOptions
 out = []
 for path in sys.argv[1:]:
     recs = list(isolated.expand_document_isolated(path, RenderOptions(), 980))
@@ -253,7 +253,7 @@ def test_an_exception_escaping_a_document_ends_that_document_not_the_render_proc
     import multiprocessing
     import threading
 
-    from pipeline.render import isolated
+    from docpipe.render import isolated
 
     real = isolated.expand_document
 
@@ -298,8 +298,8 @@ def test_an_exception_escaping_a_document_ends_that_document_not_the_render_proc
 
 
 def test_a_run_counts_the_fallbacks_and_records_the_renderer(wild_dir, tmp_path, tiny_checkpoint):
-    from pipeline.config import ModelOptions, RunConfig
-    from pipeline.execute.run import run
+    from docpipe.config import ModelOptions, RunConfig
+    from docpipe.execute.run import run
 
     (tmp_path / "in").mkdir()
     for name in ("count_missing.pdf", "encrypted_attachment.pdf", "intact.pdf"):
@@ -322,9 +322,9 @@ def test_a_run_counts_the_fallbacks_and_records_the_renderer(wild_dir, tmp_path,
 
 def test_pdfium_pages_match_mupdf_pages_in_size_and_ink():
     """Same sizing rules, pixel cap included, on rotated, cropped and odd-sized pages."""
-    from pipeline.render.open import _PdfPage
-    from pipeline.render.pdfium import PdfiumPage, open_pdfium
-    from pipeline.render.pixels import decode_raw
+    from docpipe.render.open import _PdfPage
+    from docpipe.render.pdfium import PdfiumPage, open_pdfium
+    from docpipe.render.pixels import decode_raw
 
     doc = pymupdf.open()
     for width, height, rotate, crop in [(612, 792, 0, None), (595.28, 841.89, 90, None), (612.5, 791.3, 0, None),

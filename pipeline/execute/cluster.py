@@ -14,7 +14,7 @@ import socket
 import sys
 import tempfile
 
-from pipeline.errors import ClusterError
+from docpipe.errors import ClusterError
 
 PROBE_TIMEOUT_S = 5.0
 # Ray tries to reach the GCS once a second, 20 times by default, and logs each failure; a refused token or a

@@ -5,11 +5,11 @@ error instead of recording it.
 
 from __future__ import annotations
 
-from pipeline.config import RunConfig
-from pipeline.execute import stages
-from pipeline.records import RENDERED_SCHEMA, to_table
-from pipeline.render.document import expand_document
-from pipeline.render.isolated import expand_document_isolated
+from docpipe.config import RunConfig
+from docpipe.execute import stages
+from docpipe.records import RENDERED_SCHEMA, to_table
+from docpipe.render.document import expand_document
+from docpipe.render.isolated import expand_document_isolated
 
 
 def execute_local(config: RunConfig, todo, longest_edge: int, skip_ids: frozenset[str]):

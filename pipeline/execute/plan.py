@@ -7,13 +7,13 @@ from __future__ import annotations
 import logging
 import os
 
-from pipeline.config import RunConfig
-from pipeline.execute import stages
-from pipeline.execute.cluster import init_ray
-from pipeline.execute.resources import check_actor_memory, run_resources
-from pipeline.records import RENDERED_SCHEMA, to_table
-from pipeline.render.isolated import expand_document_isolated
-from pipeline.storage import register_secrets
+from docpipe.config import RunConfig
+from docpipe.execute import stages
+from docpipe.execute.cluster import init_ray
+from docpipe.execute.resources import check_actor_memory, run_resources
+from docpipe.records import RENDERED_SCHEMA, to_table
+from docpipe.render.isolated import expand_document_isolated
+from docpipe.storage import register_secrets
 
 
 def _expand_documents(batch, **render_args):
@@ -90,7 +90,7 @@ def _model_load_error(exc: BaseException):
     """
     import re
 
-    from pipeline.errors import ModelLoadError
+    from docpipe.errors import ModelLoadError
 
     seen, todo = set(), [exc]
     while todo:

@@ -6,7 +6,7 @@ import sys
 import threading
 import time
 
-from pipeline.output.sink import RunSink
+from docpipe.output.sink import RunSink
 
 
 class Progress:

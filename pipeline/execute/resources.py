@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from pipeline.config import FinetuneConfig, RunConfig
-from pipeline.errors import ConfigError
-from pipeline.model.engine import wants_continuous
-from pipeline.model.sizing import DEFAULT_MAX_PAGES
+from docpipe.config import FinetuneConfig, RunConfig
+from docpipe.errors import ConfigError
+from docpipe.model.engine import wants_continuous
+from docpipe.model.sizing import DEFAULT_MAX_PAGES
 
 GIB = 2**30
 # Without GPUs the model is the bottleneck and rendering needs a few percent of a core.

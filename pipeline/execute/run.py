@@ -13,19 +13,19 @@ import sys
 import time
 from dataclasses import dataclass
 
-from pipeline import __version__
-from pipeline.config import RunConfig
-from pipeline.errors import InputError, describe
-from pipeline.execute.local import execute_local
-from pipeline.execute.plan import execute_ray
-from pipeline.execute.progress import Progress
-from pipeline.model.load import render_edge_for, resolve_checkpoint
-from pipeline.output.resume import previous_ok, unchanged
-from pipeline.output.sink import RunSink
-from pipeline.output.store import prepare_output, remove_stale_tmp
-from pipeline.sources import list_inputs
-from pipeline.storage import register_secrets
-from schemas import RunManifest
+from docpipe import __version__
+from docpipe.config import RunConfig
+from docpipe.errors import InputError, describe
+from docpipe.execute.local import execute_local
+from docpipe.execute.plan import execute_ray
+from docpipe.execute.progress import Progress
+from docpipe.model.load import render_edge_for, resolve_checkpoint
+from docpipe.output.resume import previous_ok, unchanged
+from docpipe.output.sink import RunSink
+from docpipe.output.store import prepare_output, remove_stale_tmp
+from docpipe.sources import list_inputs
+from docpipe.storage import register_secrets
+from docpipe.schemas import RunManifest
 
 
 @dataclass
@@ -62,9 +62,9 @@ def _check_schema(config: RunConfig):
     """The extraction schema, loaded and compiled to a grammar; None for OCR alone."""
     if "extract" not in config.task:
         return None
-    from pipeline.errors import ConfigError
-    from pipeline.extract.grammar import build_grammar
-    from pipeline.extract.schema import load_schema
+    from docpipe.errors import ConfigError
+    from docpipe.extract.grammar import build_grammar
+    from docpipe.extract.schema import load_schema
 
     if not config.extract.schema_spec:
         raise ConfigError(f"task {config.task} needs a schema (--schema)")
@@ -86,9 +86,9 @@ def _list_inputs(config: RunConfig):
 
 def _take_lease(config: RunConfig, uri: str, run_id: str, started_at: str):
     """This run's lease on OUT (pipeline/output/lease.py), or None where the store has no conditional writes."""
-    from pipeline.errors import OutputError
-    from pipeline.output.lease import Lease, LeaseBusy, LeaseLost, store_for
-    from pipeline.storage import explain
+    from docpipe.errors import OutputError
+    from docpipe.output.lease import Lease, LeaseBusy, LeaseLost, store_for
+    from docpipe.storage import explain
 
     store = store_for(uri, config.storage, config.lease_expiry_s)
     if store is None:
@@ -124,7 +124,7 @@ def _run_leased(config: RunConfig, out, run_id: str, lease, schema, listing, sta
     checkpoint = resolve_checkpoint(config.model.name)
     longest_edge = config.render.longest_edge or render_edge_for(checkpoint, config.model)
     if config.model.adapter:
-        from pipeline.tools.finetune import adapter_mismatches
+        from docpipe.tools.finetune import adapter_mismatches
 
         for problem in adapter_mismatches(config.model.adapter, config, longest_edge):
             print(f"docpipe: warning: {problem}", file=sys.stderr)
@@ -183,8 +183,8 @@ def _resume(config: RunConfig, out, refs, sink: RunSink):
 
 def _check_lease(lease) -> None:
     """Stop writing once another run has taken this run's lease over (it missed renewals past the expiry)."""
-    from pipeline.errors import OutputError
-    from pipeline.output.lease import LeaseLost
+    from docpipe.errors import OutputError
+    from docpipe.output.lease import LeaseLost
 
     if lease is None:
         return
@@ -197,6 +197,6 @@ def _check_lease(lease) -> None:
 def _lake_step(config: RunConfig, out):
     if not config.iceberg.catalog:
         return None
-    from pipeline.output.lake import append_runs
+    from docpipe.output.lake import append_runs
 
     return lambda: append_runs(config.iceberg, out)

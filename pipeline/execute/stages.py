@@ -13,8 +13,8 @@ import threading
 import time
 from typing import Any
 
-from pipeline.config import RunConfig
-from pipeline.records import RESULT_SCHEMA, to_table
+from docpipe.config import RunConfig
+from docpipe.records import RESULT_SCHEMA, to_table
 
 
 def render_args(config: RunConfig, longest_edge: int, skip_ids: frozenset[str]) -> dict[str, Any]:
@@ -40,15 +40,15 @@ def model_actor(model_opts, extract_opts, task: str, fail_fast: bool = False):
 
     class ModelActor:
         def __init__(self):
-            from pipeline.model.load import load_model
-            from pipeline.ocr import OcrStage
+            from docpipe.model.load import load_model
+            from docpipe.ocr import OcrStage
 
             loaded = load_model(model_opts)
             # OCR passes chunk records through untouched; extraction passes page records through.
             self.ocr = OcrStage(model_opts, loaded=loaded, fail_fast=fail_fast)
             self.stages = [self.ocr]
             if "extract" in task:
-                from pipeline.extract.stage import ExtractStage
+                from docpipe.extract.stage import ExtractStage
 
                 self.stages.append(ExtractStage(model_opts, extract_opts, loaded, fail_fast))
             self.ready_at = time.time()  # tells the driver when the model could start work

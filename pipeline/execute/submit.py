@@ -14,9 +14,9 @@ import shlex
 import sys
 from pathlib import Path
 
-from pipeline.execute.cluster import use_token_auth
-from pipeline.config import RunConfig
-from pipeline.errors import ConfigError, FatalError
+from docpipe.execute.cluster import use_token_auth
+from docpipe.config import RunConfig
+from docpipe.errors import ConfigError, FatalError
 
 # Never uploaded with the working directory (Ray also honours the tree's .gitignore).
 EXCLUDES = [".git", ".venv", "demo_output", "*.egg-info", "__pycache__", ".pytest_cache"]
@@ -45,7 +45,7 @@ def job_entrypoint(config: RunConfig) -> str:
                           "catalog options")
     # The job runs in its own working directory: local paths are made absolute, so they mean what they meant
     # here (on a cluster sharing this filesystem; elsewhere, use URIs).
-    from pipeline.storage import is_remote
+    from docpipe.storage import is_remote
 
     def here(path: str) -> str:
         return path if is_remote(path) else os.path.abspath(path)
@@ -53,15 +53,30 @@ def job_entrypoint(config: RunConfig) -> str:
     config = config.model_copy(update={"inputs": [here(p) for p in config.inputs], "output": here(config.output),
                                        "manifests": [here(p) for p in config.manifests]})
     payload = json.dumps(config.model_dump(mode="json", exclude_defaults=True), separators=(",", ":"))
-    return f"python -m pipeline.cli run --config-json {shlex.quote(payload)}"
+    return f"python -m docpipe.cli run --config-json {shlex.quote(payload)}"
 
 
-def runtime_env(working_dir: str | None, env_vars: dict[str, str]) -> dict:
+def staged_package(tree: str, into: str) -> str:
+    """docpipe's own code from a checkout, laid out as the installed package (pipeline/ is docpipe, schemas/ and
+    jobs/ inside it), for Ray's py_modules: the job imports ``docpipe`` from it, ahead of any installed copy."""
+    import shutil
+
+    package = os.path.join(into, "docpipe")
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(os.path.join(tree, "pipeline"), package, ignore=ignore)
+    for sub in ("schemas", "jobs"):
+        shutil.copytree(os.path.join(tree, sub), os.path.join(package, sub), ignore=ignore)
+    return package
+
+
+def runtime_env(working_dir: str | None, env_vars: dict[str, str], package: str | None = None) -> dict:
     renv: dict = {"env_vars": dict(env_vars)} if env_vars else {}
     if working_dir:
         if not os.path.isdir(working_dir):
             raise ConfigError(f"--working-dir is not a folder: {working_dir}")
         renv.update(working_dir=working_dir, excludes=EXCLUDES)
+    if package:
+        renv["py_modules"] = [package]
     return renv
 
 
@@ -75,14 +90,20 @@ def submit(config: RunConfig, address: str, *, working_dir: str | None, env: dic
     except ImportError:
         raise FatalError("docpipe submit needs Ray's job client: pip install 'ray[default]'") from None
     entrypoint = job_entrypoint(config)
+    import tempfile
+
+    # With a working directory uploaded from this checkout, the job runs this checkout's docpipe too (a cluster
+    # without docpipe installed): the folders travel as the package they are installed as.
+    tree = source_tree() if working_dir else None
     try:
-        client = JobSubmissionClient(address)
-        job_id = client.submit_job(
-            entrypoint=entrypoint,
-            runtime_env=runtime_env(working_dir, env),
-            submission_id=submission_id,
-            metadata={"tool": "docpipe", "output": config.output},
-        )
+        with tempfile.TemporaryDirectory(prefix="docpipe-submit-") as staging:
+            client = JobSubmissionClient(address)
+            job_id = client.submit_job(
+                entrypoint=entrypoint,
+                runtime_env=runtime_env(working_dir, env, staged_package(tree, staging) if tree else None),
+                submission_id=submission_id,
+                metadata={"tool": "docpipe", "output": config.output},
+            )
     except FatalError:
         raise
     except Exception as exc:  # connection refused, a bad address, the server's refusal

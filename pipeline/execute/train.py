@@ -9,17 +9,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import FinetuneConfig
-from pipeline.execute.cluster import init_ray
-from pipeline.execute.resources import train_resources
-from pipeline.model.load import resolve_checkpoint
-from pipeline.storage import register_secrets
+from docpipe.config import FinetuneConfig
+from docpipe.execute.cluster import init_ray
+from docpipe.execute.resources import train_resources
+from docpipe.model.load import resolve_checkpoint
+from docpipe.storage import register_secrets
 
 
 def finetune(config: FinetuneConfig) -> dict[str, Any]:
     """Examples checked and rendered here, before any training; then the training loop in this process, or,
     with num_workers > 1, in Ray Train workers."""
-    from pipeline.tools.finetune import RECORD, prepare_examples, train
+    from docpipe.tools.finetune import RECORD, prepare_examples, train
 
     register_secrets(config.storage)
     prepared = prepare_examples(config)
@@ -58,7 +58,7 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
 
 
 def _finetune_worker(loop_config: dict[str, Any]) -> None:
-    """One Ray Train worker: torch.distributed is already set up; pipeline.tools.finetune.train does the rest."""
-    from pipeline.tools.finetune import train
+    """One Ray Train worker: torch.distributed is already set up; docpipe.tools.finetune.train does the rest."""
+    from docpipe.tools.finetune import train
 
     train(loop_config["config"], loop_config["prepared"])

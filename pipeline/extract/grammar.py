@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pipeline.config import ExtractOptions
-from pipeline.errors import ConfigError, describe
-from pipeline.extract.schema import generation_schema
+from docpipe.config import ExtractOptions
+from docpipe.errors import ConfigError, describe
+from docpipe.extract.schema import generation_schema
 
 
 # xgrammar writes a length-capped string's characters as [^"\\\r\n], which admits raw control characters

@@ -12,8 +12,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.config import ExtractOptions
-from pipeline.errors import ConfigError, describe
+from docpipe.config import ExtractOptions
+from docpipe.errors import ConfigError, describe
 
 
 PROMPT_TEMPLATE = (
@@ -54,7 +54,7 @@ def load_schema(spec: str) -> SchemaSpec:
     """A built-in name, a 'module:Class' pydantic model, or a JSON Schema file; a ConfigError otherwise."""
     from pydantic import BaseModel
 
-    from schemas.extraction import BUILTIN_SCHEMAS
+    from docpipe.schemas.extraction import BUILTIN_SCHEMAS
 
     if spec in BUILTIN_SCHEMAS:
         model = BUILTIN_SCHEMAS[spec]

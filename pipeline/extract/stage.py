@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pipeline.config import ExtractOptions, ModelOptions
-from pipeline.errors import describe, error_fields
-from pipeline.records import CHUNK
-from pipeline.extract.grammar import GrammarProcessor, RepetitionGuard, repetition_end, build_grammar
-from pipeline.extract.schema import instruction, load_schema
-from schemas import ErrorType
+from docpipe.config import ExtractOptions, ModelOptions
+from docpipe.errors import describe, error_fields
+from docpipe.records import CHUNK
+from docpipe.extract.grammar import GrammarProcessor, RepetitionGuard, repetition_end, build_grammar
+from docpipe.extract.schema import instruction, load_schema
+from docpipe.schemas import ErrorType
 
 
 class ExtractStage:
@@ -28,7 +28,7 @@ class ExtractStage:
 
         self.opts, self.extract, self.m, self.fail_fast = opts, extract, loaded, fail_fast
         self.spec = load_schema(extract.schema_spec)
-        from pipeline.model.load import stop_and_pad_ids
+        from docpipe.model.load import stop_and_pad_ids
 
         tokenizer = loaded.processor.tokenizer
         self.stop_ids, self.pad_id = stop_and_pad_ids(loaded)
@@ -39,7 +39,7 @@ class ExtractStage:
         self.text = instruction(self.spec, extract)
 
     def prompt(self, pages: int) -> str:
-        from pipeline.model.load import chat_prompt
+        from docpipe.model.load import chat_prompt
 
         return chat_prompt(self.m.processor, pages, self.text)
 
@@ -47,7 +47,7 @@ class ExtractStage:
         """Chunks are extracted batch_size to a generate() call (one grammar matcher per row), sorted by page
         count so a batch's prompts are of similar length. A batch that fails is retried chunk by chunk, so
         one document's failure stays in its own row."""
-        from pipeline.ocr import decode_page
+        from docpipe.ocr import decode_page
 
         todo = []
         for rec in records:
@@ -107,7 +107,7 @@ class ExtractStage:
         import torch
         from transformers import LogitsProcessorList, StoppingCriteriaList
 
-        from pipeline.ocr import model_inputs
+        from docpipe.ocr import model_inputs
 
         m = self.m
         device = m.device if self.opts.processor_device == "model" else "cpu"

@@ -28,7 +28,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.model.generation import Generation
+from docpipe.model.generation import Generation
 
 
 def _bank_embedding(embed, bank):
@@ -129,7 +129,7 @@ class ContinuousEngine:
         import torch
         from transformers import AutoModelForCausalLM
 
-        from pipeline.model.load import chat_prompt
+        from docpipe.model.load import chat_prompt
 
         self.m, self.opts, self.stop_ids = loaded, opts, stop_ids
         model = loaded.model
@@ -509,7 +509,7 @@ def _plan_on_gpu(loaded, opts, prompt_tokens: int, rows_per_page: int, splitting
     """The engine's size on this GPU, from the memory left after loading (pipeline/model/sizing.py)."""
     import torch
 
-    from pipeline.model.sizing import (batch_tokens, encode_bytes_per_page, kv_bytes_per_page, kv_bytes_per_token,
+    from docpipe.model.sizing import (batch_tokens, encode_bytes_per_page, kv_bytes_per_page, kv_bytes_per_token,
                                         plan_pages)
 
     config = loaded.model.config

@@ -16,8 +16,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.errors import ModelLoadError, describe
-from pipeline.model.generation import Generation
+from docpipe.errors import ModelLoadError, describe
+from docpipe.model.generation import Generation
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def choose_engine(loaded, opts, stop_ids: list[int], pad_id: int) -> EngineChoic
     problem = continuous_unsupported(opts)
     if problem is None:
         try:
-            from pipeline.model.continuous import ContinuousEngine
+            from docpipe.model.continuous import ContinuousEngine
 
             engine = ContinuousEngine(loaded, opts, stop_ids, pad_id, opts.pages_in_flight)
             reason = "requested" if requested == "continuous" else f"auto on {loaded.device}"

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import TINY_MODEL, ModelOptions
-from pipeline.errors import ModelLoadError, describe
+from docpipe.config import TINY_MODEL, ModelOptions
+from docpipe.errors import ModelLoadError, describe
 
 
 RANDOM_PREFIX = "random:"  # "random:idefics2-8b": a shipped architecture with random weights (benchmarks)
@@ -21,11 +21,11 @@ RANDOM_PREFIX = "random:"  # "random:idefics2-8b": a shipped architecture with r
 def resolve_checkpoint(name: str) -> str:
     """A hub id or a local path for ``from_pretrained``; 'tiny-random' is built locally once and cached."""
     if name.startswith(RANDOM_PREFIX):
-        from pipeline.model.tiny import ensure_tiny_checkpoint
+        from docpipe.model.tiny import ensure_tiny_checkpoint
 
         return str(ensure_tiny_checkpoint())  # same processor configuration as the random model's
     if name == TINY_MODEL:
-        from pipeline.model.tiny import ensure_tiny_checkpoint
+        from docpipe.model.tiny import ensure_tiny_checkpoint
 
         return str(ensure_tiny_checkpoint())
     return name
@@ -126,7 +126,7 @@ def load_model(opts: ModelOptions, checkpoint: str | None = None) -> LoadedModel
     common = {"revision": opts.revision, "trust_remote_code": opts.trust_remote_code}
     try:
         if opts.name.startswith(RANDOM_PREFIX):
-            from pipeline.model.tiny import build_random_model
+            from docpipe.model.tiny import build_random_model
 
             model, processor = build_random_model(opts.name[len(RANDOM_PREFIX) :], device, dtype, attention)
         else:

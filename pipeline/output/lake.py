@@ -14,11 +14,11 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline.config import IcebergOptions
-from pipeline.errors import OutputError, describe
-from pipeline.output.store import Output
-from pipeline.output.tables import files_by_run, read_table
-from schemas import DOCUMENTS_SCHEMA, PAGES_SCHEMA
+from docpipe.config import IcebergOptions
+from docpipe.errors import OutputError, describe
+from docpipe.output.store import Output
+from docpipe.output.tables import files_by_run, read_table
+from docpipe.schemas import DOCUMENTS_SCHEMA, PAGES_SCHEMA
 
 RUN_PROPERTY = "docpipe.run_id"
 _DATE = re.compile(r"ingest_date=(\d{4}-\d{2}-\d{2})/")

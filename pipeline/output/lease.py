@@ -323,7 +323,7 @@ def parse(data: bytes) -> Holder | None:
 def store_for(uri: str, storage=None, expiry_s: float | None = None):
     """Where an output's lease lives: a LocalStore, an S3Store, or None for stores without conditional writes
     reachable here (gs://, abfs://), where the run goes on unprotected (the caller says so)."""
-    from pipeline.storage import is_remote, resolve, scheme_of, strip_scheme
+    from docpipe.storage import is_remote, resolve, scheme_of, strip_scheme
 
     if not is_remote(uri):
         _, base = resolve(uri, storage)
@@ -336,15 +336,15 @@ def store_for(uri: str, storage=None, expiry_s: float | None = None):
 
 
 def s3_client(storage=None, expiry_s: float | None = None):
-    """A boto3 S3 client with the settings pyarrow's S3 filesystem gets (pipeline.storage.s3_settings): pyarrow
+    """A boto3 S3 client with the settings pyarrow's S3 filesystem gets (docpipe.storage.s3_settings): pyarrow
     cannot send conditional PUTs. For a lease with ``expiry_s``, short timeouts and two attempts, so that one
     request, retries included, takes at most about a seventh of the expiry and a renewal cannot outlast it."""
     import boto3
     from botocore import UNSIGNED
     from botocore.config import Config
 
-    from pipeline.config import StorageOptions
-    from pipeline.storage import s3_settings
+    from docpipe.config import StorageOptions
+    from docpipe.storage import s3_settings
 
     storage = storage or StorageOptions()
     settings = s3_settings(storage)

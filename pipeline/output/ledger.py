@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 
-from pipeline.errors import ERROR_KEYS, error_fields
-from pipeline.records import CHUNK, DOCUMENT
-from pipeline.sources import DocumentRef
-from schemas import EXTRACTION_COLUMNS, ErrorType
+from docpipe.errors import ERROR_KEYS, error_fields
+from docpipe.records import CHUNK, DOCUMENT
+from docpipe.sources import DocumentRef
+from docpipe.schemas import EXTRACTION_COLUMNS, ErrorType
 
 
 class DocumentLedger:
@@ -90,7 +90,7 @@ class DocumentLedger:
         """One document's extraction from its chunks: merged in page order, then validated once more."""
         import json
 
-        from pipeline.extract.merge import merge_chunks
+        from docpipe.extract.merge import merge_chunks
 
         row.update(schema_name=self.schema.name, schema_hash=self.schema.hash)
         failed = [c for c in chunks if c["status"] != "ok"]

@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 
-from pipeline.errors import OutputError, describe
-from pipeline.output.store import Output
-from pipeline.output.tables import read_rows
-from pipeline.sources import DocumentRef
-from pipeline.storage import explain
+from docpipe.errors import OutputError, describe
+from docpipe.output.store import Output
+from docpipe.output.tables import read_rows
+from docpipe.sources import DocumentRef
+from docpipe.storage import explain
 
 
 def previous_ok(out: Output) -> dict[str, dict[str, Any]]:

@@ -13,12 +13,12 @@ from collections import Counter
 from typing import Any
 
 
-from pipeline.records import CHUNK, DOCUMENT, PAGE
-from pipeline.sources import DocumentRef
-from schemas import CONTRACT_VERSION, DOCUMENTS_SCHEMA, PAGES_SCHEMA, RunManifest, TextSource
-from pipeline.output.ledger import DocumentLedger
-from pipeline.output.store import Output
-from pipeline.output.writer import TableWriter
+from docpipe.records import CHUNK, DOCUMENT, PAGE
+from docpipe.sources import DocumentRef
+from docpipe.schemas import CONTRACT_VERSION, DOCUMENTS_SCHEMA, PAGES_SCHEMA, RunManifest, TextSource
+from docpipe.output.ledger import DocumentLedger
+from docpipe.output.store import Output
+from docpipe.output.writer import TableWriter
 
 
 class RunSink:

@@ -7,9 +7,9 @@ from __future__ import annotations
 import os
 
 
-from pipeline.config import StorageOptions
-from pipeline.errors import OutputError, describe
-from pipeline.storage import explain, is_remote, join, resolve
+from docpipe.config import StorageOptions
+from docpipe.errors import OutputError, describe
+from docpipe.storage import explain, is_remote, join, resolve
 
 
 class Output:

@@ -11,8 +11,8 @@ import json
 import re
 from typing import Any, Iterable
 
-from pipeline.output.store import Output, sealed_files
-from schemas import DOCUMENTS_SCHEMA, PAGES_SCHEMA
+from docpipe.output.store import Output, sealed_files
+from docpipe.schemas import DOCUMENTS_SCHEMA, PAGES_SCHEMA
 
 SCHEMAS = {"pages": PAGES_SCHEMA, "documents": DOCUMENTS_SCHEMA}
 _PART = re.compile(r"part-(?P<run>.+)-\d{5}\.parquet$")  # the writer's file name: part-<run_id>-<index>.parquet

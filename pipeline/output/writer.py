@@ -8,7 +8,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.output.store import Output
+from docpipe.output.store import Output
 
 
 class TableWriter:

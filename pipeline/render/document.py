@@ -12,12 +12,12 @@ import hashlib
 import io
 from typing import Any, Iterator
 
-from pipeline.config import RenderOptions, RouteOptions, StorageOptions
-from pipeline.errors import RowError, describe, error_fields
-from pipeline.records import CHUNK, DOCUMENT, PAGE
-from pipeline.storage import read_bytes
-from pipeline.render.open import IMAGE_TYPES, PDF, open_pages
-from schemas import ErrorType
+from docpipe.config import RenderOptions, RouteOptions, StorageOptions
+from docpipe.errors import RowError, describe, error_fields
+from docpipe.records import CHUNK, DOCUMENT, PAGE
+from docpipe.storage import read_bytes
+from docpipe.render.open import IMAGE_TYPES, PDF, open_pages
+from docpipe.schemas import ErrorType
 
 
 SAME_BYTES = "the same bytes are already ok in this output"
@@ -114,8 +114,8 @@ def _route(page, rendered, route: RouteOptions, fail_fast: bool = False) -> dict
     """text and text_source for a page answered without the model, and route_reason for every page: why it was
     answered so, or why the model must read it (route.trust_text_layer's reasons, text_layer_never,
     text_layer_error)."""
-    from pipeline.render.route import ConversionError, is_blank, trust_text_layer
-    from pipeline.render.text_layer import clean_text
+    from docpipe.render.route import ConversionError, is_blank, trust_text_layer
+    from docpipe.render.text_layer import clean_text
 
     reason = "text_layer_never"
     if route.text_layer == "auto":
@@ -145,7 +145,7 @@ def _route(page, rendered, route: RouteOptions, fail_fast: bool = False) -> dict
 
 def _pixels(rendered):
     """A rendered page as an (H, W, 3) uint8 array."""
-    from pipeline.render.pixels import RAW_CODEC, decode_raw
+    from docpipe.render.pixels import RAW_CODEC, decode_raw
 
     if rendered.codec == RAW_CODEC:
         return decode_raw(rendered.image, rendered.width, rendered.height)

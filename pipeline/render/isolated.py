@@ -9,11 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from pipeline.config import RenderOptions
-from pipeline.errors import describe, error_fields
-from pipeline.records import CHUNK, DOCUMENT, PAGE
-from pipeline.render.document import SAME_BYTES, expand_document
-from schemas import ErrorType
+from docpipe.config import RenderOptions
+from docpipe.errors import describe, error_fields
+from docpipe.records import CHUNK, DOCUMENT, PAGE
+from docpipe.render.document import SAME_BYTES, expand_document
+from docpipe.schemas import ErrorType
 
 
 STARTUP_S = 120  # for a render process to start
@@ -104,7 +104,7 @@ def _render_worker() -> tuple[_RenderWorker | None, tuple[str, str] | None]:
     ctx = mp.get_context("forkserver")  # forks from a clean server process, not from a threaded Ray worker
     # Each render process is forked with its readers already imported: a replacement for a killed one must not
     # spend a document's page time limit importing MuPDF (about a second, several on a loaded machine).
-    ctx.set_forkserver_preload(["pipeline.render.document", "pymupdf", "pypdfium2", "PIL.Image"])
+    ctx.set_forkserver_preload(["docpipe.render.document", "pymupdf", "pypdfium2", "PIL.Image"])
     conn, child_conn = ctx.Pipe(duplex=True)
     process = ctx.Process(target=_render_server, args=(child_conn,), daemon=True)
     process.start()

@@ -7,10 +7,10 @@ from __future__ import annotations
 import io
 from typing import Iterator
 
-from pipeline.config import RenderOptions
-from pipeline.errors import RowError, describe
-from pipeline.render.pixels import render_image, render_pdf_page
-from schemas import ErrorType
+from docpipe.config import RenderOptions
+from docpipe.errors import RowError, describe
+from docpipe.render.pixels import render_image, render_pdf_page
+from docpipe.schemas import ErrorType
 
 
 PDF = "application/pdf"
@@ -41,7 +41,7 @@ def open_pages(data: bytes, media_type: str | None) -> Iterator:
 
 
 def _pdf_pages(data: bytes) -> Iterator:
-    """MuPDF's pages; PDFium's (pipeline.render.pdfium) for a document MuPDF cannot open, finds no pages in or asks a
+    """MuPDF's pages; PDFium's (docpipe.render.pdfium) for a document MuPDF cannot open, finds no pages in or asks a
     password for, and for each page MuPDF fails on."""
     pdf, page_count, problem = _open_mupdf(data)
     if problem is not None:
@@ -49,7 +49,7 @@ def _pdf_pages(data: bytes) -> Iterator:
         return
     yield page_count, _PdfPage.renderer
     fallback = _PdfiumFallback(data)
-    from pipeline.render.text_layer import RunningLines
+    from docpipe.render.text_layer import RunningLines
 
     running = RunningLines(pdf)  # running heads and page numbers, found across neighbouring pages
     for index in range(page_count):
@@ -75,7 +75,7 @@ def _open_mupdf(data: bytes):
 
 def _pdfium_pages(data: bytes, mupdf_what: str, mupdf_why: str) -> Iterator:
     """PDFium's pages of a document MuPDF gave up on; if PDFium gives none either, the error both agree on."""
-    from pipeline.render.pdfium import PdfiumOpenError, PdfiumPage, open_pdfium
+    from docpipe.render.pdfium import PdfiumOpenError, PdfiumPage, open_pdfium
 
     try:
         pdf = open_pdfium(data)
@@ -103,7 +103,7 @@ class _PdfiumFallback:
         self.data, self.pdf, self.error = data, None, None  # error: why PDFium could not open it
 
     def page(self, index: int):
-        from pipeline.render.pdfium import PdfiumOpenError, PdfiumPage, open_pdfium
+        from docpipe.render.pdfium import PdfiumOpenError, PdfiumPage, open_pdfium
 
         if self.pdf is None and self.error is None:
             try:
@@ -153,7 +153,7 @@ class _PdfPage:
 
     def text_layer(self):
         """This renderer's view of the page's text layer (route.TextLayer), or None if it offers none."""
-        from pipeline.render.route import pymupdf_text_layer
+        from docpipe.render.route import pymupdf_text_layer
 
         return pymupdf_text_layer(self.pdf.load_page(self.index), self.running)
 

@@ -9,10 +9,10 @@ reads the same whichever engine drew it.
 
 from __future__ import annotations
 
-from pipeline.config import RenderOptions
-from pipeline.errors import RowError, describe
-from pipeline.render.pixels import RenderedPage, encode_raw, pdf_pixels, pdf_zoom
-from schemas import ErrorType
+from docpipe.config import RenderOptions
+from docpipe.errors import RowError, describe
+from docpipe.render.pixels import RenderedPage, encode_raw, pdf_pixels, pdf_zoom
+from docpipe.schemas import ErrorType
 
 # FPDF_GetLastError codes. PDFium sets none when it refuses a document for having no pages (no page tree,
 # or an empty one), so the code is first set to FILE_ERROR, which a load from memory never sets itself.
@@ -84,7 +84,7 @@ class PdfiumPage:
 
         import pypdfium2.raw as c
 
-        from pipeline.render.route import TextLayer, is_bad_char
+        from docpipe.render.route import TextLayer, is_bad_char
 
         page = self._page()
         try:

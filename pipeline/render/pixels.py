@@ -6,9 +6,9 @@ import io
 import math
 from dataclasses import dataclass
 
-from pipeline.config import RenderOptions
-from pipeline.errors import RowError
-from schemas import ErrorType
+from docpipe.config import RenderOptions
+from docpipe.errors import RowError
+from docpipe.schemas import ErrorType
 
 
 RAW_CODEC = "rgb8+zstd"  # row-major 8-bit RGB, zstd-compressed

@@ -26,8 +26,8 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Callable
 
-from pipeline.config import RouteOptions
-from pipeline.render.text_layer import normalise_layout  # noqa: F401  (re-exported: how pages carry text)
+from docpipe.config import RouteOptions
+from docpipe.render.text_layer import normalise_layout  # noqa: F401  (re-exported: how pages carry text)
 
 FULL_PAGE_IMAGE = 0.9  # share of the page an image must cover to make it a scan
 WHITE = 0.95  # every sRGB component at least this light
@@ -101,7 +101,7 @@ def pymupdf_text_layer(page, running=None) -> TextLayer:
     clipped away by MuPDF, so it is neither counted nor kept."""
     import pymupdf
 
-    from pipeline.render.text_layer import math_char_count, page_markdown
+    from docpipe.render.text_layer import math_char_count, page_markdown
 
     tp = page.get_textpage(flags=pymupdf.TEXTFLAGS_TEXT)
     blocks = tp.extractDICT()["blocks"]

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.tools.corpus import LENGTH_SEED, LENGTH_SPREAD, length_mix
+from docpipe.tools.corpus import LENGTH_SEED, LENGTH_SPREAD, length_mix
 
 
 class _PeakSampler:
@@ -83,11 +83,11 @@ def _best_rate(fn, pages: int, rounds: int = 2) -> float:
 def measure_render(paths: list[Path], opts, longest_edge: int) -> dict[str, float]:
     import pymupdf
 
-    from pipeline.render.document import expand_document
+    from docpipe.render.document import expand_document
 
-    from pipeline.render.isolated import expand_document_isolated
-    from pipeline.records import RENDERED_SCHEMA, to_table
-    from pipeline.render.pixels import _zstd, pdf_zoom
+    from docpipe.render.isolated import expand_document_isolated
+    from docpipe.records import RENDERED_SCHEMA, to_table
+    from docpipe.render.pixels import _zstd, pdf_zoom
 
     pages = sum(pymupdf.open(p).page_count for p in paths)
     sizes: list[int] = []
@@ -132,10 +132,10 @@ def measure_routing(paths: list[Path], opts, longest_edge: int) -> dict[str, flo
     the CPU the text layer's rules and Markdown take per page on their own (the budget: 0.2 s of one core)."""
     import pymupdf
 
-    from pipeline.config import RouteOptions
-    from pipeline.render.document import expand_document
-    from pipeline.render.route import pymupdf_text_layer
-    from pipeline.render.text_layer import RunningLines
+    from docpipe.config import RouteOptions
+    from docpipe.render.document import expand_document
+    from docpipe.render.route import pymupdf_text_layer
+    from docpipe.render.text_layer import RunningLines
 
     route = RouteOptions(text_layer="auto")
     sources: list[str | None] = []
@@ -166,9 +166,9 @@ def measure_baseline(paths: list[Path], model_opts, longest_edge: int) -> dict[s
     import torch
     from PIL import Image
 
-    from pipeline.model.load import load_model
-    from pipeline.render.pixels import pdf_zoom
-    from pipeline.config import RenderOptions
+    from docpipe.model.load import load_model
+    from docpipe.render.pixels import pdf_zoom
+    from docpipe.config import RenderOptions
 
     m = load_model(model_opts)
     opts = RenderOptions()
@@ -210,11 +210,11 @@ def describe_device() -> str:
 
 
 def run_bench(args) -> dict[str, Any]:
-    from pipeline.tools.corpus import make_bench_corpus
-    from pipeline.config import TINY_MODEL, ModelOptions, RenderOptions, RunConfig
-    from pipeline.model.load import pick_device, render_edge_for, resolve_checkpoint
-    from pipeline.execute.cluster import init_ray, shutdown_ray
-    from pipeline.execute.run import run
+    from docpipe.tools.corpus import make_bench_corpus
+    from docpipe.config import TINY_MODEL, ModelOptions, RenderOptions, RunConfig
+    from docpipe.model.load import pick_device, render_edge_for, resolve_checkpoint
+    from docpipe.execute.cluster import init_ray, shutdown_ray
+    from docpipe.execute.run import run
 
     gpu = pick_device() == "cuda"
     name = f"random:{args.random_weights}" if args.random_weights else (args.model or TINY_MODEL)
@@ -317,10 +317,10 @@ def measure_engines(paths: list[Path], model_opts, longest_edge: int, pages: int
     through the lm_head (a page padded along in a static batch still costs its row)."""
     import gc
 
-    from pipeline.config import RenderOptions
-    from pipeline.render.document import expand_document
-    from pipeline.model.load import load_model, pick_device
-    from pipeline.ocr import OcrStage
+    from docpipe.config import RenderOptions
+    from docpipe.render.document import expand_document
+    from docpipe.model.load import load_model, pick_device
+    from docpipe.ocr import OcrStage
 
     records = []
     for p in paths:
@@ -400,7 +400,7 @@ def _engine_unavailable(update: dict[str, Any], device: str, name: str) -> str |
 
 def main(args) -> None:
     if getattr(args, "gpu_check", False):
-        from pipeline.tools.gpu_check import main as gpu_check_main
+        from docpipe.tools.gpu_check import main as gpu_check_main
 
         gpu_check_main(args)
         return
@@ -419,13 +419,13 @@ def main(args) -> None:
 
 
 def engines_main(args) -> None:
-    from pipeline.tools.corpus import make_bench_corpus, make_image_corpus
-    from pipeline.config import TINY_MODEL, ModelOptions
-    from pipeline.model.load import pick_device, render_edge_for, resolve_checkpoint
+    from docpipe.tools.corpus import make_bench_corpus, make_image_corpus
+    from docpipe.config import TINY_MODEL, ModelOptions
+    from docpipe.model.load import pick_device, render_edge_for, resolve_checkpoint
 
     unknown = set(args.engine_row or []) - {label for label, _ in ENGINES}
     if unknown:
-        from pipeline.errors import ConfigError
+        from docpipe.errors import ConfigError
 
         raise ConfigError(f"no engine row {sorted(unknown)[0]!r}; the rows are: "
                           + ", ".join(repr(label) for label, _ in ENGINES))

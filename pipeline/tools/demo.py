@@ -82,8 +82,8 @@ def make_samples(folder: str | os.PathLike) -> list[Path]:
 def prepare(args) -> tuple[list[str], str]:
     """Write the sample documents and pick the model (the tiny one without a GPU); the run's inputs and output.
     cli.py runs them and prints the summary, then ``show``."""
-    from pipeline.config import TINY_MODEL
-    from pipeline.model.load import pick_device
+    from docpipe.config import TINY_MODEL
+    from docpipe.model.load import pick_device
 
     workdir = Path(args.workdir)
     samples = make_samples(workdir / "samples")

@@ -34,7 +34,7 @@ from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from pipeline.errors import ConfigError, InputError
+from docpipe.errors import ConfigError, InputError
 
 LABEL_FORMATS = (".parquet", ".jsonl", ".csv")
 DATE_FORMATS = ("%Y-%m-%d", "%Y/%m/%d", "%d %B %Y", "%d %b %Y", "%B %d, %Y", "%b %d, %Y", "%B %d %Y",
@@ -154,7 +154,7 @@ class OutputRows:
 
 def read_output(out) -> OutputRows:
     """The latest page and document rows of every sealed file in OUT (any contract version)."""
-    from pipeline.output.tables import read_rows
+    from docpipe.output.tables import read_rows
 
     pages: dict[tuple[str, int], dict[str, Any]] = {}
     for row in read_rows(out, "pages", ["source_uri", "doc_id", "page_number", "status", "text", "text_source",
@@ -196,12 +196,12 @@ def score_labels(rows: OutputRows, labels: list[dict[str, Any]]) -> tuple[dict[s
 
 def score_against_text_layer(rows: OutputRows, storage=None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Model-read pages of PDFs whose text layer the routing rules trust, scored against that layer."""
-    from pipeline.config import RouteOptions
-    from pipeline.render.open import PDF
-    from pipeline.render.document import sniff_media_type
-    from pipeline.render.route import ConversionError, pymupdf_text_layer, trust_text_layer
-    from pipeline.render.text_layer import RunningLines, clean_text
-    from pipeline.storage import read_bytes
+    from docpipe.config import RouteOptions
+    from docpipe.render.open import PDF
+    from docpipe.render.document import sniff_media_type
+    from docpipe.render.route import ConversionError, pymupdf_text_layer, trust_text_layer
+    from docpipe.render.text_layer import RunningLines, clean_text
+    from docpipe.storage import read_bytes
 
     import pymupdf
 
@@ -231,7 +231,7 @@ def score_against_text_layer(rows: OutputRows, storage=None) -> tuple[dict[str, 
                     layer = None
                 elif row.get("renderer") == "pdfium" or pdf.needs_pass:
                     # The engine that drew the page reads its layer: MuPDF refuses these documents or pages.
-                    from pipeline.render.pdfium import PdfiumPage, open_pdfium
+                    from docpipe.render.pdfium import PdfiumPage, open_pdfium
 
                     pdfium_doc = pdfium_doc or open_pdfium(data)
                     layer = PdfiumPage(pdfium_doc, index).text_layer()
@@ -312,7 +312,7 @@ def write_scores(per_page: list[dict[str, Any]], out, path: str | None) -> str:
 def evaluate(output: str, labels: str | None = None, against: str | None = None, scores: str | None = None,
              storage=None) -> dict[str, Any]:
     """Score OUT; returns the summary (with ``scores_file``), as --json writes it."""
-    from pipeline.output.store import Output
+    from docpipe.output.store import Output
 
     out = Output(output, storage)
     rows = read_output(out)

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import FinetuneConfig
-from pipeline.errors import ConfigError, ExamplesError, describe
+from docpipe.config import FinetuneConfig
+from docpipe.errors import ConfigError, ExamplesError, describe
 
 RECORD = "docpipe_finetune.json"  # written beside the adapter: base model, options, examples' hash, losses
 CHECKPOINTS = "checkpoints"
@@ -59,7 +59,7 @@ class Prepared:
 
 def read_rows(path: str, storage=None) -> list[dict[str, Any]]:
     """Rows of a JSONL file (one object a line) or a Parquet file or folder (e.g. a run's OUT/pages)."""
-    from pipeline.storage import read_bytes, resolve
+    from docpipe.storage import read_bytes, resolve
 
     try:
         if path.endswith((".jsonl", ".ndjson", ".json")):
@@ -84,7 +84,7 @@ def read_rows(path: str, storage=None) -> list[dict[str, Any]]:
 def examples_from_rows(rows: list[dict[str, Any]], path: str, config: FinetuneConfig) -> list[Example]:
     """Pages rows become OCR examples, documents rows with an extraction become extraction examples; the
     extraction is validated against its schema and written as the grammar makes the model write it."""
-    from pipeline.extract.schema import canonical_json, instruction, load_schema
+    from docpipe.extract.schema import canonical_json, instruction, load_schema
 
     schemas: dict[str, Any] = {}
     out = []
@@ -132,8 +132,8 @@ def examples_from_rows(rows: list[dict[str, Any]], path: str, config: FinetuneCo
 def render_examples(examples: list[Example], config: FinetuneConfig, longest_edge: int) -> None:
     """Render each example's pages with the run's own code, at the run's size; what can't be read or is out
     of range becomes the example's problem. Each document is opened once."""
-    from pipeline.render.document import expand_document
-    from pipeline.records import DOCUMENT, PAGE
+    from docpipe.render.document import expand_document
+    from docpipe.records import DOCUMENT, PAGE
 
     by_uri: dict[str, list[Example]] = {}
     for ex in examples:
@@ -197,7 +197,7 @@ def examples_hash(train: list[Example], evals: list[Example]) -> str:
 def prepare_examples(config: FinetuneConfig) -> Prepared:
     """Read, validate and render every example before any training: all problems are listed at once, or,
     with skip_invalid, the examples that have them are dropped and counted."""
-    from pipeline.model.load import render_edge_for, resolve_checkpoint
+    from docpipe.model.load import render_edge_for, resolve_checkpoint
 
     if config.model.adapter:
         raise ConfigError("model.adapter is set: fine-tuning trains a new adapter on the base model")
@@ -252,7 +252,7 @@ def answer_text(processor, ex: Example, prompt: str) -> str:
     OCR: the chat template's assistant turn (the model's free text follows the cue after a space; runs strip
     it). Extraction: the JSON straight after the cue, since the grammar allows no whitespace before it (a
     space learned there would be a token the grammar forbids at the first step)."""
-    from pipeline.model.load import chat_prompt
+    from docpipe.model.load import chat_prompt
 
     if ex.kind == "extract":
         return ex.answer + EOU
@@ -282,8 +282,8 @@ def encode(m, examples: list[Example], processor_device: str) -> dict[str, Any]:
     and the assistant's cue are all IGNORE."""
     import torch
 
-    from pipeline.model.load import chat_prompt
-    from pipeline.ocr import decode_page, model_inputs
+    from docpipe.model.load import chat_prompt
+    from docpipe.ocr import decode_page, model_inputs
 
     processor = m.processor
     tok = processor.tokenizer
@@ -330,7 +330,7 @@ def _target_modules(names: list[str]) -> str:
 def _load_for_training(config: FinetuneConfig):
     import torch
 
-    from pipeline.model.load import load_model, pick_device
+    from docpipe.model.load import load_model, pick_device
 
     if config.model.quantization != "none" and pick_device() != "cuda":
         raise ConfigError("QLoRA (model.quantization 4bit/8bit, --qlora) needs a CUDA GPU: bitsandbytes "

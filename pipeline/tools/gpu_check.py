@@ -143,7 +143,7 @@ def versions(loaded_opts) -> dict[str, Any]:
     import torch
     import transformers
 
-    from pipeline.model.load import pick_attention, pick_device, pick_dtype
+    from docpipe.model.load import pick_attention, pick_device, pick_dtype
 
     device = pick_device()
     cuda = torch.cuda.is_available()
@@ -204,7 +204,7 @@ def _best_seconds(fn, reps: int) -> float:
 def load(opts) -> tuple[Any, dict[str, Any]]:
     import torch
 
-    from pipeline.model.load import load_model
+    from docpipe.model.load import load_model
 
     _sync()
     t0 = time.perf_counter()
@@ -227,7 +227,7 @@ def encode(loaded, pixels: list, sizes: list[int]) -> dict[str, Any]:
     connector starts. Peak memory is above what was allocated before the call (CUDA only)."""
     import torch
 
-    from pipeline.ocr import model_inputs
+    from docpipe.ocr import model_inputs
 
     inner = loaded.model.model
     marks: dict[str, float] = {}
@@ -371,7 +371,7 @@ def agreement(loaded, opts, records: list[dict[str, Any]]) -> dict[str, Any]:
     full model (generate's prefill) against the continuous engine's text model fed from its feature bank."""
     import torch
 
-    from pipeline.ocr import OcrStage
+    from docpipe.ocr import OcrStage
 
     gen = OcrStage(opts.model_copy(update={"engine": "generate"}), loaded=loaded)
     by_gen = gen([dict(r) for r in records])
@@ -404,7 +404,7 @@ def agreement(loaded, opts, records: list[dict[str, Any]]) -> dict[str, Any]:
 def _first_step_logit_diff(loaded, stage, records: list[dict[str, Any]]) -> float:
     import torch
 
-    from pipeline.ocr import decode_page, model_inputs
+    from docpipe.ocr import decode_page, model_inputs
 
     engine = stage.engine
     pixels = [decode_page(r["image"], r.get("image_codec"), r["width"], r["height"]) for r in records]
@@ -433,7 +433,7 @@ def engines(loaded, opts, records: list[dict[str, Any]], lengths: list[int]) -> 
     """Both engines on the same pages, each page forced to its own length (the bench's length mix)."""
     import torch
 
-    from pipeline.ocr import OcrStage
+    from docpipe.ocr import OcrStage
 
     out: dict[str, Any] = {}
     for name in ("generate", "continuous"):
@@ -478,8 +478,8 @@ def _parts_failed(rows: list[dict[str, Any]], key: str) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------ the command
 def main(args) -> dict[str, Any]:
-    from pipeline.config import TINY_MODEL, ModelOptions
-    from pipeline.model.load import pick_device
+    from docpipe.config import TINY_MODEL, ModelOptions
+    from docpipe.model.load import pick_device
 
     t_start = time.perf_counter()
     gpu = pick_device() == "cuda"
@@ -522,7 +522,7 @@ def main(args) -> dict[str, Any]:
         return records
 
     def encode_section():
-        from pipeline.ocr import decode_page
+        from docpipe.ocr import decode_page
 
         recs = pages_needed()[:4]  # a few distinct pages, repeated: the cost depends on the size, not the text
         return encode(loaded, [decode_page(r["image"], r.get("image_codec"), r["width"], r["height"]) for r in recs],
@@ -536,7 +536,7 @@ def main(args) -> dict[str, Any]:
         loaded, opts.model_copy(update={"max_new_tokens": plan.agreement_tokens}), pages_needed()[: plan.agreement_pages])))
 
     def engines_section():
-        from pipeline.tools.corpus import length_mix
+        from docpipe.tools.corpus import length_mix
 
         return engines(loaded, opts, pages_needed()[: plan.pages], length_mix(plan.pages, plan.median_tokens,
                                                                                plan.max_new_tokens))
@@ -548,7 +548,7 @@ def main(args) -> dict[str, Any]:
     print(f"bench --gpu-check: {len(SECTIONS) - len(check.results['failed_sections'])}/{len(SECTIONS)} sections ok "
           f"in {check.results['wall_s']:.0f} s" + (f"; wrote {args.json}" if args.json else ""), flush=True)
     if check.results["failed_sections"]:  # every section ran; the exit status still says not all is well
-        from pipeline.errors import FatalError
+        from docpipe.errors import FatalError
 
         raise FatalError(f"gpu-check: section(s) failed: {', '.join(check.results['failed_sections'])}"
                          + (f" (errors in {args.json})" if args.json else ""))
@@ -557,10 +557,10 @@ def main(args) -> dict[str, Any]:
 
 def _page_records(loaded, opts, pages: int, workdir: str | None) -> list[dict[str, Any]]:
     """Page records as runs make them, from pages drawn with Pillow at the render size (no PyMuPDF)."""
-    from pipeline.tools.corpus import make_image_corpus
-    from pipeline.config import RenderOptions
-    from pipeline.render.document import expand_document
-    from pipeline.model.load import render_edge_for, resolve_checkpoint
+    from docpipe.tools.corpus import make_image_corpus
+    from docpipe.config import RenderOptions
+    from docpipe.render.document import expand_document
+    from docpipe.model.load import render_edge_for, resolve_checkpoint
 
     edge = render_edge_for(resolve_checkpoint(opts.name), opts)
     work = Path(workdir or tempfile.mkdtemp(prefix="docpipe-gpu-check-"))

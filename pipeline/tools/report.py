@@ -21,10 +21,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.config import RenderOptions, StorageOptions
-from pipeline.errors import InputError, OutputError, describe
-from pipeline.storage import explain, is_remote, join
-from schemas import DOCUMENTS_SCHEMA, PAGES_SCHEMA
+from docpipe.config import RenderOptions, StorageOptions
+from docpipe.errors import InputError, OutputError, describe
+from docpipe.storage import explain, is_remote, join
+from docpipe.schemas import DOCUMENTS_SCHEMA, PAGES_SCHEMA
 
 ERROR_FIRST = ("error", "partial")  # statuses whose documents get a full view before any sample
 STATUS_ORDER = ("ok", "partial", "error", "skipped")
@@ -69,7 +69,7 @@ class ReportResult:
 
 
 def _output(uri: str, storage: StorageOptions | None):
-    from pipeline.output.store import Output
+    from docpipe.output.store import Output
 
     try:
         return Output(uri, storage)
@@ -79,7 +79,7 @@ def _output(uri: str, storage: StorageOptions | None):
 
 def run_ids(out) -> list[str]:
     """Finished runs in OUT (those with a manifest), oldest first: run ids start with their UTC start time."""
-    from pipeline.output import tables
+    from docpipe.output import tables
 
     try:
         return tables.run_ids(out)
@@ -89,7 +89,7 @@ def run_ids(out) -> list[str]:
 
 def load_manifest(out, run_id: str | None) -> dict[str, Any]:
     """The manifest of run ``run_id`` (the latest finished run by default)."""
-    from pipeline.output.tables import read_manifest
+    from docpipe.output.tables import read_manifest
 
     ids = run_ids(out)
     if not ids:
@@ -107,7 +107,7 @@ def load_manifest(out, run_id: str | None) -> dict[str, Any]:
 def _read_table(out, manifest: dict[str, Any], table: str, columns: list[str], uris: set[str] | None = None):
     """This run's rows of a table (the files its manifest lists), read with the contract's schema: columns older
     files lack read as null."""
-    from pipeline.output.tables import manifest_files, read_table
+    from docpipe.output.tables import manifest_files, read_table
 
     try:
         return read_table(out, table, columns, files=manifest_files(out, manifest, table), run_id=manifest["run_id"],
@@ -152,7 +152,7 @@ def json_tree(value: Any, errors: list[str]) -> tuple[dict[str, Any] | None, lis
     """The extraction as a tree of nodes for the template, each validation error placed at the deepest node
     its path names; errors naming no part of the JSON (the output as a whole, a failed chunk) come back apart.
 
-    Errors are 'path: message' with dotted paths (line_items.0.amount), as pipeline.extract.stage writes them."""
+    Errors are 'path: message' with dotted paths (line_items.0.amount), as docpipe.extract.stage writes them."""
     def build(v: Any, path: tuple[str, ...], key: str | None) -> dict[str, Any]:
         node = {"key": key, "path": ".".join(path), "errors": []}
         if isinstance(v, dict):
@@ -338,7 +338,7 @@ def rate_points(out, manifest: dict[str, Any]) -> list[tuple[float, int]]:
 
     Pages carry no timestamps; the files do: a run seals its files at every checkpoint, so a long run
     leaves one point per checkpoint_s. Empty files (no rows) are left out."""
-    from pipeline.output.tables import file_rows, manifest_files
+    from docpipe.output.tables import file_rows, manifest_files
 
     try:
         start = datetime.strptime(manifest["started_at"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
@@ -385,8 +385,8 @@ def render_images(source_uri: str, doc_id: str | None, storage: StorageOptions |
                   options: ReportOptions) -> tuple[dict[int, bytes], dict[int, str], list[str]]:
     """JPEG images of a document's first pages, rendered afresh by the run's own render stage (in its render
     process, under time limits); messages for pages that did not render; notes about the document."""
-    from pipeline.render.isolated import expand_document_isolated
-    from pipeline.records import DOCUMENT, PAGE
+    from docpipe.render.isolated import expand_document_isolated
+    from docpipe.records import DOCUMENT, PAGE
 
     opts = RenderOptions(image_format="jpeg", jpeg_quality=options.jpeg_quality,
                          page_timeout_s=options.page_timeout_s, document_timeout_s=options.document_timeout_s)
@@ -422,7 +422,7 @@ class Site:
     """The report's folder, local or in object storage; files are written whole (see sink.Output)."""
 
     def __init__(self, uri: str, storage: StorageOptions | None):
-        from pipeline.output.store import Output
+        from docpipe.output.store import Output
 
         self.out = Output(uri, storage)
         self.made: set[str] = set()
@@ -440,7 +440,7 @@ class Site:
 def _environment():
     from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
-    env = Environment(loader=PackageLoader("pipeline.tools", "templates"), undefined=StrictUndefined,
+    env = Environment(loader=PackageLoader("docpipe.tools", "templates"), undefined=StrictUndefined,
                       autoescape=select_autoescape(default=True, default_for_string=True))
     env.filters["basename"] = lambda uri: uri.rstrip("/").rsplit("/", 1)[-1] or uri
     env.filters["size"] = _human_size
@@ -460,7 +460,7 @@ def _human_size(n: int | None) -> str:
 def _asset(name: str) -> bytes:
     from importlib.resources import files
 
-    return files("pipeline.tools").joinpath("templates", name).read_bytes()
+    return files("docpipe.tools").joinpath("templates", name).read_bytes()
 
 
 def write_report(output_uri: str, run_id: str | None = None, site_uri: str | None = None,

@@ -61,7 +61,7 @@ def by_page(rows: list[dict[str, Any]]) -> dict[str, list]:
 def engine_texts(loaded, opts, pages: list[dict[str, Any]], encode_pages: int | None = None) -> dict[str, Any]:
     """Each page through generate alone (batch 1), then all pages through the continuous engine with ``opts``;
     the continuous engine's record, CUDA-graph choice and bank accounting, read before it is closed."""
-    from pipeline.ocr import OcrStage
+    from docpipe.ocr import OcrStage
 
     alone = by_page(OcrStage(opts.model_copy(update={"engine": "generate", "batch_size": 1}), loaded=loaded)(
         [dict(p) for p in pages]))
@@ -93,8 +93,8 @@ def free_cuda() -> None:
 def load_tiny(tiny_checkpoint):
     """Loads the tiny random Idefics2 on the GPU with the given options; every model it loaded is let go of at the
     end of the module."""
-    from pipeline.config import ModelOptions
-    from pipeline.model.load import load_model
+    from docpipe.config import ModelOptions
+    from docpipe.model.load import load_model
 
     loaded = []
 

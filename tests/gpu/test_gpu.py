@@ -39,9 +39,9 @@ def _equal(result: dict, pages: list[dict]) -> None:
 def test_auto_on_cuda_runs_the_continuous_engine_sized_from_the_gpu_memory(load_tiny):
     """The GPU counterpart of tests/test_engines.py's auto test (which needs a machine without CUDA): here the
     continuous engine starts, auto keeps it, and the reason gives the plan sized from the memory left."""
-    from pipeline.errors import ModelLoadError
-    from pipeline.model.engine import choose_engine
-    from pipeline.model.load import stop_and_pad_ids
+    from docpipe.errors import ModelLoadError
+    from docpipe.model.engine import choose_engine
+    from docpipe.model.load import stop_and_pad_ids
 
     loaded, opts = load_tiny(dtype="bfloat16", attention="sdpa")
     assert (loaded.device, loaded.dtype, loaded.attention) == ("cuda", torch.bfloat16, "sdpa")
@@ -139,8 +139,8 @@ def test_a_qlora_step_on_the_gpu_trains_the_adapter_over_4bit_weights(tiny_check
     require("bitsandbytes", "QLoRA loads the base model in 4 bits with it")
     from safetensors.torch import load_file
 
-    from pipeline.config import FinetuneConfig
-    from pipeline.tools.finetune import Example, Prepared, examples_hash, train
+    from docpipe.config import FinetuneConfig
+    from docpipe.tools.finetune import Example, Prepared, examples_hash, train
 
     config = FinetuneConfig(train="drawn.jsonl", output=str(tmp_path / "adapter"), epochs=2, learning_rate=1e-2,
                             model={"name": "tiny-random", "quantization": "4bit", "do_image_splitting": False},
@@ -168,8 +168,8 @@ RANDOM_8B_BYTES = 24 * 2**30  # 16.8 GB of bf16 weights, then the engine's KV ca
 def test_the_continuous_engine_on_random_idefics2_8b_gives_each_page_what_generate_gives_it():
     """The same equality at idefics2-8b's real sizes (random weights, built on the GPU), bf16 and sdpa, with a bank
     of 2 pages for 6 pages (each row reused three times)."""
-    from pipeline.config import ModelOptions
-    from pipeline.model.load import load_model
+    from docpipe.config import ModelOptions
+    from docpipe.model.load import load_model
 
     free_cuda()
     free, _ = torch.cuda.mem_get_info()
