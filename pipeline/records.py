@@ -11,7 +11,7 @@ from typing import Any, Iterable
 
 import pyarrow as pa
 
-from docpipe.schemas import DOCUMENTS_SCHEMA, EXTRACTION_COLUMNS
+from docpipe.schemas import BLOCK_TYPE, DOCUMENTS_SCHEMA, EXTRACTION_COLUMNS
 
 DOCUMENT = "document"
 PAGE = "page"
@@ -34,6 +34,7 @@ RENDERED_SCHEMA = pa.schema(
         ("text_source", pa.string()),  # docpipe.schemas.TextSource, once decided (the model stage sets "model")
         ("text", pa.large_string()),  # set by the render stage for text_layer and blank pages, else by the model
         ("route_reason", pa.string()),  # docpipe.schemas.RouteReason: why the render stage answered the page, or did not
+        ("blocks", pa.list_(BLOCK_TYPE)),  # the page's layout blocks (pages.blocks), from the text layer or the model
         ("status", pa.string()),
         ("error_type", pa.string()),
         ("error_message", pa.string()),

@@ -4,10 +4,14 @@ Importable without torch or Ray, so lake readers and tests can depend on it alon
 """
 
 from docpipe.schemas.contract import (
+    BLOCK_TYPE,
     CONTRACT_VERSION,
     DOCUMENTS_SCHEMA,
     EXTRACTION_COLUMNS,
+    FURNITURE,
     PAGES_SCHEMA,
+    Block,
+    BlockKind,
     DocumentRow,
     DocumentStatus,
     ErrorType,
@@ -21,10 +25,14 @@ from docpipe.schemas.contract import (
 )
 
 __all__ = [
+    "BLOCK_TYPE",
     "CONTRACT_VERSION",
     "DOCUMENTS_SCHEMA",
     "EXTRACTION_COLUMNS",
+    "FURNITURE",
     "PAGES_SCHEMA",
+    "Block",
+    "BlockKind",
     "DocumentRow",
     "DocumentStatus",
     "ErrorType",

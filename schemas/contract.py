@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field
 # 3: pages columns text_source (model, text_layer, blank) and renderer (pymupdf, pdfium, pillow).
 # 4: pages column route_reason (why a page was answered without the model, or why the model read it); page text
 #    is Markdown from both routes.
-CONTRACT_VERSION = 4
+# 5: pages column blocks (the page's layout blocks in reading order: kind, Markdown, box).
+CONTRACT_VERSION = 5
 
 
 class PageStatus(str, Enum):
@@ -64,6 +65,29 @@ class Renderer(str, Enum):
     pillow = "pillow"  # image files and their frames
 
 
+class BlockKind(str, Enum):
+    """What a layout block is (pages.blocks). Furniture (page_header, page_footer, page_number) stays in the blocks
+    but not in the page's text."""
+
+    title = "title"
+    heading = "heading"
+    paragraph = "paragraph"
+    list_item = "list_item"
+    table = "table"
+    caption = "caption"
+    footnote = "footnote"
+    formula = "formula"
+    code = "code"
+    picture = "picture"
+    page_header = "page_header"
+    page_footer = "page_footer"
+    page_number = "page_number"
+    other = "other"
+
+
+FURNITURE = frozenset({BlockKind.page_header.value, BlockKind.page_footer.value, BlockKind.page_number.value})
+
+
 class FinishReason(str, Enum):
     stop = "stop"  # the model ended its answer itself
     length = "length"  # cut off at max_new_tokens
@@ -93,6 +117,18 @@ class _Row(BaseModel):
     model_config = ConfigDict(extra="forbid", use_enum_values=True)
 
 
+class Block(_Row):
+    """One layout block of a page (an element of pages.blocks)."""
+
+    kind: BlockKind
+    text: str = Field(description="The block as Markdown, as it stands in the page's text (a heading with its #s, a "
+                      "table as a Markdown or HTML table); furniture as its plain text.")
+    x0: float = Field(ge=0, le=1, description="Left edge, as a fraction of the page's width (0 = left).")
+    y0: float = Field(ge=0, le=1, description="Top edge, as a fraction of the page's height (0 = top).")
+    x1: float = Field(ge=0, le=1, description="Right edge, as a fraction of the page's width.")
+    y1: float = Field(ge=0, le=1, description="Bottom edge, as a fraction of the page's height.")
+
+
 class PageRow(_Row):
     """One row of ``OUT/pages/*.parquet``: one rendered page and what the model read on it."""
 
@@ -115,6 +151,11 @@ class PageRow(_Row):
     route_reason: RouteReason | None = Field(
         None, description="Why the page was answered without the model or sent to it; null on a render error, in "
         "extract-only runs and in outputs older than contract v4."
+    )
+    blocks: list[Block] | None = Field(
+        None, description="The page's layout blocks in reading order (kind, Markdown, box as fractions of the page, "
+        "origin top left), furniture included; null on model pages whose model gives no boxes, on errors and in "
+        "outputs older than contract v5."
     )
     run_id: str
     schema_version: int = Field(CONTRACT_VERSION, description="Version of this table's layout (the contract).")
@@ -184,6 +225,17 @@ class RunManifest(BaseModel):
     )
 
 
+# pages.blocks' element: four plain float fields for the box rather than a fixed-size list, which every reader
+# (DuckDB, Spark, Iceberg) takes.
+BLOCK_TYPE = pa.struct([
+    pa.field("kind", pa.string(), nullable=False),
+    pa.field("text", pa.large_string(), nullable=False),
+    pa.field("x0", pa.float32(), nullable=False),
+    pa.field("y0", pa.float32(), nullable=False),
+    pa.field("x1", pa.float32(), nullable=False),
+    pa.field("y1", pa.float32(), nullable=False),
+])
+
 PAGES_SCHEMA = pa.schema(
     [
         pa.field("doc_id", pa.string(), nullable=False),
@@ -202,6 +254,7 @@ PAGES_SCHEMA = pa.schema(
         pa.field("text_source", pa.string()),
         pa.field("renderer", pa.string()),
         pa.field("route_reason", pa.string()),
+        pa.field("blocks", pa.list_(BLOCK_TYPE)),
         pa.field("run_id", pa.string(), nullable=False),
         pa.field("schema_version", pa.int16(), nullable=False),
     ],

@@ -31,7 +31,7 @@ def test_rows_reject_unknown_status_and_columns():
 
 
 def test_schemas_import_without_torch_or_ray():
-    code = "import sys, schemas; bad = [m for m in ('torch', 'ray', 'transformers') if m in sys.modules]; print(bad)"
+    code = "import sys, docpipe.schemas; bad = [m for m in ('torch', 'ray', 'transformers') if m in sys.modules]; print(bad)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
