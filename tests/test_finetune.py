@@ -18,7 +18,8 @@ from tests.conftest import run_cli
 # per page, one torch thread (two contend on a loaded 2-core machine).
 MODEL = {"name": "tiny-random", "do_image_splitting": False, "cpu_threads": 1}
 RENDER = {"longest_edge": 448}
-# A high, decaying learning rate and no dropout: the random model learns four labels in 24 short epochs.
+# A high, decaying learning rate and no dropout: the random model learns four labels in 32 short epochs (24 left
+# one label wrong on an AVX2-only CPU, whose float sums differ from an AVX-512 one; 28 was enough there).
 TRAINING = {"learning_rate": 1e-2, "lr_scheduler": "linear", "lora": {"dropout": 0.0}, "gradient_checkpointing": True}
 
 
@@ -116,14 +117,14 @@ def test_finetune_learns_page_labels_and_run_with_the_adapter_writes_them(sample
     train = _jsonl(tmp_path / "train.jsonl", rows)
     evals = _jsonl(tmp_path / "eval.jsonl", rows[:1])
     adapter = tmp_path / "adapter"
-    job = _job(tmp_path / "finetune.yaml", model=MODEL, render=RENDER, epochs=24, **TRAINING)
+    job = _job(tmp_path / "finetune.yaml", model=MODEL, render=RENDER, epochs=32, **TRAINING)
     proc = run_cli("finetune", "--config", job, "--train", train, "--eval", evals, "--output", adapter)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"docpipe run --adapter {adapter}" in proc.stdout
 
     record = json.loads((adapter / "docpipe_finetune.json").read_text())
     losses = record["losses"]
-    assert len(losses["train"]) == len(losses["eval"]) == 24
+    assert len(losses["train"]) == len(losses["eval"]) == 32
     assert losses["train"][-1] <= 0.5 * losses["train"][0], losses["train"]
     assert losses["eval"][-1] < losses["eval"][0]
     assert record["base_model"] == "tiny-random" and record["examples"]["train"] == 4
