@@ -112,7 +112,7 @@ class PdfiumPage:
             # Image bounds are in unrotated page space, as the crop box is: measured there, /Rotate changes nothing.
             x0, y0, x1, y1 = page.get_cropbox()
             area = (x1 - x0) * (y1 - y0) or 1.0
-            images = [obj.get_bounds() for obj in page.get_objects(filter=[c.FPDF_PAGEOBJ_IMAGE])]
+            images = [_page_bounds(obj) for obj in page.get_objects(filter=[c.FPDF_PAGEOBJ_IMAGE])]
             coverage = max((max(0.0, min(r, x1) - max(left, x0)) * max(0.0, min(t, y1) - max(b, y0)) / area
                             for left, b, r, t in images), default=0.0)
             return TextLayer(text=text, width_pt=width, height_pt=height, chars=chars, hidden_chars=hidden,
@@ -128,6 +128,21 @@ class PdfiumPage:
             return self.pdf[self.index]
         except pdfium.PdfiumError as exc:
             raise RowError(ErrorType.render_error, f"cannot load page {self.index + 1}: {describe(exc)}") from None
+
+
+def _page_bounds(obj) -> tuple[float, float, float, float]:
+    """A page object's bounds on the page. PDFium gives an object inside a Form XObject its bounds in the form's
+    space: each enclosing form's matrix takes them to its parent's (a full-page scan drawn through a form that
+    scales it by 2 measured a quarter of the page)."""
+    x0, y0, x1, y1 = obj.get_bounds()
+    corners = [(x0, y0), (x1, y0), (x0, y1), (x1, y1)]
+    form = obj.container
+    while form is not None:
+        matrix = form.get_matrix()
+        corners = [matrix.on_point(x, y) for x, y in corners]
+        form = form.container
+    xs, ys = [x for x, _ in corners], [y for _, y in corners]
+    return min(xs), min(ys), max(xs), max(ys)
 
 
 def render_pdfium_page(page, opts: RenderOptions, longest_edge: int) -> RenderedPage:
