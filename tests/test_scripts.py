@@ -72,6 +72,23 @@ def test_browser_printed_rtl_pages_read_in_logical_order(name):
     assert rec["text"] == source.markdown()
 
 
+def test_pdfium_reads_rtl_lines_in_logical_order():
+    """PDFium (the renderer for what MuPDF cannot open) gives such lines' words alternately forwards and backwards;
+    rebuilt from the characters' boxes they read as written, and the layer is trusted."""
+    from docpipe.render.pdfium import PdfiumPage, open_pdfium
+
+    source = _Source()
+    source.feed((RTL / "he.html").read_text(encoding="utf-8"))
+    layer = PdfiumPage(open_pdfium((RTL / "he.pdf").read_bytes()), 0).text_layer()
+    assert layer.text.splitlines() == [p.removeprefix("# ") for p in source.parts] + [" ".join(r) for r in source.rows]
+    assert trust_text_layer(layer, AUTO).reason == "trusted"
+    arabic = PdfiumPage(open_pdfium((RTL / "ar.pdf").read_bytes()), 0).text_layer()
+    for part in ("تقرير الأداء السنوي", "نسبة ٣٫٥ بالمئة", "في ١٦ تجربة", "بتاريخ 5 مايو 2024 تحت الرقم 2024-117",
+                 "نصف الدقة ٩٨٫٢ ١٢ ثانية", "در سال ۱۴۰۲ در ۳ بخش"):
+        assert part in arabic.text
+    assert trust_text_layer(arabic, AUTO).reason == "trusted"
+
+
 def _write(lines: list[str], font, path: Path, x: float = 72, size: float = 14) -> Path:
     """A page with each line drawn as given, glyph after glyph from left to right, as a producer without bidi or
     shaping writes them."""
@@ -150,8 +167,10 @@ def test_fault_rules_by_numbers():
 
 def test_white_text_on_a_dark_band_is_visible(tmp_path):
     """A ruled table whose heading band is dark with white labels, and a title bar: the labels are read (trusted,
-    in the text); white text on the white page beside it still counts as hidden."""
+    in the text); white text on the white page beside it still counts as hidden. PDFium sees the same."""
     import pymupdf
+
+    from docpipe.render.pdfium import PdfiumPage, open_pdfium
 
     doc = pymupdf.open()
     page = doc.new_page(width=595, height=842)
@@ -173,6 +192,7 @@ def test_white_text_on_a_dark_band_is_visible(tmp_path):
     doc.save(tmp_path / "bands.pdf")
     layer = pymupdf_text_layer(pymupdf.open(tmp_path / "bands.pdf")[0])
     assert layer.hidden_chars == 0 and trust_text_layer(layer, AUTO).reason == "trusted"
+    assert PdfiumPage(open_pdfium((tmp_path / "bands.pdf").read_bytes()), 0).text_layer().hidden_chars == 0
     rec = _page(tmp_path / "bands.pdf")
     assert rec["route_reason"] == "trusted" and "Quarterly Shipping Summary" in rec["text"]
     assert "| Region | Shipments | Returns | Freight |\n|---|---|---|---|\n| North | 120 | 4 | 1,200 |" in rec["text"]
@@ -182,6 +202,8 @@ def test_white_text_on_a_dark_band_is_visible(tmp_path):
     doc.save(tmp_path / "hidden.pdf")
     layer = pymupdf_text_layer(pymupdf.open(tmp_path / "hidden.pdf")[0])
     assert layer.hidden_chars == len(unseen.replace(" ", ""))
+    pdfium = PdfiumPage(open_pdfium((tmp_path / "hidden.pdf").read_bytes()), 0).text_layer()
+    assert pdfium.hidden_chars == layer.hidden_chars
     assert trust_text_layer(layer, AUTO).reason == "hidden_text"
 
 

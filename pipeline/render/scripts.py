@@ -31,6 +31,7 @@ PRESENTATION = re.compile("[\ufb1d-\ufb4f\ufb50-\ufdff\ufe70-\ufefc]")
 CID = re.compile(r"\(cid:\d+\)")
 WORD = re.compile(r"\S+")
 GAP_EM = 0.25  # glyphs further apart than this share of the font size are separated by a space
+INK_GAP_EM = 0.6  # the same for boxes around the glyphs' ink (PDFium's), whose spaces are mostly its own
 # Letters that only end a word: Hebrew final forms; Arabic taa marbuta and alef maqsura. At a word's start they say
 # the word is stored backwards (visual order).
 WORD_FINAL = set("ךםןףץ" "ةى")
@@ -137,12 +138,12 @@ def _glyphs(line: dict) -> list[_Glyph]:
     return glyphs
 
 
-def _visual(glyphs: list[_Glyph]) -> str:
+def _visual(glyphs: list[_Glyph], gap_em: float = GAP_EM) -> str:
     """Glyphs as a visual-order string for the bidirectional algorithm, a space where they stand apart. A right-to-left
     glyph's several characters are written backwards, so the algorithm's reversal of the run brings them back."""
     out = []
     for prev, g in zip([None] + glyphs[:-1], glyphs):
-        if prev is not None and not prev.text.isspace() and not g.text.isspace() and g.x0 - prev.x1 > GAP_EM * g.size:
+        if prev is not None and not prev.text.isspace() and not g.text.isspace() and g.x0 - prev.x1 > gap_em * g.size:
             out.append(" ")
         out.append(g.text[::-1] if len(g.text) > 1 and has_rtl(g.text) else g.text)
     return "".join(out)
@@ -168,6 +169,24 @@ def _logical_line(line: dict, base: str, block_no: int, line_no: int) -> None:
     line["words"] = [(*words[i][:5], block_no, line_no, n) for n, i in enumerate(order)]
     main = max(line["spans"], key=lambda s: len(s["chars"]))
     line["spans"] = [{**{k: v for k, v in main.items() if k != "chars"}, "text": text, "bbox": tuple(line["bbox"])}]
+
+
+def logical_text(chars: list[tuple[str, tuple, float]]) -> str:
+    """One line's characters (character, (x0, y0, x1, y1), font size), as another reader gives them (PDFium), in
+    logical order as ``logical_blocks`` reads a line; base direction the line's own (most of its letters').
+    Characters as given where the line has no right-to-left letter or does not run left to right."""
+    text = "".join(ch for ch, _, _ in chars)
+    xs = [b[0] for _, b, _ in chars]
+    if not has_rtl(text) or max(xs, default=0) - min(xs, default=0) < max((abs(b[3] - b[1]) for _, b, _ in chars),
+                                                                          default=0):
+        return text
+    from bidi.algorithm import get_display
+
+    strong = [d for d in map(_strong, text) if d]
+    base = "R" if strong.count("R") > strong.count("L") else "L"
+    line = {"spans": [{"size": size, "chars": [{"c": ch, "bbox": box}]} for ch, box, size in chars]}
+    # PDFium's boxes are the glyphs' ink, not their advance: a bracket's leaves a gap that is no space
+    return get_display(_visual(_glyphs(line), INK_GAP_EM), base_dir=base)
 
 
 def _logical_order(words: list[str], text: str) -> list[int]:
@@ -270,7 +289,8 @@ def fault_reason(faults: Faults, max_fraction: float) -> str | None:
         return "mojibake"
     if faults.rtl_chars and faults.presentation_chars > faults.rtl_chars / 2:
         return "presentation_forms"
-    if faults.reversed_words >= MIN_REVERSED and faults.reversed_words * 4 >= faults.reversed_words + faults.ordered_words:
+    backwards = faults.reversed_words
+    if backwards >= MIN_REVERSED and backwards * 4 >= backwards + faults.ordered_words:  # a quarter: mixed order
         return "rtl_visual_order"
     return None
 
