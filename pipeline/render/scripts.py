@@ -261,10 +261,10 @@ def text_faults(text: str, stored: str | None = None) -> Faults:
     repair here (PyMuPDF's own, ActualText honoured), where presentation forms are counted; default ``text``."""
     from ftfy.badness import badness
 
-    words = broken = rtl_words = reversed_words = ordered = 0
-    broken += len(CID.findall(text))
-    for token in WORD.findall(CID.sub(" ", text)):
-        words += 1
+    broken = len(CID.findall(text))
+    tokens = WORD.findall(CID.sub(" ", text) if broken else text)
+    words, rtl_words, reversed_words, ordered = len(tokens), 0, 0, 0
+    for token in tokens if has_rtl(text) else ():
         if not has_rtl(token):
             continue
         rtl_words += 1
@@ -275,7 +275,9 @@ def text_faults(text: str, stored: str | None = None) -> Faults:
             reversed_words += letters[0] in WORD_FINAL
             ordered += letters[-1] in WORD_FINAL
     source = text if stored is None else stored
-    return Faults(words=words, broken_map_words=broken, mojibake=badness(text), rtl_words=rtl_words,
+    # mojibake is never ASCII: only the other lines are read by ftfy's detector (most of a page's cost here)
+    mojibake = badness("\n".join(line for line in text.splitlines() if not line.isascii()))
+    return Faults(words=words, broken_map_words=broken, mojibake=mojibake, rtl_words=rtl_words,
                   reversed_words=reversed_words, ordered_words=ordered,
                   presentation_chars=len(PRESENTATION.findall(source)), rtl_chars=len(RTL.findall(source)))
 
