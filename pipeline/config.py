@@ -165,9 +165,14 @@ class RouteOptions(_Options):
         0.01, ge=0, le=1, description="Largest share of replacement (U+FFFD), private-use and control characters: "
         "fonts without a Unicode map produce them.",
     )
+    max_garbled_word_fraction: float = Field(
+        0.01, ge=0, le=1, description="Largest share of a text layer's words (at least one word allowed) that show a "
+        "broken font map ('(cid:12)', letters of two scripts in one word: route_reason broken_font_map) or mojibake "
+        "(UTF-8 read as Latin-1 or cp1252, 'Ã©': mojibake).",
+    )
     max_hidden_char_fraction: float = Field(
-        0.02, ge=0, le=1, description="Largest share of characters nobody sees: white, fully transparent, "
-        "invisible (render mode 3) or outside the page.",
+        0.02, ge=0, le=1, description="Largest share of characters nobody sees: white on a light background "
+        "(white on a dark band or picture is seen), fully transparent, invisible (render mode 3) or outside the page.",
     )
     max_math_chars: int = Field(
         10, ge=0, description="Most formula characters (letters and digits set in a math font such as CMMI, CMSY, "

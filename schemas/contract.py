@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field
 # 3: pages columns text_source (model, text_layer, blank) and renderer (pymupdf, pdfium, pillow).
 # 4: pages column route_reason (why a page was answered without the model, or why the model read it); page text
 #    is Markdown from both routes.
-# 5: pages column blocks (the page's layout blocks in reading order: kind, Markdown, box).
+# 5: pages column blocks (the page's layout blocks in reading order: kind, Markdown, box); route reasons
+#    broken_font_map, mojibake, presentation_forms, rtl_visual_order (text layers that cannot be read as text).
 CONTRACT_VERSION = 5
 
 
@@ -53,6 +54,10 @@ class RouteReason(str, Enum):
     full_page_image = "full_page_image"  # a scan
     hidden_text = "hidden_text"  # white, transparent or invisible text
     bad_chars = "bad_chars"  # replacement, private-use or control characters
+    broken_font_map = "broken_font_map"  # "(cid:NN)" placeholders, words mixing a right-to-left script with another
+    mojibake = "mojibake"  # UTF-8 read as Latin-1 or cp1252 ("Ã©")
+    presentation_forms = "presentation_forms"  # right-to-left text stored as shaped glyphs (presentation forms)
+    rtl_visual_order = "rtl_visual_order"  # right-to-left words stored backwards (visual order)
     sparse = "sparse"  # too few visible characters for the page's area
     formulas = "formulas"  # math fonts or symbols: the model writes LaTeX
 

@@ -85,6 +85,7 @@ class PdfiumPage:
         import pypdfium2.raw as c
 
         from docpipe.render.route import TextLayer, is_bad_char
+        from docpipe.render.scripts import has_rtl, text_faults
 
         page = self._page()
         try:
@@ -92,7 +93,10 @@ class PdfiumPage:
             textpage = page.get_textpage()
             try:
                 text = textpage.get_text_range().replace("\r\n", "\n")
-                chars = hidden = invisible = bad = 0
+                if has_rtl(text):
+                    text = _logical_lines(textpage)
+                chars = invisible = bad = 0
+                white: list[tuple] = []  # white characters' boxes
                 rgba = [ctypes.c_uint() for _ in range(4)]
                 for i in range(textpage.count_chars()):
                     ch = chr(c.FPDFText_GetUnicode(textpage, i))
@@ -106,18 +110,19 @@ class PdfiumPage:
                     if mode == c.FPDF_TEXTRENDERMODE_INVISIBLE or (ok and a == 0):
                         invisible += 1
                     elif ok and min(r, g, b) >= 0.95 * 255:
-                        hidden += 1
+                        white.append(_char_box(textpage, i))
+                hidden = sum(not shown for shown in _on_dark(page, white))
             finally:
                 textpage.close()
             # Image bounds are in unrotated page space, as the crop box is: measured there, /Rotate changes nothing.
             x0, y0, x1, y1 = page.get_cropbox()
             area = (x1 - x0) * (y1 - y0) or 1.0
-            images = [obj.get_bounds() for obj in page.get_objects(filter=[c.FPDF_PAGEOBJ_IMAGE])]
+            images = [_page_bounds(obj) for obj in page.get_objects(filter=[c.FPDF_PAGEOBJ_IMAGE])]
             coverage = max((max(0.0, min(r, x1) - max(left, x0)) * max(0.0, min(t, y1) - max(b, y0)) / area
                             for left, b, r, t in images), default=0.0)
             return TextLayer(text=text, width_pt=width, height_pt=height, chars=chars, hidden_chars=hidden,
                              invisible_chars=invisible, bad_chars=bad, unmapped_fonts=0,
-                             image_coverage=max(0.0, coverage))
+                             image_coverage=max(0.0, coverage), faults=text_faults(text))
         finally:
             page.close()
 
@@ -128,6 +133,81 @@ class PdfiumPage:
             return self.pdf[self.index]
         except pdfium.PdfiumError as exc:
             raise RowError(ErrorType.render_error, f"cannot load page {self.index + 1}: {describe(exc)}") from None
+
+
+def _char_box(textpage, i: int) -> tuple[float, float, float, float]:
+    """A character's box (left, bottom, right, top: its ink) in unrotated page space."""
+    import ctypes
+
+    import pypdfium2.raw as c
+
+    box = [ctypes.c_double() for _ in range(4)]
+    c.FPDFText_GetCharBox(textpage, i, *(ctypes.byref(v) for v in box))
+    left, right, bottom, top = (v.value for v in box)
+    return left, bottom, right, top
+
+
+def _on_dark(page, boxes: list[tuple]) -> list[bool]:
+    """For each white character's box, whether it is drawn on a dark background (route._on_dark, for PDFium): the
+    median of a coarse grey render around it, the box grown by its height on every side, since a box holds the
+    character's ink and little else."""
+    if not boxes:
+        return []
+    import ctypes
+
+    import numpy as np
+    import pypdfium2.raw as c
+
+    from docpipe.render.route import DARK, DARK_ZOOM
+
+    bitmap = page.render(scale=DARK_ZOOM, grayscale=True, may_draw_forms=False)
+    grey = bitmap.to_numpy().reshape(bitmap.height, bitmap.width, -1)[:, :, 0]
+    x, y = ctypes.c_int(), ctypes.c_int()
+
+    def device(px: float, py: float) -> tuple[int, int]:  # page space to the render's pixels, /Rotate applied
+        c.FPDF_PageToDevice(page, 0, 0, bitmap.width, bitmap.height, 0, px, py, ctypes.byref(x), ctypes.byref(y))
+        return x.value, y.value
+
+    shown = []
+    for left, bottom, right, top in boxes:
+        pad = top - bottom
+        (ax, ay), (bx, by) = device(left - pad, bottom - pad), device(right + pad, top + pad)
+        cell = grey[max(0, min(ay, by)) : max(ay, by) + 1, max(0, min(ax, bx)) : max(ax, bx) + 1]
+        shown.append(bool(cell.size) and float(np.median(cell)) < DARK * 255)
+    bitmap.close()
+    return shown
+
+
+def _logical_lines(textpage) -> str:
+    """The text page's text, line by line (PDFium's line breaks), each right-to-left line rebuilt from its characters'
+    boxes in logical order (scripts.logical_text): PDFium gives such lines' words alternately forwards and backwards."""
+    import pypdfium2.raw as c
+
+    from docpipe.render.scripts import logical_text
+
+    lines: list[list] = [[]]
+    for i in range(textpage.count_chars()):
+        ch = chr(c.FPDFText_GetUnicode(textpage, i))
+        if ch == "\n":
+            lines.append([])
+        elif ch != "\r":
+            lines[-1].append((ch, _char_box(textpage, i), c.FPDFText_GetFontSize(textpage, i)))
+    return "\n".join(logical_text(line) for line in lines)
+
+
+def _page_bounds(obj) -> tuple[float, float, float, float]:
+    """A page object's bounds on the page. PDFium gives an object inside a Form XObject its bounds in the form's
+    space: each enclosing form's matrix takes them to its parent's (a full-page scan drawn through a form that
+    scales it by 2 measured a quarter of the page)."""
+    x0, y0, x1, y1 = obj.get_bounds()
+    corners = [(x0, y0), (x1, y0), (x0, y1), (x1, y1)]
+    form = obj.container
+    while form is not None:
+        matrix = form.get_matrix()
+        corners = [matrix.on_point(x, y) for x, y in corners]
+        form = form.container
+    xs, ys = [x for x, _ in corners], [y for _, y in corners]
+    return min(xs), min(ys), max(xs), max(ys)
 
 
 def render_pdfium_page(page, opts: RenderOptions, longest_edge: int) -> RenderedPage:

@@ -8,9 +8,14 @@ The trust rules (``trust_text_layer``), each a reason to send the page to the mo
 - ``unmapped_font``: a composite (Type0, Identity) font without a ToUnicode map: its text is glyph ids;
 - ``full_page_image``: an image covers 90% of the page: a scan, whose text is in the pixels even when an
   invisible OCR layer lies on top (unless ``trust_ocr_layer``: then that layer counts as visible text);
-- ``hidden_text``: more than ``max_hidden_char_fraction`` of the characters are white, fully transparent or
-  invisible (render mode 3); text outside the page is clipped away, so a layer that lies there is ``sparse``;
+- ``hidden_text``: more than ``max_hidden_char_fraction`` of the characters are white (on a light background: white
+  on a dark band or picture is read), fully transparent or invisible (render mode 3); text outside the page is
+  clipped away, so a layer that lies there is ``sparse``;
 - ``bad_chars``: more than ``max_bad_char_fraction`` are U+FFFD, private-use or control characters;
+- what the words say (scripts.text_faults; more than ``max_garbled_word_fraction`` of them, at least two):
+  ``broken_font_map`` ("(cid:NN)", letters of a right-to-left script and another inside one word), ``mojibake``
+  (UTF-8 read as Latin-1 or cp1252); and for right-to-left text ``presentation_forms`` (most of it stored as shaped
+  glyphs) or ``rtl_visual_order`` (words stored backwards, as visual-order producers write them);
 - ``sparse``: fewer visible characters than ``min_chars`` or ``min_chars_per_in2`` times the page's area;
 - ``formulas``: more than ``max_math_chars`` formula characters (text_layer.math_char_count: letters and digits in
   math fonts such as CMMI, CMSY, CMEX, Symbol, STIX Math; math symbols beyond prose's): no text layer gives LaTeX,
@@ -27,11 +32,14 @@ from dataclasses import dataclass
 from typing import Callable
 
 from docpipe.config import RouteOptions
+from docpipe.render.scripts import Faults, fault_reason
 from docpipe.render.text_layer import normalise_layout  # noqa: F401  (re-exported: how pages carry text)
 
 FULL_PAGE_IMAGE = 0.9  # share of the page an image must cover to make it a scan
 WHITE = 0.95  # every sRGB component at least this light
 CELLS = 256  # blank detection: cells along the page's longest side
+DARK = 0.6  # white text is visible on a background whose grey level is below this (contrast about 3:1 and more)
+DARK_ZOOM = 0.5  # pixels per point of the render that finds white text's background
 
 
 @dataclass(frozen=True)
@@ -50,6 +58,7 @@ class TextLayer:
     unmapped_fonts: int  # Type0 Identity fonts with no ToUnicode map
     image_coverage: float  # share of the page covered by its largest image
     math_chars: int = 0  # of those: in math fonts, or math symbols (text_layer.math_char_count)
+    faults: Faults | None = None  # what its words say of its font maps and order (scripts.text_faults)
 
     def page_text(self) -> str:
         """The layer's text; PyMuPDF's Markdown is made here (ConversionError if the converter fails)."""
@@ -87,6 +96,8 @@ def trust_text_layer(layer: TextLayer | None, opts: RouteOptions) -> Verdict:
         return Verdict(False, "hidden_text")
     if layer.chars and layer.bad_chars / layer.chars > opts.max_bad_char_fraction:
         return Verdict(False, "bad_chars")
+    if layer.faults is not None and (reason := fault_reason(layer.faults, opts.max_garbled_word_fraction)):
+        return Verdict(False, reason)
     area_in2 = layer.width_pt * layer.height_pt / 72**2
     if layer.chars - hidden < max(opts.min_chars, opts.min_chars_per_in2 * area_in2):
         return Verdict(False, "sparse")
@@ -98,14 +109,21 @@ def trust_text_layer(layer: TextLayer | None, opts: RouteOptions) -> Verdict:
 def pymupdf_text_layer(page, running=None) -> TextLayer:
     """A PyMuPDF page's text layer, from one text page: per-span facts, and how to make its Markdown
     (text_layer.page_markdown; ``running``: the document's text_layer.RunningLines). Text outside the page is
-    clipped away by MuPDF, so it is neither counted nor kept."""
+    clipped away by MuPDF, so it is neither counted nor kept. Right-to-left lines are read in logical order
+    (scripts.logical_blocks), and the layer's script faults counted on that text (scripts.text_faults)."""
     import pymupdf
 
+    from docpipe.render.scripts import logical_blocks, text_faults
     from docpipe.render.text_layer import math_char_count, page_markdown
 
     tp = page.get_textpage(flags=pymupdf.TEXTFLAGS_TEXT)
     blocks = tp.extractDICT()["blocks"]
+    stored = None
+    if (fixed := logical_blocks(page, blocks)) is not None:
+        stored = _text(blocks)  # as the layer maps it, for the presentation-forms count
+        tp, blocks = fixed
     chars = hidden = invisible = bad = math = 0
+    white: list[tuple[tuple, int]] = []  # white spans: (bbox, characters)
     for block in blocks:
         for line in block.get("lines", ()):
             for span in line["spans"]:
@@ -115,8 +133,9 @@ def pymupdf_text_layer(page, running=None) -> TextLayer:
                 math += math_char_count(span["text"], span["font"])
                 if span.get("alpha", 255) == 0:  # render mode 3 (OCR layers) or fully transparent
                     invisible += len(drawn)
-                elif _is_white(span["color"]):
-                    hidden += len(drawn)
+                elif _is_white(span["color"]) and drawn:
+                    white.append((tuple(span["bbox"]), len(drawn)))
+    hidden = sum(n for (_, n), shown in zip(white, _on_dark(page, [b for b, _ in white])) if not shown)
     rect = page.rect
     area = abs(rect) or 1.0
     # The log's boxes are in unrotated coordinates, page.rect in rotated ones: turn the boxes with the page, or a
@@ -141,11 +160,44 @@ def pymupdf_text_layer(page, running=None) -> TextLayer:
         unmapped_fonts=_unmapped_fonts(page),
         image_coverage=coverage,
         math_chars=math,
+        faults=text_faults(_text(blocks), stored),
     )
+
+
+def _text(blocks: list) -> str:
+    return "\n".join("".join(s["text"] for s in ln["spans"]) for b in blocks for ln in b.get("lines", ()))
 
 
 def _is_white(srgb: int) -> bool:
     return all((srgb >> shift) & 0xFF >= WHITE * 255 for shift in (16, 8, 0))
+
+
+def _on_dark(page, boxes: list[tuple]) -> list[bool]:
+    """For each box (white text's, in page.rect's frame as extractDICT gives them), whether what is drawn behind it
+    is dark enough for white text to be read: a table's heading band, a title bar, a photograph. Measured on the
+    page as drawn (a coarse grey render of the boxes' area): the median of a box's pixels is its background, since
+    glyphs cover the lesser part of it."""
+    if not boxes:
+        return []
+    import numpy as np
+    import pymupdf
+
+    clip = pymupdf.Rect(boxes[0])
+    for box in boxes[1:]:
+        clip |= box
+    clip &= page.rect
+    if clip.is_empty:
+        return [False] * len(boxes)
+    pix = page.get_pixmap(matrix=pymupdf.Matrix(DARK_ZOOM, DARK_ZOOM), clip=clip, colorspace=pymupdf.csGRAY,
+                          alpha=False, annots=False)
+    grey = np.frombuffer(pix.samples, dtype=np.uint8).reshape(pix.height, pix.stride)[:, : pix.width]
+    shown = []
+    for x0, y0, x1, y1 in boxes:
+        cols = slice(max(0, int((x0 - clip.x0) * DARK_ZOOM)), max(1, int(np.ceil((x1 - clip.x0) * DARK_ZOOM))))
+        rows = slice(max(0, int((y0 - clip.y0) * DARK_ZOOM)), max(1, int(np.ceil((y1 - clip.y0) * DARK_ZOOM))))
+        cell = grey[rows, cols]
+        shown.append(bool(cell.size) and float(np.median(cell)) < DARK * 255)
+    return shown
 
 
 def _unmapped_fonts(page) -> int:

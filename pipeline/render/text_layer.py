@@ -32,6 +32,9 @@ import statistics
 import unicodedata
 from dataclasses import dataclass, field
 
+from docpipe.render.scripts import (cell_text, hyphenated_words, join_hyphenated, page_words, read_page, rtl_table,
+                                    visual_words)
+
 BAND = 0.1  # share of the page height (top and bottom) and width (sides) where running lines live
 SAME_PLACE_PT = 4.0  # a repeated line is at the same place when its centre moved less than this
 NEIGHBOURS = 2  # pages either side compared for running lines
@@ -229,10 +232,8 @@ class RunningLines:
         """The margin lines of page ``index`` (``marks``: when the caller has them)."""
         if index not in self._marks:
             if marks is None:
-                import pymupdf
-
                 page = self.doc.load_page(index)
-                blocks = page.get_textpage(flags=pymupdf.TEXTFLAGS_TEXT).extractDICT()["blocks"]
+                blocks = read_page(page)[1]
                 marks = [m for _, m in _page_marks(blocks, index, page.rect)]
             self._marks[index] = marks
         return self._marks[index]
@@ -274,17 +275,13 @@ class _Unit:
 def page_markdown(page, textpage=None, blocks: list | None = None, running: RunningLines | None = None) -> str:
     """The page's text layer as Markdown (see the module docstring). ``textpage`` and ``blocks`` (its extractDICT
     blocks) when the caller already made them; ``running``: the document's RunningLines."""
-    import pymupdf
-
-    if textpage is None:
-        textpage = page.get_textpage(flags=pymupdf.TEXTFLAGS_TEXT)
     if blocks is None:
-        blocks = textpage.extractDICT()["blocks"]
+        textpage, blocks = read_page(page, textpage)  # scripts: right-to-left lines in logical order
     rect = page.rect
     lines = [line for block in blocks for line in block.get("lines", ()) if _line_text(line).strip()]
     body = _body_size(lines)
     # Tables first, from all the words: a number in a table is data, even in a margin band (a totals row).
-    words = textpage.extractWORDS()
+    words = page_words(textpage, blocks)  # scripts: right-to-left lines' words in logical order
     tables = _ruled_tables(page, words)
     table_boxes = [t.bbox for t in tables]
     tables += _unruled_tables([w for w in words if not _inside_any(_centre(w[:4]), table_boxes)])
@@ -296,6 +293,7 @@ def page_markdown(page, textpage=None, blocks: list | None = None, running: Runn
     for unit in units:
         if unit.lines:
             unit.bbox = _union([ln["bbox"] for ln in unit.lines])
+    compounds = hyphenated_words(_line_text(ln) for ln in lines)  # scripts.join_hyphenated
     heading_sizes = sorted({round(_size(u.lines), 1) for u in units if _is_heading(u, body)}, reverse=True)
     parts = []
     for unit in _reading_order(units):
@@ -305,7 +303,7 @@ def page_markdown(page, textpage=None, blocks: list | None = None, running: Runn
             level = min(heading_sizes.index(round(_size(unit.lines), 1)) + 1, 3)
             parts.append("#" * level + " " + " ".join(_line_text(ln).strip() for ln in unit.lines))
         else:
-            parts.append(_paragraph(unit.lines))
+            parts.append(_paragraph(unit.lines, compounds))
     return clean_text("\n\n".join(p for p in parts if p.strip()))
 
 
@@ -372,16 +370,16 @@ def _is_heading(unit: _Unit, body: float) -> bool:
     return _size(unit.lines) >= body * HEADING_RATIO and len(text.split()) <= HEADING_MAX_WORDS
 
 
-def _paragraph(lines: list[dict]) -> str:
-    """A block's lines as one paragraph: a word hyphenated at a line's end joined, lines joined by spaces; a
-    bullet made a Markdown list item."""
+def _paragraph(lines: list[dict], compounds: set[str] = frozenset()) -> str:
+    """A block's lines as one paragraph: a word hyphenated at a line's end joined (scripts.join_hyphenated: the
+    hyphen kept in compounds), lines joined by spaces; a bullet made a Markdown list item."""
     text = ""
     for ln in lines:
         line = _line_text(ln).strip()
         if re.match(r"^[•◦▪‣∙·]\s*", line):
             text += ("\n" if text else "") + "- " + re.sub(r"^[•◦▪‣∙·]\s*", "", line)
-        elif re.search(r"[a-zà-ž]-$", text) and line[:1].islower():
-            text = text[:-1] + line
+        elif (joined := join_hyphenated(text, line, compounds)) is not None:
+            text = joined
         else:
             text += (" " if text else "") + line
     return text
@@ -464,10 +462,11 @@ def _grid_markdown(cells: list[tuple], words: list) -> str:
     for c in cells:
         c0, c1 = _index(xs, c[0]), _index(xs, c[2])
         r0, r1 = _index(ys, c[1]), _index(ys, c[3])
-        text = " ".join(w[4] for w in sorted((w for w in words if _inside_any(_centre(w[:4]), [c])),
-                                             key=lambda w: (round(w[1]), w[0])))
+        text = cell_text([w for w in words if _inside_any(_centre(w[:4]), [c])])
         placed.append((r0, c0, max(1, r1 - r0), max(1, c1 - c0), text))
     rows, cols = len(ys) - 1, len(xs) - 1
+    if rtl_table([p[4] for p in placed]):  # a right-to-left table's first column is its rightmost
+        placed = [(r, cols - c - cs, rs, cs, text) for r, c, rs, cs, text in placed]
     if all(rs == 1 and cs == 1 for _, _, rs, cs, _ in placed):
         grid = [[""] * cols for _ in range(rows)]
         for r, c, _, _, text in placed:
@@ -533,7 +532,9 @@ def _unruled_tables(words: list) -> list[_Unit]:
     units = []
     for run in found:
         boxes = [c["bbox"] for cells in run for c in cells]
-        units.append(_Unit(_union(boxes), markdown=markdown_table([[c["text"] for c in cells] for cells in run])))
+        rows = [[visual_words(c["text"]) for c in cells] for cells in run]  # scripts: right-to-left cells' words
+        rows = [row[::-1] for row in rows] if rtl_table([t for row in rows for t in row]) else rows
+        units.append(_Unit(_union(boxes), markdown=markdown_table(rows)))
     return units
 
 
