@@ -330,7 +330,7 @@ sys.stdin.read()
 
 def test_a_killed_holder_not_yet_reaped_is_gone_at_once(tmp_path):
     """SIGKILLed, its parent (here: this test) not having waited for it yet: a zombie. os.kill(pid, 0) still
-    succeeds on it; the lease counts it as gone."""
+    succeeds on it; the lease counts it as gone (by its state, and its exit begun with SIGKILL pending)."""
     child = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, text=True)
     try:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
 import socket
 import sys
 import threading
@@ -48,17 +49,28 @@ def machine_key() -> str:
         return ""
 
 
-def _proc_stat(pid: int) -> tuple[bytes, int]:
-    """(state, start time in clock ticks since boot) of a process, from /proc/PID/stat (fields 3 and 22)."""
+PF_EXITING = 0x4  # include/linux/sched.h: the task has begun to exit
+
+
+def _proc_stat(pid: int) -> tuple[bytes, int, int]:
+    """(state, flags, start time in clock ticks since boot) of a process, from /proc/PID/stat (fields 3, 9, 22)."""
     with open(f"/proc/{pid}/stat", "rb") as f:
         stat = f.read()
     fields = stat[stat.rindex(b")") + 2:].split()  # the command name in parentheses may hold spaces
-    return fields[0], int(fields[19])
+    return fields[0], int(fields[6]), int(fields[19])
+
+
+def _kill_pending(pid: int) -> bool:
+    """Whether SIGKILL is pending for a process: sent, not yet acted on (a loaded machine may take a while to
+    schedule it). It never runs its own code again."""
+    with open(f"/proc/{pid}/status", "rb") as f:
+        masks = [int(line.split()[1], 16) for line in f if line.startswith((b"SigPnd:", b"ShdPnd:"))]
+    return any(mask & (1 << (signal.SIGKILL - 1)) for mask in masks)
 
 
 def _own_start() -> int:
     try:
-        return _proc_stat(os.getpid())[1]
+        return _proc_stat(os.getpid())[2]
     except (OSError, ValueError, IndexError):
         return 0
 
@@ -84,8 +96,9 @@ class Holder:
 
     def process_gone(self) -> bool:
         """On this machine (host name and machine key): whether the holder's process has ended: no such pid, a
-        zombie (killed but not yet reaped: a parent or a container's init may take seconds, or never reap), or
-        the pid now another process's (started at another time)."""
+        zombie (killed but not yet reaped: a parent or a container's init may take seconds, or never reap), one
+        exiting or with SIGKILL pending (a whole process group SIGKILLed just now), or the pid now another
+        process's (started at another time)."""
         if not (self.host == socket.gethostname() and self.machine and self.machine == machine_key()):
             return False
         try:
@@ -96,12 +109,14 @@ class Holder:
         except PermissionError:  # someone else's process exists under that pid
             signalled = False
         try:
-            state, start = _proc_stat(self.pid)
+            state, flags, start = _proc_stat(self.pid)
+            if self.pid_start and start != self.pid_start:
+                return True
+            return state in (b"Z", b"X") or bool(flags & PF_EXITING) or _kill_pending(self.pid)
         except FileNotFoundError:  # ended since os.kill; or, not signalled, hidden (/proc mounted hidepid): alive
             return signalled
         except (OSError, ValueError, IndexError):
             return False
-        return state in (b"Z", b"X") or bool(self.pid_start and start != self.pid_start)
 
     def gone(self, seen_s: float, default_expiry_s: float) -> bool:
         """Whether the holder can no longer be running: its process has ended on this machine, or its lease has
