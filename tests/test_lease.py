@@ -112,10 +112,10 @@ def test_takeover_is_atomic_locally(tmp_path):
 
 
 def test_a_lease_from_another_host_is_taken_only_after_its_expiry(tmp_path):
-    """By the store's clock (the file's mtime): 59 s old is live, 62 s old has expired (60 s, plus a second for
+    """By the store's clock (the file's mtime): 50 s old is live, 62 s old has expired (60 s, plus a second for
     the stores' whole-second stamps); the holder's own expires_at is not trusted."""
     for expires_at in (time.time() - 3600, time.time() + 3600):
-        plant(tmp_path, stale_lease("another-host", 1, expires_at), age_s=59)
+        plant(tmp_path, stale_lease("another-host", 1, expires_at), age_s=50)
         assert Lease(LocalStore(str(tmp_path)), "run-1", expiry_s=60).try_acquire().run_id == "dead-run"
     plant(tmp_path, stale_lease("another-host", 1, time.time() + 3600), age_s=62)
     lease = Lease(LocalStore(str(tmp_path)), "run-1", expiry_s=60)
