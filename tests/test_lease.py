@@ -393,12 +393,12 @@ def snapshot(out: Path) -> dict[str, tuple[int, int]]:
 
 
 def test_a_run_that_loses_its_lease_midway_stops_and_writes_nothing_more(tmp_path):
-    """A (a 6 s expiry, renewed every 2 s) is held inside its third document; another run takes its lease over,
+    """A (a 6 s expiry, renewed every 2 s) is held inside its second document; another run takes its lease over,
     as one would once A's host had stalled past the expiry. A's heartbeat says so at once; from then on A writes
-    nothing: its third document is let go, and A stops before writing it, exit 2, its manifest unwritten and the
+    nothing: its second document is let go, and A stops before writing it, exit 2, its manifest unwritten and the
     new holder's lease untouched."""
     out = tmp_path / "out"
-    make_pdfs(tmp_path / "in", names=("a", "b", "c"))
+    make_pdfs(tmp_path / "in", names=("a", "c"))
     held = tmp_path / "held"
     a = start_cli(*run_args(tmp_path / "in", out, job_file(tmp_path), "--checkpoint-seconds", "0.01",
                             "--lease-expiry", "6"), env={"DOCPIPE_FAULT_RENDER": f"c.pdf@1=until:{held}"})
