@@ -1,5 +1,9 @@
 """A small HTTP proxy for an S3 server that misbehaves for a while: it answers 503 SlowDown or resets the
-connection on a share of the first requests, then forwards everything. Loopback only; bounded by count."""
+connection on a share of the first requests, then forwards everything. Loopback only; bounded by count.
+
+``rule(method, path, headers)`` decides per request instead (the lease's tests): None forwards it, "reset" resets
+the connection, "503" answers SlowDown, "lost" forwards it and then resets the connection (the request took effect,
+its response is lost); it may edit ``headers`` first, e.g. drop If-Match as a store that ignores it."""
 
 from __future__ import annotations
 
@@ -16,9 +20,9 @@ HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection
 
 
 class FaultyProxy:
-    def __init__(self, upstream: str, faulty_requests: int = 60, every: int = 2):
+    def __init__(self, upstream: str, faulty_requests: int = 60, every: int = 2, rule=None):
         self.upstream = urlparse(upstream)
-        self.faulty_requests, self.every = faulty_requests, every
+        self.faulty_requests, self.every, self.rule = faulty_requests, every, rule
         self.seen = self.errors_503 = self.resets = 0
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path with query, Authorization)
         self.lock = threading.Lock()
@@ -48,16 +52,16 @@ class FaultyProxy:
                     proxy.seen += 1
                     n = proxy.seen
                     proxy.requests.append((self.command, self.path, self.headers.get("Authorization")))
-                fault = n <= proxy.faulty_requests and n % proxy.every == 0
-                if fault and (n // proxy.every) % 2:
-                    with proxy.lock:
-                        proxy.resets += 1
-                    # RST instead of a response: what a dropped connection looks like to the client
-                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                    self.connection.close()
-                    self.close_connection = True
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
+                if proxy.rule is not None:
+                    action = proxy.rule(self.command, self.path, headers)
+                else:
+                    fault = n <= proxy.faulty_requests and n % proxy.every == 0
+                    action = ("reset" if (n // proxy.every) % 2 else "503") if fault else None
+                if action == "reset":
+                    self._reset()
                     return
-                if fault:
+                if action == "503":
                     with proxy.lock:
                         proxy.errors_503 += 1
                     self.send_response(503)
@@ -67,12 +71,15 @@ class FaultyProxy:
                     self.wfile.write(SLOW_DOWN)
                     return
                 conn = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=60)
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
                 headers["Content-Length"] = str(len(body))
                 conn.request(self.command, self.path, body=body, headers=headers)
                 resp = conn.getresponse()
                 data = resp.read()
-                self.send_response(resp.status)
+                conn.close()
+                if action == "lost":
+                    self._reset()
+                    return
+                self.send_response_only(resp.status)  # the server's own Date and Server headers follow
                 for k, v in resp.getheaders():
                     if k.lower() not in HOP_BY_HOP and k.lower() != "content-length":
                         self.send_header(k, v)
@@ -82,7 +89,14 @@ class FaultyProxy:
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
-                conn.close()
+
+            def _reset(self):
+                with proxy.lock:
+                    proxy.resets += 1
+                # RST instead of a response: what a dropped connection looks like to the client
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.connection.close()
+                self.close_connection = True
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
 

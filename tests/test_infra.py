@@ -150,3 +150,18 @@ def test_setup_installs_the_pins_and_make_lock_refreshes_them():
     assert all(re.fullmatch(r"[A-Za-z0-9_.-]+==[^\s=]+", ln) for ln in lines), "pins only: name==version"
     for package in ("ray", "torch", "transformers", "pymupdf", "pyarrow", "pydantic", "pytest", "moto"):
         assert pinned(package)
+
+
+def test_killed_processes_are_reaped_in_the_images_and_pods():
+    """A run killed in a container must not stay a zombie (docs/contract.md, the lease): `docker run` starts the
+    image under tini; KubeRay replaces the entrypoint, so every Ray pod shares one PID namespace, whose PID 1 (the
+    pause process) reaps."""
+    text = (INFRA / "Dockerfile").read_text()
+    assert re.search(r"apt-get install -y --no-install-recommends [^\n]*\btini\b", text)
+    assert 'ENTRYPOINT ["/usr/bin/tini", "--"]' in text
+    found = 0
+    for where, spec, _ in ray_clusters():
+        for template in [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]:
+            assert template["spec"].get("shareProcessNamespace") is True, where
+            found += 1
+    assert found >= 6  # the standing cluster's and the nightly job's: a head and two worker groups each

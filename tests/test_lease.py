@@ -77,11 +77,20 @@ def test_a_live_lease_is_refused_and_a_released_one_taken(tmp_path):
     second.release()
 
 
-def stale_lease(host: str, pid: int, expires_at: float, machine: str | None = None) -> bytes:
+def stale_lease(host: str, pid: int, expires_at: float, machine: str | None = None, **more) -> bytes:
     """A lease left by run "dead-run"; ``machine`` None: an older lease without the machine key."""
     fields = {"run_id": "dead-run", "host": host, "pid": pid, "started_at": "2026-01-01T00:00:00Z",
-              "expires_at": expires_at}
+              "expires_at": expires_at, **more}
     return json.dumps(fields if machine is None else {**fields, "machine": machine}).encode()
+
+
+def plant(folder: Path, data: bytes, age_s: float = 0.0) -> None:
+    """Write a lease into ``folder``, last written ``age_s`` ago by the store's clock (its mtime)."""
+    path = folder / LEASE_NAME
+    path.write_bytes(data)
+    if age_s:
+        then = path.stat().st_mtime - age_s
+        os.utime(path, (then, then))
 
 
 def dead_pid() -> int:
@@ -92,8 +101,7 @@ def dead_pid() -> int:
 
 def test_takeover_is_atomic_locally(tmp_path):
     """Eight runs wait on one dead holder's lease at once: exactly one takes it over."""
-    (tmp_path / LEASE_NAME).write_bytes(stale_lease(socket.gethostname(), dead_pid(), time.time() + 3600,
-                                                    machine_key()))
+    plant(tmp_path, stale_lease(socket.gethostname(), dead_pid(), time.time() + 3600, machine_key()))
     leases = [Lease(LocalStore(str(tmp_path)), f"run-{i}", expiry_s=60) for i in range(8)]
     with ThreadPoolExecutor(8) as pool:
         holders = list(pool.map(lambda lease: lease.try_acquire(), leases))
@@ -104,11 +112,18 @@ def test_takeover_is_atomic_locally(tmp_path):
 
 
 def test_a_lease_from_another_host_is_taken_only_after_its_expiry(tmp_path):
-    (tmp_path / LEASE_NAME).write_bytes(stale_lease("another-host", 1, time.time() + 3600))
-    assert Lease(LocalStore(str(tmp_path)), "run-1", expiry_s=60).try_acquire().run_id == "dead-run"
-    (tmp_path / LEASE_NAME).write_bytes(stale_lease("another-host", 1, time.time() - 1))
+    """By the store's clock (the file's mtime): 50 s old is live, 62 s old has expired (60 s, plus a second for
+    the stores' whole-second stamps); the holder's own expires_at is not trusted."""
+    for expires_at in (time.time() - 3600, time.time() + 3600):
+        plant(tmp_path, stale_lease("another-host", 1, expires_at), age_s=50)
+        assert Lease(LocalStore(str(tmp_path)), "run-1", expiry_s=60).try_acquire().run_id == "dead-run"
+    plant(tmp_path, stale_lease("another-host", 1, time.time() + 3600), age_s=62)
     lease = Lease(LocalStore(str(tmp_path)), "run-1", expiry_s=60)
     assert lease.try_acquire() is None and lease.took_over.host == "another-host"
+    # The holder's expiry, where its lease records one, not the reader's: 10 s
+    plant(tmp_path, stale_lease("another-host", 1, time.time() + 3600, expiry_s=10), age_s=12)
+    lease = Lease(LocalStore(str(tmp_path)), "run-2", expiry_s=60)
+    assert lease.try_acquire() is None and lease.took_over.run_id == "dead-run"
 
 
 def test_a_dead_pid_on_this_host_name_but_another_machine_waits_for_the_expiry(tmp_path):
@@ -117,13 +132,13 @@ def test_a_dead_pid_on_this_host_name_but_another_machine_waits_for_the_expiry(t
     assert machine_key()  # readable here (Linux): otherwise every lease would count as another machine's
     pid = dead_pid()
     for machine in ("another-boot/4026531836", None):
-        (tmp_path / LEASE_NAME).write_bytes(stale_lease(socket.gethostname(), pid, time.time() + 3600, machine))
+        plant(tmp_path, stale_lease(socket.gethostname(), pid, time.time() + 3600, machine))
         assert Lease(LocalStore(str(tmp_path)), "run-1", expiry_s=60).try_acquire().run_id == "dead-run"
-        (tmp_path / LEASE_NAME).write_bytes(stale_lease(socket.gethostname(), pid, time.time() - 1, machine))
+        plant(tmp_path, stale_lease(socket.gethostname(), pid, time.time() + 3600, machine), age_s=62)
         lease = Lease(LocalStore(str(tmp_path)), "run-1", expiry_s=60)
         assert lease.try_acquire() is None and lease.took_over.run_id == "dead-run"
-    # The same lease with this machine's key: taken over at once, the expiry an hour ahead.
-    (tmp_path / LEASE_NAME).write_bytes(stale_lease(socket.gethostname(), pid, time.time() + 3600, machine_key()))
+    # The same lease with this machine's key: taken over at once, written just now.
+    plant(tmp_path, stale_lease(socket.gethostname(), pid, time.time() + 3600, machine_key()))
     lease = Lease(LocalStore(str(tmp_path)), "run-1", expiry_s=60)
     assert lease.try_acquire() is None and lease.took_over.run_id == "dead-run"
 
@@ -144,8 +159,9 @@ class Clock:
 
 
 def test_a_run_whose_renewals_keep_failing_learns_its_lease_is_lost(tmp_path, capsys):
-    """No renewal has gone through for nearly the expiry: another run may take the lease over at any moment, so
-    check() says lost (a sixth of the expiry early) even though nobody has taken it over yet."""
+    """No renewal has gone through for nearly the expiry and the one check() tries then fails too: another run may
+    take the lease over at any moment, so check() says lost (a sixth of the expiry early) even though nobody has
+    taken it over yet."""
     clock = Clock()
     lease = Lease(FailingRenewals(str(tmp_path)), "run-1", expiry_s=60, clock=clock)
     assert lease.try_acquire() is None
@@ -160,8 +176,8 @@ def test_a_run_whose_renewals_keep_failing_learns_its_lease_is_lost(tmp_path, ca
         lease.check()
     with pytest.raises(LeaseLost):
         lease.check()  # and stays lost
-    lease.release()  # still ours in the store: given back, so the next run need not wait for the expiry
-    assert not (tmp_path / LEASE_NAME).exists()
+    lease.release()  # a lost lease is never touched again (another run may be taking it over): it expires
+    assert parse((tmp_path / LEASE_NAME).read_bytes()).run_id == "run-1"
 
 
 def test_a_lease_whose_create_went_through_unseen_is_adopted(tmp_path):
@@ -179,9 +195,11 @@ def test_a_lease_whose_create_went_through_unseen_is_adopted(tmp_path):
 def test_a_holder_whose_lease_was_taken_over_learns_it(tmp_path):
     first = Lease(LocalStore(str(tmp_path)), "run-1", expiry_s=60)
     assert first.try_acquire() is None
-    (tmp_path / LEASE_NAME).write_bytes(stale_lease("another-host", 1, time.time() + 3600))  # as a takeover would
-    with pytest.raises(Exception, match="taken over by run dead-run"):
+    plant(tmp_path, stale_lease("another-host", 1, time.time() + 3600))  # as a takeover would
+    with pytest.raises(LeaseLost, match="taken over by run dead-run"):
         first.renew()
+    first.release()  # lost: left to its new holder
+    assert parse((tmp_path / LEASE_NAME).read_bytes()).run_id == "dead-run"
 
 
 @pytest.fixture(scope="module")
@@ -195,6 +213,7 @@ def test_s3_lease_uses_conditional_writes(lease_bucket, s3, s3_env, monkeypatch)
     for k, v in s3_env.items():
         monkeypatch.setenv(k, v)
     store = lambda: S3Store(lease_bucket, "out/" + LEASE_NAME, s3_client())  # noqa: E731
+    store().probe()  # moto honours the conditions the lease needs
     first = Lease(store(), "run-1", expiry_s=60)
     first.acquire(None, poll_s=0.1)
     with pytest.raises(LeaseBusy):
@@ -209,10 +228,13 @@ def test_s3_lease_uses_conditional_writes(lease_bucket, s3, s3_env, monkeypatch)
     key = "out/" + LEASE_NAME
     s3.put_object(Bucket=lease_bucket, Key=key, Body=stale_lease("another-host", 1, time.time() - 1))
     stale_etag = s3.head_object(Bucket=lease_bucket, Key=key)["ETag"]
-    assert not store().create(b"{}")  # If-None-Match: * with a lease there
-    taker = Lease(store(), "run-3", expiry_s=60)
+    assert store().create(b"{}") is None  # If-None-Match: * with a lease there
+    clock = Clock()
+    taker = Lease(store(), "run-3", expiry_s=60, clock=clock)
+    assert taker.try_acquire().run_id == "dead-run"  # written just now by S3's clock, whatever its expires_at
+    clock.now += 61.5  # seen unchanged for longer than the expiry (plus a second), by the taker's own clock
     assert taker.try_acquire() is None and taker.took_over.run_id == "dead-run"  # If-Match on the stale ETag
-    assert not store().replace(b"{}", stale_etag)  # a second taker with the same stale ETag loses
+    assert store().replace(b"{}", stale_etag) is None  # a second taker with the same stale ETag loses
     store().delete(stale_etag)  # and cannot delete the winner's lease either
     assert parse(s3.get_object(Bucket=lease_bucket, Key=key)["Body"].read()).run_id == "run-3"
     taker.release()
@@ -228,7 +250,7 @@ def test_s3_lease_deleted_under_its_holder_counts_as_lost(lease_bucket, s3, s3_e
     lease = Lease(S3Store(lease_bucket, key, s3_client(expiry_s=60)), "run-1", expiry_s=60)
     assert lease.try_acquire() is None
     s3.delete_object(Bucket=lease_bucket, Key=key)  # e.g. a taker that took it over and released it
-    assert not lease.store.replace(b"{}", lease.version)
+    assert lease.store.replace(b"{}", lease.version) is None
     with pytest.raises(LeaseLost, match="lease was removed"):
         lease.renew()
     assert not lease._beat() and "removed" in lease.lost  # the heartbeat stops; check() reports it
@@ -260,26 +282,28 @@ def test_the_lease_client_cannot_outlast_the_expiry():
 
 # --- real runs ----------------------------------------------------------------------------------------------
 
-def _two_runs(tmp_path, out, read_docs, list_files, env=None):
+def _two_runs(tmp_path, out, read_docs, list_files, env=None, a_args=(), open_files=False):
     """Run A is held inside its third document (after writing the first two); B starts then: refused, and
     with --wait-for-output it waits, A is let go, and B finds everything done."""
     pdfs = make_pdfs(tmp_path / "in")
     job = job_file(tmp_path)
     release = tmp_path / "release-a"
-    a = start_cli(*run_args(tmp_path / "in", out, job, "--checkpoint-seconds", "0.01"),
+    a = start_cli(*run_args(tmp_path / "in", out, job, *a_args),
                   env={**(env or {}), "DOCPIPE_FAULT_RENDER": f"c.pdf@1=until:{release}"})
     try:
         wait_for(lambda: Path(f"{release}.waiting").exists() or a.poll() is not None, "run A reaching c.pdf")
         assert a.poll() is None, a.communicate()[1][-3000:]
         written = list_files()
         assert written, "run A wrote nothing before its third document"
+        if open_files:  # A is writing them: the ones a run removing stale files before its lease would delete
+            assert {Path(f).name[:9] for f in written} == {"_tmp-part"}, written
 
         b = run_cli(*run_args(tmp_path / "in", out, job), env=env)
         assert b.returncode == 2, b.stderr[-3000:]
         [line] = b.stderr.strip().splitlines()
         assert line.startswith(f"docpipe: error: output {out} is in use by run ") and f"pid {a.pid}" in line
         assert f"host {socket.gethostname()}" in line and "its lease expires at " in line
-        assert set(written) <= set(list_files())  # B removed nothing of A's
+        assert set(written) <= set(list_files())  # B removed nothing of A's, its open files included
 
         waiter = start_cli(*run_args(tmp_path / "in", out, job, "--wait-for-output", "600"), env=env)
         line = waiter.stderr.readline()
@@ -304,12 +328,14 @@ def _two_runs(tmp_path, out, read_docs, list_files, env=None):
 
 
 def test_second_local_run_is_refused_or_waits(tmp_path):
+    """A seals nothing before its end (the default checkpoint interval): when B starts, A's rows are in open
+    _tmp- files, the ones a run that removed stale files before taking the lease would delete."""
     out = tmp_path / "out"
 
     def files():
         return sorted(str(p) for p in out.rglob("*.parquet"))
 
-    _two_runs(tmp_path, out, lambda: pq.read_table(out / "documents").to_pylist(), files)
+    _two_runs(tmp_path, out, lambda: pq.read_table(out / "documents").to_pylist(), files, open_files=True)
     assert not list(out.rglob("_tmp-*")) and not (out / LEASE_NAME).exists()
 
 
@@ -324,26 +350,34 @@ def test_second_s3_run_is_refused_or_waits(tmp_path, s3, s3_env, lease_bucket):
 
     _two_runs(tmp_path, "s3://leases/two-runs", lambda: pq.read_table("leases/two-runs/documents",
                                                                        filesystem=fs).to_pylist(),
-              lambda: [k for k in files() if k.endswith(".parquet")], env=s3_env)
+              lambda: [k for k in files() if k.endswith(".parquet")], env=s3_env,
+              a_args=("--checkpoint-seconds", "0.01"))  # on S3 an open file is invisible: A seals each batch
     assert "two-runs/" + LEASE_NAME not in files()
 
 
 def test_a_killed_runs_lease_is_taken_over_at_once_on_its_host(tmp_path):
+    """A's whole process group is SIGKILLed and B starts at once, before anyone need have reaped A (a zombie
+    counts as gone, tests/test_lease_faults.py)."""
+    import signal
+
     out = tmp_path / "out"
     pdfs = make_pdfs(tmp_path / "in")
     job = job_file(tmp_path)
     held = tmp_path / "held"
-    a = start_cli(*run_args(tmp_path / "in", out, job), env={"DOCPIPE_FAULT_RENDER": f"c.pdf@1=until:{held}"})
+    a = start_cli(*run_args(tmp_path / "in", out, job), env={"DOCPIPE_FAULT_RENDER": f"c.pdf@1=until:{held}"},
+                  new_session=True)
     try:
         wait_for(lambda: Path(f"{held}.waiting").exists() or a.poll() is not None, "run A reaching c.pdf")
         assert a.poll() is None, a.communicate()[1][-3000:]
         assert list(out.rglob("_tmp-part-*"))  # its open files
+        assert parse((out / LEASE_NAME).read_bytes()).pid == a.pid
+        os.killpg(a.pid, signal.SIGKILL)  # A and its render processes, as an OOM-killed container's
+        b = run_cli(*run_args(tmp_path / "in", out, job, "--lease-expiry", "3600"))
     finally:
-        a.kill()
+        if a.poll() is None:
+            a.kill()
         a.wait()
-        held.touch()  # lets A's orphaned render process finish its page and end
-    assert parse((out / LEASE_NAME).read_bytes()).pid == a.pid  # left behind, not yet expired
-    b = run_cli(*run_args(tmp_path / "in", out, job, "--lease-expiry", "3600"))
+        held.touch()  # lets a render process that outlived A finish its page and end
     assert b.returncode == 0, b.stderr[-3000:]
     assert "took over the lease" in b.stderr and f"pid {a.pid}" in b.stderr
     ok_once(pq.read_table(out / "documents").to_pylist(), pdfs)
@@ -352,20 +386,65 @@ def test_a_killed_runs_lease_is_taken_over_at_once_on_its_host(tmp_path):
     assert manifest["counters"]["stale_tmp_files_removed"] >= 1
 
 
+def snapshot(out: Path) -> dict[str, tuple[int, int]]:
+    """Every file under OUT but the lease's, with its size and modification time."""
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in out.rglob("*")
+            if p.is_file() and not p.name.startswith(LEASE_NAME)}
+
+
+def test_a_run_that_loses_its_lease_midway_stops_and_writes_nothing_more(tmp_path):
+    """A (a 6 s expiry, renewed every 2 s) is held inside its second document; another run takes its lease over,
+    as one would once A's host had stalled past the expiry. A's heartbeat says so at once; from then on A writes
+    nothing: its second document is let go, and A stops before writing it, exit 2, its manifest unwritten and the
+    new holder's lease untouched."""
+    out = tmp_path / "out"
+    make_pdfs(tmp_path / "in", names=("a", "c"))
+    held = tmp_path / "held"
+    a = start_cli(*run_args(tmp_path / "in", out, job_file(tmp_path), "--checkpoint-seconds", "0.01",
+                            "--lease-expiry", "6"), env={"DOCPIPE_FAULT_RENDER": f"c.pdf@1=until:{held}"})
+    try:
+        wait_for(lambda: Path(f"{held}.waiting").exists() or a.poll() is not None, "run A reaching c.pdf")
+        assert a.poll() is None, a.communicate()[1][-3000:]
+        store, taker = LocalStore(str(out)), Lease(LocalStore(str(out)), "taker-run", expiry_s=3600)
+        while True:  # a compare-and-swap, as try_acquire takes a lease over (A renews meanwhile: look again)
+            current = store.read()
+            assert parse(current.data).pid == a.pid
+            if store.replace(taker._content(), current.version):
+                break
+        lines = []
+        while not any("taken over by run taker-run" in line for line in lines):
+            lines.append(a.stderr.readline())
+            assert lines[-1], f"run A ended without noticing: {lines}"
+        assert lines[-1].startswith("docpipe: warning: the output's lease was taken over by run taker-run (host ")
+        before = snapshot(out)
+        held.touch()
+        assert a.wait(TIMEOUT) == 2
+        err = a.stderr.read()
+    finally:
+        held.touch()
+        if a.poll() is None:
+            a.kill()
+    assert err.strip().splitlines()[-1].startswith(
+        "docpipe: error: stopped: the output's lease was taken over by run taker-run (host "), err[-3000:]
+    assert snapshot(out) == before  # nothing written, sealed or removed after A learned of the loss
+    assert not list((out / "_runs").glob("*.json"))
+    assert parse((out / LEASE_NAME).read_bytes()).run_id == "taker-run"  # A did not release the taker's lease
+
+
 def test_a_lease_from_another_host_is_taken_over_after_expiry(tmp_path):
     out = tmp_path / "out"
     pdfs = make_pdfs(tmp_path / "in", names=("a", "b"))
     job = job_file(tmp_path)
     out.mkdir()
-    (out / LEASE_NAME).write_bytes(stale_lease("another-host", 1, time.time() + 3600))
-    refused = run_cli(*run_args(tmp_path / "in", out, job))
+    plant(out, stale_lease("another-host", 1, time.time() - 3600))  # its expires_at past by our clock, not by
+    refused = run_cli(*run_args(tmp_path / "in", out, job))             # the store's: written just now
     assert refused.returncode == 2
     [line] = refused.stderr.strip().splitlines()
     assert "in use by run dead-run (host another-host, pid 1," in line
     assert parse((out / LEASE_NAME).read_bytes()).run_id == "dead-run"
 
-    # The same lease, expired: taken over.
-    (out / LEASE_NAME).write_bytes(stale_lease("another-host", 1, time.time() - 1))
+    # The same lease, last written 302 s ago by the store's clock (the default expiry is 300 s): taken over.
+    plant(out, stale_lease("another-host", 1, time.time() + 3600), age_s=302)
     b = run_cli(*run_args(tmp_path / "in", out, job))
     assert b.returncode == 0, b.stderr[-3000:]
     assert "took over the lease" in b.stderr and "dead-run" in b.stderr

@@ -20,6 +20,7 @@ from docpipe.execute.local import execute_local
 from docpipe.execute.plan import execute_ray
 from docpipe.execute.progress import Progress
 from docpipe.model.load import render_edge_for, resolve_checkpoint
+from docpipe.output.lease import LeaseLost
 from docpipe.output.resume import previous_ok, unchanged
 from docpipe.output.sink import RunSink
 from docpipe.output.store import prepare_output, remove_stale_tmp
@@ -53,6 +54,8 @@ def run(config: RunConfig) -> RunResult:
         if lease is not None:
             try:
                 lease.release()
+            except LeaseLost as exc:  # taken over before it was given back: its new holder's now, left alone
+                print(f"docpipe: warning: did not release the lease on {out.uri}: {exc}", file=sys.stderr)
             except Exception as exc:  # must not hide the run's own error; the lease then simply expires
                 print(f"docpipe: warning: could not release the lease on {out.uri}: {describe(exc)} (it expires "
                       f"within {config.lease_expiry_s:g} s)", file=sys.stderr)
@@ -87,7 +90,7 @@ def _list_inputs(config: RunConfig):
 def _take_lease(config: RunConfig, uri: str, run_id: str, started_at: str):
     """This run's lease on OUT (pipeline/output/lease.py), or None where the store has no conditional writes."""
     from docpipe.errors import OutputError
-    from docpipe.output.lease import Lease, LeaseBusy, LeaseLost, store_for
+    from docpipe.output.lease import Lease, LeaseBusy, LeaseLost, LeaseUnsupported, store_for
     from docpipe.storage import explain
 
     store = store_for(uri, config.storage, config.lease_expiry_s)
@@ -97,6 +100,7 @@ def _take_lease(config: RunConfig, uri: str, run_id: str, started_at: str):
         return None
     lease = Lease(store, run_id, config.lease_expiry_s, started_at)
     try:
+        store.probe()  # conditional writes (S3), hard links and locks (local): missing ones fail here, in one line
         lease.acquire(config.wait_for_output_s, poll_s=min(2.0, config.lease_expiry_s / 10),
                       on_wait=lambda holder: print(
                           f"docpipe: waiting for {holder.describe()} to finish with {uri} (its lease expires at "
@@ -108,6 +112,8 @@ def _take_lease(config: RunConfig, uri: str, run_id: str, started_at: str):
                           "for it)") from None
     except LeaseLost as exc:
         raise OutputError(f"cannot take the lease on output {uri}: {exc}") from None
+    except LeaseUnsupported as exc:
+        raise OutputError(f"output {uri} cannot hold a lease: {exc}") from None
     except Exception as exc:  # the store's own errors: a missing bucket, refused credentials
         raise OutputError(explain(f"cannot take the lease on output {uri}: {describe(exc)}")) from None
     if lease.took_over is not None:
