@@ -53,9 +53,20 @@ def _add_document_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-ocr-layer", action="store_true",
                    help="with --text-layer auto, also trust a scan's invisible OCR layer")
     p.add_argument("--no-skip-blank", action="store_true", help="send blank pages to the model too")
+    _add_storage_args(p)
+
+
+def _add_storage_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--endpoint-url", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)")
     p.add_argument("--region", help="S3 region (default: AWS_REGION / AWS_DEFAULT_REGION)")
     p.add_argument("--anonymous", action="store_true", help="unsigned S3 requests (public buckets)")
+
+
+def _storage_from_args(args: argparse.Namespace):
+    from docpipe.config import StorageOptions
+
+    return StorageOptions(**{k: v for k, v in (("endpoint_url", args.endpoint_url), ("region", args.region),
+                                                ("anonymous", args.anonymous or None)) if v is not None})
 
 
 def _add_run_args(run: argparse.ArgumentParser) -> None:
@@ -132,9 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "result), pages marked <!-- page N -->")
     export.add_argument("out", metavar="OUT", help="a docpipe output folder or URI (what `docpipe run -o` wrote)")
     export.add_argument("--markdown", metavar="DIR", required=True, help="the folder or URI for the Markdown files")
-    export.add_argument("--endpoint-url", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)")
-    export.add_argument("--region", help="S3 region (default: AWS_REGION / AWS_DEFAULT_REGION)")
-    export.add_argument("--anonymous", action="store_true", help="unsigned S3 requests (public buckets)")
+    _add_storage_args(export)
 
     submit = sub.add_parser("submit", help="run on a Ray cluster as a Ray job (Job Submission API)")
     submit.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://HEAD:8265")
@@ -195,9 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "partials first, then a sample")
     report.add_argument("--max-page-images", type=int, help="pages per document shown as images (default 50)")
     report.add_argument("--image-edge", type=int, help="longest side of page images in pixels (default 1000)")
-    report.add_argument("--endpoint-url", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)")
-    report.add_argument("--region", help="S3 region (default: AWS_REGION / AWS_DEFAULT_REGION)")
-    report.add_argument("--anonymous", action="store_true", help="unsigned S3 requests (public buckets)")
+    _add_storage_args(report)
 
     config = sub.add_parser("config", help="job configuration tools")
     config.add_argument("action", choices=["schema"], help="schema: print the configuration's JSON Schema (run "
@@ -450,6 +457,8 @@ def print_summary(result, out=sys.stdout) -> None:
     print(f"time       {m.timings['wall_s']:.1f} s, {m.timings['pages_per_s']:.2f} pages/s", file=out)
     print(f"output     {result.output}/pages, {result.output}/documents, {result.output}/_runs/{m.run_id}.json",
           file=out)
+    if m.config.get("markdown"):
+        print(f"markdown   {m.counters.get('markdown_files', 0)} files in {m.config['markdown']}", file=out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -470,12 +479,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "convert":
             return convert_command(args)
         elif args.command == "export":
-            from docpipe.config import StorageOptions
             from docpipe.output.markdown import export_markdown
 
-            storage = StorageOptions(**{k: v for k, v in (("endpoint_url", args.endpoint_url), ("region", args.region),
-                                                            ("anonymous", args.anonymous or None)) if v is not None})
-            exported = export_markdown(args.out, args.markdown, storage)
+            exported = export_markdown(args.out, args.markdown, _storage_from_args(args))
             docs = ", ".join(f"{k} {v}" for k, v in sorted(exported.documents.items()))
             print(f"markdown   {exported.files} files in {args.markdown} (documents: {docs})")
         elif args.command == "submit":
@@ -504,11 +510,9 @@ def main(argv: list[str] | None = None) -> int:
                 with open(args.json, "w") as f:
                     json.dump(summary, f, indent=2)
         elif args.command == "report":
-            from docpipe.config import StorageOptions
             from docpipe.tools.report import ReportOptions, write_report
 
-            storage = StorageOptions(**{k: v for k, v in (("endpoint_url", args.endpoint_url), ("region", args.region),
-                                                            ("anonymous", args.anonymous or None)) if v is not None})
+            storage = _storage_from_args(args)
             options = ReportOptions(**{k: v for k, v in (("max_documents", args.max_documents),
                                                          ("max_page_images", args.max_page_images),
                                                          ("image_edge", args.image_edge)) if v is not None})

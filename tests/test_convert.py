@@ -71,7 +71,7 @@ def test_convert_a_pdf_and_an_image_to_markdown_on_stdout(docs, tmp_path):
                                                       "report.pdf", "scan.png", "wrong.pdf"]
 
 
-def test_convert_failures_are_a_line_each_and_exit_1(docs, capsys):
+def test_convert_failures_are_a_line_each_and_exit_1(docs, capsys, tmp_path, monkeypatch):
     """A document that fails has one stderr line and exit 1; the others still come out (JSON here, --pages 2).
     In this process: the command's code, with the model this worker has already imported."""
     from docpipe.cli import main
@@ -88,6 +88,20 @@ def test_convert_failures_are_a_line_each_and_exit_1(docs, capsys):
     assert (locked["status"], locked["error_type"]) == ("error", "encrypted_document")
     assert (report["status"], report["page_count"]) == ("ok", 3)
     assert report["markdown"] == f"<!-- page 2 -->\n\n{TEXTS[1]}\n"
+
+    md = tmp_path / "md"  # files instead of stdout: their paths are printed
+    assert main(["convert", str(docs / "report.pdf"), "--pages", "3", "--markdown", str(md), "--model",
+                 "tiny-random"]) == 0
+    assert capsys.readouterr().out == f"{md / 'report.pdf.md'}\n"
+    assert (md / "report.pdf.md").read_text() == f"<!-- page 3 -->\n\n{TEXTS[2]}\n"
+
+    import io  # one document from stdin: `cat locked.pdf | docpipe convert - --password ...`
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO((docs / "locked.pdf").read_bytes())))
+    assert main(["convert", "-", "--json", "--model", "tiny-random", "--password", PASSWORD]) == 0
+    [row] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert (row["source_uri"], row["status"]) == ("stdin", "ok") and row["markdown"].startswith(
+        "<!-- page 1 -->\n\nLocked memo:")
 
 
 def test_converter_opens_pdfs_with_the_run_password_or_their_own(converter, docs):
@@ -110,7 +124,7 @@ def test_converter_opens_pdfs_with_the_run_password_or_their_own(converter, docs
     assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
 
 
-def test_run_from_python_writes_markdown_files_for_a_page_range(docs, tmp_path):
+def test_run_from_python_writes_markdown_files_for_a_page_range(docs, tmp_path, capsys):
     """docpipe.run(dict) with --pages 2- and --markdown: pages outside the range are neither rendered nor written,
     page_count stays the document's own; one Markdown file per document, named below the inputs' folder; the
     password never reaches the manifest; export writes the same files from the output."""
@@ -138,8 +152,10 @@ def test_run_from_python_writes_markdown_files_for_a_page_range(docs, tmp_path):
     manifest = (out / "_runs" / f"{m.run_id}.json").read_text()
     assert PASSWORD not in manifest and json.loads(manifest)["config"]["password"] == "**********"
 
-    exported = docpipe.export_markdown(str(out), str(tmp_path / "again"))
-    assert (exported.files, exported.documents) == (3, {"ok": 1, "error": 2})
+    from docpipe.cli import main
+
+    assert main(["export", str(out), "--markdown", str(tmp_path / "again")]) == 0
+    assert capsys.readouterr().out == f"markdown   3 files in {tmp_path / 'again'} (documents: error 2, ok 1)\n"
     assert {p.relative_to(tmp_path / "again").as_posix(): p.read_text()
             for p in (tmp_path / "again").rglob("*.md")} == files
 
@@ -186,6 +202,12 @@ def test_markdown_marks_failures_and_names_files_safely():
     assert names.name("s3://bucket/in/a.pdf") == "in/a.pdf.md"  # the same document, the same name
     long = names.name("s3://bucket/" + "é" * 300 + ".pdf")
     assert len(long.encode()) <= 204 and long.endswith(".md")
+
+    from docpipe.api import Converted  # an extraction that is not valid is not ok: convert's exit 1
+
+    invalid = Converted({"source_uri": "x.pdf", "status": "ok", "schema_name": "invoice", "valid": False,
+                         "validation_errors": ["total: Field required"]})
+    assert not invalid.ok and invalid.problem == "extraction not valid for schema invoice: total: Field required"
 
 
 def test_page_ranges_passwords_and_the_package_api_are_checked_early(tmp_path):
