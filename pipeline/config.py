@@ -384,8 +384,8 @@ class RunConfig(_Options):
         examples=["1-5,8", "1", "2-"],
     )
     password: SecretStr | None = Field(
-        None, description="Password for encrypted PDFs, tried on each one. Default: the DOCPIPE_PDF_PASSWORD "
-        "environment variable, or password_file. Never logged or recorded (the manifest shows it masked); prefer "
+        None, description="Password for encrypted PDFs, tried on each one. Default: password_file's, else the "
+        "DOCPIPE_PDF_PASSWORD environment variable's (read by the run's driver). Never logged or recorded (the manifest shows it masked); prefer "
         "the variable or the file to the --password flag, which other users can see in the process list.",
     )
     password_file: str | None = Field(

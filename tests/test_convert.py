@@ -210,7 +210,7 @@ def test_markdown_marks_failures_and_names_files_safely():
     assert not invalid.ok and invalid.problem == "extraction not valid for schema invoice: total: Field required"
 
 
-def test_page_ranges_passwords_and_the_package_api_are_checked_early(tmp_path):
+def test_page_ranges_passwords_and_the_package_api_are_checked_early(tmp_path, monkeypatch):
     import docpipe
     from docpipe.config import RunConfig, parse_pages
     from docpipe.errors import ConfigError
@@ -226,6 +226,15 @@ def test_page_ranges_passwords_and_the_package_api_are_checked_early(tmp_path):
     with pytest.raises(ConfigError, match="must map paths or globs to passwords"):
         docpipe.dry_run({"inputs": [str(tmp_path)], "output": str(tmp_path / "o"),
                          "passwords": str(tmp_path / "bad.yaml")})
+    from docpipe.render.passwords import load_passwords
+    from docpipe.storage import redact
+
+    (tmp_path / "secret").write_text("from-the-file-1\nignored\n")  # a mounted secret: its first line
+    monkeypatch.setenv("DOCPIPE_PDF_PASSWORD", "from-the-env-22")
+    assert load_passwords(RunConfig(output="o", password_file=str(tmp_path / "secret"))).candidates("/a.pdf") == [
+        ("the run's password", "from-the-file-1")]
+    assert load_passwords(RunConfig(output="o")).candidates("/a.pdf") == [("the run's password", "from-the-env-22")]
+    assert redact("tried from-the-file-1 and from-the-env-22") == "tried *** and ***"
     assert {"run", "convert", "Converter", "build_processor", "RunResult"} <= set(dir(docpipe))
     with pytest.raises(AttributeError):
         docpipe.no_such_thing
