@@ -20,7 +20,7 @@ from docpipe.execute.local import execute_local
 from docpipe.execute.plan import execute_ray
 from docpipe.execute.progress import Progress
 from docpipe.model.load import render_edge_for, resolve_checkpoint
-from docpipe.output.resume import previous_ok, same_pages, unchanged
+from docpipe.output.resume import previous_ok, unchanged
 from docpipe.output.sink import RunSink
 from docpipe.output.store import prepare_output, remove_stale_tmp
 from docpipe.sources import list_inputs
@@ -216,6 +216,8 @@ def _run_leased(config: RunConfig, out, run_id: str, lease, schema, listing, sta
 
 def _resume(config: RunConfig, out, refs, sink: RunSink):
     """The documents still to do, and the ids earlier runs wrote; the sink records the ones skipped as done."""
+    from docpipe.output.resume import same_pages
+
     done = same_pages(out, previous_ok(out), config.page_spans) if config.resume else {}
     todo = []
     for ref in refs:
