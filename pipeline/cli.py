@@ -32,23 +32,54 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide Ray Data's progress bars")
 
 
+def _add_document_args(p: argparse.ArgumentParser) -> None:
+    """What to make of each document, for `run`, `submit` and `convert` alike."""
+    p.add_argument("--task", choices=["ocr", "extract", "ocr+extract"],
+                   help="ocr (default): text per page; extract: JSON per document; ocr+extract: both in one pass")
+    p.add_argument("--schema", help="extraction schema: invoice, receipt, key_values, module:Class, or a JSON Schema file")
+    p.add_argument("--page-cap", type=int, help="pages per extraction prompt (default 8); longer documents are chunked")
+    p.add_argument("--extract-max-new-tokens", type=int, help="cap on generated tokens per extraction (default 1024)")
+    p.add_argument("--pages", metavar="RANGES", help="only these pages of each document, 1-based: 1-5,8 or 3- (page 3 "
+                   "to the end); the others are neither rendered nor written")
+    p.add_argument("--password", help="password for encrypted PDFs (prefer DOCPIPE_PDF_PASSWORD or --password-file: "
+                   "a flag shows in the process list); never logged or recorded")
+    p.add_argument("--password-file", metavar="FILE", help="a file holding the PDF password (its first line), e.g. "
+                   "a mounted secret")
+    p.add_argument("--passwords", metavar="FILE", help="YAML or JSON mapping paths or globs to PDF passwords, e.g. "
+                   "'hr/*.pdf: s3cret'")
+    p.add_argument("--text-layer", choices=["never", "auto"],
+                   help="auto (default): a PDF page with a trustworthy text layer and no formulas takes its text "
+                   "from it, as Markdown (no model call); never: the model reads every page")
+    p.add_argument("--trust-ocr-layer", action="store_true",
+                   help="with --text-layer auto, also trust a scan's invisible OCR layer")
+    p.add_argument("--no-skip-blank", action="store_true", help="send blank pages to the model too")
+    _add_storage_args(p)
+
+
+def _add_storage_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--endpoint-url", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)")
+    p.add_argument("--region", help="S3 region (default: AWS_REGION / AWS_DEFAULT_REGION)")
+    p.add_argument("--anonymous", action="store_true", help="unsigned S3 requests (public buckets)")
+
+
+def _storage_from_args(args: argparse.Namespace):
+    from docpipe.config import StorageOptions
+
+    return StorageOptions(**{k: v for k, v in (("endpoint_url", args.endpoint_url), ("region", args.region),
+                                                ("anonymous", args.anonymous or None)) if v is not None})
+
+
 def _add_run_args(run: argparse.ArgumentParser) -> None:
     run.add_argument("inputs", nargs="*", metavar="INPUT",
                      help="file, folder or glob; local or s3://bucket/prefix (also gs://, abfs://)")
     run.add_argument("--config", metavar="FILE", help="a job configuration (YAML or JSON); flags given here override it")
     run.add_argument("--output", "-o", metavar="OUT", help="output folder or URI")
-    run.add_argument("--task", choices=["ocr", "extract", "ocr+extract"],
-                     help="ocr (default): text per page; extract: JSON per document; ocr+extract: both in one pass")
-    run.add_argument("--schema", help="extraction schema: invoice, receipt, key_values, module:Class, or a JSON Schema file")
-    run.add_argument("--page-cap", type=int, help="pages per extraction prompt (default 8); longer documents are chunked")
-    run.add_argument("--extract-max-new-tokens", type=int, help="cap on generated tokens per extraction (default 1024)")
+    run.add_argument("--markdown", metavar="DIR", help="also write one Markdown file per document under DIR (a "
+                     "folder or URI), named by its path below the inputs' folder, pages marked <!-- page N -->")
     run.add_argument("--manifest", action="append", default=[], metavar="FILE",
                      help="a .txt, .csv or .parquet file listing input URIs (repeatable)")
     run.add_argument("--include", action="append", default=[], metavar="GLOB", help="keep only matching files, e.g. '*.pdf'")
     run.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="drop matching files")
-    run.add_argument("--endpoint-url", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)")
-    run.add_argument("--region", help="S3 region (default: AWS_REGION / AWS_DEFAULT_REGION)")
-    run.add_argument("--anonymous", action="store_true", help="unsigned S3 requests (public buckets)")
     run.add_argument("--fail-fast", action="store_true",
                      help="stop at the first error and show its traceback (runs in this process, without Ray)")
     run.add_argument("--no-resume", action="store_true", help="process every input, even those already ok in OUT")
@@ -65,12 +96,7 @@ def _add_run_args(run: argparse.ArgumentParser) -> None:
                      help="Hive partition folders for pages/ and documents/ (default ingest_date)")
     run.add_argument("--progress-interval", type=float, metavar="SECONDS",
                      help="seconds between progress lines when there are no progress bars (default 30)")
-    run.add_argument("--text-layer", choices=["never", "auto"],
-                     help="auto (default): a PDF page with a trustworthy text layer and no formulas takes its text "
-                     "from it, as Markdown (no model call); never: the model reads every page")
-    run.add_argument("--trust-ocr-layer", action="store_true",
-                     help="with --text-layer auto, also trust a scan's invisible OCR layer")
-    run.add_argument("--no-skip-blank", action="store_true", help="send blank pages to the model too")
+    _add_document_args(run)
     _add_engine_args(run)
 
 
@@ -92,6 +118,32 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="process documents into OUT/pages, OUT/documents and OUT/_runs")
     _add_run_args(run)
     run.add_argument("--config-json", help=argparse.SUPPRESS)  # how `docpipe submit` hands a job its configuration
+    run.add_argument("--dry-run", action="store_true", help="list what the run would process, filter out and skip "
+                     "(resume), and why, then stop: no document is read, nothing is written, exit 0")
+
+    convert = sub.add_parser("convert", help="one or a few files to Markdown on stdout (JSON for extraction), in "
+                             "this process: no output folder, no Ray; exit 0 when every document is ok, 1 when one "
+                             "is not (a line each on stderr), 2 on a fatal error")
+    convert.add_argument("inputs", nargs="+", metavar="FILE", help="a file, folder or glob, local or a URI; - reads "
+                         "one document from stdin")
+    convert.add_argument("--config", metavar="FILE", help="a job configuration (YAML or JSON) for the options; flags "
+                         "override it")
+    convert.add_argument("--json", action="store_true", help="one JSON object per document and line (status, errors, "
+                         "markdown, extraction), also for --task ocr; the default for extraction")
+    convert.add_argument("--markdown", metavar="DIR", help="write one Markdown file per document under DIR instead of "
+                         "stdout, and print their paths")
+    convert.add_argument("--include", action="append", default=[], metavar="GLOB",
+                         help="in a folder, keep only matching files, e.g. '*.pdf'")
+    convert.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="in a folder, drop matching files")
+    convert.add_argument("--fail-fast", action="store_true", help="stop at the first error and show its traceback")
+    _add_document_args(convert)
+    _add_engine_args(convert)
+
+    export = sub.add_parser("export", help="write files from an output: one Markdown file per document (its latest "
+                            "result), pages marked <!-- page N -->")
+    export.add_argument("out", metavar="OUT", help="a docpipe output folder or URI (what `docpipe run -o` wrote)")
+    export.add_argument("--markdown", metavar="DIR", required=True, help="the folder or URI for the Markdown files")
+    _add_storage_args(export)
 
     submit = sub.add_parser("submit", help="run on a Ray cluster as a Ray job (Job Submission API)")
     submit.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://HEAD:8265")
@@ -152,9 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "partials first, then a sample")
     report.add_argument("--max-page-images", type=int, help="pages per document shown as images (default 50)")
     report.add_argument("--image-edge", type=int, help="longest side of page images in pixels (default 1000)")
-    report.add_argument("--endpoint-url", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)")
-    report.add_argument("--region", help="S3 region (default: AWS_REGION / AWS_DEFAULT_REGION)")
-    report.add_argument("--anonymous", action="store_true", help="unsigned S3 requests (public buckets)")
+    _add_storage_args(report)
 
     config = sub.add_parser("config", help="job configuration tools")
     config.add_argument("action", choices=["schema"], help="schema: print the configuration's JSON Schema (run "
@@ -264,6 +314,11 @@ def config_from_args(args: argparse.Namespace, inputs: list[str], output: str | 
         "lease_expiry_s": getattr(args, "lease_expiry", None),
         "partition_by": getattr(args, "partition_by", None),
         "progress_interval_s": getattr(args, "progress_interval", None),
+        "markdown": getattr(args, "markdown", None),
+        "pages": getattr(args, "pages", None),
+        "password": getattr(args, "password", None),
+        "password_file": getattr(args, "password_file", None),
+        "passwords": getattr(args, "passwords", None),
         "model": {k: v for k, v in model.items() if v is not None},
         "render": {k: v for k, v in render.items() if v is not None},
         "route": {k: v for k, v in route.items() if v is not None},
@@ -332,6 +387,58 @@ def print_finetune_summary(record: dict, output: str, out=sys.stdout) -> None:
         print(f"eval loss  {' '.join(f'{v:.4g}' for v in losses['eval'])}", file=out)
 
 
+def print_dry_run(plan, out=None) -> None:
+    """`run --dry-run`: a line per listed document (what would happen to it, and why), then the counts."""
+    out = out or sys.stdout  # looked up now: sys.stdout may have been replaced since this module was imported
+    for action, uri, why in plan.entries:
+        print(f"{action:<9} {uri}  ({why})", file=out)
+    print(f"dry run    {plan.count('process')} to process, {plan.count('skip')} to skip, {plan.count('filtered')} "
+          f"filtered out; output {plan.output} (nothing read or written)", file=out)
+
+
+def convert_command(args: argparse.Namespace) -> int:
+    """`docpipe convert`: documents to Markdown (or JSON) on stdout, or to files under --markdown DIR, as each is
+    done. Exit 0 when every document is ok (and its extraction valid), 1 when one is not: each such document gets
+    one `docpipe: URI: ...` line on stderr, and what it did make is still written."""
+    import json
+
+    from docpipe.api import _NO_OUTPUT, Converter
+    from docpipe.errors import ConfigError
+
+    config = config_from_args(args, [], _NO_OUTPUT)
+    as_json = args.json or "extract" in config.task
+    if args.markdown and config.task == "extract":
+        raise ConfigError("--markdown writes the pages' text, which task extract does not read: use task ocr or "
+                          "ocr+extract")
+    sources = [sys.stdin.buffer.read() if arg == "-" else arg for arg in args.inputs]
+    names = ["stdin" if arg == "-" else None for arg in args.inputs]
+    if names.count("stdin") > 1:
+        raise ConfigError("- (stdin) can be given once")
+    writer = None
+    if args.markdown:
+        from docpipe.output.markdown import MarkdownWriter, common_folder, input_folder
+
+        folders = [input_folder(a, {a}) for a in args.inputs if a != "-"]  # a remote argument: taken as a file
+        writer = MarkdownWriter(args.markdown, common_folder(folders), config.storage)
+    failed = 0
+    # Several documents on stdout are told apart by a line naming each; one file alone gets none.
+    many = len(args.inputs) > 1 or not all(a == "-" or os.path.isfile(a) for a in args.inputs)
+    for done in Converter(config).convert_all(sources, names=names):
+        if writer is not None:
+            print(writer.out.path(writer.write(done.document, done.pages)))
+        elif as_json:
+            print(json.dumps(done.as_json(), ensure_ascii=False))
+        else:
+            if many:
+                print(f"<!-- document {done.source_uri} -->\n")
+            print(done.markdown)
+        sys.stdout.flush()
+        if not done.ok:
+            failed += 1
+            print(f"docpipe: {done.source_uri}: {done.problem}", file=sys.stderr, flush=True)
+    return 1 if failed else 0
+
+
 def print_summary(result, out=sys.stdout) -> None:
     m = result.manifest
     docs = ", ".join(f"{k} {v}" for k, v in sorted(m.documents.items()) if k != "total")
@@ -350,16 +457,33 @@ def print_summary(result, out=sys.stdout) -> None:
     print(f"time       {m.timings['wall_s']:.1f} s, {m.timings['pages_per_s']:.2f} pages/s", file=out)
     print(f"output     {result.output}/pages, {result.output}/documents, {result.output}/_runs/{m.run_id}.json",
           file=out)
+    if m.config.get("markdown"):
+        print(f"markdown   {m.counters.get('markdown_files', 0)} files in {m.config['markdown']}", file=out)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "run":
+            config = config_from_args(args, args.inputs, args.output)
+            if args.dry_run:
+                from docpipe.execute.preview import dry_run
+
+                print_dry_run(dry_run(config))
+                sys.stdout.flush()
+                return 0
             from docpipe.execute.run import run
 
-            result = run(config_from_args(args, args.inputs, args.output))
+            result = run(config)
             print_summary(result)
+        elif args.command == "convert":
+            return convert_command(args)
+        elif args.command == "export":
+            from docpipe.output.markdown import export_markdown
+
+            exported = export_markdown(args.out, args.markdown, _storage_from_args(args))
+            docs = ", ".join(f"{k} {v}" for k, v in sorted(exported.documents.items()))
+            print(f"markdown   {exported.files} files in {args.markdown} (documents: {docs})")
         elif args.command == "submit":
             from docpipe.execute.submit import source_tree, submit
 
@@ -386,11 +510,9 @@ def main(argv: list[str] | None = None) -> int:
                 with open(args.json, "w") as f:
                     json.dump(summary, f, indent=2)
         elif args.command == "report":
-            from docpipe.config import StorageOptions
             from docpipe.tools.report import ReportOptions, write_report
 
-            storage = StorageOptions(**{k: v for k, v in (("endpoint_url", args.endpoint_url), ("region", args.region),
-                                                            ("anonymous", args.anonymous or None)) if v is not None})
+            storage = _storage_from_args(args)
             options = ReportOptions(**{k: v for k, v in (("max_documents", args.max_documents),
                                                          ("max_page_images", args.max_page_images),
                                                          ("image_edge", args.image_edge)) if v is not None})

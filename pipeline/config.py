@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_serializer
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_serializer, field_validator
 
 DEFAULT_MODEL = "HuggingFaceM4/idefics2-8b"
 TINY_MODEL = "tiny-random"
@@ -16,6 +16,30 @@ OCR_PROMPT = (
     "Transcribe this page as Markdown, in reading order: # headings, Markdown tables (an HTML table where cells "
     "span), LaTeX formulas in \\( \\) or \\[ \\]. Skip running heads and page numbers. Return only the transcription."
 )
+
+
+def parse_pages(text: str) -> tuple[tuple[int, int | None], ...]:
+    """A page selection such as "1-5,8" or "3-" (from page 3 to the end) as (first, last or None) spans; 1-based,
+    as pages.page_number. ValueError, with what is wrong, for anything else."""
+    spans = []
+    for item in text.replace(" ", "").split(","):
+        m = re.fullmatch(r"(\d+)(?:(-)(\d*))?", item)
+        if not m:
+            raise ValueError(f"page selection {text!r}: {item!r} is not N, N-M or N- (e.g. 1-5,8)")
+        first = int(m[1])
+        last = None if m[2] and not m[3] else int(m[3] or m[1])
+        if first < 1 or (last is not None and last < first):
+            raise ValueError(f"page selection {text!r}: {item!r} must count from 1, first page first")
+        spans.append((first, last))
+    return tuple(spans)
+
+
+def selected_pages(spans: tuple[tuple[int, int | None], ...] | None, page_count: int) -> list[int]:
+    """The page numbers of a document of ``page_count`` pages that ``spans`` (parse_pages) select, in order; all of
+    them without a selection."""
+    if spans is None:
+        return list(range(1, page_count + 1))
+    return [n for n in range(1, page_count + 1) if any(a <= n and (b is None or n <= b) for a, b in spans)]
 
 
 class _Options(BaseModel):
@@ -351,6 +375,48 @@ class RunConfig(_Options):
         "stages in a plain loop in this process, for debugging.",
     )
     progress: bool = Field(True, description="Show Ray Data's progress bars (when stderr is a terminal).")
+    markdown: str | None = Field(
+        None, description="Also write one Markdown file per document under this folder or URI, as its documents "
+        "row is written (docs/python.md#markdown-files: names, page markers, failed pages). Documents skipped "
+        "as done are not rewritten: `docpipe export OUT --markdown DIR` writes every document's latest result.",
+        examples=["out-md", "s3://bucket/markdown/"],
+    )
+    pages: str | None = Field(
+        None, description="Only these pages of each document, 1-based: '1-5,8', '3-' (page 3 to the end). Pages "
+        "outside the selection are neither rendered nor written; page_count in both tables stays the document's "
+        "own count. A document with no page in the selection is an error row (empty_document). A document done "
+        "under another selection is processed again (resume compares the runs' selections).",
+        examples=["1-5,8", "1", "2-"],
+    )
+    password: SecretStr | None = Field(
+        None, description="Password for encrypted PDFs, tried on each one. Default: password_file's, else the "
+        "DOCPIPE_PDF_PASSWORD environment variable's (read by the run's driver). Never logged or recorded (the manifest shows it masked); prefer "
+        "the variable or the file to the --password flag, which other users can see in the process list.",
+    )
+    password_file: str | None = Field(
+        None, description="A file holding the PDF password (its first line), e.g. a mounted Kubernetes or Docker "
+        "secret: read when the run starts.",
+        examples=["/run/secrets/pdf-password"],
+    )
+    passwords: str | None = Field(
+        None, description="A YAML or JSON file mapping paths or globs to passwords, for PDFs with their own: "
+        "{'/data/hr/*.pdf': 'p1', 'contract-7.pdf': 'p2'}. A key with a '/' matches the end of the document's path "
+        "or URI, one without matches its file name (as include globs do); the first match is tried first, then "
+        "the run's password.",
+        examples=["/run/secrets/pdf-passwords.yaml"],
+    )
+
+    @field_validator("pages")
+    @classmethod
+    def _valid_pages(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_pages(value)
+        return value
+
+    @property
+    def page_spans(self) -> tuple[tuple[int, int | None], ...] | None:
+        """``pages`` parsed (parse_pages); None: every page."""
+        return parse_pages(self.pages) if self.pages else None
     progress_interval_s: float = Field(
         30.0, gt=0, description="Without progress bars (--no-progress, or not a terminal, as in Ray Jobs), log a "
         "progress line (documents and pages done, pages/s, errors) at least this often.",

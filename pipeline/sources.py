@@ -10,7 +10,7 @@ import csv
 import glob
 import io
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
 from docpipe.config import StorageOptions
@@ -41,6 +41,7 @@ def _utc(ts: datetime | None) -> datetime | None:
 class Listing:
     refs: list[DocumentRef]
     filtered_out: int = 0
+    filtered: list[tuple[str, str]] = field(default_factory=list)  # (URI, why): the files include/exclude dropped
 
 
 def list_inputs(
@@ -64,16 +65,23 @@ def list_inputs(
         for uri in read_manifest(manifest, storage):
             seen.setdefault(uri, DocumentRef(uri))
     refs = [seen[k] for k in sorted(seen)]
-    kept = [r for r in refs if _wanted(r.source_uri, include, exclude)]
-    return Listing(kept, filtered_out=len(refs) - len(kept))
+    why = {r.source_uri: _dropped(r.source_uri, include, exclude) for r in refs}
+    kept = [r for r in refs if why[r.source_uri] is None]
+    return Listing(kept, filtered_out=len(refs) - len(kept),
+                   filtered=[(uri, reason) for uri, reason in why.items() if reason is not None])
 
 
-def _wanted(uri: str, include, exclude) -> bool:
-    def hits(patterns) -> bool:
+def _dropped(uri: str, include, exclude) -> str | None:
+    """Why include/exclude drop a listed file, or None when it is kept."""
+    def hit(patterns) -> str | None:
         name = uri.rsplit("/", 1)[-1]
-        return any(glob_to_regex(p).search(uri) if "/" in p else glob_to_regex(p).match(name) for p in patterns)
+        matches = (glob_to_regex(p).search(uri) if "/" in p else glob_to_regex(p).match(name) for p in patterns)
+        return next((p for p, m in zip(patterns, matches) if m), None)
 
-    return (not include or hits(include)) and not hits(exclude)
+    if include and hit(include) is None:
+        return "matches no --include (" + ", ".join(repr(p) for p in include) + ")"
+    excluded = hit(exclude)
+    return None if excluded is None else f"matches --exclude {excluded!r}"
 
 
 def _expand_local(arg: str) -> list[DocumentRef]:

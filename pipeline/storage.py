@@ -136,7 +136,7 @@ def has_magic(path: str) -> bool:
 
 # Values that must never appear in an error message, a log line or a run manifest.
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "GOOGLE_APPLICATION_CREDENTIALS_JSON",
-               "AZURE_STORAGE_KEY", "AZURE_CLIENT_SECRET", "AZURE_STORAGE_SAS_TOKEN")
+               "AZURE_STORAGE_KEY", "AZURE_CLIENT_SECRET", "AZURE_STORAGE_SAS_TOKEN", "DOCPIPE_PDF_PASSWORD")
 _registered: set[str] = set()
 
 
@@ -145,6 +145,12 @@ def register_secrets(storage: StorageOptions) -> None:
         secret = getattr(storage, field)
         if secret is not None and len(secret.get_secret_value()) >= 4:
             _registered.add(secret.get_secret_value())
+
+
+def register_secret(value: str) -> None:
+    """One more value (a PDF password, say) that redact() blanks out in this process."""
+    if len(value) >= 4:  # shorter ones would blank out ordinary text; they are kept out of messages by their callers
+        _registered.add(value)
 
 
 def redact(text: str) -> str:

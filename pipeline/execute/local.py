@@ -12,14 +12,18 @@ from docpipe.render.document import expand_document
 from docpipe.render.isolated import expand_document_isolated
 
 
-def execute_local(config: RunConfig, todo, longest_edge: int, skip_ids: frozenset[str]):
-    """Result records for the documents still to do, a model call's worth at a time."""
-    actor = stages.model_actor(config.model, config.extract, config.task, config.fail_fast)()
+def execute_local(config: RunConfig, todo, longest_edge: int, skip_ids: frozenset[str], actor=None,
+                  data: dict[str, bytes] | None = None):
+    """Result records for the documents still to do, a model call's worth at a time. ``actor``: a model actor
+    (stages.model_actor's, made) to reuse, as the Python API's Converter does across calls; ``data``: documents'
+    bytes by URI, for those the caller holds (bytes given to docpipe.convert, stdin)."""
+    actor = actor or stages.model_actor(config.model, config.extract, config.task, config.fail_fast)()
     render_args = stages.render_args(config, longest_edge, skip_ids)
     expand = expand_document if config.fail_fast else expand_document_isolated  # fail-fast: one traceback
     for ref in todo:
         batch = []
-        for rec in expand(ref.source_uri, **render_args):
+        held = {"data": data[ref.source_uri]} if data and ref.source_uri in data else {}
+        for rec in expand(ref.source_uri, **render_args, **held):
             batch.append(rec)
             if len(batch) == config.model.rows_per_call:
                 yield actor(to_table(batch, RENDERED_SCHEMA)).to_pylist()

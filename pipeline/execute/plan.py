@@ -19,6 +19,8 @@ from docpipe.storage import register_secrets
 def _expand_documents(batch, **render_args):
     """Ray Data UDF: document refs in, one-record tables out; a generator, so pages stream out lazily."""
     register_secrets(render_args["storage"])
+    if render_args["passwords"] is not None:
+        render_args["passwords"].register()
     for uri in batch.column("source_uri").to_pylist():
         for rec in expand_document_isolated(uri, **render_args):
             yield to_table([rec], RENDERED_SCHEMA)

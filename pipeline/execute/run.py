@@ -31,8 +31,27 @@ from docpipe.schemas import RunManifest
 
 @dataclass
 class RunResult:
+    """A finished run: its manifest (``_runs/<run_id>.json``) and its output's URI."""
+
     manifest: RunManifest
     output: str
+
+    def documents(self, columns: list[str] | None = None, storage=None):
+        """This run's documents rows, an Arrow table (``.to_pandas()``, ``.to_pylist()``); ``storage``: a
+        config.StorageOptions for an object store the environment does not describe."""
+        return self._table("documents", columns, storage)
+
+    def pages(self, columns: list[str] | None = None, storage=None):
+        """This run's pages rows, an Arrow table (see ``documents``)."""
+        return self._table("pages", columns, storage)
+
+    def _table(self, table: str, columns, storage):
+        from docpipe.output.store import Output
+        from docpipe.output.tables import manifest_files, read_table
+
+        out = Output(self.output, storage)
+        files = manifest_files(out, self.manifest.model_dump(), table)
+        return read_table(out, table, columns, files=files)
 
 
 def new_run_id() -> str:
@@ -44,6 +63,7 @@ def run(config: RunConfig) -> RunResult:
     t0, wall_t0 = time.perf_counter(), time.time()
     register_secrets(config.storage)
     schema = _check_schema(config)  # a bad schema fails here, before any document is read
+    _check_documents_options(config)
     listing = _list_inputs(config)
     out = prepare_output(config.output, config.storage)
     run_id = new_run_id()
@@ -74,6 +94,31 @@ def _check_schema(config: RunConfig):
     schema = load_schema(config.extract.schema_spec)
     build_grammar(schema.json_schema, config.extract)
     return schema
+
+
+def _check_documents_options(config: RunConfig) -> None:
+    """--markdown, --password and --passwords, checked before any document is read."""
+    from docpipe.errors import ConfigError
+    from docpipe.render.passwords import load_passwords
+
+    if config.markdown and config.task == "extract":
+        raise ConfigError("--markdown writes the pages' text, which task extract does not read: use task ocr or "
+                          "ocr+extract")
+    load_passwords(config)  # unreadable files are fatal here; the render stage gets them through stages.render_args
+
+
+def markdown_writer(config: RunConfig, refs):
+    """The --markdown writer, naming files relative to the folder that holds every INPUT (and every document
+    a manifest lists), so a rerun with the same inputs gives each document the same name."""
+    if not config.markdown:
+        return None
+    from docpipe.output.markdown import MarkdownWriter, common_folder, input_folder, _segments
+
+    listed = {r.source_uri for r in refs}
+    folders = [input_folder(arg, listed) for arg in config.inputs]
+    if config.manifests:
+        folders += [_segments(uri)[:-1] for uri in listed]
+    return MarkdownWriter(config.markdown, common_folder(folders), config.storage)
 
 
 def _list_inputs(config: RunConfig):
@@ -135,7 +180,8 @@ def _run_leased(config: RunConfig, out, run_id: str, lease, schema, listing, sta
         for problem in adapter_mismatches(config.model.adapter, config, longest_edge):
             print(f"docpipe: warning: {problem}", file=sys.stderr)
     partition = "" if config.partition_by == "none" else f"ingest_date={started_at[:10]}"
-    sink = RunSink(out, run_id, refs, config.rows_per_file, schema, config.checkpoint_s, partition)
+    sink = RunSink(out, run_id, refs, config.rows_per_file, schema, config.checkpoint_s, partition,
+                   pages=config.page_spans, markdown=markdown_writer(config, refs))
     sink.counters["stale_tmp_files_removed"] = stale
     todo, skip_ids = _resume(config, out, refs, sink)
 
@@ -176,7 +222,9 @@ def _run_leased(config: RunConfig, out, run_id: str, lease, schema, listing, sta
 
 def _resume(config: RunConfig, out, refs, sink: RunSink):
     """The documents still to do, and the ids earlier runs wrote; the sink records the ones skipped as done."""
-    done = previous_ok(out) if config.resume else {}
+    from docpipe.output.resume import same_pages
+
+    done = same_pages(out, previous_ok(out), config.page_spans) if config.resume else {}
     todo = []
     for ref in refs:
         prev = done.get(ref.source_uri)

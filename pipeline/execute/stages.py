@@ -15,6 +15,7 @@ from typing import Any
 
 from docpipe.config import RunConfig
 from docpipe.records import RESULT_SCHEMA, to_table
+from docpipe.render.passwords import load_passwords
 
 
 def render_args(config: RunConfig, longest_edge: int, skip_ids: frozenset[str]) -> dict[str, Any]:
@@ -28,6 +29,8 @@ def render_args(config: RunConfig, longest_edge: int, skip_ids: frozenset[str]) 
         "skip_ids": skip_ids,
         "route": config.route,
         "fail_fast": config.fail_fast,
+        "pages": config.page_spans,
+        "passwords": load_passwords(config),  # read here, on the driver: the files and the variable are its own
     }
 
 

@@ -33,6 +33,9 @@ def job_entrypoint(config: RunConfig) -> str:
     if any(getattr(config.storage, name) is not None for name in _SECRETS):
         raise ConfigError("explicit storage credentials are not sent with a job: give them to the cluster "
                           "(instance roles, or --env AWS_ACCESS_KEY_ID=... and friends)")
+    if config.password is not None:  # masked in the entrypoint it would be useless, in clear it would be shown
+        raise ConfigError("a PDF password is not sent with a job: give it to the job's environment (--env "
+                          "DOCPIPE_PDF_PASSWORD=...) or as a password_file the cluster can read")
     secret = config.iceberg.secret_properties()
     if secret:
         # The entrypoint is shown by Ray's dashboard and job APIs, so secrets can't go in it, and masked they break
@@ -52,6 +55,8 @@ def job_entrypoint(config: RunConfig) -> str:
 
     config = config.model_copy(update={"inputs": [here(p) for p in config.inputs], "output": here(config.output),
                                        "manifests": [here(p) for p in config.manifests]})
+    files = {k: here(getattr(config, k)) for k in ("markdown", "password_file", "passwords") if getattr(config, k)}
+    config = config.model_copy(update=files) if files else config
     payload = json.dumps(config.model_dump(mode="json", exclude_defaults=True), separators=(",", ":"))
     return f"python -m docpipe.cli run --config-json {shlex.quote(payload)}"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 
+from docpipe.config import selected_pages
 from docpipe.errors import ERROR_KEYS, error_fields
 from docpipe.records import CHUNK, DOCUMENT
 from docpipe.sources import DocumentRef
@@ -14,8 +15,9 @@ from docpipe.schemas import EXTRACTION_COLUMNS, ErrorType
 class DocumentLedger:
     """Turns the stream of document and page records into exactly one documents row per input."""
 
-    def __init__(self, refs: list[DocumentRef], run_id: str, schema=None):
+    def __init__(self, refs: list[DocumentRef], run_id: str, schema=None, pages=None):
         self.run_id, self.schema = run_id, schema  # schema: extract.SchemaSpec when extracting
+        self.pages = pages  # the run's page selection (config.parse_pages spans), None: every page
         self.expected = {r.source_uri: r for r in refs}
         self.open: dict[str, dict[str, Any]] = {}
         self.done: set[str] = set()
@@ -40,10 +42,14 @@ class DocumentLedger:
         doc = st["doc"]
         if doc is not None and (
             doc["status"] != "ok"
-            or (st["pages"] >= (doc["page_count"] or 0) and len(st["chunks"]) >= (doc.get("chunk_count") or 0))
+            or (st["pages"] >= self._expected(doc["page_count"]) and len(st["chunks"]) >= (doc.get("chunk_count") or 0))
         ):
             return self._finish(rec["source_uri"])
         return None
+
+    def _expected(self, page_count: int | None) -> int:
+        """Page records a document of ``page_count`` pages sends: those of the run's selection."""
+        return len(selected_pages(self.pages, page_count or 0)) if self.pages else (page_count or 0)
 
     def _finish(self, uri: str, lost: str | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         st = self.open.pop(uri, None) or _new_state()
@@ -76,7 +82,7 @@ class DocumentLedger:
             row.update(error_fields(ErrorType.lost, lost))
         elif row["status"] == "ok" and st["failed"]:
             etype, emsg, number = st["first_error"]
-            total = row["page_count"]
+            total = self._expected(row["page_count"])
             message = f"{st['failed']} of {total} pages failed; first, page {number}: {etype}: {emsg}"
             if st["failed"] >= total:
                 row.update(error_fields(ErrorType.all_pages_failed, message))

@@ -32,6 +32,23 @@ def previous_ok(out: Output) -> dict[str, dict[str, Any]]:
     return latest
 
 
+def same_pages(out: Output, done: dict[str, dict[str, Any]], pages) -> dict[str, dict[str, Any]]:
+    """``done`` less the documents finished under another page selection (--pages) than ``pages`` (the run's,
+    config.parse_pages spans): each row's run says in its manifest which it had (none: every page)."""
+    from docpipe.config import parse_pages
+    from docpipe.output.tables import read_manifest
+
+    selections: dict[str, Any] = {}
+    for run_id in {row["run_id"] for row in done.values()}:
+        try:
+            text = read_manifest(out, run_id).get("config", {}).get("pages")
+        except OSError:  # no manifest: a run that was killed; its rerun (this one, as a rule) has its options
+            selections[run_id] = pages
+            continue
+        selections[run_id] = parse_pages(text) if text else None
+    return {uri: row for uri, row in done.items() if selections[row["run_id"]] == pages}
+
+
 def unchanged(prev: dict[str, Any], ref: DocumentRef) -> bool:
     """Whether a listed document is the one an earlier run finished: same size and modification time where
     both sides know them. Otherwise it is read again, and its bytes (doc_id) decide."""

@@ -25,12 +25,15 @@ class RunSink:
     """Consumes the run's result stream on the driver: writes pages as they come, documents as they complete."""
 
     def __init__(self, out: Output, run_id: str, refs: list[DocumentRef], rows_per_file: int, schema=None,
-                 checkpoint_s: float = 300.0, partition: str = ""):
+                 checkpoint_s: float = 300.0, partition: str = "", pages=None, markdown=None):
+        """``pages``: the run's page selection (config.parse_pages spans); ``markdown``: an
+        output.markdown.MarkdownWriter for --markdown, which gets each finished document."""
         self.out, self.run_id, self.checkpoint_s = out, run_id, checkpoint_s
         self._sealed_at = time.monotonic()
         self.pages = TableWriter(out, "pages", PAGES_SCHEMA, run_id, rows_per_file, partition)
         self.documents = TableWriter(out, "documents", DOCUMENTS_SCHEMA, run_id, rows_per_file, partition)
-        self.ledger = DocumentLedger(refs, run_id, schema)
+        self.ledger = DocumentLedger(refs, run_id, schema, pages)
+        self.markdown = markdown
         self.page_counts: Counter[str] = Counter()
         self.doc_counts: Counter[str] = Counter()
         self.counters: Counter[str] = Counter(  # 0s shown too
@@ -72,6 +75,11 @@ class RunSink:
         doc_rows = [doc | stamp for doc, _ in finished]
         self.pages.write(page_rows)
         self.documents.write(doc_rows)
+        if self.markdown is not None:  # documents skipped as done keep the file an earlier run wrote
+            for doc, pages in finished:
+                if doc["status"] != "skipped":
+                    self.markdown.write(doc, pages)
+                    self.counters["markdown_files"] += 1
         self.page_counts.update(r["status"] for r in page_rows)
         self.source_counts.update(r["text_source"] for r in page_rows if r["status"] == "ok" and r["text_source"])
         self.doc_counts.update(r["status"] for r in doc_rows)

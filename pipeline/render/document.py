@@ -12,7 +12,7 @@ import hashlib
 import io
 from typing import Any, Iterator
 
-from docpipe.config import RenderOptions, RouteOptions, StorageOptions
+from docpipe.config import RenderOptions, RouteOptions, StorageOptions, selected_pages
 from docpipe.errors import RowError, describe, error_fields
 from docpipe.records import CHUNK, DOCUMENT, PAGE
 from docpipe.storage import read_bytes
@@ -45,14 +45,20 @@ def expand_document(
     skip_ids: frozenset[str] = frozenset(),
     route: RouteOptions | None = None,
     fail_fast: bool = False,
+    pages: tuple[tuple[int, int | None], ...] | None = None,
+    passwords=None,
+    data: bytes | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Yield the document record, its page records (with images when ``ocr``) and, when ``chunk_pages`` is
     set, one chunk record per ``chunk_pages`` pages carrying their images for extraction. With ``route``
     (and ``ocr``), a page answered by its text layer or found blank carries its text and no image.
-    ``fail_fast``: re-raise the first failure instead of recording it (--fail-fast, for its traceback)."""
+    ``fail_fast``: re-raise the first failure instead of recording it (--fail-fast, for its traceback).
+    ``pages``: only these pages (config.parse_pages spans; the others are neither rendered nor yielded);
+    ``passwords``: a render.passwords.Passwords for encrypted PDFs; ``data``: the document's bytes, when the
+    caller has them (the Python API, a Ray Dataset of binary files), instead of reading ``source_uri``."""
     doc: dict[str, Any] = {"kind": DOCUMENT, "source_uri": source_uri, "status": "ok"}
     try:
-        data = read_bytes(source_uri, storage)
+        data = read_bytes(source_uri, storage) if data is None else data
     except OSError as exc:  # after the filesystem's own retries: missing, denied, or still failing
         if fail_fast:
             raise
@@ -63,8 +69,8 @@ def expand_document(
         yield {**doc, "status": "skipped", "error_message": SAME_BYTES}
         return
     try:
-        pages = open_pages(data, doc["media_type"])
-        page_count, renderer = next(pages)
+        found = open_pages(data, doc["media_type"], passwords.candidates(source_uri) if passwords else ())
+        page_count, renderer = next(found)
     except RowError as exc:
         if fail_fast:
             raise
@@ -76,17 +82,27 @@ def expand_document(
         yield {**doc, **error_fields(ErrorType.corrupt_document, f"cannot open: {describe(exc)}")}
         return
     del data  # the opened document keeps what it needs
-    chunk_count = -(-page_count // chunk_pages) if chunk_pages else 0
+    numbers = selected_pages(pages, page_count)  # page_count stays the document's own, in every row
+    if not numbers:
+        yield {**doc, "page_count": page_count, **error_fields(
+            ErrorType.empty_document, f"none of its {page_count} pages is in --pages {format_pages(pages)}")}
+        return
+    chunk_count = -(-len(numbers) // chunk_pages) if chunk_pages else 0
     # renderer: what found the pages (pdfium when MuPDF gave up on the document), for the run's counters
     yield {**doc, "page_count": page_count, "chunk_count": chunk_count, "renderer": renderer}
 
     base = {k: doc[k] for k in ("source_uri", "doc_id")} | {"page_count": page_count}
     chunk: list[dict[str, Any]] = []
-    for number in range(1, page_count + 1):
+    wanted, done = set(numbers), 0
+    for number in range(1, numbers[-1] + 1):
+        if number not in wanted:
+            next(found)  # pages come in order: this one is passed over, neither rendered nor yielded
+            continue
+        done += 1
         row = {**base, "kind": PAGE, "page_number": number, "status": "ok"}
         try:
             _maybe_stall(source_uri, number)
-            page = next(pages)
+            page = next(found)
             rendered = page(opts, longest_edge)
             row.update(image=rendered.image, image_codec=rendered.codec, width=rendered.width, height=rendered.height,
                        renderer=page.renderer)
@@ -105,9 +121,14 @@ def expand_document(
         # Pages the model won't read travel without their image (chunks above keep theirs, for extraction).
         routed = row.get("text_source") is not None
         yield row if ocr and not routed else {k: v for k, v in row.items() if k not in ("image", "image_codec")}
-        if chunk_pages and (number % chunk_pages == 0 or number == page_count):
-            yield _chunk_record(base, (number - 1) // chunk_pages, chunk_count, chunk)
+        if chunk_pages and (done % chunk_pages == 0 or number == numbers[-1]):
+            yield _chunk_record(base, (done - 1) // chunk_pages, chunk_count, chunk)
             chunk = []
+
+
+def format_pages(spans) -> str:
+    """config.parse_pages spans written back as the flag takes them: 1-5,8 or 3-."""
+    return ",".join(str(a) if a == b else f"{a}-{b or ''}" for a, b in spans)
 
 
 def _route(page, rendered, route: RouteOptions, fail_fast: bool = False) -> dict[str, Any]:

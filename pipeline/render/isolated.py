@@ -6,10 +6,11 @@ process that can be killed; the document is then finished here with error rows f
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from docpipe.config import RenderOptions
+from docpipe.config import RenderOptions, selected_pages
 from docpipe.errors import describe, error_fields
 from docpipe.records import CHUNK, DOCUMENT, PAGE
 from docpipe.render.document import SAME_BYTES, expand_document
@@ -81,7 +82,7 @@ def expand_document_isolated(source_uri: str, opts: RenderOptions, *args, **kwar
     finally:
         if not complete:  # mid-document (over time, dead, skipped or abandoned): its output must not leak
             _stop_render_worker()
-    yield from _finish_undelivered(source_uri, doc, delivered, failure)
+    yield from _finish_undelivered(source_uri, doc, delivered, failure, kwargs.get("pages"))
 
 
 @dataclass
@@ -107,7 +108,8 @@ def _render_worker() -> tuple[_RenderWorker | None, tuple[str, str] | None]:
     ctx.set_forkserver_preload(["docpipe.render.document", "pymupdf", "pypdfium2", "PIL.Image"])
     conn, child_conn = ctx.Pipe(duplex=True)
     process = ctx.Process(target=_render_server, args=(child_conn,), daemon=True)
-    process.start()
+    with _caller_script_hidden():
+        process.start()
     child_conn.close()
     worker = _RenderWorker(process, conn)
     try:
@@ -119,6 +121,26 @@ def _render_worker() -> tuple[_RenderWorker | None, tuple[str, str] | None]:
     process.kill()
     process.join(5)
     return None, (ErrorType.renderer_crashed, f"the rendering process did not start (exit code {process.exitcode})")
+
+
+@contextlib.contextmanager
+def _caller_script_hidden():
+    """multiprocessing runs the caller's main script again in a new process (as __mp_main__) to rebuild its
+    globals; the render server needs none of them, and a user's script calling docpipe.convert at top level,
+    without an ``if __name__ == "__main__"`` guard, would start converting again in it. So the process is started
+    with the script's name hidden from multiprocessing."""
+    import sys
+
+    main = sys.modules.get("__main__")
+    saved = {k: main.__dict__[k] for k in ("__file__", "__spec__") if k in main.__dict__} if main else {}
+    try:
+        if main is not None:
+            main.__dict__.pop("__file__", None)
+            main.__spec__ = None
+        yield
+    finally:
+        if main is not None:
+            main.__dict__.update(saved)
 
 
 def _stop_render_worker() -> None:
@@ -170,16 +192,16 @@ def _send(conn, rec) -> None:
         raise _ParentGone() from None
 
 
-def _finish_undelivered(source_uri, doc, delivered, failure) -> Iterator[dict[str, Any]]:
+def _finish_undelivered(source_uri, doc, delivered, failure, pages=None) -> Iterator[dict[str, Any]]:
     """Error rows for what a killed or dead render process did not deliver: the document if it never came,
-    else its missing pages and chunks."""
+    else its missing pages (of the selection ``pages``, config.parse_pages spans) and chunks."""
     error_type, message = failure
     if doc is None:  # killed while reading or opening
         yield {"kind": DOCUMENT, "source_uri": source_uri, **error_fields(error_type, message)}
         return
     base = {"source_uri": source_uri, "doc_id": doc["doc_id"], "page_count": doc["page_count"]}
     error = error_fields(error_type, message)
-    for number in range(1, (doc["page_count"] or 0) + 1):
+    for number in selected_pages(pages, doc["page_count"] or 0):
         if number not in delivered[PAGE]:
             yield {**base, "kind": PAGE, "page_number": number, **error}
     for index in range(doc.get("chunk_count") or 0):

@@ -27,28 +27,28 @@ IMAGE_TYPES = {
 }
 
 
-def open_pages(data: bytes, media_type: str | None) -> Iterator:
+def open_pages(data: bytes, media_type: str | None, passwords: list[tuple[str, str]] = ()) -> Iterator:
     """Generator: first yields the page count and the renderer that found the pages, then one render
-    callable per page."""
+    callable per page. ``passwords``: (where from, password) to try on an encrypted PDF, in order."""
     if not data:
         raise RowError(ErrorType.empty_file, "file is empty (0 bytes)")
     if media_type == PDF:
-        yield from _pdf_pages(data)
+        yield from _pdf_pages(data, passwords)
     elif media_type is not None:
         yield from _image_frames(data, media_type)
     else:
         raise RowError(ErrorType.unsupported_media_type, f"not a PDF or a supported image (starts with {data[:8]!r})")
 
 
-def _pdf_pages(data: bytes) -> Iterator:
+def _pdf_pages(data: bytes, passwords: list[tuple[str, str]] = ()) -> Iterator:
     """MuPDF's pages; PDFium's (docpipe.render.pdfium) for a document MuPDF cannot open, finds no pages in or asks a
-    password for, and for each page MuPDF fails on."""
-    pdf, page_count, problem = _open_mupdf(data)
+    password for (that none of ``passwords`` gives), and for each page MuPDF fails on."""
+    pdf, page_count, problem, password = _open_mupdf(data, passwords)
     if problem is not None:
-        yield from _pdfium_pages(data, *problem)
+        yield from _pdfium_pages(data, *problem, tried=bool(passwords))
         return
     yield page_count, _PdfPage.renderer
-    fallback = _PdfiumFallback(data)
+    fallback = _PdfiumFallback(data, password)
     from docpipe.render.text_layer import RunningLines
 
     running = RunningLines(pdf)  # running heads and page numbers, found across neighbouring pages
@@ -56,24 +56,30 @@ def _pdf_pages(data: bytes) -> Iterator:
         yield _WithFallback(_PdfPage(pdf, index, running), lambda index=index: fallback.page(index))
 
 
-def _open_mupdf(data: bytes):
-    """(document, page count, None), or (None, 0, (what, why)) with what one of corrupt, encrypted, empty."""
+def _open_mupdf(data: bytes, passwords: list[tuple[str, str]] = ()):
+    """(document, page count, None, the password that opened it or None), or (None, 0, (what, why), None) with what
+    one of corrupt, encrypted, empty."""
     import pymupdf
 
     pymupdf.TOOLS.mupdf_display_errors(False)  # MuPDF's repair chatter would flood worker logs
+    password = None
     try:
         pdf = pymupdf.open(stream=data, filetype="pdf")
         if pdf.needs_pass:
-            return None, 0, ("encrypted", "needs a password")
+            password = next((pw for _, pw in passwords if pdf.authenticate(pw)), None)
+            if password is None:
+                # where each password came from, never the password itself
+                tried = f"none of the passwords tried opens it ({', '.join(w for w, _ in passwords)})"
+                return None, 0, ("encrypted", tried if passwords else "needs a password"), None
         page_count = pdf.page_count  # raises on some damaged page trees ("Invalid number of pages")
     except Exception as exc:
-        return None, 0, ("corrupt", describe(exc))
+        return None, 0, ("corrupt", describe(exc)), None
     if page_count == 0:
-        return None, 0, ("empty", "no pages")
-    return pdf, page_count, None
+        return None, 0, ("empty", "no pages"), None
+    return pdf, page_count, None, password
 
 
-def _pdfium_pages(data: bytes, mupdf_what: str, mupdf_why: str) -> Iterator:
+def _pdfium_pages(data: bytes, mupdf_what: str, mupdf_why: str, tried: bool = False) -> Iterator:
     """PDFium's pages of a document MuPDF gave up on; if PDFium gives none either, the error both agree on."""
     from docpipe.render.pdfium import PdfiumOpenError, PdfiumPage, open_pdfium
 
@@ -92,22 +98,27 @@ def _pdfium_pages(data: bytes, mupdf_what: str, mupdf_why: str) -> Iterator:
     if mupdf_what == what == "empty":
         raise RowError(ErrorType.empty_document, f"PDF has no pages ({reasons})")
     if "encrypted" in (mupdf_what, what):
-        raise RowError(ErrorType.encrypted_document, f"PDF is encrypted and needs a password ({reasons})")
+        if tried:
+            raise RowError(ErrorType.encrypted_document, f"PDF is encrypted and the password given does not open "
+                           f"it ({reasons})")
+        raise RowError(ErrorType.encrypted_document, f"PDF is encrypted and needs a password ({reasons}): give "
+                       "one with --password or --passwords")
     raise RowError(ErrorType.corrupt_document, f"cannot open PDF: {reasons}")
 
 
 class _PdfiumFallback:
     """The PDFium copy of a document MuPDF opened, made the first time MuPDF fails on one of its pages."""
 
-    def __init__(self, data: bytes):
-        self.data, self.pdf, self.error = data, None, None  # error: why PDFium could not open it
+    def __init__(self, data: bytes, password: str | None = None):
+        self.data, self.password = data, password
+        self.pdf, self.error = None, None  # error: why PDFium could not open it
 
     def page(self, index: int):
         from docpipe.render.pdfium import PdfiumOpenError, PdfiumPage, open_pdfium
 
         if self.pdf is None and self.error is None:
             try:
-                self.pdf = open_pdfium(self.data)
+                self.pdf = open_pdfium(self.data, self.password)
             except Exception as exc:
                 why = str(exc) if isinstance(exc, PdfiumOpenError) else describe(exc)
                 self.error = f"cannot open the document: {why}"

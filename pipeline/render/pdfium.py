@@ -28,14 +28,15 @@ class PdfiumOpenError(Exception):
         self.what = what
 
 
-def open_pdfium(data: bytes):
-    """The document PDFium makes of ``data`` (no password), or PdfiumOpenError."""
+def open_pdfium(data: bytes, password: str | None = None):
+    """The document PDFium makes of ``data`` (with ``password``, for an encrypted one MuPDF opened with it), or
+    PdfiumOpenError."""
     import pypdfium2 as pdfium
     import pypdfium2.raw as c
 
     c.FPDF_LoadDocument(b"", None)  # fails with FILE_ERROR: see above
     try:
-        pdf = pdfium.PdfDocument(data)
+        pdf = pdfium.PdfDocument(data, password=password)
     except pdfium.PdfiumError as exc:
         if exc.err_code == FILE_ERROR:
             raise PdfiumOpenError("empty", "no pages") from None
