@@ -197,18 +197,40 @@ def test_the_engine_bench_runs_every_row_where_ray_and_pymupdf_are_not_installed
         assert row["engine"] in proc.stdout
 
 
-def _equal_pages(result):
+def _equal_pages(result, run=None):
+    run = run or result
     assert set(result["generate"]) == {f"page{i}.png" for i in range(5)}
     assert {row[0] for row in result["generate"].values()} == {"ok"}
     assert {row[3] for row in result["generate"].values()} == {"stop", "length"}  # both ways a page ends
-    assert result["record"]["engine"] == "continuous"
-    assert result["continuous"] == result["generate"]
+    assert run["record"]["engine"] == "continuous"
+    assert run["continuous"] == result["generate"]
+    assert run["forward_ordered"] is True  # the loop's forwards wait for their input copies (CUDA; a no-op here)
+
+
+VARLEN_PAGED = "reference (sdpa per sequence, CPU), paged"
+
+
+def _equal_varlen(result):
+    """torch's varlen path, its CPU reference in the paged form (block tables from the read indices, the cache
+    written by the attention: what the pinned torch runs on a GPU): generate's text, output_tokens, finish_reason."""
+    run = result["runs"]["varlen"]
+    _equal_pages(result, run)
+    assert run["record"]["attention"] == VARLEN_PAGED
+    assert f"attention {VARLEN_PAGED} (requested)" in run["record"]["reason"]
+    assert run["shell_attention_after"] == "sdpa"  # the shell's own attention back once its loop stopped
 
 
 def test_the_continuous_engine_gives_each_page_what_generate_gives_it_alone_at_the_pinned_transformers(tiny_model):
+    """torch's varlen path in its paged form (block tables) and in its gathered form (transformers' gathered copy of
+    the cache, what torch 2.10-2.11 run), each against generate. (Every other test here runs transformers' packed
+    sdpa: auto on a CPU.)"""
     from tests.engine_equality import compare
 
-    _equal_pages(compare(tiny_model))
+    result = compare(tiny_model, attentions=("varlen", "varlen-gathered"))
+    _equal_varlen(result)
+    gathered = result["runs"]["varlen-gathered"]
+    assert gathered["record"]["attention"] == "reference (sdpa per sequence, CPU), gathered"
+    _equal_pages(result, gathered)
 
 
 def test_the_continuous_engine_gives_each_page_what_generate_gives_it_alone_at_the_transformers_floor(tmp_path):
@@ -231,7 +253,9 @@ def test_the_continuous_engine_gives_each_page_what_generate_gives_it_alone_at_t
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["transformers"] == floor or result["transformers"] == f"{floor}.0"
-    _equal_pages(result)
+    _equal_varlen(result)  # 5.17 hands the attention the cache itself: the varlen path writes and reads it there
+    _equal_pages(result, result["runs"]["sdpa"])
+    assert result["runs"]["sdpa"]["record"]["attention"] == "paged|sdpa"  # 5.17 renames it
 
 
 def _run_local(docs, out, engine, **model):
