@@ -71,7 +71,8 @@ class ModelOptions(_Options):
         None, ge=1,
         description="Pages the continuous engine holds at once on a GPU (its decode batch's cap). Default (null): "
         "sized from the GPU memory left after loading (each page's KV cache and image-encoding peak), up to 256: "
-        "about 200 for idefics2-8b in bf16 on an 80 GB card (pipeline/model/sizing.py). On a CPU: "
+        "about 180 for idefics2-8b in bf16 on an 80 GB card (computed: pipeline/model/sizing.py); at most 64 with "
+        "transformers' packed sdpa (engine_attention), whose step slows down with more. On a CPU: "
         "calls_in_flight x rows_per_call.",
     )
     engine_attention: Literal["auto", "sdpa", "varlen"] = Field(

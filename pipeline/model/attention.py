@@ -53,11 +53,9 @@ def varlen_signature() -> set[str]:
 
 
 def torch_kernel(page_size: int = 256) -> Kernel | None:
-    """torch's own FlashAttention kernel for this torch, or None when it has none (no CUDA build, too old)."""
-    import torch
-
-    params = varlen_signature()
-    if {"enable_gqa", "block_table", "seqused_k"} <= params:
+    """torch's own FlashAttention kernel for this torch: varlen_attn's paged form where it has one (2.12 on), else the
+    gathered form on the op beneath it; None when it has neither."""
+    if {"enable_gqa", "block_table", "seqused_k"} <= varlen_signature():
         from torch.nn.attention.varlen import varlen_attn
 
         def paged(q, k, v, cu_q, cu_k, max_q, max_k, scale, block_table=None, seqused_k=None):
@@ -65,18 +63,23 @@ def torch_kernel(page_size: int = 256) -> Kernel | None:
                                block_table=block_table, seqused_k=seqused_k)
 
         return Kernel("torch varlen_attn, paged", True, paged, page_size)
+    return aten_kernel(page_size)
+
+
+def aten_kernel(page_size: int = 256) -> Kernel | None:
+    """The gathered form on ``torch.ops.aten._flash_attention_forward``, the op beneath ``varlen_attn``: torch 2.10 and
+    2.11's varlen_attn take no GQA (key heads must match the query's); the op does, natively. Its is_causal aligns
+    each sequence's queries with the end of its keys (bottom-right), as FlashAttention's varlen kernels do."""
+    import torch
+
     if not hasattr(torch.ops.aten, "_flash_attention_forward"):
         return None
 
     def gathered(q, k, v, cu_q, cu_k, max_q, max_k, scale, block_table=None, seqused_k=None):
-        # torch 2.10 and 2.11's varlen_attn take no GQA (its key heads must match the query's): the op beneath it
-        # does, natively. is_causal aligns each sequence's queries with the end of its keys (bottom-right).
         return torch.ops.aten._flash_attention_forward(q.contiguous(), k.contiguous(), v.contiguous(), cu_q, cu_k,
-                                                       max_q, max_k, 0.0, True, False,
-                                                       scale=scale)[0]
+                                                       max_q, max_k, 0.0, True, False, scale=scale)[0]
 
-    return Kernel("torch _flash_attention_forward, gathered" if params else "torch _flash_attention_forward, gathered "
-                  "(no varlen_attn in this torch)", False, gathered, page_size)
+    return Kernel("torch _flash_attention_forward, gathered", False, gathered, page_size)
 
 
 def reference(q, k, v, cu_q, cu_k, max_q, max_k, scale, block_table=None, seqused_k=None):

@@ -80,7 +80,7 @@ class GpuCheckPlan(BaseModel):
     def for_device(cls, gpu: bool, args=None) -> "GpuCheckPlan":
         plan = cls(encode_pages=[1, 4, 16], decode_requests=[16, 64, 128], decode_context=656,
                    step_requests=[16, 64, 128], step_tokens=32, agreement_pages=4, agreement_tokens=32,
-                   overlap_tokens=96, overlap_calls=3, pages=48, median_tokens=560, max_new_tokens=1024, batch_size=16,
+                   overlap_tokens=96, overlap_calls=3, pages=32, median_tokens=560, max_new_tokens=1024, batch_size=16,
                    distinct_pages=32) if gpu \
             else cls(encode_pages=[1, 2], decode_requests=[4, 16], decode_context=128, step_requests=[2, 4],
                      step_tokens=4, agreement_pages=2, agreement_tokens=12, overlap_tokens=16, overlap_calls=2, pages=4,
