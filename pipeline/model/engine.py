@@ -75,9 +75,9 @@ def encode_pages_for(loaded, opts) -> int:
     try:
         splitting = getattr(loaded.processor.image_processor, "do_image_splitting", False)
         per_page = encode_bytes_per_page(loaded.model.config, 5 if splitting else 1, loaded.dtype.itemsize)
-    except AttributeError:  # a family whose configuration the estimate does not know: one batch, as generate does
+        free, total = torch.cuda.mem_get_info()
+    except (AttributeError, RuntimeError):  # a family the estimate does not know, no device to ask: one batch a call
         return max(1, opts.batch_size)
-    free, total = torch.cuda.mem_get_info()
     free = share_of_free(free, total, torch.cuda.memory_reserved(), getattr(opts, "gpu_memory_share", 1.0))
     return encode_pages(free, total, per_page, opts.batch_size)
 
