@@ -1,7 +1,9 @@
 # make demo: set up, then run the main job on sample documents.
 # make test: set up, then run the test suite.
-# make gpu-wheels: docpipe's wheel and the Python 3.12 wheels `docpipe bench --gpu-check` needs on the lent GPU
-#                 machine, into .whl/ (git-ignored; docs/engines.md: "Running it on the lent GPU machine").
+# make gpu-wheels: docpipe's wheel and the wheels `docpipe bench --gpu-check` and tests/gpu need on an offline GPU
+#                 host (Python 3.12, torch 2.11 by default; the pinned transformers), into .whl/ (git-ignored), to copy
+#                 there with the checkout (docs/engines.md: "On an offline GPU host"). GPU_WHEELS_ARGS passes options,
+#                 e.g. GPU_WHEELS_ARGS='--torch 2.12 --transformers host'.
 # make docs: regenerate the reference pages docs/reference/cli.md and config.md from the parser and the options.
 # make lock: re-resolve the dependencies in a throw-away virtualenv and rewrite constraints.txt (the pins that
 #            make setup and infra/Dockerfile install).
@@ -53,8 +55,10 @@ test: setup floor
 docs: setup
 	$(PY) -m docpipe.tools.reference
 
+GPU_WHEELS_ARGS ?=
+
 gpu-wheels: setup
-	$(PY) -m docpipe.jobs.gpu_wheels fetch
+	$(PY) -m docpipe.jobs.gpu_wheels fetch $(GPU_WHEELS_ARGS)
 
 # Resolved without the old pins (that is the point), in a fresh virtualenv, so the file lists exactly what
 # pyproject.toml pulls in today. Written to a temporary file first: a failed resolution leaves the pins as they were.

@@ -231,10 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "continuous) and option (dtype, attention, bitsandbytes, static cache, torch.compile), side by "
                        "side, on a realistic output length mix; needs no Ray")
     bench.add_argument("--gpu-check", action="store_true", help="instead: one short run that says what a GPU can do "
-                       "and what docpipe gets from it (versions, matmul and copy ceilings, per-page encode cost, decode "
-                       "step times, engine agreement, both engines end to end); each section recorded even when "
-                       "another fails; needs no Ray and no PyMuPDF. On a CPU: a dry run on tiny-random, sizes scaled "
-                       "down")
+                       "and what docpipe gets from it, and why (versions, matmul and copy ceilings, per-page encode "
+                       "cost, generate's decode step, the continuous engine's step per attention path beside its "
+                       "roofline, agreement with logit margins, encode/decode overlap, both engines end to end with "
+                       "the steady state apart); each section recorded even when another fails; needs no Ray and no "
+                       "PyMuPDF. On a CPU: a dry run on tiny-random, sizes scaled down")
     return parser
 
 

@@ -95,8 +95,22 @@ class ModelOptions(_Options):
         None, ge=1,
         description="Pages the continuous engine holds at once on a GPU (its decode batch's cap). Default (null): "
         "sized from the GPU memory left after loading (each page's KV cache and image-encoding peak), up to 256: "
-        "about 200 for idefics2-8b in bf16 on an 80 GB card (pipeline/model/sizing.py). On a CPU: "
+        "about 180 for idefics2-8b in bf16 on an 80 GB card (computed: pipeline/model/sizing.py); at most 64 with "
+        "transformers' packed sdpa (engine_attention), whose step slows down with more. On a CPU: "
         "calls_in_flight x rows_per_call.",
+    )
+    engine_attention: Literal["auto", "sdpa", "varlen"] = Field(
+        "auto",
+        description="The continuous engine's attention. 'auto': flash-attn's own paged kernels when the model loaded "
+        "with flash attention; on a CUDA GPU without flash-attn, PyTorch's own FlashAttention kernels (varlen, paged "
+        "where the torch has it: 2.12 on); transformers' packed sdpa otherwise (its pages in flight capped, its cost "
+        "grows with their square). 'varlen' on a CPU runs its reference computation (tests). The manifest's engines "
+        "record what ran.",
+    )
+    gpu_memory_share: float = Field(
+        1.0, gt=0, le=1,
+        description="Share of the GPU's memory the continuous engine sizes itself from: 1/actors_per_gpu when actors "
+        "share a GPU (set by the run from actors_per_gpu).",
     )
     engine_stall_timeout_s: float = Field(
         600.0, gt=0,

@@ -81,7 +81,8 @@ class OcrStage:
         submitted, lost = [], []  # lost: pages the continuous loop took, or refused, and died with
         for batch in batches:
             try:
-                submitted.append((batch, engine.submit(self.prepare_inputs(batch), [r["_cap"] for r in batch], forced)))
+                submitted.append((batch, engine.submit(self._prepare_for(engine, batch), [r["_cap"] for r in batch],
+                                                       forced)))
             except LoopDied:
                 lost += batch
             except Exception:
@@ -94,7 +95,8 @@ class OcrStage:
                 for rec in batch:  # the batch's encoding failed: each page on its own, so only a bad one fails
                     rec["retries"] += 1
                     try:
-                        submitted.append(([rec], engine.submit(self.prepare_inputs([rec]), [rec["_cap"]], forced)))
+                        submitted.append(([rec], engine.submit(self._prepare_for(engine, [rec]), [rec["_cap"]],
+                                                               forced)))
                     except LoopDied:
                         lost.append(rec)
                     except Exception:
@@ -115,6 +117,12 @@ class OcrStage:
             size = self.opts.batch_size
             for start in range(0, len(lost), size):
                 self._generate_resilient(lost[start : start + size], forced)
+
+    def _prepare_for(self, engine, batch: list[dict[str, Any]]) -> dict[str, Any]:
+        """Processor output made on the engine's own stream (the image processor may run on the GPU): the decode
+        loop's steps never wait behind it."""
+        with engine.encoding():
+            return self.prepare_inputs(batch)
 
     def _fall_back(self, dead) -> None:
         """The continuous loop died mid-run: this stage (the whole actor, from its next call on) runs generate,

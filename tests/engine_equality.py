@@ -26,8 +26,11 @@ def drawn_pages() -> list[dict]:
     return pages
 
 
-def compare(loaded=None, max_new_tokens: int = 12) -> dict:
-    """Each page's (text, output_tokens, finish_reason) from generate alone and from the continuous engine."""
+def compare(loaded=None, max_new_tokens: int = 12, attentions: tuple[str, ...] = ("auto",)) -> dict:
+    """Each page's (text, output_tokens, finish_reason) from generate alone and from the continuous engine, once per
+    ``engine_attention`` in ``attentions`` (``varlen`` on a CPU: torch's varlen path with its reference computation,
+    in the paged form: block tables and cache writes, as the pinned torch runs it on a GPU). With one, the result
+    is that run's; with several, ``runs`` holds each."""
     import transformers
 
     from docpipe.config import ModelOptions
@@ -45,17 +48,42 @@ def compare(loaded=None, max_new_tokens: int = 12) -> dict:
 
     alone = key(OcrStage(opts.model_copy(update={"engine": "generate", "batch_size": 1}), loaded=loaded)(
         [dict(p) for p in pages]))
-    stage = OcrStage(opts.model_copy(update={"engine": "continuous", "batch_size": 4}), loaded=loaded)
-    stage.engine.encode_pages = 2
-    window = stage.engine.lm.config.sliding_window  # the decoding shell's
-    try:
-        continuous = key(stage([dict(p) for p in pages]))
-    finally:
-        stage.engine.close()
-    return {"transformers": transformers.__version__, "record": stage.engine_record, "shell_sliding_window": window,
-            "generate": alone,
-            "continuous": continuous}
+    runs = {}
+    for attention in attentions:
+        with _gathered(attention == "varlen-gathered"):
+            stage = OcrStage(opts.model_copy(update={"engine": "continuous", "batch_size": 4,
+                                                     "engine_attention": attention.removesuffix("-gathered")}),
+                             loaded=loaded)
+        stage.engine.encode_pages = 2
+        window = stage.engine.lm.config.sliding_window  # the decoding shell's
+        try:
+            continuous = key(stage([dict(p) for p in pages]))
+        finally:
+            stage.engine.close()
+        runs[attention] = {"record": stage.engine_record, "shell_sliding_window": window, "continuous": continuous,
+                           "shell_attention_after": stage.engine.lm.config._attn_implementation,
+                           # every forward of the loop waits for the stream that made its inputs (a no-op on a CPU)
+                           "forward_ordered": stage.engine.ordered}
+    return {"transformers": transformers.__version__, "generate": alone, "runs": runs, **runs[attentions[0]]}
 
 
-if __name__ == "__main__":
-    print(json.dumps(compare()))
+class _gathered:
+    """``varlen-gathered``: the varlen path's reference in its gathered form (transformers' gathered copy of the
+    cache, what torch 2.10-2.11 run on a GPU) instead of the paged one."""
+
+    def __init__(self, on: bool):
+        self.on = on
+
+    def __enter__(self):
+        from docpipe.model import attention
+
+        self.module, self.saved = attention, attention.reference_kernel
+        if self.on:
+            attention.reference_kernel = lambda paged, page_size=256: self.saved(False, page_size)
+
+    def __exit__(self, *exc):
+        self.module.reference_kernel = self.saved
+
+
+if __name__ == "__main__":  # the floor's run (tests/test_engines.py): transformers' packed sdpa and torch's varlen path
+    print(json.dumps(compare(attentions=("sdpa", "varlen"))))

@@ -55,25 +55,26 @@ def test_random_idefics2_8b_has_the_real_architecture():
     assert processor.image_processor.do_image_splitting
 
 
-# What the GPU machine lacks (and what only runs, reports or the pipeline bench need): importing any of them fails
-# there. jinja2 stays: torch and transformers need it. flash_attn is not installed here either (blocked so, transformers
-# would find it and then fail to import it), nor psutil (transformers probes it the same way).
-NOT_ON_THE_GPU_MACHINE = ("ray", "pymupdf", "fitz", "pypdfium2", "xgrammar", "peft", "rapidfuzz", "pyiceberg", "s3fs",
-                          "duckdb", "matplotlib")
+# What an offline GPU host may lack (and what only runs, reports or the pipeline bench need): importing any of them
+# fails there. jinja2 stays: torch and transformers need it. flash_attn is not installed here either (blocked so,
+# transformers would find it and then fail to import it), nor psutil (transformers probes it the same way).
+NOT_ON_THE_GPU_HOST = ("ray", "pymupdf", "fitz", "pypdfium2", "xgrammar", "peft", "rapidfuzz", "pyiceberg", "s3fs",
+                       "duckdb", "matplotlib")
 
 
 def _gpu_machine_path(tmp_path):
     from tests.conftest import REPO
 
     blocked = tmp_path / "blocked"
-    for name in NOT_ON_THE_GPU_MACHINE:
+    for name in NOT_ON_THE_GPU_HOST:
         (blocked / name).mkdir(parents=True)
         (blocked / name / "__init__.py").write_text(f"raise ImportError('{name} is not installed here')\n")
     return f"{blocked}:{REPO}"
 
 
 def test_gpu_check_dry_runs_on_a_cpu_without_ray_or_pymupdf(tmp_path):
-    """The one command a session with a GPU runs, dry-run here on tiny-random: every section reports real figures."""
+    """The command an offline GPU host runs (docs/engines.md), dry-run here on tiny-random: every section reports
+    real figures; the continuous engine's step per attention path beside its roofline, the plan as numbers."""
     import torch
     import transformers
 
@@ -84,11 +85,13 @@ def test_gpu_check_dry_runs_on_a_cpu_without_ray_or_pymupdf(tmp_path):
     assert "CPU dry run, sizes scaled down" in proc.stdout
     r = json.loads(out.read_text())
     assert r["failed_sections"] == [] and r["cpu_dry_run"] is True and r["model"] == "tiny-random"
+    assert r["stall_timeout_s"] == 90
     plan = r["plan"]
 
     v = r["versions"]
     assert (v["torch"], v["transformers"]) == (torch.__version__, transformers.__version__)
     assert v["device"] == "cpu" and v["cuda"] == torch.version.cuda and v["dtype"] == "float32"
+    assert v["attention_paths"] == ["sdpa", "varlen"] and "block_table" in v["varlen_attn_parameters"]
 
     assert r["ceilings"]["matmul_tflops"] > 0 and r["ceilings"]["copy_gb_per_s"] > 0
 
@@ -98,43 +101,77 @@ def test_gpu_check_dry_runs_on_a_cpu_without_ray_or_pymupdf(tmp_path):
     sizes = r["encode"]["sizes"]
     assert [s["pages"] for s in sizes] == plan["encode_pages"]
     for s in sizes:
-        assert s["crops"] == 5 * s["pages"]  # image splitting: 4 crops and the whole page
+        assert s["crops"] == s["pages"]  # the dry run encodes one crop a page
         assert s["ms_per_page"] > 0 and s["vision_ms_per_page"] > 0 and s["connector_ms_per_page"] > 0
 
     steps = r["decode_step"]["batches"]
     assert [s["requests"] for s in steps] == plan["decode_requests"]
     for s in steps:
         assert s["wall_ms"] > 0 and s["profiled_cpu_op_ms"] > 0 and s["memory_roofline_ms"] > 0
-        assert s["device_ms"] is None  # no device apart from the CPU
 
-    a = r["agreement"]
-    assert a["engines"] == ["generate", "continuous"]
-    assert a["agree"] is True and a["pages_equal"] == a["pages"] == plan["agreement_pages"]
-    assert a["first_step_max_logit_diff"] is not None and a["first_step_max_logit_diff"] < 1e-3  # float32
+    paths = r["continuous_step"]["paths"]
+    assert set(paths) == {"sdpa", "varlen"}
+    assert paths["varlen"]["attention"] == "reference (sdpa per sequence, CPU), paged"
+    assert (paths["sdpa"]["cost_path"], paths["varlen"]["cost_path"]) == ("sdpa", "varlen_paged")
+    for path in paths.values():
+        assert path["plan"]["pages_in_flight"] == 4 and path["plan"]["encode_pages"] >= 1  # batch 2 x 2 calls
+        rows = path["sizes"]
+        assert [row["requests"] for row in rows] == sorted(set(plan["step_requests"]) | {4})
+        assert [row["planned"] for row in rows] == [row["requests"] == 4 for row in rows]
+        for row in rows:
+            assert row["ms_per_step"] > 0 and row["full_decode_steps"] >= plan["step_tokens"]
+            assert 0 < row["mean_decode_batch"] <= row["requests"]
+            assert row["tokens_per_s"] == pytest.approx(row["requests"] / row["ms_per_step"] * 1e3)
+            assert row["bytes_per_token"] > 0 and row["roofline_ms"] > 0
+            assert row["roofline_ratio"] == pytest.approx(row["roofline_ms"] / row["ms_per_step"])
+    # the gathered sdpa path moves more bytes per token than the paged varlen one at the same size
+    assert paths["sdpa"]["sizes"][-1]["bytes_per_token"] > paths["varlen"]["sizes"][-1]["bytes_per_token"]
+
+    runs = r["agreement"]["runs"]
+    assert [(x["dtype"], x["path"]) for x in runs] == [("float32", "sdpa"), ("float32", "varlen")]
+    for x in runs:  # float32 on a CPU: the tokens are generate's, no near tie needed
+        assert x["agree"] is True and [p["verdict"] for p in x["pages"]] == ["equal"] * plan["agreement_pages"]
+
+    o = r["overlap"]
+    assert o["pages"] == o["pages_equal"] == plan["overlap_calls"] * 2 and o["encode_calls"] == plan["overlap_calls"]
+    assert o["steps"] > 0
 
     engines = r["engines"]["engines"]
     for name in ("generate", "continuous"):
         e = engines[name]
-        assert e["engine_ran"] == name and e["pages"] == plan["pages"]
-        assert e["pages_per_s"] > 0 and e["error_rows"] == 0 and e["retries"] == 0
-        assert e["peak_pages_in_flight"] >= 1 and e["peak_memory_gb"] is None  # no allocator statistics on a CPU
-    for name in ("versions", "ceilings", "model_load", "encode", "decode_step", "agreement", "engines"):
+        assert e["engine_ran"] == name and e["error_rows"] == 0 and e["retries"] == 0
+        assert e["pages_per_s"] > 0 and e["peak_pages_in_flight"] >= 1 and e["peak_memory_gb"] is None
+    assert engines["generate"]["pages"] == plan["pages"]
+    c = engines["continuous"]
+    assert c["pages"] == max(plan["pages"], 2 * 4) and c["planned_pages_in_flight"] == 4
+    assert c["ramp_s"] >= 0 and c["tail_s"] >= 0 and c["steps"] > 0 and c["mean_decode_batch"] >= 1
+    for name in SECTIONS:
         assert r[name]["status"] == "ok" and r[name]["seconds"] >= 0, name
 
 
+SECTIONS = ("versions", "ceilings", "model_load", "encode", "decode_step", "continuous_step", "agreement", "overlap",
+            "engines")
+
+
 def test_gpu_check_records_a_failing_section_and_runs_the_next(tmp_path):
+    """Four sections fail (injected: the heavier ones, so this run stays short); the others after them still run
+    and report, the JSON says which failed and why, and the exit status says so in one line."""
     out = tmp_path / "gpu-check.json"
+    faults = ["encode", "continuous_step", "agreement", "overlap"]
     proc = run_cli("bench", "--gpu-check", "--json", out, "--workdir", tmp_path / "w", "--pages", "2",
                    "--output-tokens", "4", "--median-tokens", "2", "--batch-size", "2",
-                   env={"PYTHONPATH": _gpu_machine_path(tmp_path), "DOCPIPE_FAULT_GPU_CHECK": "encode"}, timeout=300)
-    # every section ran; the exit status says one failed, in one line
+                   env={"PYTHONPATH": _gpu_machine_path(tmp_path), "DOCPIPE_FAULT_GPU_CHECK": ",".join(faults)},
+                   timeout=300)
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "docpipe: error: gpu-check: section(s) failed: encode" in proc.stderr
+    assert f"docpipe: error: gpu-check: section(s) failed: {', '.join(faults)}" in proc.stderr
     r = json.loads(out.read_text())
-    assert r["failed_sections"] == ["encode"]
-    assert r["encode"]["status"] == "failed" and "fault injected in section 'encode'" in r["encode"]["error"]
-    assert "[encode] failed" in proc.stdout
-    for name in ("decode_step", "agreement", "engines"):  # the sections after it
+    assert r["failed_sections"] == faults
+    for name in faults:
+        assert r[name]["status"] == "failed" and f"fault injected in section '{name}'" in r[name]["error"]
+        assert f"[{name}] failed" in proc.stdout
+    for name in ("decode_step", "engines"):  # sections after a failed one
         assert r[name]["status"] == "ok", (name, r[name].get("error"))
     assert all(s["wall_ms"] > 0 for s in r["decode_step"]["batches"])
     assert {e: x["error_rows"] for e, x in r["engines"]["engines"].items()} == {"generate": 0, "continuous": 0}
+    # the end-to-end section sizes itself without the step section's plan: at least plan.pages
+    assert r["engines"]["engines"]["continuous"]["pages"] == 2

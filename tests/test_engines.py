@@ -197,18 +197,40 @@ def test_the_engine_bench_runs_every_row_where_ray_and_pymupdf_are_not_installed
         assert row["engine"] in proc.stdout
 
 
-def _equal_pages(result):
+def _equal_pages(result, run=None):
+    run = run or result
     assert set(result["generate"]) == {f"page{i}.png" for i in range(5)}
     assert {row[0] for row in result["generate"].values()} == {"ok"}
     assert {row[3] for row in result["generate"].values()} == {"stop", "length"}  # both ways a page ends
-    assert result["record"]["engine"] == "continuous"
-    assert result["continuous"] == result["generate"]
+    assert run["record"]["engine"] == "continuous"
+    assert run["continuous"] == result["generate"]
+    assert run["forward_ordered"] is True  # the loop's forwards wait for their input copies (CUDA; a no-op here)
+
+
+VARLEN_PAGED = "reference (sdpa per sequence, CPU), paged"
+
+
+def _equal_varlen(result):
+    """torch's varlen path, its CPU reference in the paged form (block tables from the read indices, the cache
+    written by the attention: what the pinned torch runs on a GPU): generate's text, output_tokens, finish_reason."""
+    run = result["runs"]["varlen"]
+    _equal_pages(result, run)
+    assert run["record"]["attention"] == VARLEN_PAGED
+    assert f"attention {VARLEN_PAGED} (requested)" in run["record"]["reason"]
+    assert run["shell_attention_after"] == "sdpa"  # the shell's own attention back once its loop stopped
 
 
 def test_the_continuous_engine_gives_each_page_what_generate_gives_it_alone_at_the_pinned_transformers(tiny_model):
+    """torch's varlen path in its paged form (block tables) and in its gathered form (transformers' gathered copy of
+    the cache, what torch 2.10-2.11 run), each against generate. (Every other test here runs transformers' packed
+    sdpa: auto on a CPU.)"""
     from tests.engine_equality import compare
 
-    _equal_pages(compare(tiny_model))
+    result = compare(tiny_model, attentions=("varlen", "varlen-gathered"))
+    _equal_varlen(result)
+    gathered = result["runs"]["varlen-gathered"]
+    assert gathered["record"]["attention"] == "reference (sdpa per sequence, CPU), gathered"
+    _equal_pages(result, gathered)
 
 
 def test_the_continuous_engine_gives_each_page_what_generate_gives_it_alone_at_the_transformers_floor(tmp_path):
@@ -231,7 +253,9 @@ def test_the_continuous_engine_gives_each_page_what_generate_gives_it_alone_at_t
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["transformers"] == floor or result["transformers"] == f"{floor}.0"
-    _equal_pages(result)
+    _equal_varlen(result)  # 5.17 hands the attention the cache itself: the varlen path writes and reads it there
+    _equal_pages(result, result["runs"]["sdpa"])
+    assert result["runs"]["sdpa"]["record"]["attention"] == "paged|sdpa"  # 5.17 renames it
 
 
 def _run_local(docs, out, engine, **model):
@@ -505,8 +529,9 @@ def test_on_a_gpu_the_engine_is_sized_from_the_memory_left_after_loading(tiny_mo
 
     GiB = 2**30
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (60 * GiB, 80 * GiB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda *a: 20 * GiB)  # its weights, as loading left them
     opts = ModelOptions(name="tiny-random", max_new_tokens=64, batch_size=4)
-    plan = _plan_on_gpu(tiny_model, opts, prompt_tokens=400, rows_per_page=320, splitting=True)
+    plan = _plan_on_gpu(tiny_model, opts, prompt_tokens=400, rows_per_page=320, splitting=True, path="varlen")
     text = tiny_model.model.config.text_config
     assert plan.kv_bytes_per_page == sizing.kv_bytes_per_page(text, 400, 64, 4)  # float32 on this CPU
     assert plan.encode_bytes_per_page == sizing.encode_bytes_per_page(tiny_model.model.config, 5, 4)
@@ -517,6 +542,94 @@ def test_on_a_gpu_the_engine_is_sized_from_the_memory_left_after_loading(tiny_mo
     capped = _plan_on_gpu(tiny_model, opts.model_copy(update={"max_pages_in_flight": 48}), 400, 320, True)
     assert capped.pages_in_flight == 48 and "48 pages in flight" in capped.describe()
     assert capped.batch_tokens == 48 + 4 * 400 and f"{48 + 4 * 400} tokens a step" in capped.describe()
+    # transformers' packed sdpa: capped where its step stops paying for more pages; flash-attn: no mask at all
+    sdpa = _plan_on_gpu(tiny_model, opts, 400, 320, True, path="sdpa")
+    assert sdpa.pages_in_flight == sizing.SDPA_MAX_PAGES and sdpa.batch_tokens == sizing.SDPA_MAX_PAGES + 4 * 400
+    assert _plan_on_gpu(tiny_model, opts, 400, 320, True, path="flash").mask_bytes == 0
+    # two actors sharing the GPU: each plans with its half less the 20 GiB it holds, not with all 60 GiB free
+    shared = _plan_on_gpu(tiny_model, opts.model_copy(update={"gpu_memory_share": 0.5}), 400, 320, True, path="varlen")
+    assert shared.free_bytes == 20 * GiB and plan.free_bytes == 60 * GiB
+
+
+def test_the_decode_step_cost_model_caps_sdpa_where_it_peaks_and_ranks_the_attention_paths():
+    """pipeline/model/sizing.py's roofline for idefics2-8b's text model (numbers given): packed sdpa gives the most
+    tokens per second at SDPA_MAX_PAGES pages in flight and fewer beyond; the paged kernels read the cache once,
+    the gathered one three times, sdpa's expansion more."""
+    import json
+
+    from transformers import Idefics2Config
+
+    from docpipe.model import sizing
+    from tests.conftest import REPO
+
+    spec = json.loads((REPO / "pipeline/model/assets/idefics2-8b.json").read_text())
+    text = Idefics2Config(**{k: v for k, v in spec.items() if not k.startswith("_") and k != "model_type"}).text_config
+    weights = int(14.2e9)
+    shape = sizing.DecodeShape.of(text, 2, weights)
+    assert sizing.best_pages("sdpa", 656, shape) == sizing.SDPA_MAX_PAGES == 64
+    rate = {b: b / sizing.step_roofline_s("sdpa", b, 656, shape) for b in (64, 128, 256)}
+    assert rate[64] > rate[128] > rate[256]
+    assert sizing.best_pages("varlen_paged", 656, shape) == 256  # the memory plan decides
+    kv = 128 * 2**10 * 128 * 656  # 128 requests x 656 tokens x 128 KiB a token
+    moved = {p: sizing.decode_step_cost(p, 128, 656, shape)[0] for p in sizing.PATHS}
+    assert moved["varlen_paged"] == moved["flash"] == weights + kv
+    assert moved["varlen_gathered"] == weights + 3 * kv
+    assert moved["sdpa"] > 3 * moved["varlen_paged"]
+    assert 0.19e9 < moved["varlen_paged"] / 128 < 0.2e9 and 0.36e9 < moved["varlen_gathered"] / 128 < 0.38e9
+
+
+def test_the_varlen_reference_and_its_block_table_give_sdpa_s_causal_attention_per_sequence():
+    """pipeline/model/attention.py on its own, with random tensors: three sequences (a prefill of 5 tokens, two
+    decodes over 300 and 40 tokens of context), grouped-query heads, the cache scattered over pages of 256 in an
+    arbitrary order: the block table built from the read indices, the paged and gathered reference and a plain
+    causal sdpa per sequence agree."""
+    import torch
+
+    from docpipe.model import attention
+
+    g = torch.Generator().manual_seed(0)
+    heads, kv_heads, dim, page = 4, 2, 8, 256
+    lengths_q, lengths_k = [5, 1, 1], [5, 300, 40]
+    pool_pages = [[3], [0, 5], [2]]  # request i's pages, in order
+    k_pool, v_pool = (torch.randn(6, page, kv_heads, dim, generator=g) for _ in range(2))
+    read = torch.tensor([p * page + j % page for pages, n in zip(pool_pages, lengths_k) for j in range(n)
+                         for p in [pages[j // page]]])
+    cu_k = torch.tensor([0, 5, 305, 345], dtype=torch.int32)
+    cu_q = torch.tensor([0, 5, 6, 7], dtype=torch.int32)
+    table = attention.block_table(read, cu_k, max(lengths_k), page)
+    assert table.tolist() == [[3, 0], [0, 5], [2, 0]] and table.dtype == torch.int32
+    q = torch.randn(sum(lengths_q), heads, dim, generator=g)
+    flat_k, flat_v = k_pool.reshape(-1, kv_heads, dim)[read], v_pool.reshape(-1, kv_heads, dim)[read]
+    gathered = attention.reference(q, flat_k, flat_v, cu_q, cu_k, 5, 300, 0.5)
+    paged = attention.reference(q, k_pool, v_pool, cu_q, cu_k, 5, 300, 0.5, table, cu_k[1:] - cu_k[:-1])
+    torch.testing.assert_close(paged, gathered)
+    for i in range(3):  # each sequence alone: its queries are its last tokens, causal over its keys
+        qi = q[cu_q[i] : cu_q[i + 1]].transpose(0, 1)
+        ki, vi = (x[cu_k[i] : cu_k[i + 1]].repeat_interleave(2, dim=1).transpose(0, 1) for x in (flat_k, flat_v))
+        n, m = ki.shape[1], qi.shape[1]
+        mask = torch.ones(m, n, dtype=torch.bool).tril(diagonal=n - m)
+        want = torch.nn.functional.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=0.5)
+        torch.testing.assert_close(gathered[cu_q[i] : cu_q[i + 1]], want.transpose(0, 1))
+
+
+def test_the_continuous_engine_picks_torch_s_varlen_kernels_on_cuda_without_flash_attn_and_says_why_not_elsewhere():
+    import torch
+
+    from docpipe.model import attention
+
+    kernel, why = attention.choose("cuda", torch.bfloat16, "auto", "sdpa", None, 128)
+    assert (kernel.name, kernel.paged, why) == ("torch varlen_attn, paged", True, "auto on cuda without flash-attn")
+    assert {"block_table", "seqused_k", "enable_gqa"} <= attention.varlen_signature()  # the pinned torch's
+    assert attention.choose("cuda", torch.bfloat16, "auto", "flash_attention_2", None, 128) == (
+        None, "flash_attention_2 is loaded")
+    assert attention.choose("cuda", torch.float32, "auto", "sdpa", None, 128)[1] == (
+        "no varlen: float32 (FlashAttention takes float16 and bfloat16)")
+    assert attention.choose("cuda", torch.bfloat16, "auto", "sdpa", 4096, 128)[1].startswith(
+        "no varlen: a sliding window (4096)")
+    assert attention.choose("cpu", torch.float32, "auto", "sdpa", None, 128) == (None, "auto on cpu")
+    assert attention.choose("cpu", torch.float32, "sdpa", "sdpa", None, 128) == (None, "requested")
+    with pytest.raises(ValueError, match="engine_attention varlen cannot run here: head dim 300"):
+        attention.choose("cpu", torch.float32, "varlen", "sdpa", None, 300)
 
 
 def _more_drawn_pages(n: int) -> list[dict]:
@@ -661,3 +774,45 @@ def test_a_page_that_fails_in_its_batch_is_retried_alone_and_the_manifest_counts
         assert rows[2]["error_message"].startswith("ZeroDivisionError")
         assert rows[1]["status"] == "ok" and rows[1]["text_source"] == "model"
     assert (together[1]["text"], together[1]["output_tokens"]) == (alone[1]["text"], alone[1]["output_tokens"])
+
+
+def test_generate_encodes_a_batch_in_bounded_chunks_with_the_same_features(tiny_model):
+    """generate's vision encoding runs encode_pages pages a call, as the continuous engine's does (a batch of 64 at
+    once needed ~120 GB of activations for idefics2-8b): the pooled rows are those of one call over the batch."""
+    import torch
+
+    from docpipe.model.engine import GenerateEngine, bounded_encoding
+    from docpipe.model.load import stop_and_pad_ids
+
+    stage = OcrStage(ModelOptions(name="tiny-random", engine="generate", batch_size=2), loaded=tiny_model)
+    records = [{"_pixels": torch.randint(0, 255, (3, 56 + 14 * i, 70), dtype=torch.uint8)} for i in range(2)]  # small
+    inputs = stage.prepare_inputs(records)
+    inner = tiny_model.model.model
+    calls = []
+    original = type(inner).get_image_features
+
+    def counted(self, pixel_values, *args, **kwargs):
+        calls.append(pixel_values.shape[0])
+        return original(self, pixel_values, *args, **kwargs)
+
+    def flat(pooled):
+        return torch.cat([p.reshape(-1, p.shape[-1]) for p in pooled]) if isinstance(pooled, (list, tuple)) \
+            else pooled.reshape(-1, pooled.shape[-1])
+
+    with torch.inference_mode():
+        whole = inner.get_image_features(inputs["pixel_values"], inputs["pixel_attention_mask"]).pooler_output
+        type(inner).get_image_features = counted
+        try:
+            with bounded_encoding(tiny_model.model, 1):
+                chunked = inner.get_image_features(inputs["pixel_values"], inputs["pixel_attention_mask"])
+            assert calls == [1, 1] and "get_image_features" not in vars(inner)  # put back on the way out
+            assert chunked.last_hidden_state is None  # the first chunk's alone would be wrong
+            torch.testing.assert_close(flat(chunked.pooler_output), flat(whole))
+            stop_ids, pad_id = stop_and_pad_ids(tiny_model)
+            engine = GenerateEngine(tiny_model, stage.opts, stop_ids, pad_id)
+            assert engine.encode_pages == 2  # batch_size on a CPU
+            engine.encode_pages, calls[:] = 1, []
+            assert [g.finish_reason for g in engine.generate(inputs, [1, 1])] == ["length", "length"]
+            assert calls == [1, 1]  # generate's own encoding, a page a call
+        finally:
+            type(inner).get_image_features = original

@@ -46,6 +46,8 @@ def execute_ray(config: RunConfig, todo, longest_edge: int, skip_ids: frozenset[
     model_opts = config.model
     if policy.cpu_threads != model_opts.cpu_threads:
         model_opts = model_opts.model_copy(update={"cpu_threads": policy.cpu_threads})
+    if 0 < policy.actor_gpus < 1:  # actors sharing a GPU: each sizes its engine from its share of the memory
+        model_opts = model_opts.model_copy(update={"gpu_memory_share": policy.actor_gpus})
     # Host memory for staging weights. Requesting it also makes the model stage's resources differ
     # from the render stage's, so Ray won't fuse rendering into the model's process: CPU rendering
     # must overlap the model's work, not queue behind it.

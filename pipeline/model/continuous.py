@@ -17,6 +17,13 @@ row and then decodes exactly what ``generate`` on the full model would. The text
   pages in flight with LoopDied at once, and the OCR stage decodes them with generate.
 - Works on transformers 5.17 and later (make test checks the floor): the cache block's name and the shape of
   the image features differ across releases.
+- Attention: flash-attn's own paged kernels when the model loaded with them; else, on CUDA, PyTorch's own
+  FlashAttention kernels (pipeline/model/attention.py); else transformers' packed sdpa, whose cost grows with the
+  square of the pages in flight (they are capped for it: pipeline/model/sizing.py).
+- Streams: pages are processed and encoded on a stream of their own, so the loop's steps (their host copies and
+  syncs on the loop thread's stream) never wait behind encode work, and decoding overlaps encoding. transformers
+  runs each forward on its own compute stream without waiting for the loop's last index copy (5.17 and 5.24, sync
+  mode): the forward is made to wait for the stream that made the copies (``_order_forward_after_inputs``).
 """
 
 from __future__ import annotations
@@ -147,8 +154,19 @@ class ContinuousEngine:
         self.prompt_tokens = len(loaded.processor(text=[chat_prompt(loaded.processor, 1, opts.prompt)])["input_ids"][0])
         self.plan = None
         self.encode_pages = max(1, opts.batch_size)
+        # Without a sliding window where no request reaches it (the same tokens; the paged cache then gives every
+        # layer the full-attention allocator and its decode fast path).
+        self.sliding_window = shell_sliding_window(getattr(text_config, "sliding_window", None),
+                                                   self.prompt_tokens, opts.max_new_tokens)
+        from docpipe.model import attention as varlen
+
+        head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+        self.kernel, self.attention_reason = varlen.choose(
+            loaded.device, loaded.dtype, getattr(opts, "engine_attention", "auto"), loaded.attention,
+            self.sliding_window, head_dim)
         if loaded.device == "cuda":
-            self.plan = _plan_on_gpu(loaded, opts, self.prompt_tokens, self.rows_per_page, splitting)
+            self.plan = _plan_on_gpu(loaded, opts, self.prompt_tokens, self.rows_per_page, splitting,
+                                     path=self.attention_path)
             pages_in_flight, self.encode_pages = self.plan.pages_in_flight, self.plan.encode_pages
         self.capacity_pages = max(1, pages_in_flight)
         capacity = self.rows_per_page * self.capacity_pages
@@ -160,18 +178,25 @@ class ContinuousEngine:
         self.peak_pages_in_flight = 0
         self.dead: str | None = None  # why the loop can take no more pages, once it can't
         self._encode_lock = threading.Lock()
+        # The pages' own stream (processor, vision tower, bank writes): apart from the loop's (see the module notes)
+        self.encode_stream = torch.cuda.Stream(device=loaded.device) if loaded.device == "cuda" else None
+        # Set to a list by pipeline/tools/gpu_check.py: (t, forward tokens, requests) per step, admission and
+        # completion times per page, (start, end) per encode call. None in runs: nothing is kept.
+        self.timeline: dict[str, list] | None = None
+        self._undo_attention = None
+        self.ordered = False  # the loop's forwards wait for its input copies (_order_forward_after_inputs)
 
         # A causal-LM shell: its own modules and config (built on the meta device, no memory), holding the Idefics2
         # text model's weight-bearing modules (linears, norms, rotary embedding, lm_head) and the bank embedding.
         # transformers' manager rewrites the shell's config (5.17-5.19: a paged attention implementation), which
         # the text model, still used by generate, never sees; nothing of the text model is swapped or put back.
-        # Without a sliding window where no request reaches it (the same tokens; the paged cache then gives every
-        # layer the full-attention allocator and its decode fast path).
-        self.sliding_window = shell_sliding_window(getattr(text_config, "sliding_window", None),
-                                                   self.prompt_tokens, opts.max_new_tokens)
         text_config.sliding_window = self.sliding_window
+        # transformers' own kernel for the shell: the loaded one (flash, sdpa), sdpa when sdpa is asked for; a varlen
+        # kernel is installed once the manager has started.
+        shell_attention = "sdpa" if self.kernel is not None or getattr(opts, "engine_attention", "auto") == "sdpa" \
+            else loaded.attention
         with torch.device("meta"):
-            lm = AutoModelForCausalLM.from_config(text_config, attn_implementation=loaded.attention)
+            lm = AutoModelForCausalLM.from_config(text_config, attn_implementation=shell_attention)
         _share_leaves(lm.model, text_model)
         lm.lm_head = model.lm_head
         lm.model.embed_tokens = _bank_embedding(text_model.embed_tokens, self.bank)
@@ -192,7 +217,26 @@ class ContinuousEngine:
     @property
     def attention(self) -> str:
         """The attention kernel the loop runs (recorded in the manifest)."""
+        if self.kernel is not None:
+            return self.kernel.name
         return self.lm.config._attn_implementation
+
+    @property
+    def attention_path(self) -> str:
+        """varlen (PyTorch's kernels, or their CPU reference), flash (flash-attn's) or sdpa (transformers' packed)."""
+        if self.kernel is not None:
+            return "varlen"
+        if getattr(self.opts, "engine_attention", "auto") == "sdpa":
+            return "sdpa"
+        return "flash" if self.m.attention.startswith("flash") else "sdpa"
+
+    def encoding(self):
+        """The context pages are processed and encoded in: the engine's own CUDA stream (nothing on a CPU)."""
+        import contextlib
+
+        import torch
+
+        return torch.cuda.stream(self.encode_stream) if self.encode_stream is not None else contextlib.nullcontext()
 
     def _start(self, loaded, opts, stop_ids: list[int], pad_id: int, pages_in_flight: int) -> None:
         import inspect
@@ -228,6 +272,7 @@ class ContinuousEngine:
                if self.plan is not None and "max_memory_percent" in accepted else {}),
         )
         notes = ["bitsandbytes weights: no CUDA graphs"] if cuda and quantized else []
+        notes.append(f"attention {self.attention} ({self.attention_reason})")
         if self.plan is not None:
             notes.append(self.plan.describe())
         self.note = "; ".join(notes)
@@ -240,6 +285,11 @@ class ContinuousEngine:
             hints = {}
         self.manager = lm.init_continuous_batching(generation_config=lm.generation_config,
                                                    continuous_batching_config=cb, **hints)
+        _order_forward_after_inputs(self.manager, self)
+        if self.kernel is not None:  # after the manager's own choice (5.24 refuses a custom name there)
+            from docpipe.model.attention import install
+
+            self._undo_attention = install(lm, self.kernel)
         self._pending: dict[str, _Pending] = {}
         self._lock = threading.Lock()
         self._counter = 0
@@ -285,13 +335,14 @@ class ContinuousEngine:
         runs to its own max_new_tokens (benchmarks)."""
         ids, mask = inputs["input_ids"].tolist(), inputs["attention_mask"].tolist()
         prompts = [[t for t, keep in zip(row_ids, row_mask) if keep] for row_ids, row_mask in zip(ids, mask)]
-        features = self.encode(inputs, [sum(t == self.image_token_id for t in p) for p in prompts])
         results: list[Future | Exception] = []
-        for prompt, feats, cap in zip(prompts, features, max_new_tokens):  # the processor pads on the left
-            try:
-                results.append(self._submit(prompt, feats, cap, forced))
-            except Exception as exc:
-                results.append(exc)
+        with self.encoding():  # the bank rows too: written on the pages' stream, synchronised before queuing
+            features = self.encode(inputs, [sum(t == self.image_token_id for t in p) for p in prompts])
+            for prompt, feats, cap in zip(prompts, features, max_new_tokens):  # the processor pads on the left
+                try:
+                    results.append(self._submit(prompt, feats, cap, forced))
+                except Exception as exc:
+                    results.append(exc)
         return results
 
     def encode(self, inputs: dict[str, Any], counts: list[int]) -> list:
@@ -303,12 +354,19 @@ class ContinuousEngine:
         out = []
         # One call encodes at a time: an actor's calls in flight (threads) would otherwise add up their peaks.
         with self._encode_lock, torch.inference_mode():
+            if self.encode_stream is not None:  # inputs made on another stream (a caller that did not use encoding())
+                torch.cuda.current_stream().wait_stream(torch.cuda.default_stream())
+            started = time.perf_counter()
             for start in range(0, pixels.shape[0], self.encode_pages):
                 part = slice(start, start + self.encode_pages)
                 pooled = self.m.model.get_image_features(
                     pixel_values=pixels[part], pixel_attention_mask=None if pmask is None else pmask[part]
                 ).pooler_output
                 out += rows_per_page(pooled, counts[part])
+            if self.timeline is not None:
+                if self.encode_stream is not None:
+                    torch.cuda.current_stream().synchronize()
+                self.timeline["encode"].append((started, time.perf_counter(), pixels.shape[0]))
         return out
 
     @staticmethod
@@ -332,7 +390,8 @@ class ContinuousEngine:
         rows = self._take_rows(len(positions))
         try:
             self.bank[rows.start : rows.stop].copy_(features.to(self.bank.dtype))
-            if self.bank.is_cuda:  # the manager's loop may read the bank from another stream: the rows must be there
+            if self.bank.is_cuda:  # the loop reads the bank from its own stream: the rows must be there first (this
+                # waits for the pages' stream only, not for the loop's work)
                 torch.cuda.current_stream().synchronize()
             for pos, row in zip(positions, rows):
                 prompt[pos] = self.vocab + row
@@ -404,6 +463,8 @@ class ContinuousEngine:
                 continue
             if len(pending.rows):
                 self._give_rows(pending.rows)
+            if self.timeline is not None:
+                self.timeline["completed"].append(time.perf_counter())
             if result.error is not None:
                 if self._stopping():  # the loop failed it on its way out
                     self._die(f"the continuous-batching loop stopped: {result.error}")
@@ -439,6 +500,8 @@ class ContinuousEngine:
                         self._free[i] = range(free.start + n, free.stop)
                         self.pages_in_flight += 1
                         self.peak_pages_in_flight = max(self.peak_pages_in_flight, self.pages_in_flight)
+                        if self.timeline is not None:
+                            self.timeline["admitted"].append((time.perf_counter(), self.pages_in_flight))
                         return range(free.start, free.start + n)
                 self._rows_freed.wait()
 
@@ -469,6 +532,9 @@ class ContinuousEngine:
         dispatcher = getattr(self, "_dispatcher", None)
         if dispatcher is not None and dispatcher is not threading.current_thread():
             dispatcher.join(timeout=10)  # a safety net: it wakes every 0.1 s and sees _stop
+        undo, self._undo_attention = getattr(self, "_undo_attention", None), None
+        if undo is not None:
+            undo()
 
     def close(self) -> None:
         """Stop the loop and let go of its memory. The text model was never changed, so there is nothing to put
@@ -499,22 +565,62 @@ def _share_leaves(shell, source) -> None:
             shell.set_submodule(name, source.get_submodule(name))
 
 
+def _order_forward_after_inputs(manager, engine) -> None:
+    """Every forward of the loop (steps, warm-up, graph capture and replay) waits for the stream that made its inputs.
+
+    transformers (5.17 and 5.24, without async batching: sdpa, or no CUDA graphs) prepares a step on the loop
+    thread's current stream: host lists to the device, each copied into its static tensors, the last copy (read or
+    write indices) left queued; then it runs the forward on its own compute stream, which is created non-blocking
+    and never waits for that copy. Anything else queued on that stream first (encode work, before it had its own)
+    delays the copy past the forward's first reads: a zeroed cache or a prompt's KV written to the trash slot.
+    The batch processor is made in the loop thread (or in warm-up); its model runner is wrapped as it is made."""
+    create = manager._create_batch_processor
+
+    def create_ordered():
+        processor = create()
+        runner = processor.model_runner
+        if not getattr(runner, "docpipe_ordered", False):
+            compute, io = runner.compute_batch, processor.inputs_and_outputs
+
+            def compute_ordered(model, batch_data):
+                import torch
+
+                stream = getattr(io, "compute_stream", None)
+                if stream is not None:
+                    stream.wait_stream(torch.cuda.current_stream(stream.device))
+                if engine.timeline is not None:  # host-side shapes only: no sync
+                    engine.timeline["steps"].append((time.perf_counter(), batch_data["input_ids"].shape[-1],
+                                                     batch_data["cu_seq_lens_q"].shape[0] - 1))
+                return compute(model, batch_data)
+
+            runner.compute_batch, runner.docpipe_ordered = compute_ordered, True
+        engine.ordered = True
+        return processor
+
+    manager._create_batch_processor = create_ordered
+
+
 def _fatal(manager) -> str:
     error = getattr(manager.background_thread_status, "fatal_error", None) or getattr(
         manager.background_thread_status, "error", None)
     return f": {error}" if error else ""
 
 
-def _plan_on_gpu(loaded, opts, prompt_tokens: int, rows_per_page: int, splitting: bool):
-    """The engine's size on this GPU, from the memory left after loading (pipeline/model/sizing.py)."""
+def _plan_on_gpu(loaded, opts, prompt_tokens: int, rows_per_page: int, splitting: bool, path: str = "sdpa"):
+    """The engine's size on this GPU, from the memory left after loading (pipeline/model/sizing.py): the memory plan
+    with flash-attn or torch's varlen kernels; with transformers' packed sdpa, whose step slows down with more
+    requests, no more than SDPA_MAX_PAGES unless max_pages_in_flight says otherwise. An actor sharing the GPU
+    (gpu_memory_share) sizes itself from its share."""
     import torch
 
-    from docpipe.model.sizing import (batch_tokens, encode_bytes_per_page, kv_bytes_per_page, kv_bytes_per_token,
-                                        plan_pages)
+    from docpipe.model.sizing import (SDPA_MAX_PAGES, batch_tokens, encode_bytes_per_page, kv_bytes_per_page,
+                                        kv_bytes_per_token, plan_pages, share_of_free)
 
     config = loaded.model.config
     dtype_bytes = torch.finfo(loaded.dtype).bits // 8
     free, total = torch.cuda.mem_get_info()
+    free = share_of_free(free, total, torch.cuda.memory_reserved(), getattr(opts, "gpu_memory_share", 1.0))
+    max_pages = opts.max_pages_in_flight or (SDPA_MAX_PAGES if path == "sdpa" else None)
     kv_per_page = kv_bytes_per_page(config.text_config, prompt_tokens, opts.max_new_tokens, dtype_bytes)
     window = shell_sliding_window(getattr(config.text_config, "sliding_window", None), prompt_tokens,
                                   opts.max_new_tokens)
@@ -523,10 +629,12 @@ def _plan_on_gpu(loaded, opts, prompt_tokens: int, rows_per_page: int, splitting
         kv_per_page=kv_per_page,
         encode_per_page=encode_bytes_per_page(config, 5 if splitting else 1, dtype_bytes),
         bank_per_page=rows_per_page * config.text_config.hidden_size * dtype_bytes,
-        batch_size=opts.batch_size, max_pages=opts.max_pages_in_flight,
-        batch_tokens=batch_tokens(prompt_tokens, opts.max_pages_in_flight),
+        batch_size=opts.batch_size, max_pages=max_pages,
+        batch_tokens=batch_tokens(prompt_tokens, max_pages),
         cache_tokens_per_page=kv_per_page // kv_bytes_per_token(config.text_config, dtype_bytes),
-        # transformers' masks: none with flash attention, one per attention type (sliding is a second) otherwise
-        masks=0 if loaded.attention.startswith("flash") else (1 if window is None else 2),
+        # transformers' masks: none with flash attention, one per attention type (sliding is a second) otherwise.
+        # With torch's varlen kernels none is made, but transformers' footprint check counts one (its name is not a
+        # flash one): planned as counted, so that check passes.
+        masks=0 if path == "flash" else (1 if window is None else 2),
         dtype_bytes=dtype_bytes,
     )

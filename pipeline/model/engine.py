@@ -36,6 +36,9 @@ class GenerateEngine:
 
     def __init__(self, loaded, opts, stop_ids: list[int], pad_id: int):
         self.m, self.opts, self.stop_ids, self.pad_id = loaded, opts, stop_ids, pad_id
+        # The vision tower and connector run this many pages a call inside generate, as in the continuous engine:
+        # the encoding's peak memory is bounded whatever the batch (a batch of 64 at once needs ~120 GB on an 8B).
+        self.encode_pages = encode_pages_for(loaded, opts)
 
     def generate(self, inputs: dict[str, Any], max_new_tokens: list[int], forced: bool = False
                  ) -> list[Generation | Exception]:
@@ -48,7 +51,7 @@ class GenerateEngine:
             extra["logits_processor"] = LogitsProcessorList([_StopAt(max_new_tokens, prompt, self.stop_ids)])
         elif self.opts.min_new_tokens:
             extra["min_new_tokens"] = self.opts.min_new_tokens
-        with torch.inference_mode():
+        with torch.inference_mode(), bounded_encoding(self.m.model, self.encode_pages):
             generated = self.m.model.generate(
                 **inputs, max_new_tokens=max(max_new_tokens), do_sample=False,
                 eos_token_id=self.stop_ids, pad_token_id=self.pad_id, **extra,
@@ -58,6 +61,65 @@ class GenerateEngine:
 
     def close(self) -> None:
         pass
+
+
+def encode_pages_for(loaded, opts) -> int:
+    """Pages per vision call: batch_size on a CPU; on a GPU what the encoding's share of the free memory holds
+    (pipeline/model/sizing.py), at most batch_size."""
+    if loaded.device != "cuda":
+        return max(1, opts.batch_size)
+    import torch
+
+    from docpipe.model.sizing import encode_bytes_per_page, encode_pages, share_of_free
+
+    try:
+        splitting = getattr(loaded.processor.image_processor, "do_image_splitting", False)
+        per_page = encode_bytes_per_page(loaded.model.config, 5 if splitting else 1, loaded.dtype.itemsize)
+        free, total = torch.cuda.mem_get_info()
+    except (AttributeError, RuntimeError):  # a family the estimate does not know, no device to ask: one batch a call
+        return max(1, opts.batch_size)
+    free = share_of_free(free, total, torch.cuda.memory_reserved(), getattr(opts, "gpu_memory_share", 1.0))
+    return encode_pages(free, total, per_page, opts.batch_size)
+
+
+class bounded_encoding:
+    """Within it, ``model.model.get_image_features`` encodes ``pages`` pages a call (split along the batch, the
+    pooled rows concatenated in order: each page's images are encoded on their own, so the rows are the same).
+    Other fields of its output (the vision tower's last hidden state) would be the first chunk's only: set to None."""
+
+    def __init__(self, model, pages: int):
+        self.inner, self.pages = getattr(model, "model", None), max(1, pages)
+
+    def __enter__(self):
+        original = getattr(self.inner, "get_image_features", None)
+        if original is None:
+            return self
+        pages = self.pages
+
+        def chunked(pixel_values, pixel_attention_mask=None, *args, **kwargs):
+            import torch
+
+            if not isinstance(pixel_values, torch.Tensor) or pixel_values.shape[0] <= pages:
+                return original(pixel_values, pixel_attention_mask, *args, **kwargs)
+            outs = [original(pixel_values[i : i + pages],
+                             None if pixel_attention_mask is None else pixel_attention_mask[i : i + pages],
+                             *args, **kwargs) for i in range(0, pixel_values.shape[0], pages)]
+            pooled = [o.pooler_output for o in outs]
+            merged = (type(pooled[0])(x for p in pooled for x in p) if isinstance(pooled[0], (list, tuple))
+                      else torch.cat(pooled))
+            first = outs[0]
+            for key in list(first.keys()):
+                if key != "pooler_output":
+                    first[key] = None
+            first.pooler_output = merged
+            return first
+
+        self.inner.get_image_features = chunked
+        return self
+
+    def __exit__(self, *exc):
+        if self.inner is not None and "get_image_features" in vars(self.inner):
+            del self.inner.get_image_features
 
 
 class _StopAt:

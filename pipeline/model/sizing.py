@@ -31,6 +31,17 @@ ENCODE_SHARE = 0.25
 MAX_BATCH_TOKENS = 8192
 # Prefills a step may hold beside the decodes of every page in flight.
 PREFILLS_PER_STEP = 4
+# Working ceilings of an H100 (issue 20's, below the datasheet's 3.35 TB/s and 989 TFLOP/s): the roofline estimates'
+# defaults; bench --gpu-check measures the device's own (its ceilings section).
+H100_COPY_BYTES_PER_S = 3.0e12
+H100_MATMUL_FLOPS = 790e12
+# Queries per block of the memory-efficient sdpa kernel a masked packed batch runs on: it reads every key once per
+# block of queries.
+SDPA_QUERY_BLOCK = 64
+# transformers' packed sdpa path: pages in flight where its decode step gives the most tokens per second for
+# idefics2-8b at 656 tokens of context (best_pages below, on an H100's working ceilings: 64; computed, not
+# measured). Its step gathers, expands and attends over the whole batch's cache: beyond this, more pages slow it.
+SDPA_MAX_PAGES = 64
 
 
 @dataclass(frozen=True)
@@ -54,6 +65,74 @@ class EnginePlan:
         """transformers' max_memory_percent: all of the memory free when its cache is made but the encoding's share,
         so its own footprint check (KV cache, mask, its activation peaks) fails rather than eat into the encoding."""
         return max(0.05, 1 - self.encode_pages * self.encode_bytes_per_page / max(1, self.free_bytes))
+
+
+def share_of_free(free: int, total: int, held: int, share: float = 1.0) -> int:
+    """The memory an actor may plan with: what is free, and no more than its share of the device less what it holds
+    already (its weights): two actors sharing a GPU would otherwise each plan with the same free memory."""
+    return max(0, min(free, int(share * total) - held))
+
+
+@dataclass(frozen=True)
+class DecodeShape:
+    """What a decode step's cost depends on, from a text config (pipeline/model/sizing.py's roofline)."""
+
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    dtype_bytes: int
+    weight_bytes: int  # read once a step: the text layers and lm_head
+
+    @classmethod
+    def of(cls, text_config, dtype_bytes: int, weight_bytes: int) -> "DecodeShape":
+        head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+        return cls(text_config.num_hidden_layers, text_config.num_attention_heads,
+                   getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads, head_dim,
+                   dtype_bytes, weight_bytes)
+
+
+PATHS = ("sdpa", "varlen_gathered", "varlen_paged", "flash")
+
+
+def decode_step_cost(path: str, requests: int, context: int, shape: DecodeShape) -> tuple[int, int]:
+    """(bytes moved, FLOPs) of one decode step of ``requests`` pages with ``context`` tokens each, per attention path:
+
+    - flash (flash-attn's paged kernel) and varlen_paged (torch's, through a block table): the weights and the KV
+      cache read once;
+    - varlen_gathered (torch's kernel on transformers' gathered copy): the cache read, written as a packed copy
+      and read again by the kernel (3x);
+    - sdpa (transformers' packed path): the gathered copy (2x), expanded for grouped-query attention (heads /
+      kv_heads times, written once and read once per block of SDPA_QUERY_BLOCK queries), and the block-diagonal
+      mask [requests, requests x context]; every query attends to the whole batch's cache (FLOPs grow with
+      requests squared).
+    Computed, not measured: bench --gpu-check sets its measured step beside this at the measured copy rate."""
+    kv = shape.layers * 2 * shape.kv_heads * shape.head_dim * shape.dtype_bytes * requests * context
+    matmuls = 2 * (shape.weight_bytes // shape.dtype_bytes) * requests
+    attention = 4 * requests * context * shape.heads * shape.head_dim * shape.layers
+    if path in ("flash", "varlen_paged"):
+        return shape.weight_bytes + kv, matmuls + attention
+    if path == "varlen_gathered":
+        return shape.weight_bytes + 3 * kv, matmuls + attention
+    if path != "sdpa":
+        raise ValueError(f"unknown attention path {path!r}: {PATHS}")
+    groups = shape.heads // shape.kv_heads
+    blocks = -(-requests // SDPA_QUERY_BLOCK)
+    mask = shape.layers * requests * requests * context * shape.dtype_bytes
+    return (shape.weight_bytes + 2 * kv + groups * kv * (1 + blocks) + mask,
+            matmuls + attention * requests)
+
+
+def step_roofline_s(path: str, requests: int, context: int, shape: DecodeShape,
+                    copy_bytes_per_s: float = H100_COPY_BYTES_PER_S, matmul_flops: float = H100_MATMUL_FLOPS) -> float:
+    """The least time a decode step can take: its bytes at the copy rate or its FLOPs at the matmul rate."""
+    moved, flops = decode_step_cost(path, requests, context, shape)
+    return max(moved / copy_bytes_per_s, flops / matmul_flops)
+
+
+def best_pages(path: str, context: int, shape: DecodeShape, candidates=range(16, 257, 16), **ceilings) -> int:
+    """Pages in flight giving the most decode tokens per second on the roofline (the last of equals)."""
+    return max(candidates, key=lambda b: (b / step_roofline_s(path, b, context, shape, **ceilings), b))
 
 
 def batch_tokens(prompt_tokens: int, max_pages: int | None = None) -> int:
@@ -102,7 +181,7 @@ def plan_pages(free_bytes: int, total_bytes: int, kv_per_page: int, encode_per_p
     ``batch_size``); the KV cache, feature bank and attention-mask share (``masks`` of them for ``batch_tokens``,
     see mask_bytes) of ``pages_in_flight`` pages fill what remains, up to ``max_pages`` (DEFAULT_MAX_PAGES)."""
     cap = max_pages or DEFAULT_MAX_PAGES
-    usable = max(0, free_bytes - int(RESERVE_FRACTION * total_bytes) - RESERVE_BYTES)
+    usable = _usable(free_bytes, total_bytes)
     encode_pages = max(1, min(batch_size, int(ENCODE_SHARE * usable) // max(1, encode_per_page)))
     fixed = mask_bytes(batch_tokens, 0, dtype_bytes, masks)  # the mask's batch x batch part
     per_page = kv_per_page + bank_per_page + mask_bytes(batch_tokens, cache_tokens_per_page, dtype_bytes, masks) - fixed
@@ -110,3 +189,13 @@ def plan_pages(free_bytes: int, total_bytes: int, kv_per_page: int, encode_per_p
     pages = max(1, min(cap, left // max(1, per_page)))
     return EnginePlan(pages, encode_pages, kv_per_page, encode_per_page, free_bytes, batch_tokens,
                       mask_bytes(batch_tokens, pages * cache_tokens_per_page, dtype_bytes, masks))
+
+
+def _usable(free_bytes: int, total_bytes: int) -> int:
+    return max(0, free_bytes - int(RESERVE_FRACTION * total_bytes) - RESERVE_BYTES)
+
+
+def encode_pages(free_bytes: int, total_bytes: int, encode_per_page: int, batch_size: int) -> int:
+    """Pages per vision call when nothing else is planned (generate): ENCODE_SHARE of the usable memory, at least
+    one, at most ``batch_size``."""
+    return max(1, min(batch_size, int(ENCODE_SHARE * _usable(free_bytes, total_bytes)) // max(1, encode_per_page)))

@@ -1,6 +1,7 @@
-"""The GPU tier's helpers: no Ray, no PyMuPDF, no optional package (the lent GPU machine has Python 3.12, torch,
-transformers and pyarrow, plus docpipe's own small wheels). Pages are drawn with Pillow; the tiny random Idefics2
-is built locally by tests/conftest.py's ``tiny_checkpoint`` fixture (no download: HF_HUB_OFFLINE=1)."""
+"""The GPU tier's helpers: no Ray, no PyMuPDF, no optional package. An offline GPU host with its own Python, torch,
+transformers and pyarrow runs it with docpipe's small wheels copied in (pytest among them; docs/engines.md, "On an
+offline GPU host"). Pages are drawn with Pillow; the tiny random Idefics2 is built locally by tests/conftest.py's
+``tiny_checkpoint`` fixture (no download: HF_HUB_OFFLINE=1)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 
 import pytest
 
-NO_CUDA = "no CUDA device: the GPU tier runs on a GPU machine (tests/gpu/)"
+NO_CUDA = "no CUDA device: the GPU tier runs on a GPU host (tests/gpu/)"
 
 # shapes of several aspect ratios, so batches pad and the vision encoder sees more than one size
 SHAPES = [(400, 520), (640, 300), (300, 300), (500, 700), (420, 600), (700, 500), (360, 480)]
