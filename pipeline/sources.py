@@ -10,7 +10,8 @@ import csv
 import glob
 import io
 import os
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
 from docpipe.config import StorageOptions
@@ -37,10 +38,14 @@ def _utc(ts: datetime | None) -> datetime | None:
     return ts.replace(tzinfo=timezone.utc) if ts.tzinfo is None else ts.astimezone(timezone.utc)
 
 
+FILTERED_NAMED = 100  # filtered files named in the listing (and the run's manifest); all are counted
+
+
 @dataclass
 class Listing:
     refs: list[DocumentRef]
     filtered_out: int = 0
+    filtered: list[str] = field(default_factory=list)  # the first FILTERED_NAMED of them, in listing order
 
 
 def list_inputs(
@@ -49,11 +54,13 @@ def list_inputs(
     include: list[str] = (),
     exclude: list[str] = (),
     storage: StorageOptions | None = None,
+    case_sensitive: bool = False,
 ) -> Listing:
-    """Expand inputs and manifests into documents, sorted and de-duplicated, then apply include/exclude.
+    """Expand inputs and manifests into documents, sorted and de-duplicated, then apply include/exclude (ignoring
+    case unless ``case_sensitive``: scanners and phones write SCAN0001.PDF and IMG_0001.JPG).
 
     Every file found is listed, whatever its extension, unless a filter says otherwise: a
-    file docpipe can't read gets an error row later rather than vanishing here.
+    file docpipe can't read gets an error row later rather than vanishing here; one a filter drops is named.
     """
     storage = storage or StorageOptions()
     seen: dict[str, DocumentRef] = {}
@@ -64,14 +71,20 @@ def list_inputs(
         for uri in read_manifest(manifest, storage):
             seen.setdefault(uri, DocumentRef(uri))
     refs = [seen[k] for k in sorted(seen)]
-    kept = [r for r in refs if _wanted(r.source_uri, include, exclude)]
-    return Listing(kept, filtered_out=len(refs) - len(kept))
+    flags = 0 if case_sensitive else re.IGNORECASE
+    include = [(p, re.compile(glob_to_regex(p).pattern, flags)) for p in include]
+    exclude = [(p, re.compile(glob_to_regex(p).pattern, flags)) for p in exclude]
+    kept, dropped = [], []
+    for r in refs:
+        (kept if _wanted(r.source_uri, include, exclude) else dropped).append(r.source_uri)
+    kept = [seen[uri] for uri in kept]
+    return Listing(kept, filtered_out=len(dropped), filtered=dropped[:FILTERED_NAMED])
 
 
 def _wanted(uri: str, include, exclude) -> bool:
     def hits(patterns) -> bool:
         name = uri.rsplit("/", 1)[-1]
-        return any(glob_to_regex(p).search(uri) if "/" in p else glob_to_regex(p).match(name) for p in patterns)
+        return any(regex.search(uri) if "/" in p else regex.match(name) for p, regex in patterns)
 
     return (not include or hits(include)) and not hits(exclude)
 

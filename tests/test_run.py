@@ -207,10 +207,10 @@ def test_local_executor_flat_output_and_no_resume(sample_docs, tmp_path):
     again = run(config("--no-resume")).manifest
     assert again.documents == {"ok": 2, "total": 2} and again.counters["documents_read"] == 2
     skipped = run(config()).manifest
-    assert skipped.documents == {"skipped": 2, "total": 2} and skipped.counters["skipped_unchanged_listing"] == 2
-    rows = pq.read_table(out / "documents").to_pylist()
+    assert skipped.documents == {"total": 0} and skipped.counters["skipped_unchanged_listing"] == 2
+    rows = pq.read_table(out / "documents").to_pylist()  # unchanged inputs get no row: their ok rows stand
     assert sorted((r["run_id"], r["status"]) for r in rows) == sorted(
-        [(first.run_id, "ok")] * 2 + [(again.run_id, "ok")] * 2 + [(skipped.run_id, "skipped")] * 2)
+        [(first.run_id, "ok")] * 2 + [(again.run_id, "ok")] * 2)
 
 
 def test_progress_lines_come_on_time_while_a_page_is_slow(tmp_path):

@@ -77,14 +77,15 @@ def test_resume_refuses_to_guess_when_earlier_results_are_unreadable(tmp_path):
     import pytest
 
     from docpipe.errors import OutputError
-    from docpipe.output.resume import previous_ok
+    from docpipe.output.resume import history
     from docpipe.output.store import prepare_output
 
     out = prepare_output(str(tmp_path / "out"))
-    assert previous_ok(out) == {}  # no earlier run
+    assert history(out).latest == {}  # no earlier run
+    (tmp_path / "out" / "documents").mkdir()
     (tmp_path / "out" / "documents" / "part-r0-00000.parquet").write_bytes(b"not parquet")
     with pytest.raises(OutputError, match="cannot read earlier results"):
-        previous_ok(out)
+        history(out)
 
 
 def test_stale_tmp_files_of_killed_runs_are_removed(tmp_path):

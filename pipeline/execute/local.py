@@ -12,9 +12,10 @@ from docpipe.render.document import expand_document
 from docpipe.render.isolated import expand_document_isolated
 
 
-def execute_local(config: RunConfig, todo, longest_edge: int, skip_ids: frozenset[str]):
-    """Result records for the documents still to do, a model call's worth at a time."""
-    actor = stages.model_actor(config.model, config.extract, config.task, config.fail_fast)()
+def execute_local(config: RunConfig, todo, longest_edge: int, skip_ids: frozenset[str], schema=None):
+    """Result records for the documents still to do, a model call's worth at a time. ``schema``: the extraction
+    schema the driver loaded."""
+    actor = stages.model_actor(config.model, config.extract, config.task, config.fail_fast, schema)()
     render_args = stages.render_args(config, longest_edge, skip_ids)
     expand = expand_document if config.fail_fast else expand_document_isolated  # fail-fast: one traceback
     for ref in todo:
