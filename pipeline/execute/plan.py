@@ -38,10 +38,7 @@ def _execute(config: RunConfig, todo, longest_edge: int, skip_ids: frozenset[str
     import ray
     import ray.data
 
-    if schema is not None and schema.local_module:
-        # A model from the working directory: its module goes to the actors by value, inside the pickled actor
-        # class, since a worker (on another node, or started elsewhere) may not have that folder.
-        ray.cloudpickle.register_pickle_by_value(sys.modules[schema.local_module])
+    ship_schema(schema)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = bars
     ctx.print_on_execution_start = bars
@@ -92,6 +89,15 @@ def _execute(config: RunConfig, todo, longest_edge: int, skip_ids: frozenset[str
         if load_error is None:
             raise
         raise load_error from None
+
+
+def ship_schema(schema) -> None:
+    """A model from the working directory (extract.schema.SchemaSpec.local_module) goes to the actors by value,
+    inside the pickled actor class: a worker, on another node or started elsewhere, may not have that folder."""
+    if schema is not None and schema.local_module:
+        import ray.cloudpickle
+
+        ray.cloudpickle.register_pickle_by_value(sys.modules[schema.local_module])
 
 
 def _model_load_error(exc: BaseException):

@@ -173,7 +173,7 @@ def _run_leased(config: RunConfig, out, run_id: str, lease, schema, listing, sta
 
     first_ready, engines, interrupted = None, {}, None
     execute = execute_local if config.fail_fast or config.executor == "local" else execute_ray
-    progress = Progress(sink, len(todo), config.progress_interval_s, enabled=own_progress(config))
+    progress = Progress(sink, len(todo), config.progress_interval_s, enabled=bool(todo) and own_progress(config))
     try:
         with progress:
             # all done: nothing to run, and no Ray started

@@ -41,6 +41,8 @@ def model_actor(model_opts, extract_opts, task: str, fail_fast: bool = False, sc
     """
 
     class ModelActor:
+        extraction_schema = schema  # the driver's SchemaSpec, pickled with the class
+
         def __init__(self):
             self.ocr = None  # the stages, once the model is loaded (_load)
             self.stages = []
@@ -67,7 +69,7 @@ def model_actor(model_opts, extract_opts, task: str, fail_fast: bool = False, sc
                 if "extract" in task:
                     from docpipe.extract.stage import ExtractStage
 
-                    stages.append(ExtractStage(model_opts, extract_opts, loaded, fail_fast, spec=schema))
+                    stages.append(ExtractStage(model_opts, extract_opts, loaded, fail_fast, spec=self.extraction_schema))
                 self.stages, self.ready_at = stages, time.time()
                 self.ocr = ocr  # last: the sign that the stages are ready
 

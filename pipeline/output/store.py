@@ -10,7 +10,7 @@ import os
 
 from docpipe.config import StorageOptions
 from docpipe.errors import OutputError, describe
-from docpipe.storage import explain, is_remote, join, resolve
+from docpipe.storage import explain, is_remote, join, resolve, scheme_of
 
 
 class Output:
@@ -53,42 +53,39 @@ def prepare_output(output: str, storage: StorageOptions | None = None) -> Output
             out.created = not os.path.isdir(out.base)
             out.fs.create_dir(out.base, recursive=True)
         else:
-            bucket = out.base.split("/", 1)[0]
+            bucket = out.base.split("/", 1)[0]  # said in our words: pyarrow's advice names options docpipe lacks
             if out.fs.get_file_info(bucket).type == FileType.NotFound:
                 raise OutputError(f"cannot write to output {output}: bucket {bucket!r} does not exist")
-        probe = out.path(f"_probe-{os.getpid()}")
-        with out.fs.open_output_stream(probe) as f:
-            f.write(b"ok")
-        out.fs.delete_file(probe)
+        # On S3 the lease, written next, is the write check: pyarrow's delete of a probe would leave an empty
+        # "folder/" object behind in its place.
+        if scheme_of(output) not in ("s3", "s3a"):
+            probe = out.path(f"_probe-{os.getpid()}")
+            with out.fs.open_output_stream(probe) as f:
+                f.write(b"ok")
+            out.fs.delete_file(probe)
     except OutputError:
         raise
     except Exception as exc:  # OSError, or the SDK's errors for a missing bucket or bad credentials
-        raise OutputError(explain(f"cannot write to output {output}: {_without_advice(describe(exc))}")) from None
+        raise OutputError(explain(f"cannot write to output {output}: {describe(exc)}")) from None
     return out
-
-
-def _without_advice(message: str) -> str:
-    """pyarrow's error without its advice on S3FileSystem options, which docpipe has no flag for."""
-    import re
-
-    return re.sub(r"\s*\(?\s*(To|You may need to|Set|Enable)[^.]*`?allow_bucket_creation`?[^.]*\.?\)?", "",
-                  message).strip()
 
 
 def remove_skeleton(out: Output) -> None:
     """After a run that failed before writing anything, and gave its lease back: remove the empty folders it made
-    in a local OUT, and OUT itself if this run created it, with the lease's lock file (pipeline/output/lease.py)
-    while no run holds the lease. Best effort: leftovers are harmless."""
+    in a local OUT, the lease's lock file (pipeline/output/lease.py) while no run holds the lease, and OUT itself
+    if this run created it and it is empty now. Best effort: leftovers are harmless."""
     if not out.rename or not os.path.isdir(out.base):
         return
     for root, dirs, files in os.walk(out.base, topdown=False):
-        if root != out.base and not dirs and not files:
+        if root != out.base and not os.listdir(root):  # children first: a folder emptied by this walk goes too
             with contextlib.suppress(OSError):
                 os.rmdir(root)
-    if out.created and not os.path.exists(os.path.join(out.base, "_lease.json")):
+    if not os.path.exists(os.path.join(out.base, "_lease.json")):  # no run holds the lease now
         with contextlib.suppress(OSError):
             os.unlink(os.path.join(out.base, "_lease.json.lock"))
-            os.rmdir(out.base)  # only if empty: whatever else is there stays
+        if out.created:
+            with contextlib.suppress(OSError):
+                os.rmdir(out.base)  # only if empty: whatever else is there stays
 
 
 def remove_stale_tmp(out: Output, keep_run: str) -> int:
