@@ -121,7 +121,7 @@ def test_output_is_a_hive_partitioned_dataset_that_duckdb_reads(nightly):
 # docs/lake.md's current-state query, as written there (OUT filled in)
 CURRENT_STATE = """
 SELECT source_uri, status, error_type, run_id
-FROM read_parquet('{out}/documents/**/*.parquet', hive_partitioning = true)
+FROM read_parquet('{out}/documents/**/part-*.parquet', hive_partitioning = true)
 QUALIFY row_number() OVER (PARTITION BY source_uri ORDER BY run_id DESC) = 1
 """
 

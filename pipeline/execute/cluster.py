@@ -142,16 +142,16 @@ def joining(address: str, token_given: bool):
 
 
 class _SplitStderr:
-    """sys.stderr during a quiet Ray run: what Python's logging handlers write (Ray's, which Ray re-creates on init
-    and on each dataset, bound to whatever sys.stderr is then) goes to the log; the rest (docpipe's own lines) to
-    the real stderr."""
+    """sys.stderr during a quiet Ray run: what Python's logging handlers (Ray's, which Ray re-creates on init and on
+    each dataset, bound to whatever sys.stderr is then) and its warnings module write goes to the log; the rest
+    (docpipe's own lines) to the real stderr."""
 
     def __init__(self, real, log):
         self.real, self.log = real, log
 
     def write(self, text: str) -> int:
         caller = sys._getframe(1).f_globals.get("__name__", "")
-        target = self.log if caller == "logging" or caller.startswith("ray") else self.real
+        target = self.log if caller in ("logging", "warnings") or caller.startswith("ray") else self.real
         return target.write(text)
 
     def flush(self) -> None:
