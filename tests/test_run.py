@@ -403,3 +403,59 @@ def test_sigint_seals_finished_documents_and_a_rerun_redoes_nothing_sealed(tmp_p
     m = rerun.manifest
     assert m.status == "finished" and m.documents == {"ok": 1, "total": 1}
     assert (m.counters["documents_read"], m.counters["skipped_unchanged_listing"]) == (1, 2)
+
+
+def test_sigterm_waits_for_a_write_to_end_and_exits_143(monkeypatch, capsys):
+    """SIGTERM (a scheduler stopping the job) ends a run as Ctrl-C does, never in the middle of writing records."""
+    import os
+    import signal
+
+    import docpipe.execute.run
+    from docpipe.cli import main
+    from docpipe.execute.run import Interrupted, _signals_end_run
+
+    written = False
+    with pytest.raises(Interrupted) as stopped:
+        with _signals_end_run() as stop:
+            with stop.deferred():
+                os.kill(os.getpid(), signal.SIGTERM)  # delivered here, raised once the block is done
+                written = True
+    assert written and stopped.value.signum == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the run's handlers are gone with it
+
+    def interrupted(config):
+        exc = Interrupted(signal.SIGTERM)
+        exc.record, exc.documents = "out/_runs/r1.json", 3
+        raise exc
+
+    monkeypatch.setattr(docpipe.execute.run, "run", interrupted)
+    assert main(["run", "in", "--output", "out"]) == 143
+    assert capsys.readouterr().err.strip() == ("docpipe: interrupted (SIGTERM): 3 finished documents sealed, run "
+                                               "record out/_runs/r1.json; a rerun does the rest")
+
+
+def test_ray_log_lines_go_to_a_file_and_docpipe_lines_stay_on_stderr(tmp_path, monkeypatch, capfd):
+    """What Ray writes while docpipe prints its own progress (its core to file descriptor 2, its loggers, which it
+    makes anew at init) lands in the log file; docpipe's own lines stay on stderr. (Its warnings module's lines, which
+    pytest records instead of printing, are test_a_model_that_cannot_be_loaded_is_fatal_with_exit_2's.)"""
+    import logging
+    import os
+    import sys
+
+    from docpipe.execute.cluster import ray_logs_to_file
+
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    logger = logging.getLogger("ray.docpipe_test")
+    with ray_logs_to_file(True) as path:
+        os.write(2, b"[E core_worker.cc:1] an actor warning\n")
+        handler = logging.StreamHandler()  # bound to sys.stderr now, as Ray's are
+        logger.addHandler(handler)
+        try:
+            logger.warning("Token authentication is enabled")
+        finally:
+            logger.removeHandler(handler)
+        print("docpipe: progress: documents 1/2", file=sys.stderr)
+    err = capfd.readouterr().err.splitlines()
+    assert err == [f"docpipe: Ray's own log lines go to {path}", "docpipe: progress: documents 1/2"]
+    log = open(path).read()
+    assert "an actor warning" in log and "Token authentication" in log

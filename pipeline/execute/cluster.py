@@ -179,9 +179,13 @@ def ray_logs_to_file(enabled: bool):
     sys.stdout.flush()
     sys.stderr.flush()
     real_fd, saved = os.dup(2), sys.stderr
+    try:
+        on_fd2 = saved.fileno() == 2
+    except (AttributeError, OSError, ValueError):  # a notebook's stream, pytest's capture: it stays as it is
+        on_fd2 = False
     os.dup2(log.fileno(), 2)  # C++ lines, and handlers made before now that hold the old sys.stderr
     real = os.fdopen(os.dup(real_fd), "w", buffering=1, encoding=getattr(saved, "encoding", None) or "utf-8",
-                     errors="backslashreplace")
+                     errors="backslashreplace") if on_fd2 else saved
     sys.stderr = _SplitStderr(real, log)
     try:
         yield path
@@ -190,7 +194,8 @@ def ray_logs_to_file(enabled: bool):
         sys.stderr = saved
         os.dup2(real_fd, 2)
         os.close(real_fd)
-        real.close()
+        if real is not saved:
+            real.close()
         log.close()
 
 
