@@ -164,17 +164,17 @@ class _SplitStderr:
 
 @contextlib.contextmanager
 def ray_logs_to_file(enabled: bool):
-    """While docpipe prints its own progress: Ray's log lines go to a file instead of stderr, and the path is said
-    once. What Ray's C++ core writes to file descriptor 2 (actor warnings, say) and what its Python loggers write
-    land in that file, while docpipe's own lines and errors keep the real stderr. Workers' output stays in Ray's
-    session logs (init_ray's log_to_driver). Yields the path, or None when not enabled."""
+    """While docpipe prints its own progress: Ray's log lines go to a file instead of stderr (the caller says where,
+    once Ray has started: a join that fails stays one line). What Ray's C++ core writes to file descriptor 2 (actor
+    warnings, say) and what its Python loggers write land in that file, while docpipe's own lines and errors keep
+    the real stderr. Workers' output stays in Ray's session logs (init_ray's log_to_driver). Yields the path, or
+    None when not enabled."""
     if not enabled:
         yield None
         return
     folder = os.path.join(os.environ.get("RAY_TMPDIR") or tempfile.gettempdir(), "docpipe-logs")
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"ray-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{os.getpid()}.log")
-    print(f"docpipe: Ray's own log lines go to {path}", file=sys.stderr, flush=True)
     log = open(path, "a", buffering=1, encoding="utf-8", errors="backslashreplace")
     sys.stdout.flush()
     sys.stderr.flush()

@@ -29,12 +29,14 @@ def execute_ray(config: RunConfig, todo, longest_edge: int, skip_ids: frozenset[
     """The Ray Data plan for the documents still to do; yields result records as they stream in. ``schema``: the
     extraction schema the driver loaded (extract.schema.SchemaSpec)."""
     bars = config.progress and sys.stderr.isatty()  # else docpipe prints its own progress (execute/run.py)
-    with ray_logs_to_file(not bars):
-        yield from _execute(config, todo, longest_edge, skip_ids, schema, bars)
+    with ray_logs_to_file(not bars) as log:
+        yield from _execute(config, todo, longest_edge, skip_ids, schema, bars, log)
 
 
-def _execute(config: RunConfig, todo, longest_edge: int, skip_ids: frozenset[str], schema, bars: bool):
+def _execute(config: RunConfig, todo, longest_edge: int, skip_ids: frozenset[str], schema, bars: bool, log):
     init_ray(quiet=not bars)  # first: it decides how Ray binds before Ray is imported
+    if log:
+        print(f"docpipe: Ray's own log lines go to {log}", file=sys.stderr, flush=True)
     import ray
     import ray.data
 
