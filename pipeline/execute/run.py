@@ -189,7 +189,8 @@ def _run_leased(config: RunConfig, out, run_id: str, lease, schema, listing, sta
                 with stop.deferred():  # a signal now waits until the records are written
                     sink.consume(records)
     except KeyboardInterrupt as exc:  # SIGINT (or SIGTERM, through _signals_end_run): seal what is finished
-        interrupted = exc if isinstance(exc, Interrupted) else Interrupted(signal.SIGINT)
+        # Ray's waits turn an interrupt into a KeyboardInterrupt of their own: the signal is the one stop saw
+        interrupted = exc if isinstance(exc, Interrupted) else Interrupted(stop.signum or signal.SIGINT)
         stop.ignore()  # sealing is short: a second Ctrl-C must not cut it
 
     pages_seen = sink.pages_seen
