@@ -67,6 +67,11 @@ def history(out: Output) -> History:
     return seen
 
 
+def previous_ok(out: Output) -> dict[str, dict[str, Any]]:
+    """What earlier runs finished in OUT, by source URI: the latest ok or skipped row of each (``history``'s done)."""
+    return history(out).done
+
+
 def unchanged(prev: dict[str, Any], ref: DocumentRef) -> bool:
     """Whether a listed document is the one an earlier run saw: same size and modification time where both
     sides know them. Otherwise it is read again, and its bytes (doc_id) decide."""
