@@ -25,18 +25,21 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--page-timeout", type=float, metavar="SECONDS", help="limit for rendering one page (default 120)")
     p.add_argument("--document-timeout", type=float, metavar="SECONDS",
                    help="limit for reading and rendering one document (default 600)")
-    p.add_argument("--num-actors", type=int, help="model actors (default: one per GPU, or one CPU actor)")
+    p.add_argument("--num-actors", type=int, help="model actors (default: one per GPU; without GPUs, one per CPU "
+                   "core)")
     p.add_argument("--actor-memory-gb", type=float, help="host memory Ray reserves for each model actor (default 4)")
     p.add_argument("--no-image-splitting", action="store_true", help="send each page as one image, not 5")
     p.add_argument("--adapter", help="a PEFT/LoRA adapter (path or hub id) to load on top of the model")
-    p.add_argument("--no-progress", action="store_true", help="hide Ray Data's progress bars")
+    p.add_argument("--no-progress", action="store_true", help="no Ray Data progress bars even on a terminal: "
+                   "docpipe's own progress lines instead (as when stderr is not a terminal)")
 
 
 def _add_document_args(p: argparse.ArgumentParser) -> None:
     """What to make of each document, for `run`, `submit` and `convert` alike."""
     p.add_argument("--task", choices=["ocr", "extract", "ocr+extract"],
                    help="ocr (default): text per page; extract: JSON per document; ocr+extract: both in one pass")
-    p.add_argument("--schema", help="extraction schema: invoice, receipt, key_values, module:Class, or a JSON Schema file")
+    p.add_argument("--schema", help="extraction schema: invoice, receipt, key_values, a JSON Schema file, or "
+                   "module:Class, a pydantic model imported as `python -m` would (the working directory first)")
     p.add_argument("--page-cap", type=int, help="pages per extraction prompt (default 8); longer documents are chunked")
     p.add_argument("--extract-max-new-tokens", type=int, help="cap on generated tokens per extraction (default 1024)")
     p.add_argument("--pages", metavar="RANGES", help="only these pages of each document, 1-based: 1-5,8 or 3- (page 3 "
@@ -83,6 +86,11 @@ def _add_run_args(run: argparse.ArgumentParser) -> None:
     run.add_argument("--fail-fast", action="store_true",
                      help="stop at the first error and show its traceback (runs in this process, without Ray)")
     run.add_argument("--no-resume", action="store_true", help="process every input, even those already ok in OUT")
+    run.add_argument("--retry-failed", action="store_true",
+                     help="also retry unchanged inputs that failed for good before (empty, not a PDF or image, "
+                     "corrupt, encrypted): by default they are not read again until they change")
+    run.add_argument("--fail-on-invalid", action="store_true",
+                     help="exit with status 3 if any extraction is not valid against the schema")
     run.add_argument("--wait-for-output", type=_wait_seconds, nargs="?", const=24 * 3600.0, metavar="SECONDS",
                      help="when another run holds OUT's lease, wait for it (up to SECONDS; default a day) instead of "
                      "stopping with exit 2; before the inputs, write --wait-for-output=SECONDS")
@@ -111,11 +119,55 @@ def _wait_seconds(text: str) -> float:
             "the inputs") from None
 
 
+# Each subcommand's --help ends with examples a newcomer can copy (docs/reference/cli.md shows them too).
+EXAMPLES = {
+    "docpipe": """\
+  docpipe run scans/ -o out/                          # OCR a folder: out/pages, out/documents, out/_runs
+  docpipe run s3://bucket/in --include '*.pdf' -o s3://bucket/out
+  docpipe run invoices/ -o out/ --task extract --schema invoice
+  docpipe report out/                                 # a static HTML report of the latest run
+  docpipe demo                                        # sample documents through the tiny model""",
+    "run": """\
+  docpipe run scans/ -o out/
+  docpipe run scans/ -o out/ --model tiny-random      # a quick check on a CPU (random weights: no real text)
+  docpipe run 's3://bucket/in/**/*.pdf' -o s3://bucket/out --endpoint-url http://minio:9000
+  docpipe run inbox/ -o out/ --task extract --schema mymodels:PurchaseOrder --fail-on-invalid
+  docpipe run --config jobs/nightly_invoices.yaml     # a job file; flags given here override it
+  docpipe run scans/ -o out/ --retry-failed           # also retry files that failed for good before""",
+    "convert": """\
+  docpipe convert report.pdf > report.md                # Markdown on stdout, pages marked <!-- page N -->
+  docpipe convert scans/*.pdf --markdown md/            # one Markdown file per document
+  docpipe convert invoice.pdf --task extract --schema invoice
+  cat scan.png | docpipe convert - --model tiny-random""",
+    "export": """\
+  docpipe export out/ --markdown md/                   # each document's latest result as a Markdown file""",
+    "submit": """\
+  docpipe submit --address http://head:8265 --wait s3://bucket/in -o s3://bucket/out
+  docpipe submit --address http://head:8265 --no-working-dir --config jobs/lake_ingest.yaml""",
+    "eval": """\
+  docpipe eval out/ --labels labels.jsonl --json scores.json
+  docpipe eval out/ --against text-layer""",
+    "report": """\
+  docpipe report out/                                 # out/_reports/RUN_ID/index.html
+  docpipe report s3://bucket/out -o site/ --run 20260101T020000Z-a1b2c3""",
+    "finetune": """\
+  docpipe finetune --train corrected/pages -o adapters/forms --model tiny-random --epochs 1
+  docpipe run forms/ -o out/ --adapter adapters/forms""",
+}
+
+
+def _examples(name: str) -> str:
+    return "examples:\n" + EXAMPLES[name]
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="docpipe", description="PDFs and images -> Idefics2 OCR -> Parquet.")
+    raw = argparse.RawDescriptionHelpFormatter  # keeps the examples' lines as written
+    parser = argparse.ArgumentParser(prog="docpipe", description="PDFs and images -> Idefics2 OCR -> Parquet.",
+                                     epilog=_examples("docpipe"), formatter_class=raw)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="process documents into OUT/pages, OUT/documents and OUT/_runs")
+    run = sub.add_parser("run", help="process documents into OUT/pages, OUT/documents and OUT/_runs",
+                         epilog=_examples("run"), formatter_class=raw)
     _add_run_args(run)
     run.add_argument("--config-json", help=argparse.SUPPRESS)  # how `docpipe submit` hands a job its configuration
     run.add_argument("--dry-run", action="store_true", help="list what the run would process, filter out and skip "
@@ -123,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     convert = sub.add_parser("convert", help="one or a few files to Markdown on stdout (JSON for extraction), in "
                              "this process: no output folder, no Ray; exit 0 when every document is ok, 1 when one "
-                             "is not (a line each on stderr), 2 on a fatal error")
+                             "is not (a line each on stderr), 2 on a fatal error",
+                             epilog=_examples("convert"), formatter_class=raw)
     convert.add_argument("inputs", nargs="+", metavar="FILE", help="a file, folder or glob, local or a URI; - reads "
                          "one document from stdin")
     convert.add_argument("--config", metavar="FILE", help="a job configuration (YAML or JSON) for the options; flags "
@@ -140,12 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(convert)
 
     export = sub.add_parser("export", help="write files from an output: one Markdown file per document (its latest "
-                            "result), pages marked <!-- page N -->")
+                            "result), pages marked <!-- page N -->", epilog=_examples("export"), formatter_class=raw)
     export.add_argument("out", metavar="OUT", help="a docpipe output folder or URI (what `docpipe run -o` wrote)")
     export.add_argument("--markdown", metavar="DIR", required=True, help="the folder or URI for the Markdown files")
     _add_storage_args(export)
 
-    submit = sub.add_parser("submit", help="run on a Ray cluster as a Ray job (Job Submission API)")
+    submit = sub.add_parser("submit", help="run on a Ray cluster as a Ray job (Job Submission API)",
+                            epilog=_examples("submit"), formatter_class=raw)
     submit.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://HEAD:8265")
     submit.add_argument("--wait", action="store_true", help="follow the job's logs until it ends; exit 0 only if "
                         "it succeeded")
@@ -162,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", default="demo_output", help="where samples and results go (default ./demo_output)")
     _add_engine_args(demo)
 
-    ft = sub.add_parser("finetune", help="train a LoRA adapter on reviewed pages or documents rows, for run --adapter")
+    ft = sub.add_parser("finetune", help="train a LoRA adapter on reviewed pages or documents rows, for run --adapter",
+                        epilog=_examples("finetune"), formatter_class=raw)
     ft.add_argument("--train", metavar="FILE", help="examples: pages rows (source_uri, page_number, text) or documents "
                     "rows (source_uri, extraction, schema); Parquet file or folder, or JSONL")
     ft.add_argument("--eval", metavar="FILE", help="evaluation examples, same shape: a loss per epoch")
@@ -185,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--no-image-splitting", action="store_true", help="one image per page, not 5 (as in the runs "
                     "the adapter will serve)")
 
-    ev = sub.add_parser("eval", help="score OUT's page text (CER, WER) and extractions against references")
+    ev = sub.add_parser("eval", help="score OUT's page text (CER, WER) and extractions against references",
+                        epilog=_examples("eval"), formatter_class=raw)
     ev.add_argument("output", metavar="OUT", help="a docpipe output folder or URI")
     reference = ev.add_mutually_exclusive_group(required=True)
     reference.add_argument("--labels", metavar="FILE", help="Parquet, JSONL or CSV: source_uri or doc_id, then "
@@ -195,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", metavar="FILE", help="also write the summary as JSON to FILE")
     ev.add_argument("--scores", metavar="FILE", help="per-page scores Parquet (default OUT/_eval/page-scores-*.parquet)")
     report = sub.add_parser("report", help="write a static HTML report of a run: overview, documents, pages "
-                            "beside their text and JSON")
+                            "beside their text and JSON", epilog=_examples("report"), formatter_class=raw)
     report.add_argument("out", metavar="OUT", help="a docpipe output folder or URI (what `docpipe run -o` wrote)")
     report.add_argument("--run", metavar="RUN_ID", help="the run to show (default: the latest in OUT)")
     report.add_argument("--output", "-o", metavar="DIR", help="where the site goes, a folder or URI "
@@ -310,6 +366,8 @@ def config_from_args(args: argparse.Namespace, inputs: list[str], output: str | 
         "progress": False if args.no_progress else None,
         "fail_fast": True if getattr(args, "fail_fast", False) else None,
         "resume": False if getattr(args, "no_resume", False) else None,
+        "retry_failed": True if getattr(args, "retry_failed", False) else None,
+        "fail_on_invalid": True if getattr(args, "fail_on_invalid", False) else None,
         "checkpoint_s": getattr(args, "checkpoint_seconds", None),
         "wait_for_output_s": getattr(args, "wait_for_output", None),
         "lease_expiry_s": getattr(args, "lease_expiry", None),
@@ -444,9 +502,24 @@ def print_summary(result, out=sys.stdout) -> None:
     m = result.manifest
     docs = ", ".join(f"{k} {v}" for k, v in sorted(m.documents.items()) if k != "total")
     pages = ", ".join(f"{k} {v}" for k, v in sorted(m.pages.items()) if k != "total")
+    unchanged_ok, unchanged_failed = (m.counters.get(k, 0) for k in ("skipped_unchanged_listing",
+                                                                       "skipped_failed_unchanged"))
     print(f"run        {m.run_id}", file=out)
     print(f"documents  {m.documents['total']} ({docs or 'none'})", file=out)
+    if unchanged_ok or unchanged_failed:  # no rows: their earlier rows stand
+        failed = f", {unchanged_failed} failed for good before (--retry-failed reads them)" if unchanged_failed else ""
+        print(f"unchanged  {unchanged_ok + unchanged_failed} not read: {unchanged_ok} ok before{failed}", file=out)
     print(f"pages      {m.pages['total']} ({pages or 'none'})", file=out)
+    if m.errors:
+        print("errors     " + ", ".join(f"{k} {v}" for k, v in m.errors.items()), file=out)
+    valid, invalid = m.counters.get("extractions_valid", 0), m.counters.get("extractions_not_valid", 0)
+    if valid or invalid:
+        print(f"extraction valid {valid}, not valid {invalid}", file=out)
+    filtered = m.counters.get("listing_filtered_out", 0)
+    if filtered:
+        shown = [uri.rsplit("/", 1)[-1] for uri in m.filtered[:5]]
+        more = f" and {filtered - len(shown)} more" if filtered > len(shown) else ""
+        print(f"filtered   {filtered} by --include/--exclude: {', '.join(shown)}{more}", file=out)
     sources = {s: m.counters.get(f"pages_{s}", 0) for s in ("model", "text_layer", "blank")}
     if any(sources.values()):
         print("text from  " + ", ".join(f"{k} {v}" for k, v in sources.items()), file=out)
@@ -456,10 +529,16 @@ def print_summary(result, out=sys.stdout) -> None:
         kinds = Counter((e["engine"], e["reason"]) for e in m.engines)
         print("engine     " + "; ".join(f"{name} x{n} ({why})" for (name, why), n in sorted(kinds.items())), file=out)
     print(f"time       {m.timings['wall_s']:.1f} s, {m.timings['pages_per_s']:.2f} pages/s", file=out)
-    print(f"output     {result.output}/pages, {result.output}/documents, {result.output}/_runs/{m.run_id}.json",
-          file=out)
+    print(f"output     {result.output}/pages, {result.output}/documents", file=out)
     if m.config.get("markdown"):
         print(f"markdown   {m.counters.get('markdown_files', 0)} files in {m.config['markdown']}", file=out)
+    print(f"record     {result.record}", file=out)
+
+
+def exit_status(result) -> int:
+    """0, or 3 with --fail-on-invalid when an extraction is not valid against its schema."""
+    invalid = result.manifest.counters.get("extractions_not_valid", 0)
+    return 3 if invalid and result.manifest.config.get("fail_on_invalid") else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -477,6 +556,12 @@ def main(argv: list[str] | None = None) -> int:
 
             result = run(config)
             print_summary(result)
+            status = exit_status(result)
+            if status:
+                print(f"docpipe: {result.manifest.counters['extractions_not_valid']} extractions not valid against "
+                      "the schema (--fail-on-invalid)", file=sys.stderr)
+                sys.stdout.flush()
+                return status
         elif args.command == "convert":
             return convert_command(args)
         elif args.command == "export":
@@ -544,9 +629,15 @@ def main(argv: list[str] | None = None) -> int:
     except FatalError as exc:
         print(f"docpipe: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("docpipe: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        import signal
+
+        signum = getattr(exc, "signum", signal.SIGINT)
+        record = getattr(exc, "record", None)
+        sealed = (f": {exc.documents} finished documents sealed, run record {record}; a rerun does the rest"
+                  if record else "")
+        print(f"docpipe: interrupted ({signal.Signals(signum).name}){sealed}", file=sys.stderr)
+        return 128 + signum  # 130 for SIGINT, 143 for SIGTERM, as shells report them
     except Exception as exc:
         from pydantic import ValidationError
 

@@ -315,6 +315,10 @@ class IcebergOptions(_Options):
     namespace: str = Field("docpipe", description="Namespace holding the tables; created if missing.")
     pages_table: str = Field("pages", description="Table for page rows; created on first use, with ingest_date.")
     documents_table: str = Field("documents", description="Table for document rows; created on first use.")
+    current_table: str = Field(
+        "documents_current", description="Table with one row per source URI, its latest documents row (each run's "
+        "rows merged on source_uri): the current state of every file. Created on first use.",
+    )
 
 
 class RunConfig(_Options):
@@ -331,9 +335,13 @@ class RunConfig(_Options):
     include: list[str] = Field(
         default_factory=list,
         description="Keep only listed files matching one of these globs (on the file name, or on the path when the "
-        "glob has a '/'), e.g. '*.pdf'.",
+        "glob has a '/'), e.g. '*.pdf', which also keeps SCAN0001.PDF (see case_sensitive_globs). The files left "
+        "out are counted and named in the summary and the run's manifest.",
     )
     exclude: list[str] = Field(default_factory=list, description="Drop listed files matching one of these globs.")
+    case_sensitive_globs: bool = Field(
+        False, description="Match include and exclude globs with case: '*.pdf' then leaves out SCAN0001.PDF.",
+    )
     output: str = Field(description="Output folder or URI: pages/, documents/ and _runs/ are written under it.")
     storage: StorageOptions = Field(default_factory=StorageOptions)
     task: Literal["ocr", "extract", "ocr+extract"] = Field(
@@ -344,7 +352,8 @@ class RunConfig(_Options):
     render: RenderOptions = Field(default_factory=RenderOptions)
     route: RouteOptions = Field(default_factory=RouteOptions)
     num_actors: int | None = Field(
-        None, ge=1, description="Model actors. Default: actors_per_gpu per GPU in the cluster, or one CPU actor."
+        None, ge=1, description="Model actors. Default: actors_per_gpu per GPU in the cluster; without GPUs, one "
+        "CPU actor per CPU of the cluster (each with one torch thread: faster than fewer actors with more threads)."
     )
     actors_per_gpu: int = Field(1, ge=1, le=8, description="Model actors sharing each GPU (each gets 1/N of it).")
     actor_memory_gb: float = Field(
@@ -368,7 +377,18 @@ class RunConfig(_Options):
     resume: bool = Field(
         True, description="Incremental runs: skip documents already recorded ok (or skipped) in this output with "
         "the same URI, size and modification time, or with the same bytes (doc_id); process new and changed ones "
-        "and retry those in error. Each skipped input gets a 'skipped' row.",
+        "and retry those in error, except failures the bytes alone decide (retry_failed). An input skipped unchanged "
+        "gets no row (its earlier row stands; the manifest counts it); one whose bytes are ok under another URI "
+        "gets a 'skipped' row.",
+    )
+    retry_failed: bool = Field(
+        False, description="Also retry documents that failed for good and are unchanged since: empty, not a PDF or "
+        "an image, corrupt, encrypted, without pages, over the pixel cap, or with content lost. Without it they "
+        "are not read again while their size and modification time stay the same.",
+    )
+    fail_on_invalid: bool = Field(
+        False, description="Exit with status 3 when any extraction is not valid against its schema (the run "
+        "still writes everything; the summary's extraction line counts them).",
     )
     lease_expiry_s: float = Field(
         300.0, gt=0, description="One run at a time per output: a run holds a lease on it (OUT/_lease.json, "
@@ -388,7 +408,11 @@ class RunConfig(_Options):
         "ray", description="'ray': the Ray Data plan (local Ray, or the cluster in RAY_ADDRESS). 'local': the same "
         "stages in a plain loop in this process, for debugging.",
     )
-    progress: bool = Field(True, description="Show Ray Data's progress bars (when stderr is a terminal).")
+    progress: bool = Field(
+        True, description="Show Ray Data's progress bars when stderr is a terminal. Otherwise (a log file, a batch "
+        "job, --no-progress) docpipe prints its own progress lines, and Ray's progress bars and log lines go to "
+        "Ray's session log folder instead of stderr.",
+    )
     markdown: str | None = Field(
         None, description="Also write one Markdown file per document under this folder or URI, as its documents "
         "row is written (docs/python.md#markdown-files: names, page markers, failed pages). Documents skipped "

@@ -36,6 +36,8 @@ RENDERED_SCHEMA = pa.schema(
         ("route_reason", pa.string()),  # docpipe.schemas.RouteReason: why the render stage answered the page, or did not
         ("blocks", pa.list_(BLOCK_TYPE)),  # the page's layout blocks (pages.blocks), from the text layer or the model
         ("status", pa.string()),
+        ("repaired", pa.bool_()),  # document records: MuPDF repaired the file on opening
+        ("damage", pa.string()),  # page records: MuPDF's warnings on content it could not load (the ledger's partial)
         ("error_type", pa.string()),
         ("error_message", pa.string()),
         # chunk records (extraction) carry several pages; document records say how many chunks follow

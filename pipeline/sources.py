@@ -10,6 +10,7 @@ import csv
 import glob
 import io
 import os
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
@@ -37,6 +38,9 @@ def _utc(ts: datetime | None) -> datetime | None:
     return ts.replace(tzinfo=timezone.utc) if ts.tzinfo is None else ts.astimezone(timezone.utc)
 
 
+FILTERED_NAMED = 100  # filtered files named in the run's manifest; all are counted
+
+
 @dataclass
 class Listing:
     refs: list[DocumentRef]
@@ -50,11 +54,13 @@ def list_inputs(
     include: list[str] = (),
     exclude: list[str] = (),
     storage: StorageOptions | None = None,
+    case_sensitive: bool = False,
 ) -> Listing:
-    """Expand inputs and manifests into documents, sorted and de-duplicated, then apply include/exclude.
+    """Expand inputs and manifests into documents, sorted and de-duplicated, then apply include/exclude (ignoring
+    case unless ``case_sensitive``: scanners and phones write SCAN0001.PDF and IMG_0001.JPG).
 
     Every file found is listed, whatever its extension, unless a filter says otherwise: a
-    file docpipe can't read gets an error row later rather than vanishing here.
+    file docpipe can't read gets an error row later rather than vanishing here; one a filter drops is named.
     """
     storage = storage or StorageOptions()
     seen: dict[str, DocumentRef] = {}
@@ -65,6 +71,9 @@ def list_inputs(
         for uri in read_manifest(manifest, storage):
             seen.setdefault(uri, DocumentRef(uri))
     refs = [seen[k] for k in sorted(seen)]
+    flags = 0 if case_sensitive else re.IGNORECASE
+    include = [(p, re.compile(glob_to_regex(p).pattern, flags)) for p in include]
+    exclude = [(p, re.compile(glob_to_regex(p).pattern, flags)) for p in exclude]
     why = {r.source_uri: _dropped(r.source_uri, include, exclude) for r in refs}
     kept = [r for r in refs if why[r.source_uri] is None]
     return Listing(kept, filtered_out=len(refs) - len(kept),
@@ -75,11 +84,10 @@ def _dropped(uri: str, include, exclude) -> str | None:
     """Why include/exclude drop a listed file, or None when it is kept."""
     def hit(patterns) -> str | None:
         name = uri.rsplit("/", 1)[-1]
-        matches = (glob_to_regex(p).search(uri) if "/" in p else glob_to_regex(p).match(name) for p in patterns)
-        return next((p for p, m in zip(patterns, matches) if m), None)
+        return next((p for p, regex in patterns if (regex.search(uri) if "/" in p else regex.match(name))), None)
 
     if include and hit(include) is None:
-        return "matches no --include (" + ", ".join(repr(p) for p in include) + ")"
+        return "matches no --include (" + ", ".join(repr(p) for p, _ in include) + ")"
     excluded = hit(exclude)
     return None if excluded is None else f"matches --exclude {excluded!r}"
 

@@ -18,20 +18,25 @@ from pydantic import BaseModel, ConfigDict, Field
 # 4: pages column route_reason (why a page was answered without the model, or why the model read it); page text
 #    is Markdown from both routes.
 # 5: pages column blocks (the page's layout blocks in reading order: kind, Markdown, box); route reasons
-#    broken_font_map, mojibake, presentation_forms, rtl_visual_order (text layers that cannot be read as text).
+#    broken_font_map, mojibake, presentation_forms, rtl_visual_order (text layers that cannot be read as text); page
+#    status partial and error_type content_lost (part of a damaged page's content could not be loaded), documents
+#    column repaired; no documents row for an input skipped unchanged at listing (the manifest counts them);
+#    manifest fields status (finished, interrupted), errors (documents by error_type) and filtered (files
+#    include/exclude left out).
 CONTRACT_VERSION = 5
 
 
 class PageStatus(str, Enum):
     ok = "ok"
+    partial = "partial"  # read, but part of its content could not be loaded (error_type content_lost): text is what remained
     error = "error"
 
 
 class DocumentStatus(str, Enum):
     ok = "ok"
-    partial = "partial"  # opened, but at least one page failed
+    partial = "partial"  # opened, but at least one page failed or lost content
     error = "error"  # could not be opened, or no page succeeded
-    skipped = "skipped"  # already recorded ok in this output by an earlier run (resume)
+    skipped = "skipped"  # its bytes are already ok in this output under another URI (resume)
 
 
 class TextSource(str, Enum):
@@ -115,6 +120,7 @@ class ErrorType(str, Enum):
     model_error = "model_error"
     all_pages_failed = "all_pages_failed"
     extraction_failed = "extraction_failed"
+    content_lost = "content_lost"  # a damaged file MuPDF repaired: part of a page's content could not be loaded
     lost = "lost"  # the pipeline never reported back on it; recorded rather than dropped
 
 
@@ -178,6 +184,11 @@ class DocumentRow(_Row):
     )
     media_type: str | None = Field(None, description="Sniffed from the bytes, e.g. application/pdf, image/png.")
     page_count: int | None = Field(None, ge=0, description="Pages found; null if the document could not be opened.")
+    repaired: bool | None = Field(
+        None, description="A PDF MuPDF had to repair on opening (a damaged or truncated file: its cross-reference "
+        "table rebuilt): true; its pages' statuses say whether content was lost (partial, content_lost). Null for "
+        "images, unopened documents and outputs older than contract v5."
+    )
     status: DocumentStatus
     error_type: ErrorType | None = None
     error_message: str | None = None
@@ -203,10 +214,24 @@ class RunManifest(BaseModel):
     run_id: str
     contract_version: int = CONTRACT_VERSION
     docpipe_version: str
+    status: str = Field(
+        "finished", description="finished; or interrupted (SIGINT, SIGTERM): the documents finished by then were "
+        "sealed and counted here, the rest has no row and is done by the next run."
+    )
     started_at: str
     finished_at: str
     config: dict[str, Any]
-    documents: dict[str, int] = Field(description="Document counts by status, plus 'total'.")
+    documents: dict[str, int] = Field(
+        description="Document rows this run wrote, by status, plus 'total'. Inputs skipped unchanged at listing get "
+        "no row: counters skipped_unchanged_listing (ok before) and skipped_failed_unchanged (failed for good before)."
+    )
+    errors: dict[str, int] = Field(
+        default_factory=dict, description="Document rows with status error or partial, by error_type."
+    )
+    filtered: list[str] = Field(
+        default_factory=list, description="Listed files the include/exclude globs left out (the first 100; counter "
+        "listing_filtered_out counts them all)."
+    )
     pages: dict[str, int] = Field(description="Page counts by status, plus 'total'.")
     timings: dict[str, float] = Field(
         description="wall_s; pages_per_s over the whole run; model_ready_s: seconds until the first model "
@@ -279,6 +304,7 @@ DOCUMENTS_SCHEMA = pa.schema(
         pa.field("source_mtime", pa.timestamp("us", tz="UTC")),
         pa.field("media_type", pa.string()),
         pa.field("page_count", pa.int32()),
+        pa.field("repaired", pa.bool_()),
         pa.field("status", pa.string(), nullable=False),
         pa.field("error_type", pa.string()),
         pa.field("error_message", pa.string()),

@@ -212,3 +212,82 @@ def test_exif_rotation_is_applied(tmp_path):
     path = _save(img, tmp_path / "phone.jpg", exif=exif.tobytes())
     _, [page] = expand(path)
     assert (page["width"], page["height"]) == (40, 80)
+
+
+def test_shipped_job_globs_keep_upper_case_and_jpeg_names_and_the_listing_names_what_it_drops(tmp_path):
+    """Scanners and phones write SCAN0001.PDF and IMG_0001.JPG, cameras photo.jpeg: the jobs' include globs keep
+    them (case-insensitive by default); a file they drop is counted and named."""
+    import yaml
+
+    from tests.conftest import REPO
+
+    names = ["IMG_0001.JPG", "SCAN0001.PDF", "a.tiff", "notes.TXT", "photo.jpeg", "report.pdf"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"1")
+    for job in ("adhoc_ocr.yaml", "nightly_invoices.yaml"):
+        include = yaml.safe_load((REPO / "jobs" / job).read_text())["include"]
+        listing = list_inputs([str(tmp_path)], include=include)
+        assert [r.source_uri.rsplit("/", 1)[-1] for r in listing.refs] == [n for n in names if n != "notes.TXT"], job
+        assert (listing.filtered_out, listing.filtered) == (1, [str(tmp_path / "notes.TXT")])
+    strict = list_inputs([str(tmp_path)], include=["*.pdf", "*.jpg"], case_sensitive=True)
+    assert [r.source_uri.rsplit("/", 1)[-1] for r in strict.refs] == ["report.pdf"] and strict.filtered_out == 5
+
+
+def six_line_invoice() -> bytes:
+    """One page whose six lines are six content streams (each insert_text adds one), as a writer appending
+    to a page makes them."""
+    doc = pymupdf.open()
+    page = doc.new_page()
+    for i in range(6):
+        page.insert_text((72, 72 + 24 * i), f"Line {i + 1}: item {i + 1} costs {10 * (i + 1)} EUR")
+    assert doc.xref_get_key(page.xref, "Contents")[0] == "array"
+    return doc.tobytes()
+
+
+def routed(path):
+    """expand_document with routing: a page's text comes from its text layer, however short."""
+    from docpipe.config import RouteOptions
+
+    recs = list(expand_document(str(path), OPTS, 500, route=RouteOptions(min_chars=5, min_chars_per_in2=0)))
+    return recs[0], recs[1:]
+
+
+def test_a_truncated_pdf_mupdf_repairs_is_partial_with_the_content_streams_it_lost(tmp_path):
+    """The first half of the invoice's bytes: MuPDF repairs the file and draws the first lines, but cannot load
+    the later content streams. The page keeps the text that remained and is partial (content_lost, with MuPDF's
+    words); the document is partial and flagged repaired. Never ok with content missing."""
+    from docpipe.output.ledger import DocumentLedger
+    from docpipe.sources import DocumentRef
+
+    data = six_line_invoice()
+    path = tmp_path / "invoice.pdf"
+    path.write_bytes(data[: len(data) // 2])
+    doc, [page] = routed(path)
+    assert (doc["status"], doc["repaired"], page["status"]) == ("ok", True, "ok")  # as the render stage sees it
+    assert "Line 1" in page["text"] and "Line 6" not in page["text"]
+    assert "cannot load content stream part 6/6" in page["damage"]
+
+    ledger = DocumentLedger([DocumentRef(str(path))], "r1")
+    assert ledger.add(doc) is None
+    row, [page_row] = ledger.add(page)
+    assert (page_row["status"], page_row["error_type"]) == ("partial", "content_lost")
+    assert "cannot load content stream part 4/6" in page_row["error_message"] and "Line 1" in page_row["text"]
+    assert (row["status"], row["error_type"], row["repaired"]) == ("partial", "content_lost", True)
+    assert row["error_message"].startswith("1 of 1 pages lost content; first, page 1: content_lost: ")
+
+    whole = tmp_path / "whole.pdf"
+    whole.write_bytes(data)
+    doc, [page] = routed(whole)
+    assert (doc["repaired"], page["damage"], page["text"].count("Line ")) == (False, None, 6)
+
+
+def test_a_pdf_without_its_header_that_mupdf_opens_is_read(tmp_path):
+    data = six_line_invoice()
+    body = data[data.index(b"1 0 obj"):]  # the %PDF- line and the binary comment gone
+    assert sniff_media_type(body) == "application/pdf"
+    path = tmp_path / "headless.pdf"
+    path.write_bytes(body)
+    doc, pages = expand(path, 500)
+    assert (doc["status"], doc["media_type"], doc["page_count"], doc["repaired"]) == ("ok", "application/pdf", 1, True)
+    assert pages[0]["status"] == "ok" and pages[0]["damage"] is None
+    assert sniff_media_type(b"plain text that mentions 1 0 obj later") is None

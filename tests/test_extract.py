@@ -37,15 +37,108 @@ def test_schema_specs_load_or_fail_fast(tmp_path):
     assert spec.validate({"reference": "A1", "lines": [{"sku": "x", "qty": "two"}]}) == ["lines.0.qty: 'two' is not of type 'integer'"]
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"type": "object", "properties": {"x": {"type": "nonsense"}}}))
+    # misspelt keywords: JSON Schema ignores unknown ones, so the schema would check nothing there
+    typo = tmp_path / "typo.json"
+    typo.write_text(json.dumps({"type": "object", "requird": ["a"], "properties": {"a": {"tpye": "string"}}}))
     for arg, message in [
         ("nope", "unknown schema 'nope'"),
         ("no_such_module:Thing", "cannot import schema no_such_module:Thing"),
         ("tests.extraction_models:NOT_A_MODEL", "is not a pydantic model class"),
         (str(bad), "invalid JSON Schema"),
+        (str(typo), r"unknown keyword 'requird' at the top level \(did you mean 'required'\?\); 1 more"),
         (str(tmp_path / "missing.json"), "cannot read JSON Schema"),
     ]:
         with pytest.raises(ConfigError, match=message):
             load_schema(arg)
+
+
+def test_misspelt_keywords_are_found_where_they_are_and_extensions_pass():
+    from docpipe.extract.schema import unknown_keywords
+
+    schema = {"type": "object", "x-ui": {"order": 1}, "properties": {"type": {"tpye": "string"}, "n": {
+        "anyOf": [{"type": "integer", "minimun": 0}, {"type": "null"}]}}, "$defs": {"L": {"items": {"enmu": [1]}}}}
+    assert unknown_keywords(schema) == [("properties.type", "tpye", "type"),
+                                        ("properties.n.anyOf[0]", "minimun", "minimum"),
+                                        ("$defs.L.items", "enmu", "enum")]
+    assert unknown_keywords(PO_SCHEMA) == [] and unknown_keywords(Invoice.model_json_schema()) == []
+
+
+USER_MODELS = """
+from pydantic import BaseModel, field_validator
+
+
+class PO(BaseModel):
+    number: str
+
+    @field_validator("number")
+    @classmethod
+    def upper(cls, value):
+        if not value.isupper():
+            raise ValueError("must be upper case")
+        return value
+"""
+
+
+def _forget(modules) -> None:
+    """The user's modules out of this process again, and out of cloudpickle's by-value registry."""
+    import sys
+
+    import ray.cloudpickle
+
+    for name in modules:
+        module = sys.modules.pop(name, None)
+        if name in ray.cloudpickle.list_registry_pickle_by_value():
+            ray.cloudpickle.unregister_pickle_by_value(module)
+
+
+def test_a_schema_in_the_working_directory_imports_as_python_m_would_and_travels_by_value(tmp_path, monkeypatch,
+                                                                                         request):
+    """A user's own `schemas` (or `pipeline`) package and a module beside them, named as --schema module:Class from
+    that folder: docpipe finds them without PYTHONPATH, its own packages stay its own, and the class reaches Ray
+    workers by value (inside the pickled model actor), where the folder may not exist."""
+    import os
+    import subprocess
+    import sys
+
+    from docpipe.config import ModelOptions
+    from docpipe.execute import stages
+    from docpipe.execute.plan import ship_schema
+
+    for package in ("schemas", "pipeline"):
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "__init__.py").write_text("")
+        (tmp_path / package / "models.py").write_text(USER_MODELS)
+    (tmp_path / "mymodels.py").write_text(USER_MODELS)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    users = ("schemas", "schemas.models", "pipeline", "pipeline.models", "mymodels")
+    assert not set(users) & set(sys.modules)
+    request.addfinalizer(lambda: _forget(users))
+    for spec, top in (("schemas.models:PO", "schemas"), ("pipeline.models:PO", "pipeline"), ("mymodels:PO", "mymodels")):
+        schema = load_schema(spec)
+        assert (schema.name, schema.local_module) == ("PO", top)
+        assert schema.validate({"number": "AB1"}) == [] and schema.validate({"number": "ab1"}) == [
+            "number: Value error, must be upper case"]
+    from docpipe.schemas import DOCUMENTS_SCHEMA  # ours, beside the user's `schemas`
+
+    assert "extraction" in DOCUMENTS_SCHEMA.names and sys.modules["schemas"].__file__.startswith(str(tmp_path))
+    assert load_schema("invoice").local_module is None  # installed: imported by name, as ever
+
+    import ray.cloudpickle
+
+    schema = load_schema("schemas.models:PO")
+    ship_schema(schema)
+    actor = stages.model_actor(ModelOptions(name="tiny-random"), ExtractOptions(schema="schemas.models:PO"), "extract",
+                               schema=schema)
+    pickled = tmp_path / "actor.pkl"
+    pickled.write_bytes(ray.cloudpickle.dumps(actor))
+    # elsewhere: another folder, without the user's package on any path
+    check = ("import pickle, sys; actor = pickle.load(open(sys.argv[1], 'rb')); "
+             "print(actor.extraction_schema.validate({'number': 'ab1'}), 'schemas' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", check, str(pickled)], cwd="/", capture_output=True, text=True,
+                          env={"PATH": os.environ["PATH"]})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["['number:", "Value", "error,", "must", "be", "upper", "case']", "False"]
 
 
 def test_prompt_describes_the_fields():
@@ -258,8 +351,14 @@ def test_user_model_json_schema_file_and_failing_validator(sample_docs, tmp_path
                                ("tests.extraction_models:AuditedTotal", False)]:
         out = tmp_path / spec.rsplit(":", 1)[-1].replace("/", "_")
         proc = run_cli("run", sample_docs / "receipt.png", sample_docs / "minutes.pdf", "--output", out, "--task",
-                       "extract", "--schema", spec, "--model", "tiny-random", "--no-progress", "--config", local)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+                       "extract", "--schema", spec, "--model", "tiny-random", "--no-progress", "--config", local,
+                       "--fail-on-invalid")
+        # the summary says how many extractions validated; --fail-on-invalid turns "not valid" into exit 3
+        assert proc.returncode == (0 if expect_valid else 3), proc.stderr[-3000:]
+        assert f"extraction valid {2 if expect_valid else 0}, not valid {0 if expect_valid else 2}" in proc.stdout
+        if not expect_valid:
+            assert proc.stderr.strip().splitlines()[-1] == (
+                "docpipe: 2 extractions not valid against the schema (--fail-on-invalid)")
         for d in read_docs(out).values():
             assert d["status"] == "ok" and d["valid"] is expect_valid, (spec, d["validation_errors"])
             if expect_valid:

@@ -2,6 +2,8 @@
 gets another page's text, an image that never reaches the model, or rows shuffled inside a batch show up as
 a changed text."""
 
+from pathlib import Path
+
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageDraw
@@ -109,6 +111,13 @@ def test_the_continuous_engine_gives_every_page_what_generate_gives_it_alone(alo
                    "--batch-size", "4", "--calls-in-flight", "2", "--num-actors", "2",
                    "--max-new-tokens", MAX_NEW_TOKENS, "--no-progress", "--text-layer", "never")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # not a terminal: stderr holds docpipe's own lines only (Ray's progress bars, its warnings and the actors'
+    # model-loading bars go to Ray's logs), one of them saying where Ray's lines went
+    lines = proc.stderr.splitlines()
+    assert [ln for ln in lines if not ln.startswith("docpipe: ")] == [], proc.stderr[-3000:]
+    [ray_log] = [Path(ln.removeprefix("docpipe: Ray's own log lines go to ")) for ln in lines
+                 if ln.startswith("docpipe: Ray's own log lines go to ")]
+    assert ray_log.is_file()
     continuous = {_key(r): r for r in pq.read_table(out / "pages").to_pylist()}
     assert continuous.keys() == alone.keys()
     lengths = {r["output_tokens"] for r in alone.values() if r["finish_reason"] == "stop"}

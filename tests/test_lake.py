@@ -31,6 +31,7 @@ def nightly(sample_docs, tmp_path_factory):
     inbox.mkdir()
     for name in ("receipt.png", "scan.jpg", "minutes.pdf"):
         shutil.copy(sample_docs / name, inbox / name)
+    (inbox / "empty.pdf").write_bytes(b"")  # fails for good: read by the first run only
     catalog = {"type": "sql", "uri": f"sqlite:///{root / 'catalog.db'}", "warehouse": f"file://{root / 'warehouse'}"}
     config = root / "nightly.yaml"
     config.write_text(json.dumps({
@@ -59,27 +60,28 @@ def test_incremental_runs_process_only_new_and_changed_documents(nightly):
     root, runs, _ = nightly
     out = root / "out"
     first, second, third = manifests(out)
-    assert first["documents"] == {"ok": 3, "total": 3}
-    assert second["documents"] == {"ok": 2, "skipped": 2, "total": 4}
+    assert first["documents"] == {"ok": 3, "error": 1, "total": 4} and first["errors"] == {"empty_file": 1}
+    assert second["documents"] == {"ok": 2, "skipped": 1, "total": 3}
     d2 = docs_of(out, second["run_id"])
     assert d2["new.png"]["status"] == d2["scan.jpg"]["status"] == "ok"
-    assert d2["minutes.pdf"]["status"] == "skipped" and "already ok" in d2["minutes.pdf"]["error_message"]
+    assert "minutes.pdf" not in d2 and "empty.pdf" not in d2  # unchanged (ok, or failed for good): no row
     # touched, not changed: read again, recognised by its bytes, and recorded with its new time
     assert d2["receipt.png"]["status"] == "skipped" and "same bytes" in d2["receipt.png"]["error_message"]
     mtime = dt.datetime.fromtimestamp((root / "inbox" / "receipt.png").stat().st_mtime, dt.timezone.utc)
     assert abs((d2["receipt.png"]["source_mtime"] - mtime).total_seconds()) < 1e-3
     # what each run read tells a skip at listing (never read) from a skip after hashing (read, same bytes)
     inbox = root / "inbox"
-    assert first["counters"]["documents_read"] == 3 and first["counters"].get("skipped_unchanged_listing", 0) == 0
+    assert first["counters"]["documents_read"] == 4 and first["counters"]["skipped_unchanged_listing"] == 0
     c2 = second["counters"]
-    assert (c2["skipped_unchanged_listing"], c2["skipped_same_bytes"], c2["documents_read"]) == (1, 1, 3)
+    assert (c2["skipped_unchanged_listing"], c2["skipped_failed_unchanged"], c2["skipped_same_bytes"],
+            c2["documents_read"]) == (1, 1, 1, 3)
     assert c2["bytes_read"] == sum((inbox / n).stat().st_size for n in ("new.png", "scan.jpg", "receipt.png"))
-    # nothing new: nothing is read, nothing reaches the model
-    assert third["documents"] == {"skipped": 4, "total": 4} and third["pages"]["total"] == 0
+    # nothing new: nothing is read, nothing reaches the model, and the documents table does not grow
+    assert third["documents"] == {"total": 0} and third["pages"]["total"] == 0
     c3 = third["counters"]
-    assert c3["skipped_unchanged_listing"] == 4 and c3.get("documents_read", 0) == c3.get("bytes_read", 0) == 0
-    d3 = docs_of(out, third["run_id"])
-    assert all("already ok in this output" in d["error_message"] for d in d3.values())
+    assert (c3["skipped_unchanged_listing"], c3["skipped_failed_unchanged"]) == (4, 1)
+    assert c3["documents_read"] == c3["bytes_read"] == 0
+    assert docs_of(out, third["run_id"]) == {}
     ok = [d for d in pq.read_table(out / "documents").to_pylist() if d["status"] == "ok"]
     assert sorted(d["source_uri"].rsplit("/", 1)[-1] for d in ok) == ["minutes.pdf", "new.png", "receipt.png",
                                                                       "scan.jpg", "scan.jpg"]  # scan.jpg changed
@@ -98,7 +100,7 @@ def test_output_is_a_hive_partitioned_dataset_that_duckdb_reads(nightly):
     docs = con.execute(
         f"SELECT run_id, status, ingest_date, schema_version, source_mtime FROM read_parquet("
         f"'{out}/documents/*/part-*.parquet', hive_partitioning = true)").fetchall()
-    assert len(docs) == sum(m["documents"]["total"] for m in runs) == 11
+    assert len(docs) == sum(m["documents"]["total"] for m in runs) == 7
     assert all(r[2] == day_of[r[0]] for r in docs) and {r[3] for r in docs} == {CONTRACT_VERSION}
     assert all(isinstance(r[4], dt.datetime) for r in docs)
     pages = con.execute(
@@ -107,6 +109,21 @@ def test_output_is_a_hive_partitioned_dataset_that_duckdb_reads(nightly):
     assert pages == (sum(m["pages"].get("ok", 0) for m in runs), 4)
     # a run writes one file per table (rows_per_file and checkpoints set the size), not one per batch
     assert all(len(fs) == 1 for m in runs for fs in m["files"].values())
+    # the current state of every file: its latest row (the query docs/lake.md gives)
+    current = con.execute(CURRENT_STATE.format(out=out)).fetchall()
+    state = {uri.rsplit("/", 1)[-1]: (status, error_type, run_id) for uri, status, error_type, run_id in current}
+    first, second, third = (m["run_id"] for m in runs)
+    assert state == {"minutes.pdf": ("ok", None, first), "empty.pdf": ("error", "empty_file", first),
+                     "new.png": ("ok", None, second), "scan.jpg": ("ok", None, second),
+                     "receipt.png": ("skipped", None, second)}
+
+
+# docs/lake.md's current-state query, as written there (OUT filled in)
+CURRENT_STATE = """
+SELECT source_uri, status, error_type, run_id
+FROM read_parquet('{out}/documents/**/part-*.parquet', hive_partitioning = true)
+QUALIFY row_number() OVER (PARTITION BY source_uri ORDER BY run_id DESC) = 1
+"""
 
 
 def test_each_run_is_one_iceberg_commit_and_the_first_is_caught_up(nightly):
@@ -121,7 +138,7 @@ def test_each_run_is_one_iceberg_commit_and_the_first_is_caught_up(nightly):
     table = load_catalog("docpipe", **catalog).load_table("docpipe.documents")
     snapshots = [s.summary.additional_properties for s in table.snapshots()]
     assert [s["docpipe.run_id"] for s in snapshots] == [first["run_id"], second["run_id"], third["run_id"]]
-    assert [int(s["added-records"]) for s in snapshots] == [3, 4, 4]
+    assert [int(s.get("added-records", 0)) for s in snapshots] == [4, 3, 0]  # an empty commit has no count
     rows = table.scan().to_arrow().to_pylist()
     dataset = pq.read_table(out / "documents").to_pylist()
     key = lambda r: (r["run_id"], r["source_uri"])  # noqa: E731
@@ -131,6 +148,13 @@ def test_each_run_is_one_iceberg_commit_and_the_first_is_caught_up(nightly):
     # partitioned by ingest_date (identity), as docs/lake.md says
     [field] = table.spec().fields
     assert (table.schema().find_field(field.source_id).name, str(field.transform)) == ("ingest_date", "identity")
+    # documents_current: one row per file, its latest row, merged run by run (the first run caught up too)
+    current = load_catalog("docpipe", **catalog).load_table("docpipe.documents_current").scan().to_arrow()
+    latest = {}
+    for r in sorted(dataset, key=lambda r: r["run_id"]):
+        latest[r["source_uri"]] = (r["run_id"], r["status"])
+    assert sorted((r["source_uri"], (r["run_id"], r["status"])) for r in current.to_pylist()) == sorted(latest.items())
+    assert len(latest) == 5 and set(second["iceberg"]["documents_current"]) == {first["run_id"], second["run_id"]}
     pages = load_catalog("docpipe", **catalog).load_table("docpipe.pages").scan().to_arrow()
     assert pages.num_rows == pq.read_table(out / "pages").num_rows
     assert "sqlite" in json.dumps(second["config"]["iceberg"])  # recorded, with credentials masked
@@ -139,8 +163,9 @@ def test_each_run_is_one_iceberg_commit_and_the_first_is_caught_up(nightly):
 def test_runs_without_progress_bars_log_progress_lines(nightly):
     _, runs, _ = nightly
     lines = [ln for ln in runs[1].stderr.splitlines() if ln.startswith("docpipe: progress:")]
-    assert lines and "documents 4/4" in lines[-1] and "pages/s" in lines[-1]
-    assert "documents  4 (ok 2, skipped 2)" in runs[1].stdout  # and the summary table at the end
+    assert lines and "documents 3/3" in lines[-1] and "pages/s" in lines[-1]  # the 3 read; 2 unchanged are not
+    assert "documents  3 (ok 2, skipped 1)" in runs[1].stdout  # and the summary table at the end
+    assert "unchanged  2 not read: 1 ok before, 1 failed for good before (--retry-failed reads them)" in runs[1].stdout
 
 
 def test_a_catalog_outage_fails_the_append_and_a_later_append_catches_up(nightly, tmp_path):
@@ -157,8 +182,8 @@ def test_a_catalog_outage_fails_the_append_and_a_later_append_catches_up(nightly
     back = {**down, "uri": f"sqlite:///{tmp_path}/catalog.db"}
     appended = append_runs(IcebergOptions(catalog=back), out)
     run_ids = [m["run_id"] for m in manifests(root / "out")]
-    assert list(appended["documents"]) == list(appended["pages"]) == run_ids  # all caught up, oldest first
-    assert append_runs(IcebergOptions(catalog=back), out) == {"pages": {}, "documents": {}}  # and only once
+    assert list(appended["documents"]) == list(appended["pages"]) == list(appended["documents_current"]) == run_ids
+    assert append_runs(IcebergOptions(catalog=back), out) == {"pages": {}, "documents": {}, "documents_current": {}}
 
 
 def test_pages_of_contract_v3_are_appended_beside_v4_ones(nightly, tmp_path):

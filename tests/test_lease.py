@@ -52,7 +52,7 @@ def run_args(inputs: Path, out, job: Path, *extra):
 
 
 def ok_once(docs: list[dict], pdfs: list[Path]) -> None:
-    """Every document ok exactly once across the output's runs (later runs only add skipped rows)."""
+    """Every document ok exactly once across the output's runs (later runs skip them unchanged, with no row)."""
     ok = Counter(r["source_uri"] for r in docs if r["status"] == "ok")
     assert ok == Counter({str(p): 1 for p in pdfs}), docs
 
@@ -321,9 +321,8 @@ def _two_runs(tmp_path, out, read_docs, list_files, env=None, a_args=(), open_fi
     ok_once(docs, pdfs)
     by_run = Counter((r["run_id"], r["status"]) for r in docs)
     [run_a] = {r["run_id"] for r in docs if r["status"] == "ok"}
-    [run_b] = {r["run_id"] for r in docs} - {run_a}
-    assert by_run == Counter({(run_a, "ok"): 4, (run_b, "skipped"): 4})  # B found everything done
-    assert "documents  4 (skipped 4)" in out_b
+    assert by_run == Counter({(run_a, "ok"): 4})  # B found everything done: nothing read, no row
+    assert "documents  0 (none)" in out_b and "unchanged  4 not read: 4 ok before" in out_b
     return pdfs
 
 

@@ -18,13 +18,15 @@ from tests.conftest import run_cli, start_cli
 
 
 def check_accounting(out, inputs: list[str]):
-    """Exactly one documents row per input per run; the run's counts add up to the number of inputs."""
+    """Every input accounted for in each run: one documents row, or counted as skipped unchanged at listing (ok
+    before, or failed for good before: no row); the run's counts add up to the number of inputs."""
     docs = pq.read_table(out / "documents").to_pylist()
     for manifest_path in (out / "_runs").glob("*.json"):
         m = json.loads(manifest_path.read_text())
-        rows = [d for d in docs if d["run_id"] == m["run_id"]]
-        assert sorted(d["source_uri"] for d in rows) == sorted(inputs)
-        assert m["documents"]["total"] == len(inputs) == sum(v for k, v in m["documents"].items() if k != "total")
+        rows = sorted(d["source_uri"] for d in docs if d["run_id"] == m["run_id"])
+        unchanged = m["counters"]["skipped_unchanged_listing"] + m["counters"]["skipped_failed_unchanged"]
+        assert len(set(rows)) == len(rows) and set(rows) <= set(inputs) and len(rows) + unchanged == len(inputs)
+        assert m["documents"]["total"] == len(rows) == sum(v for k, v in m["documents"].items() if k != "total")
     return docs
 
 
@@ -59,6 +61,9 @@ def test_a_folder_of_bad_inputs_is_fully_accounted_for(mixed):
         assert (d["status"], d["error_type"]) == (status, error_type), (name, d["error_message"])
         if status == "error":
             assert d["error_message"]
+    # MuPDF rebuilt broken_xref.pdf's cross-reference table and lost no content: ok, and flagged repaired
+    assert docs["broken_xref.pdf"]["repaired"] is True and docs["huge_page.pdf"]["repaired"] is False
+    assert docs["exif.jpg"]["repaired"] is None  # not a PDF
     pages = pq.read_table(out / "pages").to_pylist()
     per_doc = Counter(p["source_uri"].rsplit("/", 1)[-1] for p in pages)
     for name, count in PAGES.items():
@@ -78,9 +83,13 @@ def test_a_rerun_skips_what_is_done_and_retries_errors(mixed, local_job):
     docs = check_accounting(out, inputs)
     second = max(json.loads(p.read_text())["finished_at"] + p.stem for p in (out / "_runs").glob("*.json"))
     run2 = {d["source_uri"].rsplit("/", 1)[-1]: d for d in docs if d["run_id"] == second[-len(d["run_id"]):]}
-    for name, (status, _) in expected.items():
-        # ok: skipped; error: retried, and still error; partial (the hang, gone now): retried, and ok
-        assert run2[name]["status"] == {"ok": "skipped", "partial": "ok"}.get(status, "error"), name
+    # ok, and every error here (decided by the bytes: empty, not a document, corrupt, encrypted, a bomb): unchanged,
+    # not read, no row; partial (the hang, gone now): retried, and ok
+    assert {name: d["status"] for name, d in run2.items()} == {"hangs.pdf": "ok"}
+    manifest = json.loads((out / "_runs" / f"{run2['hangs.pdf']['run_id']}.json").read_text())
+    counts = Counter(status for status, _ in expected.values())
+    assert (manifest["counters"]["skipped_unchanged_listing"], manifest["counters"]["skipped_failed_unchanged"],
+            manifest["counters"]["documents_read"]) == (counts["ok"], counts["error"], 1)
     ok_rows = Counter(d["source_uri"] for d in docs if d["status"] == "ok")
     assert set(ok_rows.values()) == {1}  # never a second ok row for a document
 
@@ -191,9 +200,9 @@ def test_killed_midway_then_resumed_ends_with_every_document_ok_once(sample_docs
     ok = Counter(d["source_uri"] for d in docs if d["status"] == "ok")
     assert sorted(ok) == inputs and set(ok.values()) == {1}  # every document ok, exactly once
     [manifest] = [json.loads(p.read_text()) for p in (out / "_runs").glob("*.json")]
-    resumed = [d for d in docs if d["run_id"] == manifest["run_id"]]
-    assert sorted(d["source_uri"] for d in resumed) == inputs
-    assert {d["source_uri"] for d in resumed if d["status"] == "skipped"} == done_before
+    resumed = [d for d in docs if d["run_id"] == manifest["run_id"]]  # what was sealed is not redone: no row
+    assert sorted(d["source_uri"] for d in resumed) == sorted(set(inputs) - done_before)
+    assert manifest["counters"]["skipped_unchanged_listing"] == len(done_before)
     # whatever the killed run left half-written was never visible to readers, and the rerun removed it
     assert manifest["counters"]["stale_tmp_files_removed"] == len(left_behind)
     assert not list(out.rglob("_tmp-*"))

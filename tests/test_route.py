@@ -310,7 +310,10 @@ def test_routed_and_blank_pages_never_reach_the_model(sample_docs, docs, tiny_ch
 
     generated.clear()
     again = run(config)
-    assert generated == [] and again.manifest.documents == {"skipped": 15, "error": 1, "total": 16}
+    # nothing new: no row, nothing read; the corrupt file failed for good and is not retried either
+    assert generated == [] and again.manifest.documents == {"total": 0}
+    assert (again.manifest.counters["skipped_unchanged_listing"], again.manifest.counters["skipped_failed_unchanged"],
+            again.manifest.counters["documents_read"]) == (15, 1, 0)
 
 
 def test_mixed_run_through_ray_keeps_the_contract(sample_docs, docs, tmp_path, local_job):

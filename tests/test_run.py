@@ -139,11 +139,11 @@ def test_bad_option_value_is_fatal(tmp_path, sample_docs):
 def test_a_model_that_cannot_be_loaded_is_fatal_with_exit_2(tmp_path, sample_docs, tiny_checkpoint):
     import shutil
 
-    # nothing there: found on the driver, which reads the processor's sizes before Ray starts
+    # nothing there: found on the driver before anything else
     proc = run_cli("run", sample_docs / "receipt.png", "--output", tmp_path / "a", "--model", tmp_path / "nothing")
     assert proc.returncode == 2, proc.stderr[-3000:]
     [line] = proc.stderr.strip().splitlines()
-    assert line.startswith(f"docpipe: error: cannot read the image processor of {tmp_path / 'nothing'}: ")
+    assert line == f"docpipe: error: no such model folder: {tmp_path / 'nothing'}"
     # a checkpoint without weights: it fails inside the Ray model actor, and still ends as one fatal line
     broken = tmp_path / "broken"
     shutil.copytree(tiny_checkpoint, broken, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
@@ -151,8 +151,10 @@ def test_a_model_that_cannot_be_loaded_is_fatal_with_exit_2(tmp_path, sample_doc
     proc = run_cli("run", sample_docs / "receipt.png", "--output", tmp_path / "b", "--model", broken, "--no-progress",
                    "--progress-interval", "3600")
     assert proc.returncode == 2, proc.stderr[-3000:]
-    ours = [ln for ln in proc.stderr.splitlines() if ln.startswith("docpipe:")]  # Ray logs the actor's traceback
-    assert len(ours) == 1 and ours[0].startswith(f"docpipe: error: cannot load model '{broken}': OSError: "), ours
+    # the model loads on the first page that needs it: the actor's call fails, and Ray's log (a file) has its traceback
+    ray_log, error = proc.stderr.strip().splitlines()
+    assert ray_log.startswith("docpipe: Ray's own log lines go to "), proc.stderr[-3000:]
+    assert error.startswith(f"docpipe: error: cannot load model '{broken}': OSError: "), proc.stderr[-3000:]
     assert not list((tmp_path / "b").rglob("_runs/*.json"))
 
 
@@ -207,10 +209,10 @@ def test_local_executor_flat_output_and_no_resume(sample_docs, tmp_path):
     again = run(config("--no-resume")).manifest
     assert again.documents == {"ok": 2, "total": 2} and again.counters["documents_read"] == 2
     skipped = run(config()).manifest
-    assert skipped.documents == {"skipped": 2, "total": 2} and skipped.counters["skipped_unchanged_listing"] == 2
-    rows = pq.read_table(out / "documents").to_pylist()
+    assert skipped.documents == {"total": 0} and skipped.counters["skipped_unchanged_listing"] == 2
+    rows = pq.read_table(out / "documents").to_pylist()  # unchanged inputs get no row: their ok rows stand
     assert sorted((r["run_id"], r["status"]) for r in rows) == sorted(
-        [(first.run_id, "ok")] * 2 + [(again.run_id, "ok")] * 2 + [(skipped.run_id, "skipped")] * 2)
+        [(first.run_id, "ok")] * 2 + [(again.run_id, "ok")] * 2)
 
 
 def test_progress_lines_come_on_time_while_a_page_is_slow(tmp_path):
@@ -244,3 +246,216 @@ def test_progress_lines_come_on_time_while_a_page_is_slow(tmp_path):
     finally:
         release.touch()
     assert proc.wait(timeout=600) == 0
+
+
+def text_pdf(path, text: str) -> None:
+    """A one-page PDF whose text layer the router trusts: the model is never needed for it."""
+    doc = pymupdf.open()
+    page = doc.new_page()
+    for i in range(8):
+        page.insert_text((72, 72 + 16 * i), f"{text}: line {i + 1} of a born-digital page, read from its text layer")
+    doc.save(path)
+
+
+@pytest.fixture
+def nothing_loads_a_model(monkeypatch):
+    """Loading the model, resolving it, or starting Ray fails the test at once."""
+    import docpipe.execute.plan
+    import docpipe.execute.run
+    import docpipe.model.load
+
+    def forbidden(what):
+        def fail(*args, **kwargs):
+            raise AssertionError(f"{what} was called")
+        return fail
+
+    monkeypatch.setattr(docpipe.model.load, "load_model", forbidden("load_model"))
+    monkeypatch.setattr(docpipe.execute.plan, "init_ray", forbidden("init_ray"))
+    return monkeypatch
+
+
+def test_failures_for_good_are_remembered_and_a_rerun_with_nothing_new_reads_nothing_and_starts_nothing(
+        tmp_path, nothing_loads_a_model):
+    """An empty file, an encrypted PDF and a text file named .pdf fail for good: a rerun does not read them (nor the
+    ok file), starts no Ray and loads no model, and writes no row; --retry-failed reads them again. Meanwhile a run
+    whose pages all come from the text layer never loads the model; the summary names error types, the filtered
+    file, what was skipped unchanged and the run's record."""
+    import io
+
+    import docpipe.execute.run
+    from docpipe.cli import print_summary
+    from docpipe.config import RunConfig
+    from docpipe.execute.run import run
+    from tests.bad_inputs import CORPUS
+
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    text_pdf(inbox / "REPORT.PDF", "report")  # the include glob below is lower case
+    (inbox / "empty.pdf").write_bytes(b"")
+    (inbox / "notes.pdf").write_bytes(b"plain text, not a document\n")
+    (inbox / "locked.pdf").write_bytes(CORPUS["encrypted.pdf"][0]())
+    (inbox / "README.txt").write_text("filtered out")
+    config = RunConfig(inputs=[str(inbox)], output=str(tmp_path / "out"), include=["*.pdf"], executor="local",
+                       model={"name": "tiny-random"})
+    first = run(config)
+    m = first.manifest
+    assert m.documents == {"ok": 1, "error": 3, "total": 4} and m.counters["pages_text_layer"] == 1
+    assert m.errors == {"empty_file": 1, "encrypted_document": 1, "unsupported_media_type": 1}
+    assert m.filtered == [str(inbox / "README.txt")] and m.counters["listing_filtered_out"] == 1
+    summary = io.StringIO()
+    print_summary(first, summary)
+    lines = summary.getvalue().splitlines()
+    assert "errors     empty_file 1, encrypted_document 1, unsupported_media_type 1" in lines
+    assert "filtered   1 by --include/--exclude: README.txt" in lines
+    assert lines[-1] == f"record     {tmp_path / 'out'}/_runs/{m.run_id}.json" and first.record == lines[-1][11:]
+
+    # nothing new, on the Ray executor: not even the model's name is resolved, and Ray never starts
+    resolve = docpipe.execute.run.resolve_checkpoint
+    nothing_loads_a_model.setattr(docpipe.execute.run, "resolve_checkpoint", lambda name: 1 / 0)
+    again = run(config.model_copy(update={"executor": "ray"}))
+    c = again.manifest.counters
+    assert again.manifest.documents == {"total": 0} and (c["documents_read"], c["bytes_read"]) == (0, 0)
+    assert (c["skipped_unchanged_listing"], c["skipped_failed_unchanged"]) == (1, 3)
+    summary = io.StringIO()
+    print_summary(again, summary)
+    assert ("unchanged  4 not read: 1 ok before, 3 failed for good before (--retry-failed reads them)"
+            in summary.getvalue().splitlines())
+    assert {r["run_id"] for r in pq.read_table(tmp_path / "out" / "documents").to_pylist()} == {m.run_id}
+
+    nothing_loads_a_model.setattr(docpipe.execute.run, "resolve_checkpoint", resolve)
+    retried = run(config.model_copy(update={"retry_failed": True})).manifest  # back on the local executor
+    assert retried.documents == {"error": 3, "total": 3} and retried.counters["documents_read"] == 3
+    assert retried.counters["skipped_unchanged_listing"] == 1
+
+
+def test_a_model_named_as_a_missing_folder_and_a_failed_start_leave_no_output(tmp_path, sample_docs):
+    from docpipe.config import RunConfig
+    from docpipe.errors import ConfigError, FatalError
+    from docpipe.execute.run import run
+
+    inputs = [str(sample_docs / "receipt.png")]
+    with pytest.raises(ConfigError, match=r"^no such model folder: \./nosuch-model$"):
+        run(RunConfig(inputs=inputs, output=str(tmp_path / "a"), model={"name": "./nosuch-model"}))
+    assert not (tmp_path / "a").exists()
+    # a model whose processor cannot be read: found once the lease is taken, and OUT (new, or empty before) is left
+    # as it was, without empty folders or the lease's lock file
+    (tmp_path / "broken-model").mkdir()
+    (tmp_path / "broken-model" / "preprocessor_config.json").write_text("{not json")
+    (tmp_path / "c").mkdir()
+    for out in ("b", "c"):
+        with pytest.raises(FatalError, match="cannot read the image processor of .*broken-model"):
+            run(RunConfig(inputs=inputs, output=str(tmp_path / out), executor="local",
+                          model={"name": str(tmp_path / "broken-model")}))
+    assert not (tmp_path / "b").exists() and list((tmp_path / "c").iterdir()) == []
+
+
+def test_help_shows_examples():
+    from docpipe.cli import build_parser
+
+    parser = build_parser()
+    assert "examples:\n  docpipe run scans/ -o out/" in parser.format_help()
+    [sub] = [a for a in parser._actions if a.dest == "command"]
+    for name in ("run", "submit", "eval", "report", "finetune"):
+        assert f"examples:\n  docpipe {name} " in sub.choices[name].format_help().replace("docpipe run forms", "")
+
+
+def test_sigint_seals_finished_documents_and_a_rerun_redoes_nothing_sealed(tmp_path, local_job):
+    """Ctrl-C while the third document renders: the two finished ones are sealed, the run is recorded as
+    interrupted (exit 130); the rerun reads only the third."""
+    import signal
+    import time
+
+    from tests.conftest import start_cli
+
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    for name in ("a", "b", "c"):
+        text_pdf(inbox / f"{name}.pdf", name)
+    out, hold = tmp_path / "out", tmp_path / "hold"
+    args = ["run", inbox, "--output", out, "--config", local_job, "--model", "tiny-random", "--no-progress"]
+    proc = start_cli(*args, env={"DOCPIPE_FAULT_RENDER": f"c.pdf@1=until:{hold}"})
+    try:
+        deadline = time.monotonic() + 300  # a safety net: the event is the file the held render writes
+        while not hold.with_name("hold.waiting").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        hold.touch()
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr[-3000:]
+    [manifest_path] = (out / "_runs").glob("*.json")
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["status"] == "interrupted" and manifest["documents"] == {"ok": 2, "total": 2}
+    assert stderr.strip().splitlines()[-1] == (f"docpipe: interrupted (SIGINT): 2 finished documents sealed, run "
+                                               f"record {manifest_path}; a rerun does the rest")
+    assert not list(out.rglob("_tmp-*"))  # sealed, not left half-written
+    sealed = {d["source_uri"].rsplit("/", 1)[-1] for d in pq.read_table(out / "documents").to_pylist()}
+    assert sealed == {"a.pdf", "b.pdf"}
+
+    from docpipe.config import RunConfig
+    from docpipe.execute.run import run
+
+    rerun = run(RunConfig(inputs=[str(inbox)], output=str(out), executor="local", model={"name": "tiny-random"},
+                          render={"document_timeout_s": None, "page_timeout_s": None}))  # no render process here
+    m = rerun.manifest
+    assert m.status == "finished" and m.documents == {"ok": 1, "total": 1}
+    assert (m.counters["documents_read"], m.counters["skipped_unchanged_listing"]) == (1, 2)
+
+
+def test_sigterm_waits_for_a_write_to_end_and_exits_143(monkeypatch, capsys):
+    """SIGTERM (a scheduler stopping the job) ends a run as Ctrl-C does, never in the middle of writing records."""
+    import os
+    import signal
+
+    import docpipe.execute.run
+    from docpipe.cli import main
+    from docpipe.execute.run import Interrupted, _signals_end_run
+
+    written = False
+    with pytest.raises(Interrupted) as stopped:
+        with _signals_end_run() as stop:
+            with stop.deferred():
+                os.kill(os.getpid(), signal.SIGTERM)  # delivered here, raised once the block is done
+                written = True
+    assert written and stopped.value.signum == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the run's handlers are gone with it
+
+    def interrupted(config):
+        exc = Interrupted(signal.SIGTERM)
+        exc.record, exc.documents = "out/_runs/r1.json", 3
+        raise exc
+
+    monkeypatch.setattr(docpipe.execute.run, "run", interrupted)
+    assert main(["run", "in", "--output", "out"]) == 143
+    assert capsys.readouterr().err.strip() == ("docpipe: interrupted (SIGTERM): 3 finished documents sealed, run "
+                                               "record out/_runs/r1.json; a rerun does the rest")
+
+
+def test_ray_log_lines_go_to_a_file_and_docpipe_lines_stay_on_stderr(tmp_path, monkeypatch, capfd):
+    """What Ray writes while docpipe prints its own progress (its core to file descriptor 2, its loggers, which it
+    makes anew at init) lands in the log file; docpipe's own lines stay on stderr. (Its warnings module's lines, which
+    pytest records instead of printing, are test_a_model_that_cannot_be_loaded_is_fatal_with_exit_2's.)"""
+    import logging
+    import os
+    import sys
+
+    from docpipe.execute.cluster import ray_logs_to_file
+
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    logger = logging.getLogger("ray.docpipe_test")
+    with ray_logs_to_file(True) as path:
+        os.write(2, b"[E core_worker.cc:1] an actor warning\n")
+        handler = logging.StreamHandler()  # bound to sys.stderr now, as Ray's are
+        logger.addHandler(handler)
+        try:
+            logger.warning("Token authentication is enabled")
+        finally:
+            logger.removeHandler(handler)
+        print("docpipe: progress: documents 1/2", file=sys.stderr)
+    err = capfd.readouterr().err.splitlines()
+    assert err == ["docpipe: progress: documents 1/2"] and path.startswith(str(tmp_path / "docpipe-logs" / "ray-"))
+    log = open(path).read()
+    assert "an actor warning" in log and "Token authentication" in log

@@ -136,7 +136,32 @@ def test_missing_bucket_fails_fast(s3_env, sample_docs, tmp_path):
                    "tiny-random", env=s3_env)
     assert proc.returncode == 2
     [line] = proc.stderr.strip().splitlines()
-    assert line.startswith("docpipe: error: cannot write to output s3://no-such-bucket/out")
+    # in docpipe's words: no advice about an S3FileSystem option (allow_bucket_creation) docpipe has no flag for
+    assert line == "docpipe: error: cannot write to output s3://no-such-bucket/out: bucket 'no-such-bucket' does not exist"
+
+
+def test_a_run_into_s3_writes_no_folder_objects(s3, s3_env, tmp_path, monkeypatch):
+    """Object stores have no folders: a run writes its files and manifest and no 0-byte "folder/" markers (which
+    other tools list as empty files)."""
+    import pymupdf
+
+    from docpipe.config import RunConfig
+    from docpipe.execute.run import run
+
+    s3.create_bucket(Bucket="markers")
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+        monkeypatch.setenv(k, s3_env[k])
+    doc = pymupdf.open()
+    doc.new_page().insert_text((72, 72), "x")
+    doc.save(tmp_path / "blank-ish.pdf")
+    (tmp_path / "empty.pdf").write_bytes(b"")
+    result = run(RunConfig(inputs=[str(tmp_path)], output="s3://markers/out", executor="local",
+                           storage={"endpoint_url": s3_env["AWS_ENDPOINT_URL"]}, model={"name": "tiny-random"},
+                           render={"document_timeout_s": None, "page_timeout_s": None}))
+    assert result.manifest.documents["total"] == 2
+    objects = {o["Key"]: o["Size"] for o in s3.list_objects_v2(Bucket="markers")["Contents"]}
+    assert f"out/_runs/{result.manifest.run_id}.json" in objects and len(objects) == 3  # 2 tables + the manifest
+    assert not [k for k, size in objects.items() if k.endswith("/") or size == 0], objects
 
 
 def test_wrong_credentials_fail_fast_without_the_secret(s3_auth_server, s3_env, tmp_path):

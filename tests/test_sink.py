@@ -77,14 +77,15 @@ def test_resume_refuses_to_guess_when_earlier_results_are_unreadable(tmp_path):
     import pytest
 
     from docpipe.errors import OutputError
-    from docpipe.output.resume import previous_ok
+    from docpipe.output.resume import history
     from docpipe.output.store import prepare_output
 
     out = prepare_output(str(tmp_path / "out"))
-    assert previous_ok(out) == {}  # no earlier run
+    assert history(out).latest == {}  # no earlier run
+    (tmp_path / "out" / "documents").mkdir()
     (tmp_path / "out" / "documents" / "part-r0-00000.parquet").write_bytes(b"not parquet")
     with pytest.raises(OutputError, match="cannot read earlier results"):
-        previous_ok(out)
+        history(out)
 
 
 def test_stale_tmp_files_of_killed_runs_are_removed(tmp_path):
@@ -123,3 +124,19 @@ def test_close_stops_before_the_lake_step_and_the_manifest_once_the_lease_is_los
                    version="0", listing={}, lake=lambda: lake_ran.append(1), check=check)
     assert asked == [0, 1] and lake_ran == []
     assert not (tmp_path / "out" / "_runs").exists() or not list((tmp_path / "out" / "_runs").iterdir())
+
+
+def test_progress_counts_pages_as_they_come_back(tmp_path, capsys):
+    """A long document's pages count as they arrive, not only once all of it is written."""
+    from docpipe.execute.progress import Progress
+    from docpipe.output.sink import RunSink
+    from docpipe.output.store import prepare_output
+    from docpipe.sources import DocumentRef
+
+    sink = RunSink(prepare_output(str(tmp_path / "out")), "r1", [DocumentRef("a.pdf")], rows_per_file=10)
+    sink.consume([{"kind": "document", "source_uri": "a.pdf", "doc_id": "d", "status": "ok", "page_count": 3}]
+                 + [{"kind": "page", "source_uri": "a.pdf", "doc_id": "d", "page_number": n, "page_count": 3,
+                     "status": "ok", "text": "t"} for n in (1, 2)])
+    assert sink.pages_seen == 2 and sum(sink.page_counts.values()) == 0  # not written yet: its page 3 is due
+    Progress(sink, 1, 30, enabled=True).report()
+    assert "documents 0/1, pages 2 " in capsys.readouterr().err

@@ -145,7 +145,7 @@ def test_a_page_mupdf_fails_on_is_rendered_and_read_by_pdfium(tmp_path):
     from docpipe.render.open import open_pages
 
     pages = open_pages(data, "application/pdf")
-    assert next(pages) == (1, "pymupdf")  # MuPDF opened the document
+    assert next(pages) == (1, "pymupdf", False)  # MuPDF opened the document (and did not repair it)
     page = next(pages)
     assert page.renderer == "pymupdf"  # until it has rendered
     rendered = page(OPTS, 1960)

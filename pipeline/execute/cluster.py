@@ -13,6 +13,8 @@ import re
 import socket
 import sys
 import tempfile
+import threading
+import time
 
 from docpipe.errors import ClusterError
 
@@ -139,8 +141,66 @@ def joining(address: str, token_given: bool):
         sys.stderr.flush()
 
 
-def init_ray() -> None:
-    """Join the cluster named by RAY_ADDRESS, or start a local Ray instance bound to loopback."""
+class _SplitStderr:
+    """sys.stderr during a quiet Ray run: what Python's logging handlers (Ray's, which Ray re-creates on init and on
+    each dataset, bound to whatever sys.stderr is then) and its warnings module write goes to the log; the rest
+    (docpipe's own lines) to the real stderr."""
+
+    def __init__(self, real, log):
+        self.real, self.log = real, log
+
+    def write(self, text: str) -> int:
+        caller = sys._getframe(1).f_globals.get("__name__", "")
+        target = self.log if caller in ("logging", "warnings") or caller.startswith("ray") else self.real
+        return target.write(text)
+
+    def flush(self) -> None:
+        self.log.flush()
+        self.real.flush()
+
+    def __getattr__(self, name):  # isatty, fileno, encoding: the real stderr's
+        return getattr(self.real, name)
+
+
+@contextlib.contextmanager
+def ray_logs_to_file(enabled: bool):
+    """While docpipe prints its own progress: Ray's log lines go to a file instead of stderr (the caller says where,
+    once Ray has started: a join that fails stays one line). What Ray's C++ core writes to file descriptor 2 (actor
+    warnings, say) and what its Python loggers write land in that file, while docpipe's own lines and errors keep
+    the real stderr. Workers' output stays in Ray's session logs (init_ray's log_to_driver). Yields the path, or
+    None when not enabled."""
+    if not enabled:
+        yield None
+        return
+    folder = os.path.join(os.environ.get("RAY_TMPDIR") or tempfile.gettempdir(), "docpipe-logs")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"ray-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{os.getpid()}.log")
+    log = open(path, "a", buffering=1, encoding="utf-8", errors="backslashreplace")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    real_fd, saved = os.dup(2), sys.stderr
+    try:
+        on_fd2 = saved.fileno() == 2
+    except (AttributeError, OSError, ValueError):  # a notebook's stream, pytest's capture: it stays as it is
+        on_fd2 = False
+    os.dup2(log.fileno(), 2)  # C++ lines, and handlers made before now that hold the old sys.stderr
+    real = os.fdopen(os.dup(real_fd), "w", buffering=1, encoding=getattr(saved, "encoding", None) or "utf-8",
+                     errors="backslashreplace") if on_fd2 else saved
+    sys.stderr = _SplitStderr(real, log)
+    try:
+        yield path
+    finally:
+        sys.stderr.flush()
+        sys.stderr = saved
+        os.dup2(real_fd, 2)
+        os.close(real_fd)
+        if real is not saved:
+            real.close()
+        log.close()
+
+
+def _before_import() -> tuple[str | None, bool]:
+    """What must be set before Ray is first imported; (the address to join or None, whether a token was given)."""
     address = os.environ.get("RAY_ADDRESS") or None
     token_given = False
     if address is None or is_loopback(address):
@@ -151,16 +211,30 @@ def init_ray() -> None:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     if address is not None:
         token_given = use_token_auth()  # before Ray is imported, which reads the mode once
+    return address, token_given
+
+
+def init_ray(quiet: bool = False) -> None:
+    """Join the cluster named by RAY_ADDRESS, or start a local Ray instance bound to loopback. ``quiet``: docpipe
+    prints its own progress, so the workers' output stays in Ray's session logs instead of reaching stderr (see
+    ray_logs_to_file for the driver's). Ray's init sets a SIGTERM handler of its own: the caller's is put back."""
+    address, token_given = _before_import()
     import ray
 
     if ray.is_initialized():
         return
+    import signal
+
+    sigterm = signal.getsignal(signal.SIGTERM)  # execute/run.py's: SIGTERM seals the run's finished work
+    options = {"include_dashboard": False, "logging_level": "WARNING", "log_to_driver": not quiet}
     if address is None:
         # "local": a new instance, even if `ray start` left a cluster on this machine (ray.init() would join it)
-        ray.init(address="local", include_dashboard=False, logging_level="WARNING")
+        ray.init(address="local", **options)
     else:
         with joining(address, token_given):
-            ray.init(address=address, include_dashboard=False, logging_level="WARNING")
+            ray.init(address=address, **options)
+    if threading.current_thread() is threading.main_thread() and sigterm is not None:
+        signal.signal(signal.SIGTERM, sigterm)
 
 
 def shutdown_ray() -> None:

@@ -13,11 +13,12 @@ from docpipe.render.isolated import expand_document_isolated
 
 
 def execute_local(config: RunConfig, todo, longest_edge: int, skip_ids: frozenset[str], actor=None,
-                  data: dict[str, bytes] | None = None):
+                  data: dict[str, bytes] | None = None, schema=None):
     """Result records for the documents still to do, a model call's worth at a time. ``actor``: a model actor
     (stages.model_actor's, made) to reuse, as the Python API's Converter does across calls; ``data``: documents'
-    bytes by URI, for those the caller holds (bytes given to docpipe.convert, stdin)."""
-    actor = actor or stages.model_actor(config.model, config.extract, config.task, config.fail_fast)()
+    bytes by URI, for those the caller holds (bytes given to docpipe.convert, stdin); ``schema``: the extraction
+    schema the driver loaded."""
+    actor = actor or stages.model_actor(config.model, config.extract, config.task, config.fail_fast, schema)()
     render_args = stages.render_args(config, longest_edge, skip_ids)
     expand = expand_document if config.fail_fast else expand_document_isolated  # fail-fast: one traceback
     for ref in todo:

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 from docpipe.config import RunConfig
 from docpipe.execute import stages
-from docpipe.execute.cluster import init_ray
+from docpipe.execute.cluster import init_ray, ray_logs_to_file
 from docpipe.execute.resources import check_actor_memory, run_resources
 from docpipe.records import RENDERED_SCHEMA, to_table
 from docpipe.render.isolated import expand_document_isolated
@@ -26,20 +27,30 @@ def _expand_documents(batch, **render_args):
             yield to_table([rec], RENDERED_SCHEMA)
 
 
-def execute_ray(config: RunConfig, todo, longest_edge: int, skip_ids: frozenset[str]):
-    """The Ray Data plan for the documents still to do; yields result records as they stream in."""
-    init_ray()  # first: it decides how Ray binds before Ray is imported
+def execute_ray(config: RunConfig, todo, longest_edge: int, skip_ids: frozenset[str], schema=None):
+    """The Ray Data plan for the documents still to do; yields result records as they stream in. ``schema``: the
+    extraction schema the driver loaded (extract.schema.SchemaSpec)."""
+    bars = config.progress and sys.stderr.isatty()  # else docpipe prints its own progress (execute/run.py)
+    with ray_logs_to_file(not bars) as log:
+        yield from _execute(config, todo, longest_edge, skip_ids, schema, bars, log)
+
+
+def _execute(config: RunConfig, todo, longest_edge: int, skip_ids: frozenset[str], schema, bars: bool, log):
+    init_ray(quiet=not bars)  # first: it decides how Ray binds before Ray is imported
+    if log:
+        print(f"docpipe: Ray's own log lines go to {log}", file=sys.stderr, flush=True)
     import ray
     import ray.data
 
+    ship_schema(schema)
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = config.progress
-    ctx.print_on_execution_start = config.progress
+    ctx.enable_progress_bars = bars
+    ctx.print_on_execution_start = bars
     # A compacted page is ~0.3 MB. Small blocks (~14 pages) stream out of rendering as they fill, and spread
     # over all model actors, which bundle them up to their batch size; Ray's default 128 MiB block would hold
     # ~450 pages and send a whole document to one actor.
     ctx.target_max_block_size = 4 * 2**20
-    if not config.progress:
+    if not bars:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
 
     policy = run_resources(ray.cluster_resources(), config)
@@ -68,7 +79,7 @@ def execute_ray(config: RunConfig, todo, longest_edge: int, skip_ids: frozenset[
     )
     calls = policy.calls_in_flight
     ds = ds.map_batches(
-        stages.model_actor(model_opts, config.extract, config.task),
+        stages.model_actor(model_opts, config.extract, config.task, schema=schema),
         compute=ray.data.ActorPoolStrategy(size=policy.actors, max_tasks_in_flight_per_actor=calls,
                                            max_concurrent_calls_per_actor=calls,
                                            enable_true_multi_threading=calls > 1),
@@ -84,6 +95,15 @@ def execute_ray(config: RunConfig, todo, longest_edge: int, skip_ids: frozenset[
         if load_error is None:
             raise
         raise load_error from None
+
+
+def ship_schema(schema) -> None:
+    """A model from the working directory (extract.schema.SchemaSpec.local_module) goes to the actors by value,
+    inside the pickled actor class: a worker, on another node or started elsewhere, may not have that folder."""
+    if schema is not None and schema.local_module:
+        import ray.cloudpickle
+
+        ray.cloudpickle.register_pickle_by_value(sys.modules[schema.local_module])
 
 
 def _model_load_error(exc: BaseException):

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 from docpipe.config import RunConfig
 from docpipe.errors import OutputError, describe
-from docpipe.execute.run import _check_documents_options, _check_schema, _list_inputs
-from docpipe.output.resume import previous_ok, same_pages, unchanged
+from docpipe.execute.run import _check_documents_options, _check_schema, _list_inputs, retried_anyway
+from docpipe.output.resume import History, history, under_selection
 from docpipe.output.store import Output
 from docpipe.storage import explain, register_secrets
 
@@ -35,21 +35,26 @@ def dry_run(config: RunConfig) -> DryRun:
     listing = _list_inputs(config)
     out = Output(config.output, config.storage)
     result = DryRun(out.uri)
-    done, last = {}, {}
+    everything = selected = History()
     if config.resume:
         try:
-            done = same_pages(out, previous_ok(out), config.page_spans)
-            last = _latest_rows(out)
+            everything = history(out)
+            selected = under_selection(out, everything, config.page_spans)
         except OutputError:
             raise
         except Exception as exc:
             raise OutputError(explain(f"cannot read earlier results in {out.uri}: {describe(exc)}")) from None
+    retry = retried_anyway(config)
     for ref in listing.refs:
-        prev, seen = done.get(ref.source_uri), last.get(ref.source_uri)
+        prev, seen = selected.done.get(ref.source_uri), everything.latest.get(ref.source_uri)
+        verdict = selected.verdict(ref, config.retry_failed, retry)
         if not config.resume:
             result.entries.append((PROCESS, ref.source_uri, "--no-resume"))
-        elif prev and unchanged(prev, ref):
+        elif verdict == "done":
             result.entries.append((SKIP, ref.source_uri, f"unchanged since run {prev['run_id']}, where it was ok"))
+        elif verdict == "failed":
+            result.entries.append((SKIP, ref.source_uri, f"unchanged since run {seen['run_id']}, where it failed for "
+                                   f"good ({seen['error_type']}): --retry-failed reads it"))
         elif prev:
             what = "size" if ref.size_bytes is not None and prev["size_bytes"] != ref.size_bytes else "modified time"
             result.entries.append((PROCESS, ref.source_uri, f"its {what} changed since run {prev['run_id']}: read, "
@@ -63,13 +68,3 @@ def dry_run(config: RunConfig) -> DryRun:
             result.entries.append((PROCESS, ref.source_uri, "new"))
     result.entries += [(FILTERED, uri, why) for uri, why in listing.filtered]
     return result
-
-
-def _latest_rows(out: Output) -> dict[str, dict]:
-    """Each URI's latest documents row, whatever its status."""
-    from docpipe.output.tables import read_rows
-
-    latest = {}
-    for row in read_rows(out, "documents", ["source_uri", "status", "error_type", "run_id"]):
-        latest[row["source_uri"]] = row
-    return latest

@@ -12,7 +12,7 @@ from docpipe.output.sink import RunSink
 class Progress:
     """Periodic progress lines on stderr, for runs without progress bars: batch jobs, Ray Jobs (whose logs
     are not a terminal, so Ray Data's bars are off), --no-progress. From a thread of their own, so a run stuck
-    on a slow page still says so on time."""
+    on a slow page still says so on time. ``total``: the documents this run reads (not those skipped unchanged)."""
 
     def __init__(self, sink: RunSink, total: int, interval_s: float, enabled: bool):
         self.sink, self.total, self.interval_s, self.enabled = sink, total, interval_s, enabled
@@ -38,9 +38,10 @@ class Progress:
 
     def report(self) -> None:
         now = time.monotonic()
-        # Copies (single C-level dict copies under the GIL): the driver updates the counts meanwhile.
+        # Copies (single C-level dict copies under the GIL): the driver updates the counts meanwhile. Pages count
+        # as they come back, before their document is whole and written.
         docs, pages = dict(self.sink.doc_counts), dict(self.sink.page_counts)
-        done, page_total = sum(docs.values()), sum(pages.values())
+        done, page_total = sum(docs.values()), self.sink.pages_seen
         errors = docs.get("error", 0) + docs.get("partial", 0)
         print(f"docpipe: progress: documents {done}/{self.total}, pages {page_total} "
               f"({page_total / (now - self.t0):.2f} pages/s), documents with errors {errors}, "

@@ -34,37 +34,55 @@ def render_args(config: RunConfig, longest_edge: int, skip_ids: frozenset[str]) 
     }
 
 
-def model_actor(model_opts, extract_opts, task: str, fail_fast: bool = False):
-    """Ray Data actor UDF around the model stages; the model loads once per actor, in __init__.
+def model_actor(model_opts, extract_opts, task: str, fail_fast: bool = False, schema=None):
+    """Ray Data actor UDF around the model stages. The model loads once per actor, on the first call that has a
+    page or chunk for it: a run whose pages all come from their text layer (or are blank) never loads it.
 
     The options are bound in the class rather than passed as constructor arguments, which
-    Ray would park in the object store where an actor restart could lose them.
+    Ray would park in the object store where an actor restart could lose them. ``schema``: the extraction schema
+    the driver loaded (extract.schema.SchemaSpec); bound here, a user's own class travels with the actor.
     """
 
     class ModelActor:
+        extraction_schema = schema  # the driver's SchemaSpec, pickled with the class
+
         def __init__(self):
-            from docpipe.model.load import load_model
-            from docpipe.ocr import OcrStage
-
-            loaded = load_model(model_opts)
-            # OCR passes chunk records through untouched; extraction passes page records through.
-            self.ocr = OcrStage(model_opts, loaded=loaded, fail_fast=fail_fast)
-            self.stages = [self.ocr]
-            if "extract" in task:
-                from docpipe.extract.stage import ExtractStage
-
-                self.stages.append(ExtractStage(model_opts, extract_opts, loaded, fail_fast))
-            self.ready_at = time.time()  # tells the driver when the model could start work
+            self.ocr = None  # the stages, once the model is loaded (_load)
+            self.stages = []
+            self.ready_at = None  # tells the driver when the model could start work
             self.actor = f"{socket.gethostname()}:{os.getpid()}"
             # With the continuous engine several calls run at once (threads): its OCR takes them all; a stage
             # that drives generate() takes one at a time.
             self.lock = threading.RLock()  # re-entered: a generate actor's call holds it around its stages
+            self.load_lock = threading.Lock()  # calls in flight wait for the one loading the model
             self.calls = self.peak_calls = 0  # calls running at once: several with the continuous engine
             self.count_lock = threading.Lock()
+
+        def _load(self) -> None:
+            from docpipe.model.load import load_model
+            from docpipe.ocr import OcrStage
+
+            with self.load_lock:
+                if self.ocr is not None:
+                    return
+                loaded = load_model(model_opts)
+                # OCR passes chunk records through untouched; extraction passes page records through.
+                ocr = OcrStage(model_opts, loaded=loaded, fail_fast=fail_fast)
+                stages = [ocr]
+                if "extract" in task:
+                    from docpipe.extract.stage import ExtractStage
+
+                    stages.append(ExtractStage(model_opts, extract_opts, loaded, fail_fast, spec=self.extraction_schema))
+                self.stages, self.ready_at = stages, time.time()
+                self.ocr = ocr  # last: the sign that the stages are ready
 
         def __call__(self, batch):
             _maybe_die()
             _maybe_hold()
+            if self.ocr is None:
+                if not _needs_model(batch):
+                    return to_table(batch.to_pylist(), RESULT_SCHEMA)  # text-layer and blank pages, failures
+                self._load()
             # Calls in flight follow the engine that runs, not the one asked for: Ray may hand a generate actor
             # (asked for, or fallen back to at start or mid-run) several calls, and it runs them one at a time.
             with contextlib.nullcontext() if self.ocr.engine.streams else self.lock:
@@ -95,6 +113,16 @@ def model_actor(model_opts, extract_opts, task: str, fail_fast: bool = False):
             return to_table(records, RESULT_SCHEMA)
 
     return ModelActor
+
+
+def _needs_model(batch) -> bool:
+    """Whether a block holds work for the model: a page that carries its image (the render stage drops it from a
+    page it answered itself) or a chunk to extract from."""
+    import pyarrow.compute as pc
+
+    page = pc.and_(pc.equal(batch["kind"], "page"), pc.is_valid(batch["image"]))
+    work = pc.and_(pc.equal(batch["status"], "ok"), pc.or_(page, pc.equal(batch["kind"], "chunk")))
+    return bool(pc.any(work).as_py())
 
 
 def _maybe_die() -> None:

@@ -27,6 +27,9 @@ class SchemaSpec:
     name: str
     json_schema: dict[str, Any]
     model: Any = None  # a pydantic model class, or None for a JSON Schema file
+    # The top-level module the model came from when it was found in the working directory (not installed): Ray
+    # workers, on this machine or another, may not see that folder, so the class travels to them by value.
+    local_module: str | None = None
 
     @property
     def hash(self) -> str:
@@ -73,18 +76,93 @@ def load_schema(spec: str) -> SchemaSpec:
             raise ConfigError(f"invalid JSON Schema {spec}: {exc.message}") from None
         if schema.get("type") != "object":
             raise ConfigError(f"invalid JSON Schema {spec}: the top level must be an object schema")
+        unknown = unknown_keywords(schema)
+        if unknown:
+            where, word, close = unknown[0]
+            hint = f" (did you mean {close!r}?)" if close else ""
+            more = f"; {len(unknown) - 1} more" if len(unknown) > 1 else ""
+            raise ConfigError(f"invalid JSON Schema {spec}: unknown keyword {word!r} at {where}{hint}{more} (a "
+                              "misspelt keyword would be ignored by validation; extensions start with 'x-')")
         return SchemaSpec(os.path.splitext(os.path.basename(spec))[0], schema)
     if ":" in spec:
         module_name, _, attr = spec.partition(":")
+        _working_dir_on_path()
         try:
             model = getattr(importlib.import_module(module_name), attr)
         except Exception as exc:
-            raise ConfigError(f"cannot import schema {spec}: {describe(exc)}") from None
+            raise ConfigError(f"cannot import schema {spec}: {describe(exc)} (module:Class is imported as "
+                              "`python -m` would: from the working directory, then the installed packages)") from None
         if not (isinstance(model, type) and issubclass(model, BaseModel)):
             raise ConfigError(f"schema {spec} is not a pydantic model class")
-        return SchemaSpec(attr, model.model_json_schema(), model)
+        return SchemaSpec(attr, model.model_json_schema(), model, _from_working_dir(module_name))
     known = ", ".join(sorted(BUILTIN_SCHEMAS))
     raise ConfigError(f"unknown schema {spec!r}: use a built-in ({known}), module:Class, or a JSON Schema file")
+
+
+# Keywords whose value is a schema, a list of schemas, or a map of names to schemas.
+_SUBSCHEMA = {"items", "additionalItems", "additionalProperties", "contains", "propertyNames", "not", "if", "then",
+              "else", "unevaluatedItems", "unevaluatedProperties", "contentSchema"}
+_SUBSCHEMA_LISTS = {"allOf", "anyOf", "oneOf", "prefixItems"}
+_SUBSCHEMA_MAPS = {"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"}
+# Annotations and core keywords no validator implements (jsonschema's validators name the others).
+_ANNOTATIONS = {"$schema", "$id", "$anchor", "$dynamicAnchor", "$vocabulary", "$comment", "title", "description",
+                "default", "examples", "deprecated", "readOnly", "writeOnly", "contentMediaType", "contentEncoding",
+                "format"}
+
+
+def unknown_keywords(schema: Any) -> list[tuple[str, str, str | None]]:
+    """(where, keyword, the known keyword it is closest to) for each key of a schema object that no JSON Schema
+    draft knows: a misspelt `tpye` or `requird` would otherwise be ignored, and the schema would check nothing."""
+    import difflib
+
+    import jsonschema
+
+    known = set(jsonschema.Draft202012Validator.VALIDATORS) | set(jsonschema.Draft7Validator.VALIDATORS)
+    known |= _ANNOTATIONS | _SUBSCHEMA | _SUBSCHEMA_LISTS | _SUBSCHEMA_MAPS
+    found = []
+
+    def walk(node: Any, where: str) -> None:
+        if isinstance(node, list):  # allOf and the like, and draft 7's tuple form of items
+            for i, item in enumerate(node):
+                walk(item, f"{where}[{i}]")
+        if not isinstance(node, dict):  # true/false schemas
+            return
+        for key, value in node.items():
+            path = f"{where}.{key}" if where else key
+            if key not in known and not key.startswith("x-"):
+                close = difflib.get_close_matches(key, sorted(known), n=1)
+                found.append((where or "the top level", key, close[0] if close else None))
+            elif key in _SUBSCHEMA or key in _SUBSCHEMA_LISTS:
+                walk(value, path)
+            elif key in _SUBSCHEMA_MAPS and isinstance(value, dict):
+                for name, item in value.items():
+                    walk(item, f"{path}.{name}")
+
+    walk(schema, "")
+    return found
+
+
+def _working_dir_on_path() -> None:
+    """Put the working directory first on sys.path, as `python -m` does (a console script gets its own bin folder
+    there instead), so a user's `mymodels.py` or `schemas/` package beside them imports."""
+    import sys
+
+    cwd = os.getcwd()
+    if not any(os.path.abspath(p or os.curdir) == cwd for p in sys.path):
+        sys.path.insert(0, cwd)
+
+
+def _from_working_dir(module_name: str) -> str | None:
+    """The top-level module of ``module_name`` if it was loaded from the working directory, else None."""
+    import sys
+
+    top = sys.modules.get(module_name.split(".")[0])
+    where = getattr(top, "__file__", None) or next(iter(getattr(top, "__path__", [])), None)
+    if where is None:
+        return None
+    cwd, where = os.getcwd(), os.path.abspath(where)
+    installed = {"site-packages", "dist-packages"} & set(where.split(os.sep))  # a virtualenv inside the folder
+    return top.__name__ if os.path.commonpath([cwd, where]) == cwd and not installed else None
 
 
 def instruction(spec: SchemaSpec, opts: ExtractOptions) -> str:

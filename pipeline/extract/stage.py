@@ -22,12 +22,13 @@ from docpipe.schemas import ErrorType
 class ExtractStage:
     """Chunk records (a document's pages, up to the page cap) in, extraction results out."""
 
-    def __init__(self, opts: ModelOptions, extract: ExtractOptions, loaded, fail_fast: bool = False):
-        """``fail_fast``: re-raise the first failure instead of recording an error row (--fail-fast)."""
+    def __init__(self, opts: ModelOptions, extract: ExtractOptions, loaded, fail_fast: bool = False, spec=None):
+        """``fail_fast``: re-raise the first failure instead of recording an error row (--fail-fast). ``spec``: the
+        schema the driver loaded (a user's class travels with it), else loaded here from ``extract``."""
         import xgrammar as xgr
 
         self.opts, self.extract, self.m, self.fail_fast = opts, extract, loaded, fail_fast
-        self.spec = load_schema(extract.schema_spec)
+        self.spec = spec or load_schema(extract.schema_spec)
         from docpipe.model.load import stop_and_pad_ids
 
         tokenizer = loaded.processor.tokenizer

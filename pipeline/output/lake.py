@@ -4,6 +4,9 @@ The Parquet dataset under OUT stays the source of truth. Each Iceberg snapshot r
 run it came from (``docpipe.run_id``), so the step is idempotent and catches up: rows that
 an earlier run sealed but never appended (it crashed, or the catalog was down) are appended
 by the next run, before its own.
+
+Beside the two append-only tables, ``documents_current`` holds one row per source URI: its latest documents row
+(an upsert on source_uri per run, in the same catch-up order), the current state a lake reader asks for.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ _DATE = re.compile(r"ingest_date=(\d{4}-\d{2}-\d{2})/")
 def append_runs(opts: IcebergOptions, out: Output) -> dict[str, Any]:
     """Append every run found in OUT that the Iceberg tables don't hold yet, oldest first.
 
-    Returns what was appended: {"pages": {run_id: snapshot_id}, "documents": {...}}.
+    Returns what was appended: {"pages": {run_id: snapshot_id}, "documents": {...}, "documents_current": {...}}.
     """
     try:
         from pyiceberg.catalog import load_catalog
@@ -40,6 +43,8 @@ def append_runs(opts: IcebergOptions, out: Output) -> dict[str, Any]:
         for name, table_name, schema in (("pages", opts.pages_table, PAGES_SCHEMA),
                                          ("documents", opts.documents_table, DOCUMENTS_SCHEMA)):
             appended[name] = _append_table(catalog, f"{opts.namespace}.{table_name}", schema, out, name)
+        appended["documents_current"] = _append_table(catalog, f"{opts.namespace}.{opts.current_table}",
+                                                      DOCUMENTS_SCHEMA, out, "documents", upsert=True)
         return appended
     except OutputError:
         raise
@@ -53,7 +58,10 @@ def lake_schema(schema: pa.Schema) -> pa.Schema:
     return schema.append(pa.field("ingest_date", pa.date32(), nullable=False))
 
 
-def _append_table(catalog, identifier: str, schema: pa.Schema, out: Output, name: str) -> dict[str, int]:
+def _append_table(catalog, identifier: str, schema: pa.Schema, out: Output, name: str,
+                  upsert: bool = False) -> dict[str, int]:
+    """Each run of OUT's table ``name`` the Iceberg table lacks, oldest first, one commit each: appended, or with
+    ``upsert`` merged on source_uri (a run has one documents row per URI: the URI's latest row replaces its last)."""
     full = lake_schema(schema)
     table = catalog.create_table_if_not_exists(identifier, schema=full)
     if set(full.names) - set(table.schema().column_names):
@@ -75,6 +83,13 @@ def _append_table(catalog, identifier: str, schema: pa.Schema, out: Output, name
             parts.append(part.append_column(full.field("ingest_date"), pa.array([day] * part.num_rows, pa.date32())))
         data = pa.concat_tables(parts)
         # One commit per run: readers see all of a run's rows or none of them.
-        table.append(data, snapshot_properties={RUN_PROPERTY: run_id})
+        if upsert:
+            if data.num_rows:
+                with table.transaction() as tx:
+                    tx.upsert(data, join_cols=["source_uri"], snapshot_properties={RUN_PROPERTY: run_id})
+            else:  # nothing to merge; an empty commit still marks the run as done
+                table.append(data, snapshot_properties={RUN_PROPERTY: run_id})
+        else:
+            table.append(data, snapshot_properties={RUN_PROPERTY: run_id})
         appended[run_id] = table.current_snapshot().snapshot_id
     return appended

@@ -35,9 +35,12 @@ class DocumentLedger:
             st["chunks"].append(rec)
         else:
             st["pages"] += 1
+            if rec["status"] == "ok" and rec.get("damage"):  # read, but MuPDF could not load all of its content
+                rec.update(error_fields(ErrorType.content_lost, "part of the page's content could not be loaded "
+                                        f"(MuPDF: {rec['damage']})", status="partial"))
             st["page_rows"].append(rec)
             if rec["status"] != "ok":
-                st["failed"] += 1
+                st["failed" if rec["status"] == "error" else "damaged"] += 1
                 st["first_error"] = st["first_error"] or (rec["error_type"], rec["error_message"], rec["page_number"])
         doc = st["doc"]
         if doc is not None and (
@@ -56,12 +59,9 @@ class DocumentLedger:
         self.done.add(uri)
         return self._document_row(uri, st, lost), st["page_rows"]
 
-    def skip(self, ref: DocumentRef, doc_id: str, run_id: str) -> dict[str, Any]:
-        """The row for an input skipped at listing time: already ok in this output."""
+    def skip(self, ref: DocumentRef) -> None:
+        """An input skipped at listing time, unchanged since an earlier run's row: accounted for, with no row."""
         self.done.add(ref.source_uri)
-        return {"doc_id": doc_id, "source_uri": ref.source_uri, "size_bytes": ref.size_bytes,
-                "source_mtime": ref.mtime, "status": "skipped",
-                "error_message": f"already ok in this output (run {run_id})", "run_id": self.run_id}
 
     def _document_row(self, uri: str, st: dict[str, Any], lost: str | None) -> dict[str, Any]:
         doc = st["doc"] or {}
@@ -73,6 +73,7 @@ class DocumentLedger:
             "source_mtime": ref.mtime if ref else None,
             "media_type": doc.get("media_type"),
             "page_count": doc.get("page_count"),
+            "repaired": doc.get("repaired"),
             "status": doc.get("status", "error"),
             # the document record's own failure (or none), carried over as recorded
             **{key: doc.get(key) for key in ERROR_KEYS},
@@ -80,10 +81,12 @@ class DocumentLedger:
         }
         if lost:
             row.update(error_fields(ErrorType.lost, lost))
-        elif row["status"] == "ok" and st["failed"]:
+        elif row["status"] == "ok" and (st["failed"] or st["damaged"]):
             etype, emsg, number = st["first_error"]
             total = self._expected(row["page_count"])
-            message = f"{st['failed']} of {total} pages failed; first, page {number}: {etype}: {emsg}"
+            failed = " and ".join(f"{n} of {total} pages {what}" for n, what in
+                                  ((st["failed"], "failed"), (st["damaged"], "lost content")) if n)
+            message = f"{failed}; first, page {number}: {etype}: {emsg}"
             if st["failed"] >= total:
                 row.update(error_fields(ErrorType.all_pages_failed, message))
             else:
@@ -138,4 +141,4 @@ class DocumentLedger:
 
 
 def _new_state() -> dict[str, Any]:
-    return {"doc": None, "pages": 0, "failed": 0, "first_error": None, "chunks": [], "page_rows": []}
+    return {"doc": None, "pages": 0, "failed": 0, "damaged": 0, "first_error": None, "chunks": [], "page_rows": []}

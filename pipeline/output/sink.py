@@ -14,7 +14,7 @@ from typing import Any
 
 
 from docpipe.records import CHUNK, DOCUMENT, PAGE
-from docpipe.sources import DocumentRef
+from docpipe.sources import FILTERED_NAMED, DocumentRef
 from docpipe.schemas import CONTRACT_VERSION, DOCUMENTS_SCHEMA, PAGES_SCHEMA, RunManifest, TextSource
 from docpipe.output.ledger import DocumentLedger
 from docpipe.output.store import Output
@@ -36,9 +36,11 @@ class RunSink:
         self.markdown = markdown
         self.page_counts: Counter[str] = Counter()
         self.doc_counts: Counter[str] = Counter()
+        self.error_counts: Counter[str] = Counter()  # documents rows with status error or partial, by error_type
+        self.pages_seen = 0  # pages back from the pipeline, written or not (progress: a page counts when it is done)
         self.counters: Counter[str] = Counter(  # 0s shown too
             documents_opened_pdfium=0, pages_rendered_pdfium=0, documents_read=0, bytes_read=0,
-            skipped_unchanged_listing=0, skipped_same_bytes=0)
+            skipped_unchanged_listing=0, skipped_failed_unchanged=0, skipped_same_bytes=0)
         self.source_counts: Counter[str] = Counter()  # ok pages by text_source
 
     def consume(self, records: list[dict[str, Any]]) -> None:
@@ -55,6 +57,7 @@ class RunSink:
             elif rec.get("renderer") == "pdfium":  # MuPDF gave up on the whole document
                 self.counters["documents_opened_pdfium"] += 1
             if rec["kind"] == PAGE:
+                self.pages_seen += 1
                 self.counters["model_retries"] += rec.get("retries") or 0
                 if rec.get("renderer") == "pdfium":  # those documents' pages, and pages MuPDF failed on
                     self.counters["pages_rendered_pdfium"] += 1
@@ -65,9 +68,12 @@ class RunSink:
                 finished.append(done)
         self._write(finished)
 
-    def skip(self, ref: DocumentRef, doc_id: str, run_id: str) -> None:
-        self.counters["skipped_unchanged_listing"] += 1  # never read: same URI, size and time as before
-        self._write([(self.ledger.skip(ref, doc_id, run_id), [])])
+    def skip(self, ref: DocumentRef, verdict: str) -> None:
+        """An input skipped at listing, unread: the same URI, size and time as an earlier run's row, ok then
+        (``verdict`` "done") or failed for good ("failed"). It gets no row: its earlier row stands; the manifest
+        counts it."""
+        self.ledger.skip(ref)
+        self.counters["skipped_failed_unchanged" if verdict == "failed" else "skipped_unchanged_listing"] += 1
 
     def _write(self, finished) -> None:
         stamp = {"run_id": self.run_id, "schema_version": CONTRACT_VERSION}
@@ -83,6 +89,10 @@ class RunSink:
         self.page_counts.update(r["status"] for r in page_rows)
         self.source_counts.update(r["text_source"] for r in page_rows if r["status"] == "ok" and r["text_source"])
         self.doc_counts.update(r["status"] for r in doc_rows)
+        self.error_counts.update(r["error_type"] for r in doc_rows if r["status"] in ("error", "partial"))
+        for r in doc_rows:
+            if r.get("valid") is not None:  # an extraction, valid against its schema or not
+                self.counters["extractions_valid" if r["valid"] else "extractions_not_valid"] += 1
         if time.monotonic() - self._sealed_at >= self.checkpoint_s:
             self.checkpoint()
 
@@ -94,20 +104,29 @@ class RunSink:
 
     def close(self, *, config: dict[str, Any], started_at: str, finished_at: str, timings: dict[str, float],
               version: str, listing: dict[str, int], lake=None,
-              engines: list[dict[str, Any]] | None = None, check=None) -> RunManifest:
+              engines: list[dict[str, Any]] | None = None, check=None, filtered: list[str] = (),
+              interrupted: str | None = None) -> RunManifest:
         """Account for every input, close the tables, run ``lake`` (the Iceberg append, if any) on the
         closed files, and write the manifest last. ``check()`` (the run's lease) raises to stop before each
-        step that writes: the final rows, the lake step and the manifest."""
+        step that writes: the final rows, the lake step and the manifest.
+
+        ``interrupted`` (the signal's name): seal what is finished and record the run as interrupted. Documents
+        not finished get no row (they were not lost: the next run does them) and the lake step waits for the next
+        run, which appends what this one sealed."""
         check = check or (lambda: None)
         check()
-        self._write(self.ledger.finish_all())
+        if not interrupted:
+            self._write(self.ledger.finish_all())
         files = {"pages": self.pages.close(), "documents": self.documents.close()}  # pages first, as in checkpoint
         check()
-        iceberg = lake() if lake else None
+        iceberg = lake() if lake and not interrupted else None
         check()
         manifest = RunManifest(
             run_id=self.run_id,
             docpipe_version=version,
+            status="interrupted" if interrupted else "finished",
+            errors=dict(sorted(self.error_counts.items())),
+            filtered=list(filtered)[:FILTERED_NAMED],
             started_at=started_at,
             finished_at=finished_at,
             config=config,

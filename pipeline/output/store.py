@@ -4,12 +4,13 @@ of stale temporary files.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 
 from docpipe.config import StorageOptions
 from docpipe.errors import OutputError, describe
-from docpipe.storage import explain, is_remote, join, resolve
+from docpipe.storage import explain, is_remote, join, resolve, scheme_of
 
 
 class Output:
@@ -23,6 +24,7 @@ class Output:
         # Local files are written under a name readers skip, then renamed. An object store shows an object
         # only once its upload completes, so there the final name is written directly (no copy).
         self.rename = isinstance(self.fs, LocalFileSystem)
+        self.created = False  # prepare_output made the local folder (remove_skeleton may take it away again)
 
     def path(self, *parts: str) -> str:
         return join(self.base, *parts)
@@ -30,6 +32,8 @@ class Output:
     def write_bytes(self, rel: str, data: bytes) -> None:
         final = self.path(rel)
         target = self.path(os.path.dirname(rel), "_tmp-" + os.path.basename(rel)) if self.rename else final
+        if self.rename:  # a local folder must exist; an object store has none to make (and no marker is written)
+            self.fs.create_dir(self.path(os.path.dirname(rel)), recursive=True)
         with self.fs.open_output_stream(target) as f:
             f.write(data)
         if self.rename:
@@ -37,24 +41,51 @@ class Output:
 
 
 def prepare_output(output: str, storage: StorageOptions | None = None) -> Output:
-    """Check OUT can be written (a fatal error otherwise), before any document is read."""
+    """Check OUT can be written (a fatal error otherwise), before any document is read. Its folders are made as
+    files are written into them; in an object store there are none (no empty "folder" objects)."""
     from pyarrow.fs import FileType
 
     try:
         out = Output(output, storage)
         if out.fs.get_file_info(out.base).type == FileType.File:
             raise OutputError(f"output is a file, not a folder: {output}")
-        for sub in ("pages", "documents", "_runs"):
-            out.fs.create_dir(out.path(sub), recursive=True)
-        probe = out.path("_runs", f".probe-{os.getpid()}")
-        with out.fs.open_output_stream(probe) as f:
-            f.write(b"ok")
-        out.fs.delete_file(probe)
+        if out.rename:
+            out.created = not os.path.isdir(out.base)
+            out.fs.create_dir(out.base, recursive=True)
+        else:
+            bucket = out.base.split("/", 1)[0]  # said in our words: pyarrow's advice names options docpipe lacks
+            if out.fs.get_file_info(bucket).type == FileType.NotFound:
+                raise OutputError(f"cannot write to output {output}: bucket {bucket!r} does not exist")
+        # On S3 the lease, written next, is the write check: pyarrow's delete of a probe would leave an empty
+        # "folder/" object behind in its place.
+        if scheme_of(output) not in ("s3", "s3a"):
+            probe = out.path(f"_probe-{os.getpid()}")
+            with out.fs.open_output_stream(probe) as f:
+                f.write(b"ok")
+            out.fs.delete_file(probe)
     except OutputError:
         raise
     except Exception as exc:  # OSError, or the SDK's errors for a missing bucket or bad credentials
         raise OutputError(explain(f"cannot write to output {output}: {describe(exc)}")) from None
     return out
+
+
+def remove_skeleton(out: Output) -> None:
+    """After a run that failed before writing anything, and gave its lease back: remove the empty folders it made
+    in a local OUT, the lease's lock file (pipeline/output/lease.py) while no run holds the lease, and OUT itself
+    if this run created it and it is empty now. Best effort: leftovers are harmless."""
+    if not out.rename or not os.path.isdir(out.base):
+        return
+    for root, dirs, files in os.walk(out.base, topdown=False):
+        if root != out.base and not os.listdir(root):  # children first: a folder emptied by this walk goes too
+            with contextlib.suppress(OSError):
+                os.rmdir(root)
+    if not os.path.exists(os.path.join(out.base, "_lease.json")):  # no run holds the lease now
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(out.base, "_lease.json.lock"))
+        if out.created:
+            with contextlib.suppress(OSError):
+                os.rmdir(out.base)  # only if empty: whatever else is there stays
 
 
 def remove_stale_tmp(out: Output, keep_run: str) -> int:

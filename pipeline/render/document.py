@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 from typing import Any, Iterator
 
 from docpipe.config import RenderOptions, RouteOptions, StorageOptions, selected_pages
@@ -23,6 +24,11 @@ from docpipe.schemas import ErrorType
 SAME_BYTES = "the same bytes are already ok in this output"
 
 
+# A PDF's first object ("1 0 obj"), where a file lost its %PDF- header: MuPDF opens such files (it rebuilds the
+# cross-reference table), so they are PDFs to read, not unsupported files.
+_PDF_OBJECT = re.compile(rb"^\s*(%[^\n]*\n\s*)*\d+\s+\d+\s+obj\b")
+
+
 def sniff_media_type(data: bytes) -> str | None:
     """Media type from the leading bytes; the file name is not trusted."""
     if b"%PDF-" in data[:1024]:  # readers accept junk before the header
@@ -32,6 +38,8 @@ def sniff_media_type(data: bytes) -> str | None:
     for magic, media_type in IMAGE_TYPES.items():
         if data.startswith(magic):
             return media_type
+    if _PDF_OBJECT.match(data[:1024]):
+        return PDF
     return None
 
 
@@ -70,7 +78,7 @@ def expand_document(
         return
     try:
         found = open_pages(data, doc["media_type"], passwords.candidates(source_uri) if passwords else ())
-        page_count, renderer = next(found)
+        page_count, renderer, repaired = next(found)
     except RowError as exc:
         if fail_fast:
             raise
@@ -89,7 +97,7 @@ def expand_document(
         return
     chunk_count = -(-len(numbers) // chunk_pages) if chunk_pages else 0
     # renderer: what found the pages (pdfium when MuPDF gave up on the document), for the run's counters
-    yield {**doc, "page_count": page_count, "chunk_count": chunk_count, "renderer": renderer}
+    yield {**doc, "page_count": page_count, "chunk_count": chunk_count, "renderer": renderer, "repaired": repaired}
 
     base = {k: doc[k] for k in ("source_uri", "doc_id")} | {"page_count": page_count}
     chunk: list[dict[str, Any]] = []
@@ -105,7 +113,7 @@ def expand_document(
             page = next(found)
             rendered = page(opts, longest_edge)
             row.update(image=rendered.image, image_codec=rendered.codec, width=rendered.width, height=rendered.height,
-                       renderer=page.renderer)
+                       renderer=page.renderer, damage=getattr(page, "damage", None))
             if ocr and route is not None:
                 row.update(_route(page, rendered, route, fail_fast))
         except RowError as exc:

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import io
+import re
 from typing import Iterator
 
 from docpipe.config import RenderOptions
@@ -28,8 +29,9 @@ IMAGE_TYPES = {
 
 
 def open_pages(data: bytes, media_type: str | None, passwords: list[tuple[str, str]] = ()) -> Iterator:
-    """Generator: first yields the page count and the renderer that found the pages, then one render
-    callable per page. ``passwords``: (where from, password) to try on an encrypted PDF, in order."""
+    """Generator: first yields the page count, the renderer that found the pages and whether MuPDF repaired the
+    file (None where MuPDF did not open it), then one render callable per page. ``passwords``: (where from,
+    password) to try on an encrypted PDF, in order."""
     if not data:
         raise RowError(ErrorType.empty_file, "file is empty (0 bytes)")
     if media_type == PDF:
@@ -47,7 +49,7 @@ def _pdf_pages(data: bytes, passwords: list[tuple[str, str]] = ()) -> Iterator:
     if problem is not None:
         yield from _pdfium_pages(data, *problem, tried=bool(passwords))
         return
-    yield page_count, _PdfPage.renderer
+    yield page_count, _PdfPage.renderer, bool(pdf.is_repaired)
     fallback = _PdfiumFallback(data, password)
     from docpipe.render.text_layer import RunningLines
 
@@ -90,7 +92,7 @@ def _pdfium_pages(data: bytes, mupdf_what: str, mupdf_why: str, tried: bool = Fa
     except Exception as exc:
         what, why = "corrupt", describe(exc)
     else:
-        yield len(pdf), PdfiumPage.renderer
+        yield len(pdf), PdfiumPage.renderer, None
         for index in range(len(pdf)):
             yield PdfiumPage(pdf, index)
         return
@@ -154,10 +156,25 @@ class _WithFallback:
         return getattr(self.page, name)
 
 
+# MuPDF's warnings that mean part of a page's content was not drawn: a content stream it could not load (a
+# truncated file it repaired), data cut short, syntax it gave up on. Other warnings (a font substituted, say) leave
+# the content whole.
+_CONTENT_LOST = re.compile(r"cannot load content stream|premature end of data|page may not be correct|"
+                           r"unexpected end of|read error|cannot find object|object out of range|truncated", re.I)
+
+
+def content_lost(warnings: str) -> str | None:
+    """The lines of MuPDF's warnings that say content was lost, de-duplicated, joined; None when none do."""
+    lines = [ln.strip() for ln in warnings.splitlines() if _CONTENT_LOST.search(ln)]
+    return "; ".join(dict.fromkeys(lines)) or None
+
+
 class _PdfPage:
-    """A page callable: called, it renders; every page class also has ``text_layer()`` for routing."""
+    """A page callable: called, it renders; every page class also has ``text_layer()`` for routing. After
+    rendering, ``damage`` holds MuPDF's warnings on content of the page it could not load (content_lost), or None."""
 
     renderer = "pymupdf"
+    damage = None
 
     def __init__(self, pdf, index: int, running=None):
         self.pdf, self.index, self.running = pdf, index, running  # running: the document's text_layer.RunningLines
@@ -169,9 +186,14 @@ class _PdfPage:
         return pymupdf_text_layer(self.pdf.load_page(self.index), self.running)
 
     def __call__(self, opts: RenderOptions, longest_edge: int):
+        import pymupdf
+
+        pymupdf.TOOLS.mupdf_warnings(reset=True)  # MuPDF keeps one store of warnings for the process: this page's
         page = self.pdf.load_page(self.index)
         try:
-            return render_pdf_page(page, opts, longest_edge)
+            rendered = render_pdf_page(page, opts, longest_edge)  # drawing interprets the whole content
+            self.damage = content_lost(pymupdf.TOOLS.mupdf_warnings(reset=True))
+            return rendered
         finally:
             del page  # release the page's display list before the next one
 
@@ -186,7 +208,7 @@ def _image_frames(data: bytes, media_type: str) -> Iterator:
         raise RowError(ErrorType.image_too_large, describe(exc)) from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise RowError(ErrorType.corrupt_document, f"cannot open {media_type}: {describe(exc)}") from None
-    yield frames, _ImageFrame.renderer
+    yield frames, _ImageFrame.renderer, None
     for index in range(frames):
         yield _ImageFrame(img, index)
 

@@ -116,6 +116,8 @@ def render_cli() -> str:
                 continue
             out.append(f"| {_argument(action)} | {_value(action)} | {_cell(_help(action))} | "
                        f"{_cell(_notes(action, group_of))} |")
+        if sub.epilog:  # the examples its --help ends with
+            out += ["", "```text", sub.epilog, "```"]
     return "\n".join(out) + "\n"
 
 
