@@ -159,18 +159,24 @@ def test_run_from_python_writes_markdown_files_for_a_page_range(docs, tmp_path, 
     assert {p.relative_to(tmp_path / "again").as_posix(): p.read_text()
             for p in (tmp_path / "again").rglob("*.md")} == files
 
-    # a dry run of the same job skips everything; with another page range, it would do them again, and says why
+    # a dry run of the same job skips what is done, and what failed for good under the same pages (locked.pdf has
+    # none in 2-), but not an encrypted PDF, since the job has passwords; with another page range, it would do them
+    # again, and says why
     plan = docpipe.dry_run(config)
     assert [(a, u.rsplit("/", 1)[-1]) for a, u, _ in plan.entries] == [
-        ("process", "locked.pdf"), ("process", "other.pdf"), ("skip", "report.pdf"), ("filtered", "notes.txt"),
+        ("skip", "locked.pdf"), ("process", "other.pdf"), ("skip", "report.pdf"), ("filtered", "notes.txt"),
         ("filtered", "passwords.yaml"), ("filtered", "scan.png"), ("filtered", "wrong.pdf")]
     reasons = {u.rsplit("/", 1)[-1]: (a, why) for a, u, why in plan.entries}
     assert reasons["report.pdf"] == ("skip", f"unchanged since run {m.run_id}, where it was ok")
-    assert reasons["locked.pdf"] == ("process", f"error in run {m.run_id} (empty_document): tried again")
+    assert reasons["locked.pdf"] == ("skip", f"unchanged since run {m.run_id}, where it failed for good "
+                                             "(empty_document): --retry-failed reads it")
+    assert reasons["other.pdf"] == ("process", f"error in run {m.run_id} (encrypted_document): tried again")
     assert reasons["wrong.pdf"] == ("filtered", "matches --exclude 'wrong.pdf'")
     assert reasons["scan.png"] == ("filtered", "matches no --include ('*.pdf')")
     other_range = docpipe.dry_run({**config, "pages": "1"})
     assert ("process", str(docs / "report.pdf"), f"done in run {m.run_id} under another --pages") in \
+        other_range.entries
+    assert ("process", str(docs / "locked.pdf"), f"error in run {m.run_id} (empty_document): tried again") in \
         other_range.entries
 
 

@@ -228,7 +228,8 @@ def test_shipped_job_globs_keep_upper_case_and_jpeg_names_and_the_listing_names_
         include = yaml.safe_load((REPO / "jobs" / job).read_text())["include"]
         listing = list_inputs([str(tmp_path)], include=include)
         assert [r.source_uri.rsplit("/", 1)[-1] for r in listing.refs] == [n for n in names if n != "notes.TXT"], job
-        assert (listing.filtered_out, listing.filtered) == (1, [str(tmp_path / "notes.TXT")])
+        assert (listing.filtered_out, listing.filtered) == (1, [(str(tmp_path / "notes.TXT"), "matches no --include ("
+                                                                 + ", ".join(repr(p) for p in include) + ")")])
     strict = list_inputs([str(tmp_path)], include=["*.pdf", "*.jpg"], case_sensitive=True)
     assert [r.source_uri.rsplit("/", 1)[-1] for r in strict.refs] == ["report.pdf"] and strict.filtered_out == 5
 

@@ -103,7 +103,9 @@ def test_run_manifest_is_written_and_adds_up(cli_run, sample_docs):
             assert re.fullmatch(rf"{'auto on cuda' if requested == 'auto' else 'requested'}; (\d+) pages in "
                                 r"flight, encoding \d+ at a time \(sized from .*", e["reason"]), e["reason"]
     else:
-        assert {e["reason"] for e in m.engines} == {"auto on cpu" if requested == "auto" else "requested"}
+        # the continuous engine says which attention its loop runs: on a CPU, transformers' sdpa
+        assert {e["reason"] for e in m.engines} == {
+            "auto on cpu" if requested == "auto" else "requested; attention sdpa (auto on cpu)"}
     name = "generate" if generate else "continuous"
     assert f"engine     {name} x{len(m.engines)} ({m.engines[0]['reason']})" in proc.stdout
     rows_per_call = m.config["model"]["batch_size"] * m.config["model"]["sort_window"]
