@@ -45,11 +45,14 @@ def expand_document(
     skip_ids: frozenset[str] = frozenset(),
     route: RouteOptions | None = None,
     fail_fast: bool = False,
+    first_page: int = 1,
 ) -> Iterator[dict[str, Any]]:
     """Yield the document record, its page records (with images when ``ocr``) and, when ``chunk_pages`` is
     set, one chunk record per ``chunk_pages`` pages carrying their images for extraction. With ``route``
     (and ``ocr``), a page answered by its text layer or found blank carries its text and no image.
-    ``fail_fast``: re-raise the first failure instead of recording it (--fail-fast, for its traceback)."""
+    ``fail_fast``: re-raise the first failure instead of recording it (--fail-fast, for its traceback).
+    ``first_page``: start there (the render process resumes a document after a page it was stopped on): earlier
+    pages and the chunk they share with it are not yielded again."""
     doc: dict[str, Any] = {"kind": DOCUMENT, "source_uri": source_uri, "status": "ok"}
     try:
         data = read_bytes(source_uri, storage)
@@ -83,6 +86,9 @@ def expand_document(
     base = {k: doc[k] for k in ("source_uri", "doc_id")} | {"page_count": page_count}
     chunk: list[dict[str, Any]] = []
     for number in range(1, page_count + 1):
+        if number < first_page:
+            next(pages)  # pages are opened lazily: an earlier page costs nothing here
+            continue
         row = {**base, "kind": PAGE, "page_number": number, "status": "ok"}
         try:
             _maybe_stall(source_uri, number)
@@ -106,14 +112,16 @@ def expand_document(
         routed = row.get("text_source") is not None
         yield row if ocr and not routed else {k: v for k, v in row.items() if k not in ("image", "image_codec")}
         if chunk_pages and (number % chunk_pages == 0 or number == page_count):
-            yield _chunk_record(base, (number - 1) // chunk_pages, chunk_count, chunk)
+            index = (number - 1) // chunk_pages
+            if index * chunk_pages + 1 >= first_page:  # else its first pages were another process's: it is lost
+                yield _chunk_record(base, index, chunk_count, chunk)
             chunk = []
 
 
 def _route(page, rendered, route: RouteOptions, fail_fast: bool = False) -> dict[str, Any]:
-    """text and text_source for a page answered without the model, and route_reason for every page: why it was
-    answered so, or why the model must read it (route.trust_text_layer's reasons, text_layer_never,
-    text_layer_error)."""
+    """text and text_source for a page answered without the model (a text-layer page also its blocks and
+    text_layer_analysis), and route_reason for every page: why it was answered so, or why the model must read it
+    (route.trust_text_layer's reasons, text_layer_never, text_layer_error)."""
     from docpipe.render.route import ConversionError, is_blank, trust_text_layer
     from docpipe.render.text_layer import clean_text
 
@@ -130,8 +138,12 @@ def _route(page, rendered, route: RouteOptions, fail_fast: bool = False) -> dict
         verdict = trust_text_layer(layer, route)
         if verdict.trusted:
             try:
-                return {"text": clean_text(layer.page_text()), "text_source": "text_layer",
-                        "route_reason": verdict.reason}
+                markdown = layer.page_text()
+                # PyMuPDF's Markdown carries its blocks and how it was found (text_layer.PageMarkdown); PDFium's
+                # plain text has neither
+                return {"text": clean_text(markdown), "text_source": "text_layer", "route_reason": verdict.reason,
+                        "blocks": getattr(markdown, "blocks", None),
+                        "text_layer_analysis": getattr(markdown, "analysis", None)}
             except ConversionError:  # the converter's libraries failed on this page's PDF: the model reads it
                 if fail_fast:
                     raise
@@ -139,7 +151,7 @@ def _route(page, rendered, route: RouteOptions, fail_fast: bool = False) -> dict
         elif reason != "text_layer_error":
             reason = verdict.reason
     if route.skip_blank and is_blank(_pixels(rendered), route):
-        return {"text": "", "text_source": "blank", "route_reason": "blank"}
+        return {"text": "", "text_source": "blank", "route_reason": "blank", "blocks": []}
     return {"route_reason": reason}
 
 
