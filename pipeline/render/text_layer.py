@@ -60,7 +60,11 @@ BOLD_HEADING_RATIO = 0.95  # a block wholly in bold at least this share of the b
 BOLD_FONT = re.compile(r"bold|black|heavy|semibold|demi|-bd\b", re.I)
 BULLET = re.compile(r"^([•◦▪‣∙·●○■□➢►✓]|[-–*]\s)")
 LIST_MARK = re.compile(r"^([•◦▪‣∙·●○■□➢►✓]|[-–*]\s|\d{1,3}[.)]\s|[a-z][.)]\s|\([a-z0-9]{1,3}\)\s)")
-MIN_PICTURE = 0.02  # on the fast path, an image covering this share of the page is a picture block
+MIN_PICTURE = 0.02  # an image or drawing covering this share of the page is a picture block
+BESIDE_GRAPHIC = 0.005  # a graphic this large with text at its side makes the rules unsure of the page
+BACKGROUND = 0.8  # a fill or image covering this share of the page is its background, not a picture
+TOUCH_PT = 3.0  # drawings this close belong to one graphic
+MAX_PATHS = 2000  # drawings grouped into graphics, at most (a map can have tens of thousands)
 SMALLER = 0.95  # a line under this share of the body's size is set smaller than the body
 COVERED = 0.8  # a page with this share of its words in ruled tables needs no layout analysis
 LAYOUT_BAND = 0.15  # the layout's page-header and page-footer regions count as furniture within this band
@@ -441,15 +445,43 @@ def _region_of(line: dict, regions: list[Region]) -> Region | None:
 
 
 def _pictures(page, regions: list[Region], units: list[_Unit]) -> list[_Unit]:
-    """Picture blocks (no text of their own): the layout's picture regions, or on the fast path the page's
-    images over MIN_PICTURE of its area; a region whose text made a unit is that unit's."""
+    """Picture blocks (no text of their own): the layout's picture regions, and the page's images and vector
+    drawings (``graphics``) over MIN_PICTURE of its area that no table, text unit or such region already holds."""
     boxes = [r.bbox for r in regions if r.kind == "picture"]
-    if not regions:
-        area = abs(page.rect) or 1.0
-        boxes = [tuple(b) for kind, b in page.get_bboxlog() if kind in ("fill-image", "fill-imgmask")
-                 and (b[2] - b[0]) * (b[3] - b[1]) >= MIN_PICTURE * area]
-    taken = [u.bbox for u in units if u.kind == "picture"]
-    return [_Unit(b, kind="picture") for b in boxes if not any(_overlap(b, t) > 0.5 for t in taken)]
+    area = abs(page.rect) or 1.0
+    boxes += [g for g in graphics(page) if (g[2] - g[0]) * (g[3] - g[1]) >= MIN_PICTURE * area]
+    taken = [u.bbox for u in units if u.kind in ("picture", "table")]
+    out: list[_Unit] = []
+    for b in boxes:
+        if not any(_overlap(b, t) > 0.5 for t in taken):
+            out.append(_Unit(tuple(b), kind="picture"))
+            taken.append(b)
+    return out
+
+
+def graphics(page) -> list[tuple[float, float, float, float]]:
+    """Boxes of the page's images and of its drawings (fills and strokes, rules apart) grouped where they touch:
+    a photo, a chart's bars and axes. Not a fill covering most of the page (a background)."""
+    area = abs(page.rect) or 1.0
+    paths, images = [], []
+    for kind, b in page.get_bboxlog():
+        w, h = b[2] - b[0], b[3] - b[1]
+        if kind in ("fill-image", "fill-imgmask"):
+            images.append(tuple(b))
+        elif kind in ("fill-path", "stroke-path") and min(w, h) > 3 and w * h < BACKGROUND * area:
+            paths.append(tuple(b))
+        elif kind == "stroke-path" and len(paths) < MAX_PATHS:  # an axis or a tick beside other drawings
+            paths.append(tuple(b))
+    clusters: list[list[float]] = []
+    for b in sorted(paths[:MAX_PATHS], key=lambda b: b[0]):
+        for c in clusters:
+            if b[0] <= c[2] + TOUCH_PT and c[0] <= b[2] + TOUCH_PT and b[1] <= c[3] + TOUCH_PT and c[1] <= b[3] + TOUCH_PT:
+                c[:] = [min(c[0], b[0]), min(c[1], b[1]), max(c[2], b[2]), max(c[3], b[3])]
+                break
+        else:
+            clusters.append(list(b))
+    drawn = [tuple(c) for c in clusters if (c[2] - c[0]) * (c[3] - c[1]) < BACKGROUND * area]
+    return [b for b in images if (b[2] - b[0]) * (b[3] - b[1]) < BACKGROUND * area] + drawn
 
 
 # --- when to run the layout analysis --------------------------------------------------------------------------
@@ -490,16 +522,14 @@ def needs_layout(page, blocks: list, lines: list[dict], words: list, tables: lis
     if _several_columns([_Unit(b) for b in text_boxes]):
         return True
     area = abs(page.rect) or 1.0
-    graphics = [b for kind, b in log if kind in ("fill-image", "fill-imgmask", "fill-path", "stroke-path")
-                and (b[2] - b[0]) * (b[3] - b[1]) >= 0.005 * area and (b[2] - b[0]) * (b[3] - b[1]) < 0.8 * area]
-    return any(_beside(g, t) for g in graphics[:300] for t in text_boxes)
+    shown = [g for g in graphics(page) if (g[2] - g[0]) * (g[3] - g[1]) >= BESIDE_GRAPHIC * area]
+    return any(_beside(g, t) for g in shown for t in text_boxes)
 
 
 def _several_columns(units: list[_Unit]) -> bool:
-    for band in _split(units, axis=1):
-        if len(_split(band, axis=0)) > 1 and len(band) > 2:
-            return True
-    return False
+    """Whether the page has columns: bands merged as for the reading order, one of them split at a gutter with
+    more than one block on each side (a header's two halves or a signature line are not columns)."""
+    return any(sum(len(column) >= 2 for column in _split(band, axis=0)) >= 2 for band in _bands(units))
 
 
 def _beside(graphic, text) -> bool:
@@ -708,12 +738,7 @@ def _reading_order(units: list[_Unit]) -> list[_Unit]:
     """Bands at vertical gaps, bands sharing a column gutter merged, each band read column by column."""
     if len(units) <= 1:
         return units
-    bands: list[list[_Unit]] = []
-    for band in _split(units, axis=1):
-        if bands and len(_split(bands[-1] + band, axis=0)) > 1:
-            bands[-1] += band  # the same columns go on: keep them together, so each column is read whole
-        else:
-            bands.append(band)
+    bands = _bands(units)
     out = []
     for band in bands:
         columns = _split(band, axis=0)
@@ -725,6 +750,19 @@ def _reading_order(units: list[_Unit]) -> list[_Unit]:
         else:
             out += sorted(band, key=lambda u: (u.bbox[1], u.bbox[0]))
     return out
+
+
+def _bands(units: list[_Unit]) -> list[list[_Unit]]:
+    """The units cut into bands at vertical gaps, neighbouring bands merged where columns go on through both (a
+    gutter runs through the two, and one of them has columns of its own: a date beside the line under it is not)."""
+    bands: list[list[_Unit]] = []
+    for band in _split(units, axis=1):
+        if bands and len(_split(bands[-1] + band, axis=0)) > 1 and \
+                (len(_split(bands[-1], axis=0)) > 1 or len(_split(band, axis=0)) > 1):
+            bands[-1] += band  # the same columns go on: keep them together, so each column is read whole
+        else:
+            bands.append(band)
+    return bands
 
 
 def _split(units: list[_Unit], axis: int) -> list[list[_Unit]]:
