@@ -27,7 +27,7 @@ CELL_GAP_EM = 1.0  # words further apart than this (in font heights) sit in diff
 TABLE_MIN_ROWS = 3
 TABLE_MAX_WORDS_PER_CELL = 4.0  # on average: prose in two columns has far more per line
 DENSE_SLOTS = 600  # a ruled grid with more slots than this is read from its rules, not by find_tables
-SIDE_BY_SIDE_GAP = 3.0  # a column gutter this many times wider than the table's others (and MIN_APART) splits it
+SIDE_BY_SIDE_GAP = 2.0  # a column gutter this many times wider than the table's others (and MIN_APART) splits it
 MIN_APART_PT = 36.0
 NUMBER = re.compile(r"^[-+−(]?[$€£¥]?\s?\d[\d,.\s]*%?\)?(\s*\([-+−]?\d[\d,.]*%?\))?$")
 
@@ -43,13 +43,14 @@ class Cell:
 
 @dataclass
 class Table:
-    """A table found on the page: its box (page points), grid size and cells; ``markdown`` once written."""
+    """A table found on the page: its box (page points), grid size and cells; ``extents``: per column, the x range
+    its one-column cells' words take (None for an empty column), where known."""
 
     bbox: tuple[float, float, float, float]
     rows: int
     cols: int
     cells: list[Cell] = field(default_factory=list)
-    markdown: str = ""
+    extents: list[tuple[float, float] | None] = field(default_factory=list)
 
 
 # --- characters and words ---------------------------------------------------------------------------------------
@@ -120,11 +121,67 @@ def fill(rows: list[float], cols: list[float], spans: list[tuple[int, int, int, 
         x, y = (w[0] + w[2]) / 2, (w[1] + w[3]) / 2
         cell = owner[(_slot(rows, y), _slot(cols, x))]
         texts.setdefault(id(cell), []).append(w)
+    extents: list[tuple[float, float] | None] = [None] * n_cols
     for cell in cells:
         ws = texts.get(id(cell), ())
         cell.text = " ".join(w[4] for w in sorted(ws, key=lambda w: (round(w[1]), w[0])))
+        if ws and cell.colspan == 1:
+            old = extents[cell.col]
+            left, right = min(w[0] for w in ws), max(w[2] for w in ws)
+            extents[cell.col] = (left, right) if old is None else (min(old[0], left), max(old[1], right))
     cells.sort(key=lambda c: (c.row, c.col))
-    return Table(tuple(bbox) if bbox else (cols[0], rows[0], cols[-1], rows[-1]), n_rows, n_cols, cells)
+    return Table(tuple(bbox) if bbox else (cols[0], rows[0], cols[-1], rows[-1]), n_rows, n_cols, cells, extents)
+
+
+def apart_from_graphics(table: Table, graphics: list[tuple]) -> list[Table]:
+    """The table cut where a graphic stands in a column gutter across its rows (a chart whose labels the analysis
+    took for a column of the table beside it); a part of fewer than two columns is no table (its words go back to
+    the page's text)."""
+    ext = table.extents
+    if table.cols < 2 or len(ext) != table.cols or any(e is None for e in ext):
+        return [table]
+    y0, y1 = table.bbox[1], table.bbox[3]
+    cuts = [c for c in range(table.cols - 1) if any(
+        ext[c][1] - 2 <= g[0] and g[2] <= ext[c + 1][0] + 2 and min(g[3], y1) - max(g[1], y0) > 0.3 * (y1 - y0)
+        for g in graphics) and not any(cell.col <= c < cell.col + cell.colspan - 1 for cell in table.cells)]
+    if not cuts:
+        return [table]
+    parts, start = [], 0
+    for cut in cuts + [table.cols - 1]:
+        if cut + 1 - start >= 2:
+            cells = [Cell(c.row, c.col - start, c.rowspan, c.colspan, c.text) for c in table.cells
+                     if start <= c.col <= cut]
+            bbox = (ext[start][0], y0, ext[cut][1], y1)
+            parts.append(Table(bbox, table.rows, cut + 1 - start, cells, ext[start:cut + 1]))
+        start = cut + 1
+    return parts
+
+
+def side_by_side(table: Table) -> list[Table]:
+    """The table, or the two tables it is where one column gutter is far wider than the others (SIDE_BY_SIDE_GAP
+    times and MIN_APART_PT at least), each side has two columns or more, no cell spans the gutter, and the right
+    side begins with a column of labels (not of figures: a wide gap before the figures is one table's)."""
+    ext = table.extents
+    if table.cols < 4 or len(ext) != table.cols or any(e is None for e in ext):
+        return [table]
+    gaps = [ext[c + 1][0] - ext[c][1] for c in range(table.cols - 1)]
+    cut = max(range(1, table.cols - 2), key=lambda c: gaps[c], default=None)
+    if cut is None:
+        return [table]
+    others = [g for c, g in enumerate(gaps) if c != cut]
+    if gaps[cut] < max(MIN_APART_PT, SIDE_BY_SIDE_GAP * max(others)):
+        return [table]
+    if any(c.col <= cut < c.col + c.colspan - 1 for c in table.cells):
+        return [table]
+    labels = [c.text for c in table.cells if c.col == cut + 1 and c.row > 0 and c.text]
+    if not labels or sum(_is_number(t) for t in labels) * 2 > len(labels):
+        return [table]
+    left = Table((table.bbox[0], table.bbox[1], (ext[cut][1] + ext[cut + 1][0]) / 2, table.bbox[3]), table.rows,
+                 cut + 1, [c for c in table.cells if c.col <= cut], ext[:cut + 1])
+    right_cells = [Cell(c.row, c.col - cut - 1, c.rowspan, c.colspan, c.text) for c in table.cells if c.col > cut]
+    right = Table(((ext[cut][1] + ext[cut + 1][0]) / 2, table.bbox[1], table.bbox[2], table.bbox[3]), table.rows,
+                  table.cols - cut - 1, right_cells, ext[cut + 1:])
+    return [left, right]
 
 
 def from_cell_boxes(boxes: list[tuple], words: list, bbox) -> Table:

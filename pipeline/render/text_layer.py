@@ -49,8 +49,8 @@ from docpipe.render import furniture as furniture_rules
 from docpipe.render.furniture import HEADING_RATIO, band_of, is_caption
 from docpipe.render.layout import MAX_BOXES, Region, analyse
 from docpipe.render.tables import (NUMBER, Table, aligned_rows, fill, horizontal_rules, markdown_table,  # noqa: F401
-                                   ruled_tables, rules_area, table_markdown, unruled_tables, widen_group_headers,
-                                   word_count)
+                                   apart_from_graphics, ruled_tables, rules_area, side_by_side, table_markdown, unruled_tables,
+                                   widen_group_headers, word_count)
 from docpipe.schemas import FURNITURE
 
 SAME_PLACE_PT = 4.0  # a repeated line is at the same place when its centre moved less than this
@@ -59,6 +59,7 @@ HEADING_MAX_WORDS = 16
 BOLD_HEADING_RATIO = 0.95  # a block wholly in bold at least this share of the body's size can be a heading
 BOLD_FONT = re.compile(r"bold|black|heavy|semibold|demi|-bd\b", re.I)
 BULLET = re.compile(r"^([•◦▪‣∙·●○■□➢►✓]|[-–*]\s)")
+NUMBERED = re.compile(r"^(\d{1,3}|[a-z])[.)]\s")
 LIST_MARK = re.compile(r"^([•◦▪‣∙·●○■□➢►✓]|[-–*]\s|\d{1,3}[.)]\s|[a-z][.)]\s|\([a-z0-9]{1,3}\)\s)")
 MIN_PICTURE = 0.02  # an image or drawing covering this share of the page is a picture block
 BESIDE_GRAPHIC = 0.005  # a graphic this large with text at its side makes the rules unsure of the page
@@ -335,13 +336,13 @@ def page_markdown(page, textpage=None, blocks: list | None = None, running: Runn
     use_layout = analysis == "layout" or (analysis == "auto" and needs_layout(shown, blocks, lines, words, tables))
     regions = analyse(shown) if use_layout and lines else []
     if use_layout:
-        rules = horizontal_rules(shown)
+        rules, drawn = horizontal_rules(shown), [g for g in graphics(shown) if g[3] - g[1] > 3 and g[2] - g[0] > 3]
         for region in regions:
             if region.kind != "table" or any(_overlap(region.bbox, t.bbox) > 0.5 for t in tables):
                 continue  # a table drawn with lines all round: find_tables read its cells exactly
             table = fill(region.rows, region.cols, region.spans, [w for w in words if _in(w, region.bbox)], region.bbox)
             widen_group_headers(table, rules, region.rows, region.cols)
-            tables.append(table)
+            tables += [t for part in apart_from_graphics(table, drawn) for t in side_by_side(part)]
     else:
         ruled_boxes = [t.bbox for t in tables]
         tables += unruled_tables([w for w in words if not _inside_any(_centre(w[:4]), ruled_boxes)])
@@ -424,9 +425,14 @@ def _text_units(blocks: list, furniture: dict[int, str], table_boxes: list, regi
                     region = None  # _furniture had its say: the line is body text
                 kind = region.kind if region is not None else None
                 key = (b, id(region))
-                if kind in (None, "paragraph") and BULLET.match(text):
-                    kind = "list_item"
-                    current.pop(key, None)
+                if kind in (None, "paragraph", "list_item"):
+                    unit = current.get(key)
+                    if BULLET.match(text):
+                        kind = "list_item"
+                        current.pop(key, None)
+                    elif NUMBERED.match(text) and unit is not None and NUMBERED.match(_line_text(unit.lines[0]).strip()):
+                        kind = None  # the next item of a numbered list (_kind: a list item, or a heading)
+                        current.pop(key, None)
             unit = current.get(key)
             if unit is None:
                 unit = current[key] = _Unit(tuple(line["bbox"]), [line], kind=kind)
