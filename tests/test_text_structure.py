@@ -26,7 +26,8 @@ def _rows(page, rows: list[list[str]], xs: list[float], y0: float, rh: float = 1
     for r, row in enumerate(rows):
         for c, cell in enumerate(row):
             if cell:
-                page.insert_text((xs[c], y0 + r * rh), cell, fontsize=size, fontname="hebo" if r in bold_rows else "helv")
+                page.insert_text((xs[c], y0 + r * rh), cell, fontsize=size,
+                                 fontname="hebo" if r in bold_rows else "helv")
 
 
 def _reopened(doc):

@@ -201,29 +201,30 @@ def from_cell_boxes(boxes: list[tuple], words: list, bbox) -> Table:
 # --- tables from rulings ----------------------------------------------------------------------------------------
 
 
-def rules_area(page) -> tuple | None:
-    """The box around the page's strokes and thin fills (what a ruled table is drawn with), or None without any:
-    the table finder reads only the text there (it builds a Python object per character, the bulk of its cost)."""
-    boxes = _rules(page)
+def rules_area(log: list) -> tuple | None:
+    """The box around the page's strokes and thin fills (what a ruled table is drawn with; ``log``: the page's
+    get_bboxlog()), or None without any: the table finder reads only the text there (it builds a Python object per
+    character, the bulk of its cost)."""
+    boxes = _rules(log)
     if not boxes:
         return None
     return (min(b[0] for b in boxes) - 2, min(b[1] for b in boxes) - 2, max(b[2] for b in boxes) + 2,
             max(b[3] for b in boxes) + 2)
 
 
-def _rules(page) -> list[tuple]:
-    return [tuple(bbox) for kind, bbox in page.get_bboxlog() if kind == "stroke-path"
+def _rules(log: list) -> list[tuple]:
+    return [tuple(bbox) for kind, bbox in log if kind == "stroke-path"
             or (kind == "fill-path" and min(bbox[2] - bbox[0], bbox[3] - bbox[1]) <= 3)]
 
 
-def ruled_tables(page, words: list, area=None) -> list[Table]:
+def ruled_tables(page, words: list, log: list) -> list[Table]:
     """Tables drawn with lines all round, from PyMuPDF's table finder without its layout model; a dense grid (a
     printed spreadsheet: more than DENSE_SLOTS slots between its rules) straight from its rules, since the
     finder's cost grows with the square of its rules' crossings (a 400 x 25 sheet took minutes)."""
-    area = area if area is not None else rules_area(page)
+    area = rules_area(log)
     if area is None:
         return []
-    dense = _dense_grid(page, words)
+    dense = _dense_grid(log, words)
     if dense is not None:
         return [dense]
     found = []
@@ -236,11 +237,11 @@ def ruled_tables(page, words: list, area=None) -> list[Table]:
     return found
 
 
-def _dense_grid(page, words: list) -> Table | None:
+def _dense_grid(log: list, words: list) -> Table | None:
     """The page's rules as one grid (a rule's ends and a frame's edges), when it has more than DENSE_SLOTS slots;
     else None. Every slot a cell: a printed sheet's cells seldom span."""
     xs, ys = [], []
-    for x0, y0, x1, y1 in _rules(page):
+    for x0, y0, x1, y1 in _rules(log):
         if x1 - x0 > 3:
             ys += [y0, y1] if y1 - y0 > 3 else [(y0 + y1) / 2]
         if y1 - y0 > 3:
@@ -253,10 +254,10 @@ def _dense_grid(page, words: list) -> Table | None:
     return table
 
 
-def horizontal_rules(page) -> list[tuple[float, float, float]]:
+def horizontal_rules(log: list) -> list[tuple[float, float, float]]:
     """(y, x0, x1) of the page's horizontal strokes and hairline fills: what group headers are underlined with."""
     out = []
-    for kind, b in page.get_bboxlog():
+    for kind, b in log:
         if kind in ("stroke-path", "fill-path") and b[3] - b[1] <= 3 and b[2] - b[0] > 6:
             out.append(((b[1] + b[3]) / 2, b[0], b[2]))
     return out
@@ -277,7 +278,8 @@ def widen_group_headers(table: Table, rules: list, row_edges: list[float], col_e
         for y, x0, x1 in rules:
             if abs(y - bottom) > height * 0.75 or x1 <= left or x0 >= right:
                 continue
-            covered = [c for c in range(len(col_edges) - 1) if x0 - 2 <= (col_edges[c] + col_edges[c + 1]) / 2 <= x1 + 2]
+            covered = [c for c in range(len(col_edges) - 1)
+                       if x0 - 2 <= (col_edges[c] + col_edges[c + 1]) / 2 <= x1 + 2]
             if not covered or (covered[0] >= cell.col and covered[-1] < cell.col + cell.colspan):
                 continue
             c0, c1 = min(covered[0], cell.col), max(covered[-1] + 1, cell.col + cell.colspan)

@@ -48,9 +48,10 @@ from dataclasses import dataclass, field
 from docpipe.render import furniture as furniture_rules
 from docpipe.render.furniture import HEADING_RATIO, band_of, is_caption
 from docpipe.render.layout import MAX_BOXES, Region, analyse
-from docpipe.render.tables import (NUMBER, Table, aligned_rows, fill, horizontal_rules, markdown_table,  # noqa: F401
-                                   apart_from_graphics, ruled_tables, rules_area, side_by_side, table_markdown, unruled_tables,
-                                   widen_group_headers, word_count)
+from docpipe.render.tables import markdown_table  # noqa: F401  (re-exported: callers took it from here)
+from docpipe.render.tables import (NUMBER, Table, aligned_rows, apart_from_graphics, fill, horizontal_rules,
+                                   ruled_tables, side_by_side, table_markdown, unruled_tables, widen_group_headers,
+                                   word_count)
 from docpipe.schemas import FURNITURE
 
 SAME_PLACE_PT = 4.0  # a repeated line is at the same place when its centre moved less than this
@@ -60,7 +61,8 @@ BOLD_HEADING_RATIO = 0.95  # a block wholly in bold at least this share of the b
 BOLD_FONT = re.compile(r"bold|black|heavy|semibold|demi|-bd\b", re.I)
 BULLET = re.compile(r"^([•◦▪‣∙·●○■□➢►✓]|[-–*]\s)")
 NUMBERED = re.compile(r"^(\d{1,3}|[a-z])[.)]\s")
-LIST_MARK = re.compile(r"^([•◦▪‣∙·●○■□➢►✓]|[-–*]\s|\d{1,3}[.)]\s|[a-z][.)]\s|\([a-z0-9]{1,3}\)\s)")
+LIST_MARK = re.compile(r"^([•◦▪‣∙·●○■□➢►✓]|[-–*]\s|\d{1,3}[.)]\s|[a-z][.)]\s"  # a list item's mark
+                       r"|\([a-z0-9]{1,3}\)\s)")
 MIN_PICTURE = 0.02  # an image or drawing covering this share of the page is a picture block
 BESIDE_GRAPHIC = 0.005  # a graphic this large with text at its side makes the rules unsure of the page
 BACKGROUND = 0.8  # a fill or image covering this share of the page is its background, not a picture
@@ -331,18 +333,21 @@ def page_markdown(page, textpage=None, blocks: list | None = None, running: Runn
     lines = [line for block in blocks for line in block.get("lines", ()) if _line_text(line).strip()]
     body = _body_size(lines)
     words = textpage.extractWORDS()
-    area = rules_area(shown)
-    tables = ruled_tables(shown, words, area)
-    use_layout = analysis == "layout" or (analysis == "auto" and needs_layout(shown, blocks, lines, words, tables))
+    log = shown.get_bboxlog()  # what the page draws: rules, images, fills (one pass for every use below)
+    drawn = graphics(log, rect)
+    tables = ruled_tables(shown, words, log)
+    use_layout = analysis == "layout" or (analysis == "auto" and needs_layout(rect, blocks, lines, words, tables, log,
+                                                                              drawn))
     regions = analyse(shown) if use_layout and lines else []
     if use_layout:
-        rules, drawn = horizontal_rules(shown), [g for g in graphics(shown) if g[3] - g[1] > 3 and g[2] - g[0] > 3]
+        rules = horizontal_rules(log)
         for region in regions:
             if region.kind != "table" or any(_overlap(region.bbox, t.bbox) > 0.5 for t in tables):
                 continue  # a table drawn with lines all round: find_tables read its cells exactly
             table = fill(region.rows, region.cols, region.spans, [w for w in words if _in(w, region.bbox)], region.bbox)
             widen_group_headers(table, rules, region.rows, region.cols)
-            tables += [t for part in apart_from_graphics(table, drawn) for t in side_by_side(part)]
+            parts = apart_from_graphics(table, [g for g in drawn if g[3] - g[1] > 3 and g[2] - g[0] > 3])
+            tables += [t for part in parts for t in side_by_side(part)]
     else:
         ruled_boxes = [t.bbox for t in tables]
         tables += unruled_tables([w for w in words if not _inside_any(_centre(w[:4]), ruled_boxes)])
@@ -350,7 +355,7 @@ def page_markdown(page, textpage=None, blocks: list | None = None, running: Runn
     furniture = _furniture(blocks, lines, index, rect, running, body, table_boxes, regions)
     units = [_Unit(t.bbox, table=t, kind="table") for t in tables]
     units += _text_units(blocks, furniture, table_boxes, [r for r in regions if r.kind != "table"])
-    units += _pictures(shown, regions, units)
+    units += _pictures(rect, regions, units, drawn)
     ordered = _reading_order(units)
     return _write(ordered, body, to_page, "layout" if use_layout else "fast")
 
@@ -430,7 +435,8 @@ def _text_units(blocks: list, furniture: dict[int, str], table_boxes: list, regi
                     if BULLET.match(text):
                         kind = "list_item"
                         current.pop(key, None)
-                    elif NUMBERED.match(text) and unit is not None and NUMBERED.match(_line_text(unit.lines[0]).strip()):
+                    elif NUMBERED.match(text) and unit is not None and \
+                            NUMBERED.match(_line_text(unit.lines[0]).strip()):
                         kind = None  # the next item of a numbered list (_kind: a list item, or a heading)
                         current.pop(key, None)
             unit = current.get(key)
@@ -450,12 +456,12 @@ def _region_of(line: dict, regions: list[Region]) -> Region | None:
     return min(holding, key=lambda r: (r.bbox[2] - r.bbox[0]) * (r.bbox[3] - r.bbox[1]), default=None)
 
 
-def _pictures(page, regions: list[Region], units: list[_Unit]) -> list[_Unit]:
+def _pictures(rect, regions: list[Region], units: list[_Unit], drawn: list[tuple]) -> list[_Unit]:
     """Picture blocks (no text of their own): the layout's picture regions, and the page's images and vector
     drawings (``graphics``) over MIN_PICTURE of its area that no table, text unit or such region already holds."""
     boxes = [r.bbox for r in regions if r.kind == "picture"]
-    area = abs(page.rect) or 1.0
-    boxes += [g for g in graphics(page) if (g[2] - g[0]) * (g[3] - g[1]) >= MIN_PICTURE * area]
+    area = abs(rect) or 1.0
+    boxes += [g for g in drawn if (g[2] - g[0]) * (g[3] - g[1]) >= MIN_PICTURE * area]
     taken = [u.bbox for u in units if u.kind in ("picture", "table")]
     out: list[_Unit] = []
     for b in boxes:
@@ -465,12 +471,12 @@ def _pictures(page, regions: list[Region], units: list[_Unit]) -> list[_Unit]:
     return out
 
 
-def graphics(page) -> list[tuple[float, float, float, float]]:
-    """Boxes of the page's images and of its drawings (fills and strokes, rules apart) grouped where they touch:
-    a photo, a chart's bars and axes. Not a fill covering most of the page (a background)."""
-    area = abs(page.rect) or 1.0
+def graphics(log: list, rect) -> list[tuple[float, float, float, float]]:
+    """Boxes of the page's images and of its drawings (``log``: its get_bboxlog()) grouped where they touch: a photo,
+    a chart's bars and axes. Not a fill covering most of the page (a background)."""
+    area = abs(rect) or 1.0
     paths, images = [], []
-    for kind, b in page.get_bboxlog():
+    for kind, b in log:
         w, h = b[2] - b[0], b[3] - b[1]
         if kind in ("fill-image", "fill-imgmask"):
             images.append(tuple(b))
@@ -481,7 +487,8 @@ def graphics(page) -> list[tuple[float, float, float, float]]:
     clusters: list[list[float]] = []
     for b in sorted(paths[:MAX_PATHS], key=lambda b: b[0]):
         for c in clusters:
-            if b[0] <= c[2] + TOUCH_PT and c[0] <= b[2] + TOUCH_PT and b[1] <= c[3] + TOUCH_PT and c[1] <= b[3] + TOUCH_PT:
+            if b[0] <= c[2] + TOUCH_PT and c[0] <= b[2] + TOUCH_PT and \
+                    b[1] <= c[3] + TOUCH_PT and c[1] <= b[3] + TOUCH_PT:
                 c[:] = [min(c[0], b[0]), min(c[1], b[1]), max(c[2], b[2]), max(c[3], b[3])]
                 break
         else:
@@ -506,7 +513,7 @@ def mostly_right_to_left(text: str) -> bool:
     return rtl > ltr
 
 
-def needs_layout(page, blocks: list, lines: list[dict], words: list, tables: list) -> bool:
+def needs_layout(rect, blocks: list, lines: list[dict], words: list, tables: list, log: list, drawn: list) -> bool:
     """Whether the rules alone are unsure of the page: rulings (a ruled or booktabs table), rows of aligned short
     cells (an unruled table), several columns, or text beside graphics (a chart or figure with its labels and a
     caption or table at its side). Plain prose is not; nor a page whose words are mostly in ruled tables (read
@@ -519,7 +526,6 @@ def needs_layout(page, blocks: list, lines: list[dict], words: list, tables: lis
     if tables:
         inside = sum(1 for w in words if _inside_any(_centre(w[:4]), [t.bbox for t in tables]))
         return inside < COVERED * len(words)  # a page that is one ruled table (a printed sheet) is read already
-    log = page.get_bboxlog()
     rules = [b for kind, b in log if kind == "stroke-path"
              or (kind == "fill-path" and min(b[2] - b[0], b[3] - b[1]) <= 3)]
     if len(rules) >= 3 or aligned_rows(words):
@@ -527,8 +533,8 @@ def needs_layout(page, blocks: list, lines: list[dict], words: list, tables: lis
     text_boxes = [tuple(b["bbox"]) for b in blocks if b.get("lines")]
     if _several_columns([_Unit(b) for b in text_boxes]):
         return True
-    area = abs(page.rect) or 1.0
-    shown = [g for g in graphics(page) if (g[2] - g[0]) * (g[3] - g[1]) >= BESIDE_GRAPHIC * area]
+    area = abs(rect) or 1.0
+    shown = [g for g in drawn if (g[2] - g[0]) * (g[3] - g[1]) >= BESIDE_GRAPHIC * area]
     return any(_beside(g, t) for g in shown for t in text_boxes)
 
 

@@ -194,13 +194,14 @@ def measure_text_layer(paths: list[Path]) -> dict[str, Any]:
 
     def quantiles(values: list[float]) -> dict[str, float]:
         cuts = statistics.quantiles(values, n=10, method="inclusive") if len(values) > 1 else values * 9
-        return {"median": statistics.median(values), "p90": cuts[8]}
+        return {"median": statistics.median(values), "p90": cuts[8], "mean": statistics.fmean(values)}
 
     out: dict[str, Any] = {"text_layer_pages": len(ours),
                            "layout_page_fraction": analyses.count("layout") / len(analyses)}
     for name, values in (("bare", bare), ("ours", ours), ("layout_every_page", layout)):
         q = quantiles(values)
-        out[f"{name}_cpu_s_median"], out[f"{name}_cpu_s_p90"] = q["median"], q["p90"]
+        for stat, value in q.items():
+            out[f"{name}_cpu_s_{stat}"] = value
     out["by_kind"] = {kind: {"pages": kinds.count(kind), "layout_pages": sum(1 for k, a in zip(kinds, analyses)
                                                                                 if k == kind and a == "layout"),
                              "ours_cpu_s_median": statistics.median(v for k, v in zip(kinds, ours) if k == kind)}
@@ -226,9 +227,10 @@ def text_layer_main(args) -> None:
     print(f"bench --text-layer: {pages} born-digital pages ({mix}); {describe_device()}", flush=True)
     results = {"device": describe_device(), **measure_text_layer(paths)}
     print()
-    print(f"  {'CPU s per text-layer page':<52} {'median':>8} {'p90':>8}")
+    print(f"  {'CPU s per text-layer page':<52} {'median':>8} {'p90':>8} {'mean':>8}")
     for key, label in TEXT_LAYER_ROWS:
-        print(f"  {label:<52} {results[key + '_cpu_s_median']:>8.3f} {results[key + '_cpu_s_p90']:>8.3f}")
+        figures = (results[f"{key}_cpu_s_{stat}"] for stat in ("median", "p90", "mean"))
+        print(f"  {label:<52} " + " ".join(f"{value:>8.3f}" for value in figures))
     print(f"  pages that took the layout analysis: {results['layout_page_fraction']:.0%} of "
           f"{results['text_layer_pages']}")
     for kind, row in results["by_kind"].items():

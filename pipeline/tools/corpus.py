@@ -125,7 +125,9 @@ def _booktabs_page(doc, rnd: random.Random, number: int) -> None:
     y = 300
     page.draw_line((72, y - 12), (523, y - 12), width=1)
     for r in range(8):
-        cells = ["Site", "Mean", "SD", "n"] if r == 0 else             [rnd.choice(WORDS).title(), f"{rnd.uniform(1, 99):.2f}", f"{rnd.uniform(0, 9):.2f}", str(rnd.randrange(9, 99))]
+        cells = ["Site", "Mean", "SD", "n"] if r == 0 else \
+            [rnd.choice(WORDS).title(), f"{rnd.uniform(1, 99):.2f}", f"{rnd.uniform(0, 9):.2f}",
+             str(rnd.randrange(9, 99))]
         for c, cell in enumerate(cells):
             page.insert_text((76 + c * 110, y), cell, fontsize=9)
         if r == 0:
