@@ -169,6 +169,16 @@ def tables():
     page.insert_textbox((72, 320, 523, 420), PROSE * 2, fontsize=11)
     out["chart"] = page_markdown(_reopened(doc)[0])
 
+    # a paragraph beside an unruled table, its lines on the table's rows
+    doc, page = _page()
+    page.insert_textbox((72, 72, 523, 150), PROSE * 2, fontsize=11)
+    _rows(page, [["Item", "Qty", "Price"], ["Bolts", "400", "0.12"], ["Nuts", "380", "0.05"],
+                 ["Washers", "1200", "0.01"], ["Screws", "90", "0.20"]], [72, 150, 210], 180)
+    page.insert_textbox((300, 168, 523, 300), "The depot counted its stock on Monday and found that bolts and nuts "
+                        "were plentiful while screws ran low.", fontsize=10)
+    page.insert_textbox((72, 320, 523, 420), PROSE * 2, fontsize=11)
+    out["prose_beside"] = page_markdown(_reopened(doc)[0])
+
     # a landscape table set sideways on a portrait page
     src, wide = pymupdf.open(), None
     wide = src.new_page(width=842, height=595)
@@ -203,7 +213,7 @@ def test_a_body_cell_spanning_rows_makes_an_html_table_with_header_cells(tables)
             '<tr><td>South</td><td>2025</td><td>98</td></tr>\n</table>') in tables["rowspan"]
 
 
-def test_booktabs_side_by_side_and_chart_tables_keep_each_cell_in_its_row_and_column(tables):
+def test_booktabs_side_by_side_prose_beside_and_chart_tables_keep_each_cell_in_its_row_and_column(tables):
     assert _table_rows(tables["booktabs"]) == [["Region", "Q1", "Q2", "Q3"], ["North", "120", "135", "150"],
                                                ["South", "98", "101", "117"], ["East", "143", "139", "160"],
                                                ["West", "88", "90", "95"]]
@@ -214,6 +224,11 @@ def test_booktabs_side_by_side_and_chart_tables_keep_each_cell_in_its_row_and_co
     assert _table_rows(side) == [["Name", "Age"], ["Ann", "31"], ["Bob", "45"], ["Cy", "27"],
                                  ["City", "Pop."], ["Oslo", "709"], ["Bergen", "291"], ["Trondheim", "212"]]
     assert len(_blocks(side, "table")) == 2
+    beside = tables["prose_beside"]
+    assert _table_rows(beside) == [["Item", "Qty", "Price"], ["Bolts", "400", "0.12"], ["Nuts", "380", "0.05"],
+                                   ["Washers", "1200", "0.01"], ["Screws", "90", "0.20"]]
+    assert "\n\nThe depot counted its stock on Monday and found that bolts and nuts were plentiful while screws ran " \
+           "low.\n\n" in beside
     chart = tables["chart"]
     assert _table_rows(chart) == [["Month", "Units", "Share"], ["Jan", "600", "23%"], ["Feb", "900", "34%"],
                                   ["Mar", "400", "15%"], ["Apr", "750", "28%"]]

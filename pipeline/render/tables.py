@@ -29,6 +29,7 @@ TABLE_MAX_WORDS_PER_CELL = 4.0  # on average: prose in two columns has far more 
 DENSE_SLOTS = 600  # a ruled grid with more slots than this is read from its rules, not by find_tables
 SIDE_BY_SIDE_GAP = 2.0  # a column gutter this many times wider than the table's others (and MIN_APART) splits it
 MIN_APART_PT = 36.0
+PROSE_WORDS = 5  # a column whose cells average this many words may be a paragraph beside the table
 NUMBER = re.compile(r"^[-+−(]?[$€£¥]?\s?\d[\d,.\s]*%?\)?(\s*\([-+−]?\d[\d,.]*%?\))?$")
 
 
@@ -51,6 +52,7 @@ class Table:
     cols: int
     cells: list[Cell] = field(default_factory=list)
     extents: list[tuple[float, float] | None] = field(default_factory=list)
+    sources: list[dict[int, set[int]]] = field(default_factory=list)  # per column: text block -> rows it fills
 
 
 # --- characters and words ---------------------------------------------------------------------------------------
@@ -122,6 +124,7 @@ def fill(rows: list[float], cols: list[float], spans: list[tuple[int, int, int, 
         cell = owner[(_slot(rows, y), _slot(cols, x))]
         texts.setdefault(id(cell), []).append(w)
     extents: list[tuple[float, float] | None] = [None] * n_cols
+    sources: list[dict[int, set[int]]] = [{} for _ in range(n_cols)]
     for cell in cells:
         ws = texts.get(id(cell), ())
         cell.text = " ".join(w[4] for w in sorted(ws, key=lambda w: (round(w[1]), w[0])))
@@ -129,8 +132,44 @@ def fill(rows: list[float], cols: list[float], spans: list[tuple[int, int, int, 
             old = extents[cell.col]
             left, right = min(w[0] for w in ws), max(w[2] for w in ws)
             extents[cell.col] = (left, right) if old is None else (min(old[0], left), max(old[1], right))
+            for w in ws:
+                if len(w) > 5:  # extractWORDS: (x0, y0, x1, y1, text, block, line, word)
+                    sources[cell.col].setdefault(w[5], set()).add(cell.row)
     cells.sort(key=lambda c: (c.row, c.col))
-    return Table(tuple(bbox) if bbox else (cols[0], rows[0], cols[-1], rows[-1]), n_rows, n_cols, cells, extents)
+    return Table(tuple(bbox) if bbox else (cols[0], rows[0], cols[-1], rows[-1]), n_rows, n_cols, cells, extents,
+                 sources)
+
+
+def without_prose(table: Table) -> Table | None:
+    """The table without a first or last column that is a paragraph beside it: wordy cells (PROSE_WORDS on
+    average), from one text block running down three rows or more and into no other column (a table's cells are
+    blocks of their own, or rows across it; a column of figures MuPDF made one block is not wordy). None when fewer
+    than two columns are left."""
+    def prose(c: int) -> bool:
+        if c >= len(table.sources):
+            return False
+        texts = [cell.text for cell in table.cells if cell.col == c and cell.text]
+        if not texts or sum(word_count(t) for t in texts) < PROSE_WORDS * len(texts):
+            return False
+        return any(len(rows) >= 3 and not any(block in other for other in table.sources[:c] + table.sources[c + 1:])
+                   for block, rows in table.sources[c].items())
+
+    first, last = 0, table.cols - 1
+    while last > first and prose(last):
+        last -= 1
+    while first < last and prose(first):
+        first += 1
+    if (first, last) == (0, table.cols - 1):
+        return table
+    if last - first < 1 or any(c.col < first <= c.col + c.colspan - 1 or c.col <= last < c.col + c.colspan - 1
+                               for c in table.cells):
+        return None if last - first < 1 else table
+    ext = table.extents
+    cells = [Cell(c.row, c.col - first, c.rowspan, c.colspan, c.text) for c in table.cells if first <= c.col <= last]
+    x0 = ext[first][0] if ext and ext[first] else table.bbox[0]
+    x1 = ext[last][1] if ext and ext[last] else table.bbox[2]
+    return Table((x0, table.bbox[1], x1, table.bbox[3]), table.rows, last - first + 1, cells,
+                 ext[first:last + 1], table.sources[first:last + 1])
 
 
 def apart_from_graphics(table: Table, graphics: list[tuple]) -> list[Table]:
@@ -152,7 +191,8 @@ def apart_from_graphics(table: Table, graphics: list[tuple]) -> list[Table]:
             cells = [Cell(c.row, c.col - start, c.rowspan, c.colspan, c.text) for c in table.cells
                      if start <= c.col <= cut]
             bbox = (ext[start][0], y0, ext[cut][1], y1)
-            parts.append(Table(bbox, table.rows, cut + 1 - start, cells, ext[start:cut + 1]))
+            parts.append(Table(bbox, table.rows, cut + 1 - start, cells, ext[start:cut + 1],
+                               table.sources[start:cut + 1]))
         start = cut + 1
     return parts
 
@@ -177,10 +217,10 @@ def side_by_side(table: Table) -> list[Table]:
     if not labels or sum(_is_number(t) for t in labels) * 2 > len(labels):
         return [table]
     left = Table((table.bbox[0], table.bbox[1], (ext[cut][1] + ext[cut + 1][0]) / 2, table.bbox[3]), table.rows,
-                 cut + 1, [c for c in table.cells if c.col <= cut], ext[:cut + 1])
+                 cut + 1, [c for c in table.cells if c.col <= cut], ext[:cut + 1], table.sources[:cut + 1])
     right_cells = [Cell(c.row, c.col - cut - 1, c.rowspan, c.colspan, c.text) for c in table.cells if c.col > cut]
     right = Table(((ext[cut][1] + ext[cut + 1][0]) / 2, table.bbox[1], table.bbox[2], table.bbox[3]), table.rows,
-                  table.cols - cut - 1, right_cells, ext[cut + 1:])
+                  table.cols - cut - 1, right_cells, ext[cut + 1:], table.sources[cut + 1:])
     return [left, right]
 
 

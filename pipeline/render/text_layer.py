@@ -51,7 +51,7 @@ from docpipe.render.layout import MAX_BOXES, Region, analyse
 from docpipe.render.tables import markdown_table  # noqa: F401  (re-exported: callers took it from here)
 from docpipe.render.tables import (NUMBER, Table, aligned_rows, apart_from_graphics, fill, horizontal_rules,
                                    ruled_tables, side_by_side, table_markdown, unruled_tables, widen_group_headers,
-                                   word_count)
+                                   without_prose, word_count)
 from docpipe.schemas import FURNITURE
 
 SAME_PLACE_PT = 4.0  # a repeated line is at the same place when its centre moved less than this
@@ -346,6 +346,9 @@ def page_markdown(page, textpage=None, blocks: list | None = None, running: Runn
                 continue  # a table drawn with lines all round: find_tables read its cells exactly
             table = fill(region.rows, region.cols, region.spans, [w for w in words if _in(w, region.bbox)], region.bbox)
             widen_group_headers(table, rules, region.rows, region.cols)
+            table = without_prose(table)
+            if table is None:
+                continue
             parts = apart_from_graphics(table, [g for g in drawn if g[3] - g[1] > 3 and g[2] - g[0] > 3])
             tables += [t for part in parts for t in side_by_side(part)]
     else:
