@@ -286,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--engines", action="store_true", help="instead: the model stage under each engine (generate, "
                        "continuous) and option (dtype, attention, bitsandbytes, static cache, torch.compile), side by "
                        "side, on a realistic output length mix; needs no Ray")
+    bench.add_argument("--text-layer", action="store_true", help="instead: CPU seconds per text-layer page (median, "
+                       "p90) on a mix of born-digital pages, for bare PyMuPDF text extraction, ours, and ours with the "
+                       "layout analysis on every page, side by side; needs no Ray and no model (--pages default 60)")
     bench.add_argument("--gpu-check", action="store_true", help="instead: one short run that says what a GPU can do "
                        "and what docpipe gets from it, and why (versions, matmul and copy ceilings, per-page encode "
                        "cost, generate's decode step, the continuous engine's step per attention path beside its "

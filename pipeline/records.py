@@ -35,6 +35,7 @@ RENDERED_SCHEMA = pa.schema(
         ("text", pa.large_string()),  # set by the render stage for text_layer and blank pages, else by the model
         ("route_reason", pa.string()),  # docpipe.schemas.RouteReason: why the render stage answered the page, or did not
         ("blocks", pa.list_(BLOCK_TYPE)),  # the page's layout blocks (pages.blocks), from the text layer or the model
+        ("text_layer_analysis", pa.string()),  # docpipe.schemas.TextLayerAnalysis: how a text-layer page was read
         ("status", pa.string()),
         ("repaired", pa.bool_()),  # document records: MuPDF repaired the file on opening
         ("damage", pa.string()),  # page records: MuPDF's warnings on content it could not load (the ledger's partial)

@@ -21,6 +21,7 @@ from docpipe.schemas.contract import (
     Renderer,
     RouteReason,
     RunManifest,
+    TextLayerAnalysis,
     TextSource,
 )
 
@@ -42,5 +43,6 @@ __all__ = [
     "Renderer",
     "RouteReason",
     "RunManifest",
+    "TextLayerAnalysis",
     "TextSource",
 ]

@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field
 # 3: pages columns text_source (model, text_layer, blank) and renderer (pymupdf, pdfium, pillow).
 # 4: pages column route_reason (why a page was answered without the model, or why the model read it); page text
 #    is Markdown from both routes.
-# 5: pages column blocks (the page's layout blocks in reading order: kind, Markdown, box); route reasons
+# 5: pages column blocks (the page's layout blocks in reading order: kind, Markdown, box); pages column
+#    text_layer_analysis (fast or layout: how a text-layer page's structure was found); route reasons
 #    broken_font_map, mojibake, presentation_forms, rtl_visual_order (text layers that cannot be read as text); page
 #    status partial and error_type content_lost (part of a damaged page's content could not be loaded), documents
 #    column repaired; no documents row for an input skipped unchanged at listing (the manifest counts them);
@@ -65,6 +66,13 @@ class RouteReason(str, Enum):
     rtl_visual_order = "rtl_visual_order"  # right-to-left words stored backwards (visual order)
     sparse = "sparse"  # too few visible characters for the page's area
     formulas = "formulas"  # math fonts or symbols: the model writes LaTeX
+
+
+class TextLayerAnalysis(str, Enum):
+    """How a text-layer page's structure was found (pipeline/render/text_layer.py)."""
+
+    fast = "fast"  # the rules alone: plain prose, letters, one-column pages
+    layout = "layout"  # with PyMuPDF's layout analysis: pages with tables, rulings, columns or graphics
 
 
 class Renderer(str, Enum):
@@ -167,6 +175,11 @@ class PageRow(_Row):
         None, description="The page's layout blocks in reading order (kind, Markdown, box as fractions of the page, "
         "origin top left), furniture included; null on model pages whose model gives no boxes, on errors and in "
         "outputs older than contract v5."
+    )
+    text_layer_analysis: TextLayerAnalysis | None = Field(
+        None, description="On text-layer pages, how the page's structure was found: 'fast' (the rules alone) or "
+        "'layout' (PyMuPDF's layout analysis too, on pages with tables, rulings, columns or graphics); null on other "
+        "pages and in outputs older than contract v5."
     )
     run_id: str
     schema_version: int = Field(CONTRACT_VERSION, description="Version of this table's layout (the contract).")
@@ -285,6 +298,7 @@ PAGES_SCHEMA = pa.schema(
         pa.field("renderer", pa.string()),
         pa.field("route_reason", pa.string()),
         pa.field("blocks", pa.list_(BLOCK_TYPE)),
+        pa.field("text_layer_analysis", pa.string()),
         pa.field("run_id", pa.string(), nullable=False),
         pa.field("schema_version", pa.int16(), nullable=False),
     ],

@@ -42,6 +42,23 @@ def test_bench_reports_every_figure(tmp_path):
     assert "pipeline / baseline" in proc.stdout
 
 
+def test_text_layer_bench_reports_cpu_per_page_three_ways(tmp_path):
+    """docpipe bench --text-layer's measure, on a prose page and a statement page of its born-digital mix: each way
+    measured on every page, the prose on the fast path and the table on the layout analysis."""
+    from docpipe.tools.bench import measure_text_layer
+    from docpipe.tools.corpus import TEXT_LAYER_MIX, make_text_layer_corpus
+
+    paths = make_text_layer_corpus(tmp_path, pages=6)
+    assert [p.stem for p in paths] == [kind for kind, _ in TEXT_LAYER_MIX]
+    figures = measure_text_layer([p for p in paths if p.stem in ("prose", "statement")])
+    assert figures["text_layer_pages"] == 3 and figures["layout_page_fraction"] == 1 / 3
+    for way in ("bare", "ours", "layout_every_page"):
+        for stat in ("median", "p90", "mean"):
+            assert figures[f"{way}_cpu_s_{stat}"] > 0, (way, stat)
+    kinds = figures["by_kind"]
+    assert (kinds["prose"]["pages"], kinds["prose"]["layout_pages"], kinds["statement"]["layout_pages"]) == (2, 0, 1)
+
+
 def test_random_idefics2_8b_has_the_real_architecture():
     import torch
 

@@ -260,7 +260,8 @@ def test_a_model_actor_that_dies_is_restarted_and_its_pages_retried(sample_docs,
 
 def test_hanging_slow_and_crashing_renders_are_cut_off_and_recorded(sample_docs, tmp_path):
     """Rendering runs in a child process under per-page and per-document limits: a page that hangs, a document
-    that is slow overall, and a renderer that crashes each end in error rows, and the run goes on."""
+    that is slow overall, and a renderer that crashes each end in error rows, and the run goes on; a page cut off
+    or crashed on takes no later page with it."""
     folder = tmp_path / "in"
     folder.mkdir()
     for name, source in [("hang.pdf", "report.pdf"), ("slow.pdf", "report.pdf"), ("crash.pdf", "minutes.pdf"),
@@ -285,10 +286,11 @@ def test_hanging_slow_and_crashing_renders_are_cut_off_and_recorded(sample_docs,
     for p in pq.read_table(out / "pages").to_pylist():
         pages.setdefault(p["source_uri"].rsplit("/", 1)[-1], {})[p["page_number"]] = p
     assert docs["fine.pdf"]["status"] == "ok"
-    # page 2 hangs: cut off at the page limit; pages 2 and 3 become error rows, page 1 keeps its text
+    # page 2 hangs: cut off at the page limit, it alone is an error row; a fresh render process goes on with page 3
     assert docs["hang.pdf"]["status"] == "partial" and docs["hang.pdf"]["error_type"] == "timeout"
     assert pages["hang.pdf"][1]["status"] == "ok" and pages["hang.pdf"][1]["text"] is not None
-    assert [pages["hang.pdf"][n]["error_type"] for n in (2, 3)] == ["timeout", "timeout"]
+    assert [pages["hang.pdf"][n]["error_type"] for n in (2, 3)] == ["timeout", None]
+    assert pages["hang.pdf"][3]["status"] == "ok" and pages["hang.pdf"][3]["text"] is not None
     assert "page time limit (8 s)" in pages["hang.pdf"][2]["error_message"]
     # 2 s a page is within the page limit, but 10 pages take longer than the 14 s document limit
     statuses = [pages["slow.pdf"][n]["status"] for n in range(1, 11)]
@@ -296,8 +298,9 @@ def test_hanging_slow_and_crashing_renders_are_cut_off_and_recorded(sample_docs,
     assert all("document time limit (14 s)" in p["error_message"] for p in pages["slow.pdf"].values()
                if p["status"] == "error")
     assert docs["slow.pdf"]["status"] == "partial"
-    # the renderer dies on page 2: page 1 survives, page 2 is recorded as a crash
+    # the renderer dies on page 2: page 1 survives, page 2 is recorded as a crash, the pages after it are rendered
     assert "crash.pdf" in pages, docs["crash.pdf"]
     assert pages["crash.pdf"][1]["status"] == "ok"
     assert pages["crash.pdf"][2]["error_type"] == "renderer_crashed"
+    assert all(p["status"] == "ok" for n, p in pages["crash.pdf"].items() if n > 2)
     assert docs["crash.pdf"]["status"] == "partial"

@@ -59,8 +59,11 @@ def browser():
 def extract_run(tmp_path_factory, tiny_checkpoint, sample_docs):
     """ocr+extract over demo documents, bad inputs and a file named with markup, with a schema whose validator
     no output passes; then one page's text and one JSON value replaced by hostile markup."""
+    import pymupdf
+
     from docpipe.config import RunConfig
     from docpipe.execute.run import run
+    from docpipe.render.text_layer import page_markdown
 
     folder = tmp_path_factory.mktemp("report-in")
     for name in ("report.pdf", "receipt.png"):
@@ -76,13 +79,16 @@ def extract_run(tmp_path_factory, tiny_checkpoint, sample_docs):
                        checkpoint_s=0.001)  # a file per finished document: points for the pages/s curve
     manifest = run(config).manifest.model_dump()
 
-    # What a model could write: the report must show it as text.
+    # What a model could write: the report must show it as text. Page 3 gets the blocks its text layer gives (this
+    # run sent every page to the model, which gives none), for the boxes drawn over its image.
     pages, docs = [], []
     for rel in manifest["files"]["pages"]:
         rows = pq.read_table(out / rel).to_pylist()
         for p in rows:
             if p["source_uri"].endswith("report.pdf") and p["page_number"] == 1:
                 p["text"] = HOSTILE_TEXT
+            if p["source_uri"].endswith("report.pdf") and p["page_number"] == 3:
+                p["blocks"] = page_markdown(pymupdf.open(folder / "report.pdf")[2]).blocks
         _rewrite(out / rel, rows)
         pages += rows
     for rel in manifest["files"]["documents"]:
@@ -183,6 +189,33 @@ def test_document_view_shows_each_page_image_beside_its_text(browser, site, extr
     recorded = next(p["text"] for p in pages if p["source_uri"] == uri and p["page_number"] == 2)
     assert recorded and page.locator("#page-2 .rawtext").text_content() == recorded
     assert page.locator("#page-2 .page-markdown").inner_text().strip() != ""
+    assert page.errors == []
+
+
+def test_layout_blocks_are_drawn_over_the_page_image_and_can_be_hidden(browser, site, extract_run):
+    _, _, pages, _ = extract_run
+    blocks = next(p["blocks"] for p in pages if p["source_uri"].endswith("report.pdf") and p["page_number"] == 3)
+    assert len(blocks) >= 3 and {"heading", "table"} <= {b["kind"] for b in blocks}
+    page = _open(browser, site / "index.html")
+    page.locator("#document-list a", has_text="report.pdf").click()
+    page.wait_for_load_state("load")
+    img = page.locator("#page-3 img")
+    img.scroll_into_view_if_needed()
+    page.wait_for_function("el => el.complete && el.naturalWidth > 0", arg=img.element_handle())
+    rects = page.locator("#page-3 svg.blocks rect")
+    assert rects.count() == len(blocks)
+    assert [rects.nth(i).get_attribute("data-kind") for i in range(len(blocks))] == [b["kind"] for b in blocks]
+    frame = img.bounding_box()
+    for i, b in enumerate(blocks):  # each box where the block is, as a fraction of the page image
+        box = rects.nth(i).bounding_box()
+        assert abs(box["x"] - (frame["x"] + b["x0"] * frame["width"])) <= 2, (b, box, frame)
+        assert abs(box["y"] - (frame["y"] + b["y0"] * frame["height"])) <= 2, (b, box, frame)
+        assert abs(box["width"] - (b["x1"] - b["x0"]) * frame["width"]) <= 3, (b, box, frame)
+    assert page.locator("#page-2 svg.blocks").count() == 0  # a model page: no boxes
+    page.locator("#show-blocks").uncheck()
+    assert not page.locator("#page-3 svg.blocks").is_visible()
+    page.locator("#show-blocks").check()
+    assert page.locator("#page-3 svg.blocks").is_visible()
     assert page.errors == []
 
 

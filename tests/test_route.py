@@ -322,7 +322,7 @@ def test_mixed_run_through_ray_keeps_the_contract(sample_docs, docs, tmp_path, l
     tests/test_s3.py's Ray run and tests/test_fidelity.py's contract run."""
     import pyarrow.parquet as pq
 
-    from docpipe.schemas import PAGES_SCHEMA, PageRow
+    from docpipe.schemas import FURNITURE, PAGES_SCHEMA, PageRow
     from tests.conftest import run_cli
 
     inputs = tmp_path / "in"
@@ -342,6 +342,16 @@ def test_mixed_run_through_ray_keeps_the_contract(sample_docs, docs, tmp_path, l
                       ("with_blank.pdf", 2, "blank"), ("with_blank.pdf", 3, "text_layer")]
     assert all(p.status == "ok" and (p.model is not None) == (p.text_source == "model") for p in pages)
     assert "text from  model 2, text_layer 5, blank 1" in proc.stdout
+    # text-layer pages carry their blocks to the sink: in reading order, furniture out of the text
+    for p in pages:
+        if p.text_source == "text_layer":
+            assert p.blocks and p.text_layer_analysis in ("fast", "layout")
+            assert p.text == "\n\n".join(b.text for b in p.blocks if b.kind not in FURNITURE and b.text)
+        else:
+            assert p.text_layer_analysis is None and p.blocks == ([] if p.text_source == "blank" else None)
+    first = next(p for p in pages if p.source_uri.endswith("report.pdf") and p.page_number == 1)
+    assert [b.kind for b in first.blocks] == ["heading", "paragraph", "table"] and first.text_layer_analysis == "layout"
+    assert first.blocks[0].text == "# Operations report" and 0 < first.blocks[0].y0 < first.blocks[2].y0 < 1
 
 
 def test_a_text_layer_that_cannot_be_read_sends_the_page_to_the_model(sample_docs):

@@ -59,12 +59,13 @@ class _Source(HTMLParser):
         return "\n\n".join(self.parts + ["\n".join(table)])
 
 
-@pytest.mark.parametrize("name", ["ar", "he"])
+@pytest.mark.parametrize("name", ["ar", "he", "he_unruled"])
 def test_browser_printed_rtl_pages_read_in_logical_order(name):
     """Arabic (with a Persian line) and Hebrew pages printed by Chromium: heading, paragraphs, numbers inside the
     sentences in place, Arabic-Indic and Persian digit runs and lam-alef ligatures the right way round, brackets
-    facing the right way, full stops at the sentences' ends, the ruled table's columns in logical order (its first
-    column the rightmost) with the words of each cell in order: the page text is the source's."""
+    facing the right way, full stops at the sentences' ends, the table's columns in logical order (its first column
+    the rightmost; ruled, and in he_unruled without lines) with the words of each cell in order: the page text is the
+    source's."""
     source = _Source()
     source.feed((RTL / f"{name}.html").read_text(encoding="utf-8"))
     rec = _page(RTL / f"{name}.pdf")

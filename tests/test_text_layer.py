@@ -53,7 +53,7 @@ def pdfs(tmp_path_factory) -> dict[str, Path]:
     doc.save(folder / "tables.pdf")
     paths["tables"] = folder / "tables.pdf"
 
-    # A header cell spanning two columns: a Markdown table cannot say so, HTML can.
+    # A header cell spanning two columns, over two sub-headers.
     doc = pymupdf.open()
     page = doc.new_page(width=595, height=842)
     page.insert_textbox((72, 72, 523, 200), PROSE * 2, fontsize=11)
@@ -128,10 +128,11 @@ def test_ruled_and_unruled_tables_keep_their_cells_neighbours(pdfs):
     assert text.rstrip().endswith("returns fell in all but one.")
 
 
-def test_a_table_whose_cell_spans_columns_is_html(pdfs):
+def test_a_header_cell_spanning_columns_is_joined_into_each_column_header(pdfs):
+    """Only header cells span: a Markdown table says which header is over each cell ("Revenue 2025"); a body cell
+    that spans makes an HTML table (tests/test_text_structure.py)."""
     [page] = _pages(pdfs["spans"])
-    assert ('<table>\n<tr><td>Region</td><td colspan="2">Revenue</td></tr>\n<tr><td></td><td>2025</td>'
-            '<td>2026</td></tr>\n<tr><td>North</td><td>120</td><td>150</td></tr>\n</table>') in page["text"]
+    assert "| Region | Revenue 2025 | Revenue 2026 |\n|---|---|---|\n| North | 120 | 150 |" in page["text"]
 
 
 def test_running_head_and_page_numbers_are_dropped_from_every_page(pdfs):

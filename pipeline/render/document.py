@@ -56,6 +56,7 @@ def expand_document(
     pages: tuple[tuple[int, int | None], ...] | None = None,
     passwords=None,
     data: bytes | None = None,
+    first_page: int = 1,
 ) -> Iterator[dict[str, Any]]:
     """Yield the document record, its page records (with images when ``ocr``) and, when ``chunk_pages`` is
     set, one chunk record per ``chunk_pages`` pages carrying their images for extraction. With ``route``
@@ -63,7 +64,9 @@ def expand_document(
     ``fail_fast``: re-raise the first failure instead of recording it (--fail-fast, for its traceback).
     ``pages``: only these pages (config.parse_pages spans; the others are neither rendered nor yielded);
     ``passwords``: a render.passwords.Passwords for encrypted PDFs; ``data``: the document's bytes, when the
-    caller has them (the Python API, a Ray Dataset of binary files), instead of reading ``source_uri``."""
+    caller has them (the Python API, a Ray Dataset of binary files), instead of reading ``source_uri``.
+    ``first_page``: start there (the render process resumes a document after a page it was stopped on): earlier
+    pages and the chunk they share with it are not yielded again."""
     doc: dict[str, Any] = {"kind": DOCUMENT, "source_uri": source_uri, "status": "ok"}
     try:
         data = read_bytes(source_uri, storage) if data is None else data
@@ -101,10 +104,11 @@ def expand_document(
 
     base = {k: doc[k] for k in ("source_uri", "doc_id")} | {"page_count": page_count}
     chunk: list[dict[str, Any]] = []
-    wanted, done = set(numbers), 0
+    wanted, done = set(numbers), 0  # done: wanted pages so far, skipped ones too (chunk numbers after a resume)
     for number in range(1, numbers[-1] + 1):
-        if number not in wanted:
-            next(found)  # pages come in order: this one is passed over, neither rendered nor yielded
+        if number not in wanted or number < first_page:
+            next(found)  # pages come in order and open lazily: this one is passed over, neither rendered nor yielded
+            done += number in wanted
             continue
         done += 1
         row = {**base, "kind": PAGE, "page_number": number, "status": "ok"}
@@ -130,7 +134,9 @@ def expand_document(
         routed = row.get("text_source") is not None
         yield row if ocr and not routed else {k: v for k, v in row.items() if k not in ("image", "image_codec")}
         if chunk_pages and (done % chunk_pages == 0 or number == numbers[-1]):
-            yield _chunk_record(base, (done - 1) // chunk_pages, chunk_count, chunk)
+            index = (done - 1) // chunk_pages
+            if numbers[index * chunk_pages] >= first_page:  # else its first pages were another process's: lost
+                yield _chunk_record(base, index, chunk_count, chunk)
             chunk = []
 
 
@@ -140,9 +146,9 @@ def format_pages(spans) -> str:
 
 
 def _route(page, rendered, route: RouteOptions, fail_fast: bool = False) -> dict[str, Any]:
-    """text and text_source for a page answered without the model, and route_reason for every page: why it was
-    answered so, or why the model must read it (route.trust_text_layer's reasons, text_layer_never,
-    text_layer_error)."""
+    """text and text_source for a page answered without the model (a text-layer page also its blocks and
+    text_layer_analysis), and route_reason for every page: why it was answered so, or why the model must read it
+    (route.trust_text_layer's reasons, text_layer_never, text_layer_error)."""
     from docpipe.render.route import ConversionError, is_blank, trust_text_layer
     from docpipe.render.text_layer import clean_text
 
@@ -159,8 +165,12 @@ def _route(page, rendered, route: RouteOptions, fail_fast: bool = False) -> dict
         verdict = trust_text_layer(layer, route)
         if verdict.trusted:
             try:
-                return {"text": clean_text(layer.page_text()), "text_source": "text_layer",
-                        "route_reason": verdict.reason}
+                markdown = layer.page_text()
+                # PyMuPDF's Markdown carries its blocks and how it was found (text_layer.PageMarkdown); PDFium's
+                # plain text has neither
+                return {"text": clean_text(markdown), "text_source": "text_layer", "route_reason": verdict.reason,
+                        "blocks": getattr(markdown, "blocks", None),
+                        "text_layer_analysis": getattr(markdown, "analysis", None)}
             except ConversionError:  # the converter's libraries failed on this page's PDF: the model reads it
                 if fail_fast:
                     raise
@@ -168,7 +178,7 @@ def _route(page, rendered, route: RouteOptions, fail_fast: bool = False) -> dict
         elif reason != "text_layer_error":
             reason = verdict.reason
     if route.skip_blank and is_blank(_pixels(rendered), route):
-        return {"text": "", "text_source": "blank", "route_reason": "blank"}
+        return {"text": "", "text_source": "blank", "route_reason": "blank", "blocks": []}
     return {"route_reason": reason}
 
 

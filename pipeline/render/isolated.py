@@ -26,8 +26,9 @@ def expand_document_isolated(source_uri: str, opts: RenderOptions, *args, **kwar
     MuPDF's C code can't be interrupted from Python, so a hanging or crashing document is contained in a
     process that can be killed. The process is kept from one document to the next (warm fonts and caches;
     a fresh one per document cost two thirds of the stage's speed) and replaced after a kill. Records stream
-    back one at a time; if the process is killed or dies, the document is finished here with error rows for
-    what it did not deliver, so its accounting stays whole.
+    back one at a time. A page over the page limit, or one the process dies on, becomes that page's error row, and a
+    fresh process goes on from the page after it; if the document runs over its own limit, it is finished here with
+    error rows for what it did not deliver, so its accounting stays whole.
     """
     import time
 
@@ -38,51 +39,82 @@ def expand_document_isolated(source_uri: str, opts: RenderOptions, *args, **kwar
     skip_ids = kwargs.pop("skip_ids", frozenset())
     doc, delivered = None, {PAGE: set(), CHUNK: set()}
     worker, failure = _render_worker()
-    complete = False
+    complete, first_page, lost = False, 1, None
     try:
-        if failure is None:
-            try:
-                worker.conn.send((source_uri, opts, args, kwargs))
-            except OSError as exc:  # it died since the last document
-                failure = (ErrorType.renderer_crashed, f"the rendering process died: {describe(exc)}")
         # Only time spent waiting for the render process counts: while this generator is paused (Ray Data's
         # backpressure), a finished page waits in the pipe and the clocks must not run.
         waited = 0.0
         doc_limit, page_limit = opts.document_timeout_s or float("inf"), opts.page_timeout_s or float("inf")
-        while failure is None:
-            t = time.monotonic()
-            ready = worker.conn.poll(min(page_limit, doc_limit - waited))
-            waited += time.monotonic() - t
-            if not ready:
-                which, limit = ("document", doc_limit) if waited >= doc_limit else ("page", page_limit)
-                failure = (ErrorType.timeout, f"rendering exceeded the {which} time limit ({limit:g} s)")
+        while True:  # one render process per pass: a page cut off, or one it died on, ends a pass
+            if failure is None:
+                try:
+                    worker.conn.send((source_uri, opts, args, kwargs | {"first_page": first_page}))
+                except OSError as exc:  # it died since the last document
+                    failure = (ErrorType.renderer_crashed, f"the rendering process died: {describe(exc)}")
+            page_failed = False
+            while failure is None:
+                t = time.monotonic()
+                ready = worker.conn.poll(min(page_limit, doc_limit - waited))
+                waited += time.monotonic() - t
+                if not ready:
+                    which, limit = ("document", doc_limit) if waited >= doc_limit else ("page", page_limit)
+                    failure = (ErrorType.timeout, f"rendering exceeded the {which} time limit ({limit:g} s)")
+                    page_failed = which == "page"
+                    break
+                try:
+                    rec = worker.conn.recv()
+                except EOFError:  # the process died without a word
+                    worker.process.join(5)
+                    failure = (ErrorType.renderer_crashed,
+                               f"the rendering process died (exit code {worker.process.exitcode})")
+                    page_failed = True
+                    break
+                if rec is None:
+                    complete = True
+                    break
+                if isinstance(rec, tuple):  # the render process failed this document and goes on (_render_server)
+                    failure, complete = rec, True
+                    break
+                if rec["kind"] == DOCUMENT:
+                    if doc is not None:  # a later pass: the document was told already
+                        continue
+                    if rec.get("doc_id") in skip_ids:
+                        yield {k: v for k, v in rec.items() if k not in ("page_count", "chunk_count")} | {
+                            "status": "skipped", "error_message": SAME_BYTES}
+                        return
+                    doc = rec
+                else:
+                    delivered[rec["kind"]].add(rec["page_number"] if rec["kind"] == PAGE else rec["chunk_index"])
+                yield rec
+            # A page that ran over its limit (or killed its process) is that page's failure, not the document's:
+            # the pages after it are rendered by a fresh process, from the page after it (their own clocks).
+            stuck = _next_page(doc, delivered, kwargs.get("pages")) if page_failed else None
+            if stuck is None:
                 break
-            try:
-                rec = worker.conn.recv()
-            except EOFError:  # the process died without a word
-                worker.process.join(5)
-                failure = (ErrorType.renderer_crashed,
-                           f"the rendering process died (exit code {worker.process.exitcode})")
+            yield {"kind": PAGE, "source_uri": source_uri, "doc_id": doc["doc_id"], "page_count": doc["page_count"],
+                   "page_number": stuck, **error_fields(*failure)}
+            delivered[PAGE].add(stuck)
+            _stop_render_worker()
+            if _next_page(doc, delivered, kwargs.get("pages")) is None:  # it was the last page wanted
                 break
-            if rec is None:
-                complete = True
-                return
-            if isinstance(rec, tuple):  # the render process failed this document and goes on (_render_server)
-                failure, complete = rec, True
-                break
-            if rec["kind"] == DOCUMENT:
-                if rec.get("doc_id") in skip_ids:
-                    yield {k: v for k, v in rec.items() if k not in ("page_count", "chunk_count")} | {
-                        "status": "skipped", "error_message": SAME_BYTES}
-                    return
-                doc = rec
-            else:
-                delivered[rec["kind"]].add(rec["page_number"] if rec["kind"] == PAGE else rec["chunk_index"])
-            yield rec
+            lost, first_page = failure, stuck + 1  # lost: what the chunk holding that page fails with
+            worker, failure = _render_worker()
     finally:
         if not complete:  # mid-document (over time, dead, skipped or abandoned): its output must not leak
             _stop_render_worker()
-    yield from _finish_undelivered(source_uri, doc, delivered, failure, kwargs.get("pages"))
+    if failure is None and first_page > 1:
+        failure = lost  # the document finished, but without the pages cut off: their chunks are lost with them
+    if failure is not None:
+        yield from _finish_undelivered(source_uri, doc, delivered, failure, kwargs.get("pages"))
+
+
+def _next_page(doc, delivered, pages=None) -> int | None:
+    """The page a render process was on when it was stopped: the first page of the selection ``pages``
+    (config.parse_pages spans) after the last one it delivered (pages come in order), or None."""
+    if doc is None or not doc.get("page_count"):
+        return None
+    last = max(delivered[PAGE], default=0)
+    return next((n for n in selected_pages(pages, doc["page_count"]) if n > last), None)
 
 
 @dataclass

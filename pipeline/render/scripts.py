@@ -233,9 +233,10 @@ def visual_words(text: str) -> str:
     return get_display(" ".join(get_display(w, base_dir="R") for w in text.split()), base_dir="R")
 
 
-def rtl_table(texts: list[str]) -> bool:
-    """Whether a table's cells are mostly in a right-to-left script: then its first column is its rightmost."""
-    strong = [d for t in texts for d in map(_strong, t) if d]
+def mostly_right_to_left(text: str) -> bool:
+    """Whether most of the letters are in a right-to-left script (Arabic, Hebrew, ...): a table's cells (its first
+    column is then its rightmost), a page's lines (text_layer: such a page stays on the fast path)."""
+    strong = [d for d in map(_strong, text) if d]
     return strong.count("R") > strong.count("L")
 
 

@@ -1,25 +1,42 @@
-"""A PDF page's text layer as Markdown, in the format the model is asked to write (config.OCR_PROMPT).
+"""A PDF page's text layer as Markdown, in the format the model is asked to write (config.OCR_PROMPT), with the
+page's layout blocks (pages.blocks).
 
-Built on PyMuPDF's own primitives (one TextPage: its lines, fonts and words; ``find_tables`` for ruled tables)
-rather than pymupdf4llm: its layout path (an ONNX model over the page image) cost about 0.4 s of CPU a page here,
-twice the render stage's budget, and its legacy path scans the whole document for font sizes on every call, bakes
-annotations and removes page rotation in the document we render from. What this module does, page by page:
+Built on PyMuPDF's own primitives (one TextPage: its lines, fonts and words; ``find_tables`` for ruled tables), and,
+where these rules alone are unsure of a page, on PyMuPDF's layout analysis (render/layout.py: regions of a kind in
+reading order, table grids). The choice is made per page (``needs_layout``) and recorded (pages.text_layer_analysis):
 
-- Running heads, footers and page numbers are dropped: a line alone in a margin band (its block wholly there, not
-  in a monospace font) that repeats at the same height on a nearby page of the same document (``RunningLines``, a
-  window of neighbours read on demand, so pages can still be expanded one at a time): the same text, or a short
-  line whose numbers step with the page index ("Page 3 of 9" then "Page 4 of 9"); or a lone page number
-  (``PAGE_NUMBER``) centred or in an outer corner. Words inside a table are never dropped (tables are found first).
-- Tables become Markdown tables (first row as header); a ruled table whose cells span rows or columns becomes an
-  HTML ``<table>`` with ``rowspan``/``colspan``, since a Markdown table has no way to say a cell spans. Ruled tables
-  come from ``find_tables`` (vector lines, without the layout model); unruled ones from words aligned in columns
-  over at least three rows of short cells.
-- Reading order: text blocks are cut into horizontal bands at vertical gaps, neighbouring bands that share a column
-  gutter are merged, and each band is read column by column (an XY cut), so a column stays whole.
-- Headings: a short block set larger than the page's body text is a ``#`` heading (larger sizes, fewer ``#``).
+- ``fast``: plain prose, a letter, a one-column article: the rules alone (a few tens of ms a page);
+- ``layout``: a page with rulings (a ruled or booktabs table), rows of aligned short cells (an unruled table),
+  several columns, or text beside graphics (a chart with its labels, a table beside a figure): the layout analysis
+  as well (a third of a second of CPU more), for its tables, headings, captions and furniture. A page whose text is
+  mostly right to left stays on the fast path (``scripts.mostly_right_to_left``), as does one with more lines than the
+  analysis is worth running on (layout.MAX_BOXES).
+
+What the conversion does, page by page:
+
+- Furniture: running heads, footers and page numbers go into the blocks (page_header, page_footer, page_number)
+  but not into the text: a line alone in a margin band that repeats at the same place on a nearby page
+  (``RunningLines``, a window of neighbours read on demand, so pages can still be expanded one at a time); a line the
+  page alone shows to be furniture (render/furniture.py: its band, size and separation, and what it says: page
+  counters, addresses, dates, citation lines, download stamps, revision numbers, confidentiality lines); a lone
+  page number (``PAGE_NUMBER``) centred or in an outer corner; on the layout path, its page-header and page-footer
+  regions in the bands. Words inside a table are never furniture (tables are found first).
+- Tables (render/tables.py): ruled ones from ``find_tables`` (vector lines); on the layout path the analysis' table
+  grids (unruled, booktabs, beside a chart), on the fast path words aligned in columns over at least three rows of
+  short cells. Each is written with its header rows joined over their columns, or as HTML where a body cell spans.
+- Reading order: units are cut into horizontal bands at vertical gaps, neighbouring bands that share a column gutter
+  are merged, and each band is read column by column (an XY cut), so a column stays whole.
+- Headings: a short block set larger than the page's body text, or wholly in bold at the body's size, or a title or
+  section header to the layout analysis, is a ``#`` heading (larger sizes, then bold, fewer ``#``); captions ("Table
+  2: ...", "Source: ...") never are. Bullets become ``- `` list items.
+- The displayed frame: a page turned by /Rotate is read from an upright copy, and a page whose text runs up or down
+  (a table set sideways) from a copy turned to run left to right; block boxes are fractions of the displayed page.
 - Characters (``normalise_chars``, also applied to PDFium's plain text): TeX-style spacing accents joined with their
   letter ("J´an" -> "Ján"), NFC, ligatures split ("ﬁ" -> "fi"), doubled single quotes made double quotes, soft
-  hyphens dropped, a word hyphenated across lines joined.
+  hyphens dropped, a word hyphenated across lines joined (``scripts.join_hyphenated``: the hyphen kept in the page's
+  compounds).
+- Scripts (render/scripts.py): right-to-left lines are read in logical order (``scripts.read_page``), table cells'
+  words in reading order, and a right-to-left table's first column is its rightmost.
 
 Formulas are not written here: no text layer gives LaTeX. ``math_chars`` counts what route.py needs to send a page
 with formulas to the model.
@@ -28,21 +45,36 @@ with formulas to the model.
 from __future__ import annotations
 
 import re
-import statistics
 import unicodedata
 from dataclasses import dataclass, field
 
-from docpipe.render.scripts import (cell_text, hyphenated_words, join_hyphenated, page_words, read_page, rtl_table,
-                                    visual_words)
+from docpipe.render import furniture as furniture_rules
+from docpipe.render.furniture import HEADING_RATIO, band_of, is_caption
+from docpipe.render.layout import MAX_BOXES, Region, analyse
+from docpipe.render.scripts import hyphenated_words, join_hyphenated, mostly_right_to_left, page_words, read_page
+from docpipe.render.tables import markdown_table  # noqa: F401  (re-exported: callers took it from here)
+from docpipe.render.tables import (NUMBER, Table, aligned_rows, apart_from_graphics, fill, horizontal_rules,
+                                   ruled_tables, side_by_side, table_markdown, unruled_tables, widen_group_headers,
+                                   without_prose, word_count)
+from docpipe.schemas import FURNITURE
 
-BAND = 0.1  # share of the page height (top and bottom) and width (sides) where running lines live
 SAME_PLACE_PT = 4.0  # a repeated line is at the same place when its centre moved less than this
 NEIGHBOURS = 2  # pages either side compared for running lines
-HEADING_RATIO = 1.15  # a heading's size over the body's
 HEADING_MAX_WORDS = 16
-CELL_GAP_EM = 1.0  # words further apart than this (in font heights) sit in different table cells
-TABLE_MIN_ROWS = 3
-TABLE_MAX_WORDS_PER_CELL = 4.0  # on average: prose in two columns has far more per line
+BOLD_HEADING_RATIO = 0.95  # a block wholly in bold at least this share of the body's size can be a heading
+BOLD_FONT = re.compile(r"bold|black|heavy|semibold|demi|-bd\b", re.I)
+BULLET = re.compile(r"^([•◦▪‣∙·●○■□➢►✓]|[-–*]\s)")
+NUMBERED = re.compile(r"^(\d{1,3}|[a-z])[.)]\s")
+LIST_MARK = re.compile(r"^([•◦▪‣∙·●○■□➢►✓]|[-–*]\s|\d{1,3}[.)]\s|[a-z][.)]\s"  # a list item's mark
+                       r"|\([a-z0-9]{1,3}\)\s)")
+MIN_PICTURE = 0.02  # an image or drawing covering this share of the page is a picture block
+BESIDE_GRAPHIC = 0.005  # a graphic this large with text at its side makes the rules unsure of the page
+BACKGROUND = 0.8  # a fill or image covering this share of the page is its background, not a picture
+TOUCH_PT = 3.0  # drawings this close belong to one graphic
+MAX_PATHS = 2000  # drawings grouped into graphics, at most (a map can have tens of thousands)
+SMALLER = 0.95  # a line under this share of the body's size is set smaller than the body
+COVERED = 0.8  # a page with this share of its words in ruled tables needs no layout analysis
+LAYOUT_BAND = 0.15  # the layout's page-header and page-footer regions count as furniture within this band
 
 # Spacing accents as TeX fonts draw them (a glyph of their own beside the letter) -> combining marks.
 SPACING_ACCENTS = {
@@ -158,19 +190,6 @@ class _Mark:
     page_number: bool  # the line reads as a page number (PAGE_NUMBER)
 
 
-def _band(bbox, width: float, height: float) -> str | None:
-    x0, y0, x1, y1 = bbox
-    if y1 <= height * BAND:
-        return "top"
-    if y0 >= height * (1 - BAND):
-        return "bottom"
-    if x1 <= width * BAND:
-        return "left"
-    if x0 >= width * (1 - BAND):
-        return "right"
-    return None
-
-
 def _roman_value(numeral: str) -> int:
     values = [ROMAN_VALUES[ch] for ch in numeral.lower()]
     return sum(-v if i + 1 < len(values) and v < values[i + 1] else v for i, v in enumerate(values))
@@ -181,8 +200,8 @@ def _mark(line: dict, block_bbox, page: int, width: float, height: float) -> _Ma
     block that reaches out of its band (a paragraph's first or last line); set in a monospace font (code repeats
     "}" at the same place); without a letter or digit; mostly numbers (a table row carried over)."""
     bbox = tuple(line["bbox"])
-    band = _band(bbox, width, height)
-    if band is None or _band(block_bbox, width, height) != band:
+    band = band_of(bbox, width, height)
+    if band is None or band_of(block_bbox, width, height) != band:
         return None
     text = " ".join(_line_text(line).split())
     if any(span["flags"] & 8 or "mono" in span["font"].lower() or "courier" in span["font"].lower()
@@ -232,8 +251,8 @@ class RunningLines:
         """The margin lines of page ``index`` (``marks``: when the caller has them)."""
         if index not in self._marks:
             if marks is None:
-                page = self.doc.load_page(index)
-                blocks = read_page(page)[1]
+                page = upright(self.doc.load_page(index))  # in the frame the page itself is read in
+                blocks = read_page(page)[1]  # scripts: right-to-left lines in logical order
                 marks = [m for _, m in _page_marks(blocks, index, page.rect)]
             self._marks[index] = marks
         return self._marks[index]
@@ -263,70 +282,375 @@ def _line_text(line: dict) -> str:
 # --- the page -------------------------------------------------------------------------------------------------
 
 
+class PageMarkdown(str):
+    """A page's Markdown (a str: what TextLayer.page_text gives) with what else the conversion found: ``blocks``
+    (pages.blocks: kind, text, box as fractions of the displayed page, furniture included, in reading order) and
+    ``analysis`` (pages.text_layer_analysis: ``fast`` or ``layout``)."""
+
+    blocks: list[dict]
+    analysis: str
+
+    def __new__(cls, text: str, blocks: list[dict], analysis: str):
+        obj = super().__new__(cls, text)
+        obj.blocks, obj.analysis = blocks, analysis
+        return obj
+
+
 @dataclass
 class _Unit:
-    """A piece of the page read as one: a text block (its lines) or a table (its Markdown)."""
+    """A piece of the page read as one: text lines (a block, or the part of one in a layout region), a table, or a
+    picture. ``kind``: a BlockKind value when already known (the layout's region, furniture), else decided from the
+    lines (heading, list item, caption, paragraph)."""
 
     bbox: tuple[float, float, float, float]
     lines: list[dict] = field(default_factory=list)  # PyMuPDF line dicts
-    markdown: str | None = None  # set for tables
+    table: Table | None = None
+    kind: str | None = None
 
 
-def page_markdown(page, textpage=None, blocks: list | None = None, running: RunningLines | None = None) -> str:
-    """The page's text layer as Markdown (see the module docstring). ``textpage`` and ``blocks`` (its extractDICT
-    blocks) when the caller already made them; ``running``: the document's RunningLines."""
+def page_markdown(page, textpage=None, blocks: list | None = None, running: RunningLines | None = None,
+                  analysis: str = "auto") -> PageMarkdown:
+    """The page's text layer as Markdown with its blocks (see the module docstring). ``textpage`` and ``blocks`` (its
+    extractDICT blocks) when the caller already made them; ``running``: the document's RunningLines; ``analysis``:
+    ``auto`` (the layout analysis where the rules are unsure: ``needs_layout``), ``fast`` or ``layout`` (every
+    page; for the bench)."""
+    import pymupdf
+
+    index = page.number
+    shown = upright(page)
+    if shown is not page:
+        textpage = blocks = None
     if blocks is None:
-        textpage, blocks = read_page(page, textpage)  # scripts: right-to-left lines in logical order
-    rect = page.rect
+        textpage, blocks = read_page(shown, textpage)  # scripts: right-to-left lines in logical order
+    elif textpage is None:
+        textpage = shown.get_textpage(flags=pymupdf.TEXTFLAGS_TEXT)
+    to_page = _to_page(shown.rect, pymupdf.Identity)
+    turn = _turn(blocks)
+    if turn:
+        shown, back = _turned(shown, turn)
+        to_page = _to_page(upright(page).rect, back)
+        textpage, blocks = read_page(shown)
+    rect = shown.rect
     lines = [line for block in blocks for line in block.get("lines", ()) if _line_text(line).strip()]
     body = _body_size(lines)
-    # Tables first, from all the words: a number in a table is data, even in a margin band (a totals row).
     words = page_words(textpage, blocks)  # scripts: right-to-left lines' words in logical order
-    tables = _ruled_tables(page, words)
+    log = shown.get_bboxlog()  # what the page draws: rules, images, fills (one pass for every use below)
+    drawn = graphics(log, rect)
+    tables = ruled_tables(shown, words, log)
+    use_layout = analysis == "layout" or (analysis == "auto" and needs_layout(rect, blocks, lines, words, tables, log,
+                                                                              drawn))
+    regions = analyse(shown) if use_layout and lines else []
+    if use_layout:
+        rules = horizontal_rules(log)
+        for region in regions:
+            if region.kind != "table" or any(_overlap(region.bbox, t.bbox) > 0.5 for t in tables):
+                continue  # a table drawn with lines all round: find_tables read its cells exactly
+            table = fill(region.rows, region.cols, region.spans, [w for w in words if _in(w, region.bbox)], region.bbox)
+            widen_group_headers(table, rules, region.rows, region.cols)
+            table = without_prose(table)
+            if table is None:
+                continue
+            parts = apart_from_graphics(table, [g for g in drawn if g[3] - g[1] > 3 and g[2] - g[0] > 3])
+            tables += [t for part in parts for t in side_by_side(part)]
+    else:
+        ruled_boxes = [t.bbox for t in tables]
+        tables += unruled_tables([w for w in words if not _inside_any(_centre(w[:4]), ruled_boxes)])
     table_boxes = [t.bbox for t in tables]
-    tables += _unruled_tables([w for w in words if not _inside_any(_centre(w[:4]), table_boxes)])
-    table_boxes = [t.bbox for t in tables]
-    drop = _running(blocks, lines, page, rect, running, body, table_boxes)
-    units = tables + [_Unit(tuple(block["bbox"]), kept) for block in blocks
-                      if (kept := [ln for ln in block.get("lines", ()) if id(ln) not in drop
-                                   and _line_text(ln).strip() and not _inside_any(_centre(ln["bbox"]), table_boxes)])]
+    furniture = _furniture(blocks, lines, index, rect, running, body, table_boxes, regions)
+    units = [_Unit(t.bbox, table=t, kind="table") for t in tables]
+    units += _text_units(blocks, furniture, table_boxes, [r for r in regions if r.kind != "table"])
+    units += _pictures(rect, regions, units, drawn)
+    ordered = _reading_order(units)
+    compounds = hyphenated_words(_line_text(ln) for ln in lines)  # how the page spells its compounds
+    return _write(ordered, body, to_page, "layout" if use_layout else "fast", compounds)
+
+
+def _write(units: list[_Unit], body: float, to_page, analysis: str, compounds: set[str] = frozenset()
+           ) -> PageMarkdown:
+    """The units, in reading order, as Markdown and blocks; ``compounds``: the page's hyphenated words
+    (scripts.join_hyphenated)."""
     for unit in units:
-        if unit.lines:
-            unit.bbox = _union([ln["bbox"] for ln in unit.lines])
-    compounds = hyphenated_words(_line_text(ln) for ln in lines)  # scripts.join_hyphenated
-    heading_sizes = sorted({round(_size(u.lines), 1) for u in units if _is_heading(u, body)}, reverse=True)
-    parts = []
-    for unit in _reading_order(units):
-        if unit.markdown is not None:
-            parts.append(unit.markdown)
-        elif _is_heading(unit, body):
-            level = min(heading_sizes.index(round(_size(unit.lines), 1)) + 1, 3)
-            parts.append("#" * level + " " + " ".join(_line_text(ln).strip() for ln in unit.lines))
+        if unit.kind is None or unit.kind in ("paragraph", "heading", "title"):
+            unit.kind = _kind(unit, body)
+    keys = sorted({_heading_key(u) for u in units if u.kind in ("heading", "title")}, reverse=True)
+    parts, out, started = [], [], False
+    for unit in units:
+        if unit.kind == "table":
+            text = table_markdown(unit.table, continued=not started)
+        elif unit.kind in ("heading", "title"):
+            level = 1 if unit.kind == "title" else min(keys.index(_heading_key(unit)) + 1, 3)
+            text = "#" * level + " " + " ".join(_line_text(ln).strip() for ln in unit.lines)
+        elif unit.kind in FURNITURE:
+            text = " ".join(_line_text(ln).strip() for ln in unit.lines)
+        elif unit.kind == "list_item":
+            text = _paragraph(unit.lines, compounds)
+            if not LIST_MARK.match(text):
+                text = "- " + text
         else:
-            parts.append(_paragraph(unit.lines, compounds))
-    return clean_text("\n\n".join(p for p in parts if p.strip()))
+            text = _paragraph(unit.lines, compounds)
+        text = clean_text(text)
+        if not text and unit.kind != "picture":
+            continue
+        out.append({"kind": unit.kind, "text": text, **to_page(unit.bbox)})
+        if unit.kind not in FURNITURE and text:
+            parts.append(text)
+            started = True
+    return PageMarkdown(clean_text("\n\n".join(parts)), out, analysis)
 
 
-def _running(blocks: list, lines: list[dict], page, rect, running: RunningLines | None, body: float,
-             table_boxes: list) -> set[int]:
-    """ids of the lines that are running heads, footers or page numbers, never inside a table. A line set as a
-    heading is kept even when it repeats: running heads are set no larger than the body ("Section 3" headings at
-    the top of every page are not).
+def _kind(unit: _Unit, body: float) -> str:
+    """A text unit's kind from its lines, where the layout gave none or one the lines overrule: a caption is never
+    a heading; a short block set larger than the body, or in bold at the body's size, is one."""
+    text = " ".join(_line_text(ln).strip() for ln in unit.lines)
+    if is_caption(text):
+        return "caption"
+    if unit.kind in ("heading", "title") and word_count(text) <= HEADING_MAX_WORDS * 2:
+        return unit.kind
+    if _is_heading(unit, body):
+        return "heading"
+    if LIST_MARK.match(text.lstrip()):
+        return "list_item"
+    return "paragraph"
+
+
+def _heading_key(unit: _Unit) -> tuple[float, bool]:
+    return round(_size(unit.lines) * 2) / 2, _bold(unit.lines)
+
+
+def _text_units(blocks: list, furniture: dict[int, str], table_boxes: list, regions: list[Region]) -> list[_Unit]:
+    """Units of the page's text lines outside tables: furniture apart (by block and kind); lines in a layout
+    region grouped by region and block, with the region's kind; other lines by block. A bullet starts a new unit
+    (a list item) that the lines after it join."""
+    units: list[_Unit] = []
+    current: dict[tuple, _Unit] = {}
+    for b, block in enumerate(blocks):
+        for line in block.get("lines", ()):
+            text = _line_text(line).strip()
+            if not text or _inside_any(_centre(line["bbox"]), table_boxes):
+                continue
+            kind = furniture.get(id(line))
+            if kind is not None:
+                key: tuple = ("furniture", b, kind)
+            else:
+                region = _region_of(line, regions)
+                if region is not None and region.kind in FURNITURE:
+                    region = None  # _furniture had its say: the line is body text
+                kind = region.kind if region is not None else None
+                key = (b, id(region))
+                if kind in (None, "paragraph", "list_item"):
+                    unit = current.get(key)
+                    if BULLET.match(text):
+                        kind = "list_item"
+                        current.pop(key, None)
+                    elif NUMBERED.match(text) and unit is not None and \
+                            NUMBERED.match(_line_text(unit.lines[0]).strip()):
+                        kind = None  # the next item of a numbered list (_kind: a list item, or a heading)
+                        current.pop(key, None)
+            unit = current.get(key)
+            if unit is None:
+                unit = current[key] = _Unit(tuple(line["bbox"]), [line], kind=kind)
+                units.append(unit)
+            else:
+                unit.lines.append(line)
+                unit.bbox = _union([unit.bbox, line["bbox"]])
+    return units
+
+
+def _region_of(line: dict, regions: list[Region]) -> Region | None:
+    """The smallest layout region that holds the line's centre."""
+    x, y = _centre(line["bbox"])
+    holding = [r for r in regions if r.bbox[0] - 1 <= x <= r.bbox[2] + 1 and r.bbox[1] - 1 <= y <= r.bbox[3] + 1]
+    return min(holding, key=lambda r: (r.bbox[2] - r.bbox[0]) * (r.bbox[3] - r.bbox[1]), default=None)
+
+
+def _pictures(rect, regions: list[Region], units: list[_Unit], drawn: list[tuple]) -> list[_Unit]:
+    """Picture blocks (no text of their own): the layout's picture regions, and the page's images and vector
+    drawings (``graphics``) over MIN_PICTURE of its area that no table, text unit or such region already holds."""
+    boxes = [r.bbox for r in regions if r.kind == "picture"]
+    area = abs(rect) or 1.0
+    boxes += [g for g in drawn if (g[2] - g[0]) * (g[3] - g[1]) >= MIN_PICTURE * area]
+    taken = [u.bbox for u in units if u.kind in ("picture", "table")]
+    out: list[_Unit] = []
+    for b in boxes:
+        if not any(_overlap(b, t) > 0.5 for t in taken):
+            out.append(_Unit(tuple(b), kind="picture"))
+            taken.append(b)
+    return out
+
+
+def graphics(log: list, rect) -> list[tuple[float, float, float, float]]:
+    """Boxes of the page's images and of its drawings (``log``: its get_bboxlog()) grouped where they touch: a photo,
+    a chart's bars and axes. Not a fill covering most of the page (a background)."""
+    area = abs(rect) or 1.0
+    paths, images = [], []
+    for kind, b in log:
+        w, h = b[2] - b[0], b[3] - b[1]
+        if kind in ("fill-image", "fill-imgmask"):
+            images.append(tuple(b))
+        elif kind in ("fill-path", "stroke-path") and min(w, h) > 3 and w * h < BACKGROUND * area:
+            paths.append(tuple(b))
+        elif kind == "stroke-path" and len(paths) < MAX_PATHS:  # an axis or a tick beside other drawings
+            paths.append(tuple(b))
+    clusters: list[list[float]] = []
+    for b in sorted(paths[:MAX_PATHS], key=lambda b: b[0]):
+        for c in clusters:
+            if b[0] <= c[2] + TOUCH_PT and c[0] <= b[2] + TOUCH_PT and \
+                    b[1] <= c[3] + TOUCH_PT and c[1] <= b[3] + TOUCH_PT:
+                c[:] = [min(c[0], b[0]), min(c[1], b[1]), max(c[2], b[2]), max(c[3], b[3])]
+                break
+        else:
+            clusters.append(list(b))
+    drawn = [tuple(c) for c in clusters if (c[2] - c[0]) * (c[3] - c[1]) < BACKGROUND * area]
+    return [b for b in images if (b[2] - b[0]) * (b[3] - b[1]) < BACKGROUND * area] + drawn
+
+
+# --- when to run the layout analysis --------------------------------------------------------------------------
+
+
+def needs_layout(rect, blocks: list, lines: list[dict], words: list, tables: list, log: list, drawn: list) -> bool:
+    """Whether the rules alone are unsure of the page: rulings (a ruled or booktabs table), rows of aligned short
+    cells (an unruled table), several columns, or text beside graphics (a chart or figure with its labels and a
+    caption or table at its side). Plain prose is not; nor a page whose words are mostly in ruled tables (read
+    exactly already), nor a right-to-left page, nor one with more than layout.MAX_BOXES lines (the analysis' cost
+    grows with them)."""
+    if not lines or len(lines) > MAX_BOXES:
+        return False
+    if mostly_right_to_left("".join(_line_text(ln) for ln in lines)):  # its lines are in logical order only here
+        return False
+    if tables:
+        inside = sum(1 for w in words if _inside_any(_centre(w[:4]), [t.bbox for t in tables]))
+        return inside < COVERED * len(words)  # a page that is one ruled table (a printed sheet) is read already
+    rules = [b for kind, b in log if kind == "stroke-path"
+             or (kind == "fill-path" and min(b[2] - b[0], b[3] - b[1]) <= 3)]
+    if len(rules) >= 3 or aligned_rows(words):
+        return True
+    text_boxes = [tuple(b["bbox"]) for b in blocks if b.get("lines")]
+    if _several_columns([_Unit(b) for b in text_boxes]):
+        return True
+    area = abs(rect) or 1.0
+    shown = [g for g in drawn if (g[2] - g[0]) * (g[3] - g[1]) >= BESIDE_GRAPHIC * area]
+    return any(_beside(g, t) for g in shown for t in text_boxes)
+
+
+def _several_columns(units: list[_Unit]) -> bool:
+    """Whether the page has columns: bands merged as for the reading order, one of them split at a gutter with
+    more than one block on each side (a header's two halves or a signature line are not columns)."""
+    return any(sum(len(column) >= 2 for column in _split(band, axis=0)) >= 2 for band in _bands(units))
+
+
+def _beside(graphic, text) -> bool:
+    """Whether a text block stands at a graphic's side (their heights overlap by most of the block's)."""
+    overlap = min(graphic[3], text[3]) - max(graphic[1], text[1])
+    return overlap > 0.5 * (text[3] - text[1]) and (text[0] >= graphic[2] or text[2] <= graphic[0])
+
+
+# --- the displayed frame --------------------------------------------------------------------------------------
+
+
+def upright(page):
+    """The page as it is shown: itself, or for a page turned by /Rotate an upright copy (MuPDF gives text boxes in
+    the unrotated frame, and the same page stored upright must read the same)."""
+    if not page.rotation:
+        return page
+    copy = _copy(page)
+    copy.remove_rotation()
+    return copy
+
+
+def _turned(page, turn: int):
+    """(a copy of the page turned by ``turn`` degrees, the matrix that turns its boxes back)."""
+    copy = _copy(page)
+    copy.set_rotation(turn)
+    back = ~copy.rotation_matrix
+    copy.remove_rotation()
+    return copy, back
+
+
+def _to_page(rect, back):
+    """box (points, in the frame read) -> its edges as fractions of the displayed page ``rect``, clamped to it."""
+    import pymupdf
+
+    w, h = rect.width or 1.0, rect.height or 1.0
+
+    def to_page(bbox) -> dict[str, float]:
+        r = pymupdf.Rect(bbox) * back
+        return {"x0": _clamp((r.x0 - rect.x0) / w), "y0": _clamp((r.y0 - rect.y0) / h),
+                "x1": _clamp((r.x1 - rect.x0) / w), "y1": _clamp((r.y1 - rect.y0) / h)}
+
+    return to_page
+
+
+def _clamp(v: float) -> float:
+    return min(max(v, 0.0), 1.0)
+
+
+def _copy(page):
+    """The page alone in a new document, which the copy keeps alive (a page outlives its document in error)."""
+    import pymupdf
+
+    doc = pymupdf.open()
+    doc.insert_pdf(page.parent, from_page=page.number, to_page=page.number)
+    copy = doc[0]
+    copy._docpipe_doc = doc
+    return copy
+
+
+def _turn(blocks: list) -> int:
+    """The rotation (90 or 270) that makes most of the page's text run left to right (a table set sideways), or
+    0."""
+    counts = {0: 0, 90: 0, 270: 0}
+    for block in blocks:
+        for line in block.get("lines", ()):
+            dy = line["dir"][1]
+            counts[90 if dy < -0.9 else 270 if dy > 0.9 else 0] += sum(len(s["text"].strip()) for s in line["spans"])
+    turn = max(counts, key=counts.get)
+    return turn if turn and counts[turn] > 2 * counts[0] else 0
+
+
+# --- furniture ------------------------------------------------------------------------------------------------
+
+
+def _furniture(blocks: list, lines: list[dict], index: int, rect, running: RunningLines | None, body: float,
+               table_boxes: list, regions: list[Region]) -> dict[int, str]:
+    """id(line) -> kind (page_header, page_footer, page_number) for the page's furniture, never inside a table:
+    lines repeated at the same place on a neighbour page (a line set as a heading is kept: running heads are set
+    no larger than the body); lines the page alone shows to be furniture (furniture.single_page); and on the layout
+    path, the lines of its page-header and page-footer regions in the margin bands that are set smaller than the
+    body (a total or a last line at the body's size stays; a lone number only where page numbers go, as above).
 
     A lone page number (PAGE_NUMBER) without a neighbour's to confirm it (a one-page document, a number the
     neighbours lack) is dropped only where page numbers go: centred or in an outer corner, alone on its row, in the
     top or bottom band; elsewhere a number in the margin is as likely a total or a footnote's value, so it stays."""
-    marks = _page_marks(blocks, page.number, rect)
-    repeated = running.repeated(page.number, [m for _, m in marks]) if running is not None else set()
-    drop = set()
+    marks = _page_marks(blocks, index, rect)
+    repeated = running.repeated(index, [m for _, m in marks]) if running is not None else set()
+    found: dict[int, str] = {}
     for line, mark in marks:
         if _inside_any(_centre(line["bbox"]), table_boxes):
             continue
         if mark in repeated and _size([line]) < body * HEADING_RATIO:
-            drop.add(id(line))
-        elif mark.page_number and mark.band in ("top", "bottom") and _where_page_numbers_go(line, lines, rect):
-            drop.add(id(line))
-    return drop
+            found[id(line)] = "page_number" if mark.page_number else \
+                "page_header" if mark.band in ("top", "left") else "page_footer"
+    free = [(line, block) for block in blocks for line in block.get("lines", ())
+            if _line_text(line).strip() and not _inside_any(_centre(line["bbox"]), table_boxes)]
+    infos = [furniture_rules.Line(_line_text(ln), tuple(ln["bbox"]), tuple(block["bbox"]), _size([ln]), _bold([ln]))
+             for ln, block in free]
+
+    def page_number(i: int) -> bool:
+        ln = free[i][0]
+        return bool(PAGE_NUMBER.match(" ".join(_line_text(ln).split()))) and _where_page_numbers_go(ln, lines, rect)
+
+    for i, kind in furniture_rules.single_page(infos, rect.width, rect.height, body, page_number).items():
+        found.setdefault(id(free[i][0]), kind)
+    for region in regions:
+        if region.kind in ("page_header", "page_footer") and (
+                region.bbox[3] <= rect.height * LAYOUT_BAND or region.bbox[1] >= rect.height * (1 - LAYOUT_BAND)):
+            for ln, _ in free:
+                x, y = _centre(ln["bbox"])
+                if region.bbox[0] - 1 <= x <= region.bbox[2] + 1 and region.bbox[1] - 1 <= y <= region.bbox[3] + 1 \
+                        and not is_caption(_line_text(ln)) and _size([ln]) < body * SMALLER \
+                        and not PAGE_NUMBER.match(" ".join(_line_text(ln).split())):
+                    found.setdefault(id(ln), region.kind)
+    return found
 
 
 def _where_page_numbers_go(line: dict, lines: list[dict], rect) -> bool:
@@ -346,12 +670,32 @@ def _inside_any(point, boxes) -> bool:
     return any(b[0] <= x <= b[2] and b[1] <= y <= b[3] for b in boxes)
 
 
+def _in(word, bbox) -> bool:
+    return _inside_any(_centre(word[:4]), [bbox])
+
+
+def _overlap(a, b) -> float:
+    """The share of the smaller box that the two boxes share."""
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    if w <= 0 or h <= 0:
+        return 0.0
+    smaller = min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1])) or 1.0
+    return w * h / smaller
+
+
 def _union(boxes) -> tuple[float, float, float, float]:
     return (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))
 
 
 def _size(lines: list[dict]) -> float:
     return max((span["size"] for ln in lines for span in ln["spans"] if span["text"].strip()), default=0.0)
+
+
+def _bold(lines: list[dict]) -> bool:
+    """Every visible span set in a bold face (MuPDF's bold flag, or the font's name)."""
+    spans = [s for ln in lines for s in ln["spans"] if s["text"].strip()]
+    return bool(spans) and all(s["flags"] & 16 or BOLD_FONT.search(s["font"]) for s in spans)
 
 
 def _body_size(lines: list[dict]) -> float:
@@ -364,10 +708,18 @@ def _body_size(lines: list[dict]) -> float:
 
 
 def _is_heading(unit: _Unit, body: float) -> bool:
+    """A short block (at most 3 lines, HEADING_MAX_WORDS words, CJK by characters) set at least HEADING_RATIO
+    times the body's size, or wholly in bold at about the body's size and not ending a sentence; never a caption,
+    nor a number."""
     if not unit.lines or body <= 0 or len(unit.lines) > 3:
         return False
-    text = " ".join(_line_text(ln) for ln in unit.lines)
-    return _size(unit.lines) >= body * HEADING_RATIO and len(text.split()) <= HEADING_MAX_WORDS
+    text = " ".join(_line_text(ln) for ln in unit.lines).strip()
+    if not text or word_count(text) > HEADING_MAX_WORDS or is_caption(text) or NUMBER.match(text):
+        return False
+    size = _size(unit.lines)
+    if size >= body * HEADING_RATIO:
+        return True
+    return size >= body * BOLD_HEADING_RATIO and _bold(unit.lines) and not text.endswith((".", ","))
 
 
 def _paragraph(lines: list[dict], compounds: set[str] = frozenset()) -> str:
@@ -392,12 +744,7 @@ def _reading_order(units: list[_Unit]) -> list[_Unit]:
     """Bands at vertical gaps, bands sharing a column gutter merged, each band read column by column."""
     if len(units) <= 1:
         return units
-    bands: list[list[_Unit]] = []
-    for band in _split(units, axis=1):
-        if bands and len(_split(bands[-1] + band, axis=0)) > 1:
-            bands[-1] += band  # the same columns go on: keep them together, so each column is read whole
-        else:
-            bands.append(band)
+    bands = _bands(units)
     out = []
     for band in bands:
         columns = _split(band, axis=0)
@@ -409,6 +756,19 @@ def _reading_order(units: list[_Unit]) -> list[_Unit]:
         else:
             out += sorted(band, key=lambda u: (u.bbox[1], u.bbox[0]))
     return out
+
+
+def _bands(units: list[_Unit]) -> list[list[_Unit]]:
+    """The units cut into bands at vertical gaps, neighbouring bands merged where columns go on through both (a
+    gutter runs through the two, and one of them has columns of its own: a date beside the line under it is not)."""
+    bands: list[list[_Unit]] = []
+    for band in _split(units, axis=1):
+        if bands and len(_split(bands[-1] + band, axis=0)) > 1 and \
+                (len(_split(bands[-1], axis=0)) > 1 or len(_split(band, axis=0)) > 1):
+            bands[-1] += band  # the same columns go on: keep them together, so each column is read whole
+        else:
+            bands.append(band)
+    return bands
 
 
 def _split(units: list[_Unit], axis: int) -> list[list[_Unit]]:
@@ -423,158 +783,3 @@ def _split(units: list[_Unit], axis: int) -> list[list[_Unit]]:
             groups[-1].append(unit)
             end = max(end, unit.bbox[axis + 2])
     return groups
-
-
-# --- tables ---------------------------------------------------------------------------------------------------
-
-
-def _rules_area(page) -> tuple | None:
-    """The box around the page's strokes and thin fills (what a ruled table is drawn with), or None without any:
-    the table finder reads only the text there (it builds a Python object per character, the bulk of its cost)."""
-    boxes = [bbox for kind, bbox in page.get_bboxlog() if kind == "stroke-path"
-             or (kind == "fill-path" and min(bbox[2] - bbox[0], bbox[3] - bbox[1]) <= 3)]
-    if not boxes:
-        return None
-    x0, y0, x1, y1 = _union(boxes)
-    return (x0 - 2, y0 - 2, x1 + 2, y1 + 2)
-
-
-def _ruled_tables(page, words: list) -> list[_Unit]:
-    """Tables drawn with lines, from PyMuPDF's table finder without its layout model (an ONNX pass per page)."""
-    area = _rules_area(page)
-    if area is None:
-        return []
-    units = []
-    for tab in page.find_tables(clip=area, strategy="lines", use_layout=False).tables:
-        cells = [c for c in tab.cells if c is not None]
-        if tab.row_count < 2 or tab.col_count < 2 or not cells:
-            continue
-        inside = [w for w in words if _inside_any(_centre(w[:4]), [tab.bbox])]  # cells then search only these
-        units.append(_Unit(tuple(tab.bbox), markdown=_grid_markdown(cells, inside)))
-    return units
-
-
-def _grid_markdown(cells: list[tuple], words: list) -> str:
-    """Cells (bboxes) with the words whose centres they hold, as a Markdown table, or as HTML when a cell spans."""
-    xs = _edges([c[0] for c in cells] + [c[2] for c in cells])
-    ys = _edges([c[1] for c in cells] + [c[3] for c in cells])
-    placed = []
-    for c in cells:
-        c0, c1 = _index(xs, c[0]), _index(xs, c[2])
-        r0, r1 = _index(ys, c[1]), _index(ys, c[3])
-        text = cell_text([w for w in words if _inside_any(_centre(w[:4]), [c])])
-        placed.append((r0, c0, max(1, r1 - r0), max(1, c1 - c0), text))
-    rows, cols = len(ys) - 1, len(xs) - 1
-    if rtl_table([p[4] for p in placed]):  # a right-to-left table's first column is its rightmost
-        placed = [(r, cols - c - cs, rs, cs, text) for r, c, rs, cs, text in placed]
-    if all(rs == 1 and cs == 1 for _, _, rs, cs, _ in placed):
-        grid = [[""] * cols for _ in range(rows)]
-        for r, c, _, _, text in placed:
-            grid[r][c] = text
-        return markdown_table([row for row in grid if any(row)])
-    return _html_table(placed, rows)
-
-
-def _edges(values: list[float], tol: float = 2.0) -> list[float]:
-    out: list[float] = []
-    for v in sorted(values):
-        if not out or v - out[-1] > tol:
-            out.append(v)
-    return out
-
-
-def _index(edges: list[float], v: float) -> int:
-    return min(range(len(edges)), key=lambda i: abs(edges[i] - v))
-
-
-def markdown_table(rows: list[list[str]]) -> str:
-    """Rows of cell texts as a Markdown table, the first row as its header."""
-    def cell(text: str) -> str:
-        return " ".join(text.split()).replace("|", "\\|")
-
-    width = max(len(r) for r in rows)
-    rows = [r + [""] * (width - len(r)) for r in rows]
-    lines = ["| " + " | ".join(cell(c) for c in rows[0]) + " |", "|" + "---|" * width]
-    lines += ["| " + " | ".join(cell(c) for c in r) + " |" for r in rows[1:]]
-    return "\n".join(lines)
-
-
-def _html_table(placed: list[tuple], rows: int) -> str:
-    import html
-
-    out = ["<table>"]
-    for r in range(rows):
-        cells = sorted((p for p in placed if p[0] == r), key=lambda p: p[1])
-        if not cells:
-            continue
-        tds = []
-        for _, _, rowspan, colspan, text in cells:
-            attrs = (f' rowspan="{rowspan}"' if rowspan > 1 else "") + (f' colspan="{colspan}"' if colspan > 1 else "")
-            tds.append(f"<td{attrs}>{html.escape(' '.join(text.split()))}</td>")
-        out.append("<tr>" + "".join(tds) + "</tr>")
-    out.append("</table>")
-    return "\n".join(out)
-
-
-def _unruled_tables(words: list) -> list[_Unit]:
-    """Tables without lines: runs of at least TABLE_MIN_ROWS text rows that split, at gaps wider than
-    CELL_GAP_EM, into the same number (2 or more) of short cells, each cell under the one above it."""
-    rows = _rows(words)
-    found, run = [], []
-    for row in rows + [None]:
-        cells = _cells(row) if row is not None else []
-        if run and len(cells) == len(run[-1]) >= 2 and _aligned(run[-1], cells) and _close(run[-1], cells):
-            run.append(cells)
-            continue
-        if len(run) >= TABLE_MIN_ROWS and _short(run):
-            found.append(run)
-        run = [cells] if len(cells) >= 2 else []
-    units = []
-    for run in found:
-        boxes = [c["bbox"] for cells in run for c in cells]
-        rows = [[visual_words(c["text"]) for c in cells] for cells in run]  # scripts: right-to-left cells' words
-        rows = [row[::-1] for row in rows] if rtl_table([t for row in rows for t in row]) else rows
-        units.append(_Unit(_union(boxes), markdown=markdown_table(rows)))
-    return units
-
-
-def _rows(words: list) -> list[list]:
-    """Words grouped into visual rows (centres within half a word's height), top to bottom."""
-    rows: list[list] = []
-    for w in sorted(words, key=lambda w: (w[1] + w[3]) / 2):
-        yc, h = (w[1] + w[3]) / 2, w[3] - w[1]
-        if rows and abs(yc - rows[-1][0]) < h / 2:
-            rows[-1][1].append(w)
-        else:
-            rows.append([yc, [w]])
-    return [sorted(ws, key=lambda w: w[0]) for _, ws in rows]
-
-
-def _cells(row: list) -> list[dict]:
-    cells: list[dict] = []
-    for w in row:
-        gap_limit = CELL_GAP_EM * (w[3] - w[1])
-        if cells and w[0] - cells[-1]["bbox"][2] <= gap_limit:
-            c = cells[-1]
-            c["text"] += " " + w[4]
-            c["words"] += 1
-            c["bbox"] = _union([c["bbox"], w[:4]])
-        else:
-            cells.append({"text": w[4], "words": 1, "bbox": tuple(w[:4])})
-    return cells
-
-
-def _aligned(above: list[dict], below: list[dict]) -> bool:
-    return all(a["bbox"][0] < b["bbox"][2] and b["bbox"][0] < a["bbox"][2] for a, b in zip(above, below))
-
-
-def _close(above: list[dict], below: list[dict]) -> bool:
-    """Consecutive rows: the gap between them under two and a half row heights."""
-    top = max(c["bbox"][3] for c in above)
-    height = max(c["bbox"][3] - c["bbox"][1] for c in above)
-    return min(c["bbox"][1] for c in below) - top < 2.5 * height
-
-
-def _short(run: list[list[dict]]) -> bool:
-    cells = [c for cells in run for c in cells]
-    return statistics.mean(c["words"] for c in cells) <= TABLE_MAX_WORDS_PER_CELL

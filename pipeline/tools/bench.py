@@ -160,6 +160,87 @@ def measure_routing(paths: list[Path], opts, longest_edge: int) -> dict[str, flo
             "text_layer_cpu_s_per_page": text_layer_cpu}
 
 
+def measure_text_layer(paths: list[Path]) -> dict[str, Any]:
+    """CPU seconds per text-layer page (median and p90), in one run, page by page, three ways: bare PyMuPDF text
+    extraction (``page.get_text()``), ours (the text layer's facts and Markdown as the render stage makes them:
+    the layout analysis where the rules are unsure), and ours with the layout analysis on every page. The three
+    run on the same page one after the other, so a load that comes and goes weighs on each alike."""
+    import statistics
+
+    import pymupdf
+
+    from docpipe.render.route import pymupdf_text_layer
+    from docpipe.render.text_layer import RunningLines, page_markdown
+
+    def cpu(fn) -> tuple[float, Any]:
+        t = time.process_time()
+        out = fn()
+        return time.process_time() - t, out
+
+    warm = pymupdf.open(paths[0])[0]  # the layout model loads on its first page: not a page's cost
+    page_markdown(warm, analysis="layout")
+    bare, ours, layout, kinds, analyses = [], [], [], [], []
+    for path in paths:
+        doc = pymupdf.open(path)
+        running, running_layout = RunningLines(doc), RunningLines(doc)
+        for page in doc:
+            bare.append(cpu(lambda: page.get_text())[0])
+            seconds, markdown = cpu(lambda: pymupdf_text_layer(page, running).page_text())
+            ours.append(seconds)
+            analyses.append(markdown.analysis)
+            layout.append(cpu(lambda: (pymupdf_text_layer(page, running_layout),
+                                       page_markdown(page, running=running_layout, analysis="layout")))[0])
+            kinds.append(path.stem)
+
+    def quantiles(values: list[float]) -> dict[str, float]:
+        cuts = statistics.quantiles(values, n=10, method="inclusive") if len(values) > 1 else values * 9
+        return {"median": statistics.median(values), "p90": cuts[8], "mean": statistics.fmean(values)}
+
+    out: dict[str, Any] = {"text_layer_pages": len(ours),
+                           "layout_page_fraction": analyses.count("layout") / len(analyses)}
+    for name, values in (("bare", bare), ("ours", ours), ("layout_every_page", layout)):
+        q = quantiles(values)
+        for stat, value in q.items():
+            out[f"{name}_cpu_s_{stat}"] = value
+    out["by_kind"] = {kind: {"pages": kinds.count(kind), "layout_pages": sum(1 for k, a in zip(kinds, analyses)
+                                                                                if k == kind and a == "layout"),
+                             "ours_cpu_s_median": statistics.median(v for k, v in zip(kinds, ours) if k == kind)}
+                      for kind in dict.fromkeys(kinds)}
+    return out
+
+
+TEXT_LAYER_ROWS = [
+    ("bare", "bare PyMuPDF text extraction (page.get_text)"),
+    ("ours", "ours: rules, and the layout analysis where unsure"),
+    ("layout_every_page", "ours with the layout analysis on every page"),
+]
+
+
+def text_layer_main(args) -> None:
+    """docpipe bench --text-layer: the text layer's cost per page on the born-digital mix (corpus.TEXT_LAYER_MIX)."""
+    from docpipe.tools.corpus import TEXT_LAYER_MIX, make_text_layer_corpus
+
+    pages = args.pages or 60
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="docpipe-bench-"))
+    paths = make_text_layer_corpus(work / "text-layer", pages=pages)
+    mix = ", ".join(f"{kind} {share:.0%}" for kind, share in TEXT_LAYER_MIX)
+    print(f"bench --text-layer: {pages} born-digital pages ({mix}); {describe_device()}", flush=True)
+    results = {"device": describe_device(), **measure_text_layer(paths)}
+    print()
+    print(f"  {'CPU s per text-layer page':<52} {'median':>8} {'p90':>8} {'mean':>8}")
+    for key, label in TEXT_LAYER_ROWS:
+        figures = (results[f"{key}_cpu_s_{stat}"] for stat in ("median", "p90", "mean"))
+        print(f"  {label:<52} " + " ".join(f"{value:>8.3f}" for value in figures))
+    print(f"  pages that took the layout analysis: {results['layout_page_fraction']:.0%} of "
+          f"{results['text_layer_pages']}")
+    for kind, row in results["by_kind"].items():
+        print(f"    {kind:<12} {row['pages']:>3} pages, {row['layout_pages']:>3} with layout, ours median "
+              f"{row['ours_cpu_s_median']:.3f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {args.json}")
+
+
 def measure_baseline(paths: list[Path], model_opts, longest_edge: int) -> dict[str, float]:
     """Render, processor, generate: one page at a time, the way a first script would do it."""
     import pymupdf
@@ -406,6 +487,8 @@ def main(args) -> None:
         return
     if args.engines:
         return engines_main(args)
+    if getattr(args, "text_layer", False):
+        return text_layer_main(args)
     args.pages = args.pages or 200
     results = run_bench(args)
     print()

@@ -544,6 +544,7 @@ def write_report(output_uri: str, run_id: str | None = None, site_uri: str | Non
                 "image_note": failed.get(p["page_number"]) or ("not rendered for the report"
                                                               if p["page_number"] > options.max_page_images else None),
                 "html": md.render(p["text"]) if p["text"] else "",
+                "blocks": p.get("blocks") or [],  # drawn over the image: boxes are fractions of the page
             })
         extraction = None
         if doc.get("schema_name"):
