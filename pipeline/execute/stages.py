@@ -50,7 +50,7 @@ def model_actor(model_opts, extract_opts, task: str, fail_fast: bool = False):
             if "extract" in task:
                 from docpipe.extract.stage import ExtractStage
 
-                self.stages.append(ExtractStage(model_opts, extract_opts, loaded, fail_fast))
+                self.stages.append(ExtractStage(model_opts, extract_opts, loaded, fail_fast, ocr=self.ocr))
             self.ready_at = time.time()  # tells the driver when the model could start work
             self.actor = f"{socket.gethostname()}:{os.getpid()}"
             # With the continuous engine several calls run at once (threads): its OCR takes them all; a stage

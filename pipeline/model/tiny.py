@@ -1,8 +1,9 @@
-"""Build a tiny, random Idefics2 checkpoint locally (no hub access needed).
+"""Build tiny, random checkpoints locally (no hub access needed), one per model family.
 
-It has the real model's processor, chat template, special tokens, image sizes and
-image splitting, so everything around the model behaves as with idefics2-8b; only
-the weights are random, so its text is meaningless. Used by tests and CPU demos.
+``tiny-random`` is Idefics2: the real model's processor, chat template, special tokens, image sizes and image
+splitting, so everything around the model behaves as with idefics2-8b; only the weights are random, so its text
+is meaningless. Used by tests and CPU demos. The other families' (``TINY_MODELS``) follow their published
+checkpoints' processors and tokenizer conventions at smaller image sizes (pipeline/model/families/tiny.py).
 
 The weights are drawn wide (``INIT_RANGE``) so that the model is image-sensitive: different
 pages give different greedy texts, deterministically, and a test can tell a page that got
@@ -47,14 +48,24 @@ Render tables as Markdown tables. Return only the transcription. | --- | 0 1 2 3
 """
 
 
-def default_cache_dir() -> Path:
+TINY_MODELS = ("tiny-random", "tiny-random-idefics3", "tiny-random-granite-docling", "tiny-random-lighton")
+
+
+def default_cache_dir(kind: str = "tiny-random") -> Path:
     root = os.environ.get("DOCPIPE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "docpipe")
-    return Path(root) / "models" / f"tiny-random-idefics2-v{TINY_VERSION}"
+    if kind == "tiny-random":
+        return Path(root) / "models" / f"tiny-random-idefics2-v{TINY_VERSION}"
+    from docpipe.model.families.tiny import VERSION
+
+    return Path(root) / "models" / f"{kind}-v{VERSION}"
 
 
-def ensure_tiny_checkpoint(path: Path | None = None) -> Path:
-    """Return the tiny checkpoint's folder, building it once. Safe to call from several processes."""
-    path = Path(path) if path else default_cache_dir()
+def ensure_tiny_checkpoint(path: Path | None = None, kind: str = "tiny-random") -> Path:
+    """Return the tiny checkpoint's folder (``kind``: one of TINY_MODELS), building it once. Safe to call from
+    several processes."""
+    if kind not in TINY_MODELS:
+        raise ValueError(f"no tiny model {kind!r}; known: {', '.join(TINY_MODELS)}")
+    path = Path(path) if path else default_cache_dir(kind)
     if (path / "config.json").exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -69,7 +80,12 @@ def ensure_tiny_checkpoint(path: Path | None = None) -> Path:
             return path
         tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=path.parent))
         try:
-            build_tiny_checkpoint(tmp)
+            if kind == "tiny-random":
+                build_tiny_checkpoint(tmp)
+            else:
+                from docpipe.model.families.tiny import build
+
+                build(kind, tmp)
             os.rename(tmp, path)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -200,28 +216,61 @@ def set_generation_tokens(model, tokenizer) -> None:
     gen.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_utterance>")]
 
 
-def build_random_model(arch: str, device: str, dtype, attention: str):
-    """A model of a shipped architecture (``pipeline/model/assets/<arch>.json``) with random weights, built
-    directly on ``device``, with the local processor. For benchmarks where real weights can't be downloaded."""
-    import torch
-    from transformers import Idefics2Config, Idefics2ForConditionalGeneration
-
+def shipped_architecture(arch: str) -> dict:
+    """A shipped architecture's config (``pipeline/model/assets/<arch>.json``)."""
     asset = Path(__file__).parent / "assets" / f"{arch}.json"
     if not asset.exists():
         known = sorted(p.stem for p in asset.parent.glob("*.json"))
         raise ValueError(f"no shipped architecture {arch!r}; known: {', '.join(known)}")
-    spec = {k: v for k, v in json.loads(asset.read_text()).items() if not k.startswith("_") and k != "model_type"}
-    processor = build_processor()
-    spec["image_token_id"] = processor.tokenizer.convert_tokens_to_ids("<image>")
-    config = Idefics2Config(**spec)
+    return json.loads(asset.read_text())
+
+
+def random_checkpoint(arch: str) -> Path:
+    """The folder whose processor a random-weight model of ``arch`` runs with: tiny-random's for Idefics2 (the real
+    processor setup), else the tiny checkpoint's tokenizer with the real image geometry (families/tiny.py)."""
+    spec = shipped_architecture(arch)
+    if spec.get("model_type") == "idefics2":
+        return ensure_tiny_checkpoint()
+    from docpipe.model.families.tiny import ensure_random_checkpoint
+
+    return ensure_random_checkpoint(arch, spec)
+
+
+def build_random_model(arch: str, device: str, dtype, attention: str):
+    """A model of a shipped architecture (``pipeline/model/assets/<arch>.json``) with random weights, built
+    directly on ``device``, with the local processor. For benchmarks where real weights can't be downloaded."""
+    import torch
+    from transformers import (AutoConfig, AutoModelForImageTextToText, AutoProcessor, Idefics2Config,
+                              Idefics2ForConditionalGeneration)
+
+    spec = shipped_architecture(arch)
+    if spec.get("model_type") == "idefics2":
+        processor = build_processor()
+        spec = {k: v for k, v in spec.items() if not k.startswith("_") and k != "model_type"}
+        spec["image_token_id"] = processor.tokenizer.convert_tokens_to_ids("<image>")
+        config = Idefics2Config(**spec)
+    else:
+        folder = random_checkpoint(arch)
+        processor = AutoProcessor.from_pretrained(folder)
+        config = AutoConfig.from_pretrained(folder)
     config._attn_implementation = attention
     # Created in dtype on the device: float32 first, then cast, took 33.6 GB (50 GB at its peak) for idefics2-8b.
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = Idefics2ForConditionalGeneration(config).eval()
+            idefics2 = isinstance(config, Idefics2Config)
+            model = (Idefics2ForConditionalGeneration(config) if idefics2
+                     else AutoModelForImageTextToText.from_config(config)).eval()
     finally:
         torch.set_default_dtype(default)
-    set_generation_tokens(model, processor.tokenizer)
+    if idefics2:
+        set_generation_tokens(model, processor.tokenizer)
+    else:
+        from docpipe.model.families import family_of
+
+        tok = processor.tokenizer
+        turn = family_of(model, processor).end_of_turn()
+        model.generation_config.pad_token_id = tok.pad_token_id
+        model.generation_config.eos_token_id = sorted({tok.eos_token_id, tok.convert_tokens_to_ids(turn)})
     return model, processor

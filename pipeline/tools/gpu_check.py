@@ -230,6 +230,8 @@ def encode(loaded, pixels: list, sizes: list[int]) -> dict[str, Any]:
     from docpipe.ocr import model_inputs
 
     inner = loaded.model.model
+    family = loaded.family  # its connector, image features and page prompt (pipeline/model/families/)
+    page_prompt = family.chat_prompt(1, "")
     marks: dict[str, float] = {}
 
     def at_connector(_module, _inputs):
@@ -238,19 +240,19 @@ def encode(loaded, pixels: list, sizes: list[int]) -> dict[str, Any]:
         if torch.cuda.is_available():
             marks["vision_peak"] = torch.cuda.max_memory_allocated()
 
-    hook = inner.connector.register_forward_pre_hook(at_connector)
+    hook = getattr(inner, family.connector).register_forward_pre_hook(at_connector)
     rows = []
     try:
-        run = lambda inputs: loaded.model.get_image_features(  # noqa: E731
-            pixel_values=inputs["pixel_values"], pixel_attention_mask=inputs.get("pixel_attention_mask"))
+        run = lambda inputs: family.image_features(loaded.model, inputs, slice(None))  # noqa: E731
         with torch.inference_mode():
-            run(model_inputs(loaded, ["<image>"], [[pixels[0]]], "cpu"))  # warm-up: kernels, allocator
+            run(model_inputs(loaded, [page_prompt], [[pixels[0]]], "cpu"))  # warm-up: kernels, allocator
             for n in sizes:
                 row: dict[str, Any] = {"pages": n}
                 try:
-                    inputs = model_inputs(loaded, ["<image>"] * n, [[pixels[i % len(pixels)]] for i in range(n)],
+                    inputs = model_inputs(loaded, [page_prompt] * n, [[pixels[i % len(pixels)]] for i in range(n)],
                                           loaded.device)
-                    row["crops"] = int(inputs["pixel_values"].shape[0] * inputs["pixel_values"].shape[1])
+                    pv = inputs["pixel_values"]  # (pages, crops, 3, H, W), or one image a page (LightOnOCR)
+                    row["crops"] = int(pv.shape[0] * (pv.shape[1] if pv.dim() == 5 else 1))
                     best = None
                     for _ in range(2 if torch.cuda.is_available() else 1):  # best of 2 on a GPU; a CPU dry run once
                         _sync()
@@ -413,9 +415,7 @@ def _first_step_logit_diff(loaded, stage, records: list[dict[str, Any]]) -> floa
         for px in pixels:  # one page at a time: no padding between the two paths
             inputs = model_inputs(loaded, [stage.prompt], [[px]], loaded.device)
             full = loaded.model(**inputs, logits_to_keep=1).logits[:, -1].float()
-            feats = loaded.model.get_image_features(pixel_values=inputs["pixel_values"],
-                                                    pixel_attention_mask=inputs.get("pixel_attention_mask")
-                                                    ).pooler_output
+            feats = loaded.family.image_features(loaded.model, inputs, slice(None))
             feats = torch.cat(list(feats)) if isinstance(feats, (list, tuple)) else feats
             feats = feats.reshape(-1, feats.shape[-1])
             ids = inputs["input_ids"].clone()
