@@ -65,7 +65,20 @@ def ensure_tiny_checkpoint(path: Path | None = None, kind: str = "tiny-random") 
     several processes."""
     if kind not in TINY_MODELS:
         raise ValueError(f"no tiny model {kind!r}; known: {', '.join(TINY_MODELS)}")
-    path = Path(path) if path else default_cache_dir(kind)
+
+    def build(tmp: Path) -> None:
+        if kind == "tiny-random":
+            build_tiny_checkpoint(tmp)
+        else:
+            from docpipe.model.families.tiny import build
+
+            build(kind, tmp, _CORPUS, INIT_RANGE, EOU_SCALE)
+
+    return _build_once(Path(path) if path else default_cache_dir(kind), build)
+
+
+def _build_once(path: Path, build) -> Path:
+    """``path``, made by ``build(folder)`` unless it is there."""
     if (path / "config.json").exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -80,12 +93,7 @@ def ensure_tiny_checkpoint(path: Path | None = None, kind: str = "tiny-random") 
             return path
         tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=path.parent))
         try:
-            if kind == "tiny-random":
-                build_tiny_checkpoint(tmp)
-            else:
-                from docpipe.model.families.tiny import build
-
-                build(kind, tmp)
+            build(tmp)
             os.rename(tmp, path)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -231,8 +239,6 @@ def random_checkpoint(arch: str) -> Path:
     spec = shipped_architecture(arch)
     if spec.get("model_type") == "idefics2":
         return ensure_tiny_checkpoint()
-    from docpipe.model.families.tiny import ensure_random_checkpoint
-
     return ensure_random_checkpoint(arch, spec)
 
 
@@ -274,3 +280,26 @@ def build_random_model(arch: str, device: str, dtype, attention: str):
         model.generation_config.pad_token_id = tok.pad_token_id
         model.generation_config.eos_token_id = sorted({tok.eos_token_id, tok.convert_tokens_to_ids(turn)})
     return model, processor
+
+
+def ensure_random_checkpoint(arch: str, spec: dict) -> Path:
+    """A processor-only folder for a shipped architecture of the families beside Idefics2: the tiny checkpoint's
+    tokenizer with the real checkpoint's image geometry (``spec["_processor"]``), and the architecture as
+    config.json (no weights: ``build_random_model`` makes them). What sizing, render size and --gpu-check read."""
+    from docpipe.model.families.tiny import VERSION
+
+    def build(tmp: Path) -> None:
+        from transformers import AutoProcessor
+
+        settings = spec["_processor"]
+        processor = AutoProcessor.from_pretrained(ensure_tiny_checkpoint(kind=settings["tokenizer"]))
+        for key, value in settings.get("image_processor", {}).items():
+            setattr(processor.image_processor, key, value)
+        if "image_seq_len" in settings:
+            processor.image_seq_len = settings["image_seq_len"]
+        processor.save_pretrained(tmp)
+        config = {k: v for k, v in spec.items() if not k.startswith("_")}
+        config["image_token_id"] = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+
+    return _build_once(default_cache_dir().parent / f"random-{arch}-v{VERSION}", build)

@@ -1,6 +1,5 @@
 """Tiny random checkpoints of the families beside Idefics2 (``tiny-random`` is pipeline/model/tiny.py), built locally
-and loaded through the real ``from_pretrained`` path, and random-weight models of the shipped architectures
-(pipeline/model/assets/*.json) for ``--random-weights``.
+and loaded through the real ``from_pretrained`` path, with tiny.py's recipe (its corpus, its weights' spread).
 
 Each tiny checkpoint follows its published checkpoints' processor and tokenizer conventions, at smaller images:
 
@@ -59,13 +58,11 @@ KINDS: dict[str, dict[str, Any]] = {
 }
 
 
-def _tokenizer(specials: list[str], bos: str | None, eos: str, pad: str, unk: str | None,
+def _tokenizer(corpus: str, specials: list[str], bos: str | None, eos: str, pad: str, unk: str | None,
                also_special: list[str] = ()):
     """A small byte-level BPE tokenizer (trained on tiny.py's corpus) with the given special tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-
-    from docpipe.model.tiny import _CORPUS
 
     tok = Tokenizer(models.BPE(unk_token=unk))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -73,7 +70,7 @@ def _tokenizer(specials: list[str], bos: str | None, eos: str, pad: str, unk: st
     base = [t for t in (unk, bos, eos, pad) if t]
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=list(dict.fromkeys(base)), show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    tok.train_from_iterator([corpus] * 4, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad, unk_token=unk,
                                    padding_side="left", model_max_length=32768)
     fast.add_special_tokens({"additional_special_tokens": specials})
@@ -84,17 +81,17 @@ def _tokenizer(specials: list[str], bos: str | None, eos: str, pad: str, unk: st
     return fast
 
 
-def _idefics3_processor(kind: str, spec: dict[str, Any]):
+def _idefics3_processor(kind: str, spec: dict[str, Any], corpus: str):
     from transformers import Idefics3ImageProcessor, Idefics3Processor
 
     rows = [f"<row_{i}_col_{j}>" for i in range(1, spec["grid"] + 1) for j in range(1, spec["grid"] + 1)]
     if kind == "tiny-random-granite-docling":
         tags = [t for name in DOCTAGS_ELEMENTS for t in (f"<{name}>", f"</{name}>")] + DOCTAGS_SINGLES
-        tokenizer = _tokenizer(["<fake_token_around_image>", "<image>"], "<|start_of_role|>", "<|end_of_text|>",
+        tokenizer = _tokenizer(corpus, ["<fake_token_around_image>", "<image>"], "<|start_of_role|>", "<|end_of_text|>",
                                "<|end_of_text|>", "<|unk|>",
                                also_special=["<|pad|>", "<|end_of_role|>", "<global-img>"] + rows + tags)
     else:
-        tokenizer = _tokenizer(["<fake_token_around_image>", "<image>", "<end_of_utterance>"], "<|im_start|>",
+        tokenizer = _tokenizer(corpus, ["<fake_token_around_image>", "<image>", "<end_of_utterance>"], "<|im_start|>",
                                "<end_of_utterance>", "<|im_end|>", "<|endoftext|>", also_special=["<global-img>"] + rows)
     vocab = len(tokenizer)  # the model's: granite's <end_of_utterance>, added below by the processor, lies past it
     image = Idefics3ImageProcessor(size={"longest_edge": 2 * spec["tile"]}, max_image_size={"longest_edge": spec["tile"]},
@@ -104,10 +101,10 @@ def _idefics3_processor(kind: str, spec: dict[str, Any]):
                              chat_template=spec["template"]), vocab
 
 
-def _lighton_processor(spec: dict[str, Any]):
+def _lighton_processor(spec: dict[str, Any], corpus: str):
     from transformers import PixtralImageProcessor, PixtralProcessor
 
-    tokenizer = _tokenizer(["<|im_start|>", "<|im_end|>", "<|image_pad|>", "<|vision_pad|>", "<|vision_end|>"],
+    tokenizer = _tokenizer(corpus, ["<|im_start|>", "<|im_end|>", "<|image_pad|>", "<|vision_pad|>", "<|vision_end|>"],
                            None, "<|im_end|>", "<|endoftext|>", None)
     image = PixtralImageProcessor(size={"longest_edge": spec["edge"]}, patch_size=spec["patch"],
                                   image_mean=[0.48145466, 0.4578275, 0.40821073],
@@ -119,19 +116,18 @@ def _lighton_processor(spec: dict[str, Any]):
     return processor, len(tokenizer)
 
 
-def build(kind: str, dest: Path, seed: int = 0) -> None:
-    """Build the tiny checkpoint ``kind`` into ``dest``."""
+def build(kind: str, dest: Path, corpus: str, init: float, stop_scale: float, seed: int = 0) -> None:
+    """Build the tiny checkpoint ``kind`` into ``dest``, with tiny.py's recipe: the tokenizers' ``corpus``, the
+    weights' spread ``init`` and the end-of-turn row's ``stop_scale``."""
     import torch
-
-    from docpipe.model.tiny import INIT_RANGE
 
     spec = KINDS[kind]
     if kind == "tiny-random-lighton":
-        processor, vocab = _lighton_processor(spec)
-        config = _lighton_config(processor.tokenizer, vocab, spec, INIT_RANGE)
+        processor, vocab = _lighton_processor(spec, corpus)
+        config = _lighton_config(processor.tokenizer, vocab, spec, init)
     else:
-        processor, vocab = _idefics3_processor(kind, spec)
-        config = _idefics3_config(processor.tokenizer, vocab, spec, INIT_RANGE)
+        processor, vocab = _idefics3_processor(kind, spec, corpus)
+        config = _idefics3_config(processor.tokenizer, vocab, spec, init)
     torch.manual_seed(seed)
     from transformers import AutoModelForImageTextToText
 
@@ -139,7 +135,7 @@ def build(kind: str, dest: Path, seed: int = 0) -> None:
     from docpipe.model.families import family_of
 
     family = family_of(model, processor)
-    _shape_output_layer(model, processor.tokenizer, family.end_of_turn())
+    _shape_output_layer(model, processor.tokenizer, family.end_of_turn(), stop_scale)
     tok = processor.tokenizer
     gen = model.generation_config
     gen.bos_token_id, gen.pad_token_id = tok.bos_token_id, tok.pad_token_id
@@ -182,11 +178,9 @@ def _lighton_config(tokenizer, vocab: int, spec: dict[str, Any], init: float):
         tie_word_embeddings=False)
 
 
-def _shape_output_layer(model, tokenizer, stop: str) -> None:
+def _shape_output_layer(model, tokenizer, stop: str, scale: float) -> None:
     """As tiny.py's: unprintable tokens get a zero output row, the end-of-turn row is scaled so some pages end."""
     import torch
-
-    from docpipe.model.tiny import EOU_SCALE
 
     special = set(tokenizer.all_special_ids) | {i for t, i in tokenizer.get_added_vocab().items()}
     weight = model.lm_head.weight
@@ -195,44 +189,4 @@ def _shape_output_layer(model, tokenizer, stop: str) -> None:
             text = tokenizer.decode([token_id])
             if token_id not in special and not (text.isprintable() and text.isascii()):
                 weight[token_id] = 0
-        weight[tokenizer.convert_tokens_to_ids(stop)] *= EOU_SCALE
-
-
-# ---------------------------------------------------------------------------------------------- --random-weights
-def ensure_random_checkpoint(arch: str, spec: dict[str, Any]) -> Path:
-    """A processor-only folder for a shipped architecture of these families: the tiny checkpoint's tokenizer with
-    the real checkpoint's image geometry (``spec["_processor"]``), and the architecture as config.json (no weights:
-    ``build_random_model`` makes them). What sizing, render size and --gpu-check read."""
-    import fcntl
-    import os
-    import shutil
-    import tempfile
-
-    from docpipe.model.tiny import default_cache_dir, ensure_tiny_checkpoint
-
-    path = default_cache_dir().parent / f"random-{arch}-v{VERSION}"
-    if (path / "config.json").exists():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.parent / f".{path.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (path / "config.json").exists():
-            return path
-        from transformers import AutoProcessor
-
-        settings = spec["_processor"]
-        processor = AutoProcessor.from_pretrained(ensure_tiny_checkpoint(kind=settings["tokenizer"]))
-        for key, value in settings.get("image_processor", {}).items():
-            setattr(processor.image_processor, key, value)
-        if "image_seq_len" in settings:
-            processor.image_seq_len = settings["image_seq_len"]
-        tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=path.parent))
-        try:
-            processor.save_pretrained(tmp)
-            config = {k: v for k, v in spec.items() if not k.startswith("_")}
-            config["image_token_id"] = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
-            (tmp / "config.json").write_text(json.dumps(config, indent=2))
-            os.rename(tmp, path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return path
+        weight[tokenizer.convert_tokens_to_ids(stop)] *= scale
