@@ -205,16 +205,9 @@ def shape_output_layer(model, tokenizer) -> None:
     """Readable, sometimes-ending output: tokens that decode to unprintable or non-ASCII text (byte pieces
     of the byte-level BPE) get a zero output row, so their logit is 0 and a printable token wins; the
     end-of-utterance row is scaled so that some pages end on their own."""
-    import torch
+    from docpipe.model.families.tiny import shape_output_layer
 
-    special = set(tokenizer.all_special_ids)
-    weight = model.lm_head.weight
-    with torch.no_grad():
-        for token_id in range(weight.shape[0]):
-            text = tokenizer.decode([token_id])
-            if token_id not in special and not (text.isprintable() and text.isascii()):
-                weight[token_id] = 0
-        weight[tokenizer.convert_tokens_to_ids("<end_of_utterance>")] *= EOU_SCALE
+    shape_output_layer(model, tokenizer, "<end_of_utterance>", EOU_SCALE)
 
 
 def set_generation_tokens(model, tokenizer) -> None:

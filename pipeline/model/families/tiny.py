@@ -135,7 +135,7 @@ def build(kind: str, dest: Path, corpus: str, init: float, stop_scale: float, se
     from docpipe.model.families import family_of
 
     family = family_of(model, processor)
-    _shape_output_layer(model, processor.tokenizer, family.end_of_turn(), stop_scale)
+    shape_output_layer(model, processor.tokenizer, family.end_of_turn(), stop_scale)
     tok = processor.tokenizer
     gen = model.generation_config
     gen.bos_token_id, gen.pad_token_id = tok.bos_token_id, tok.pad_token_id
@@ -178,8 +178,9 @@ def _lighton_config(tokenizer, vocab: int, spec: dict[str, Any], init: float):
         tie_word_embeddings=False)
 
 
-def _shape_output_layer(model, tokenizer, stop: str, scale: float) -> None:
-    """As tiny.py's: unprintable tokens get a zero output row, the end-of-turn row is scaled so some pages end."""
+def shape_output_layer(model, tokenizer, stop: str, scale: float) -> None:
+    """Unprintable tokens (byte pieces of the byte-level BPE) get a zero output row, so a printable token wins; the
+    end-of-turn row ``stop`` is scaled by ``scale``, so that some pages end on their own."""
     import torch
 
     special = set(tokenizer.all_special_ids) | {i for t, i in tokenizer.get_added_vocab().items()}
