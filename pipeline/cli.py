@@ -12,7 +12,8 @@ from docpipe.errors import FatalError
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help=f"hub id, local path, or 'tiny-random' (default {DEFAULT_MODEL})")
+    p.add_argument("--model", help=f"a preset (idefics2-8b, granite-docling-258m, lightonocr-2-1b, ...: docs/models.md), "
+                   f"a hub id or local path, or 'tiny-random' (default {DEFAULT_MODEL})")
     p.add_argument("--batch-size", type=int, help="pages per generate() call (continuous engine: per vision call)")
     p.add_argument("--engine", choices=["auto", "generate", "continuous"],
                    help="decoding engine: continuous batching, static generate() batches, or auto (default: "
@@ -42,6 +43,8 @@ def _add_document_args(p: argparse.ArgumentParser) -> None:
                    "module:Class, a pydantic model imported as `python -m` would (the working directory first)")
     p.add_argument("--page-cap", type=int, help="pages per extraction prompt (default 8); longer documents are chunked")
     p.add_argument("--extract-max-new-tokens", type=int, help="cap on generated tokens per extraction (default 1024)")
+    p.add_argument("--extract-model", help="with an OCR-only model (DocTags, LightOnOCR): the model that turns its "
+                   "page text into JSON (default idefics2-8b)")
     p.add_argument("--pages", metavar="RANGES", help="only these pages of each document, 1-based: 1-5,8 or 3- (page 3 "
                    "to the end); the others are neither rendered nor written")
     p.add_argument("--password", help="password for encrypted PDFs (prefer DOCPIPE_PDF_PASSWORD or --password-file: "
@@ -348,7 +351,8 @@ def config_from_args(args: argparse.Namespace, inputs: list[str], output: str | 
         "adapter": args.adapter,
     }
     extract = {"schema_spec": getattr(args, "schema", None), "page_cap": getattr(args, "page_cap", None),
-               "max_new_tokens": getattr(args, "extract_max_new_tokens", None)}
+               "max_new_tokens": getattr(args, "extract_max_new_tokens", None),
+               "model": getattr(args, "extract_model", None)}
     render = {"longest_edge": args.longest_edge, "image_format": args.image_format,
               "page_timeout_s": args.page_timeout, "document_timeout_s": args.document_timeout}
     storage = {"endpoint_url": getattr(args, "endpoint_url", None), "region": getattr(args, "region", None),

@@ -50,9 +50,12 @@ class _Options(BaseModel):
 class ModelOptions(_Options):
     name: str = Field(
         DEFAULT_MODEL,
-        description="Hub id or local path of an Idefics2-family checkpoint, or 'tiny-random' for a locally built "
-        "random model (for tests and CPU demos: its text is meaningless).",
-        examples=[DEFAULT_MODEL, "/models/idefics2-8b", TINY_MODEL],
+        description="A preset (idefics2-8b, idefics3-8b, smolvlm-256m, smolvlm-500m, smoldocling-256m, "
+        "granite-docling-258m, lightonocr-2-1b: docs/models.md), or the hub id or local folder of a checkpoint of a "
+        "supported family (Idefics2, Idefics3, LightOnOCR), or 'tiny-random' (Idefics2), 'tiny-random-idefics3', "
+        "'tiny-random-granite-docling', 'tiny-random-lighton' for a locally built random model (tests and CPU "
+        "demos: its text is meaningless).",
+        examples=[DEFAULT_MODEL, "granite-docling-258m", "/models/idefics2-8b", TINY_MODEL],
     )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Weights dtype. 'auto': bfloat16 on a CUDA GPU, float32 on the CPU."
@@ -66,7 +69,10 @@ class ModelOptions(_Options):
         None, description="Split each page into 4 crops plus the whole page (5 images). Default (null): the "
         "checkpoint's own setting (on for idefics2-8b, off for idefics2-8b-base); it sets the render size too.",
     )
-    max_new_tokens: int = Field(1024, ge=1, description="Cap on generated tokens per page.")
+    max_new_tokens: int = Field(
+        1024, ge=1, description="Cap on generated tokens per page. Unset, the model's budget: 8192 for the DocTags "
+        "models (a page's tags and boxes are long), 4096 for LightOnOCR, else this.",
+    )
     min_new_tokens: int = Field(
         0, ge=0, description="Force at least this many tokens per page (benchmarks: a fixed output length)."
     )
@@ -138,7 +144,11 @@ class ModelOptions(_Options):
     cpu_threads: int | None = Field(
         None, ge=1, description="torch threads in a CPU model actor. Default: the CPUs the actor was given."
     )
-    prompt: str = Field(OCR_PROMPT, description="Instruction sent with each page image.")
+    prompt: str = Field(
+        OCR_PROMPT, description="Instruction sent with each page image. Unset, the model's own: this one for "
+        "Idefics2, Idefics3 and SmolVLM; 'Convert this page to docling.' for the DocTags models (SmolDocling, "
+        "granite-docling); none for LightOnOCR, which is sent the page alone.",
+    )
     trust_remote_code: bool = Field(False, description="Allow code shipped with the checkpoint to run.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to load.")
     adapter: str | None = Field(
@@ -249,6 +259,13 @@ class ExtractOptions(_Options):
         examples=["invoice", "mypkg.schemas:PurchaseOrder", "schemas/po.json"],
     )
     prompt: str | None = Field(None, description="Replaces the prompt built from the schema's fields.")
+    model: str | None = Field(
+        None, description="The model that turns pages into JSON when the run's model is OCR-only (the DocTags "
+        "models and LightOnOCR read pages but follow no instruction): the page text that model wrote is given to "
+        "this one with the schema's prompt, grammar and validation. Any --model value of a family that follows "
+        "instructions. Default: idefics2-8b. Unused when the run's model follows instructions.",
+        examples=["idefics2-8b", "smolvlm-500m"],
+    )
     page_cap: int = Field(
         8, ge=1, description="Pages sent together in one prompt. A longer document is extracted per chunk of this "
         "many pages and the chunks are merged (first non-null value per field wins; lists are concatenated).",

@@ -12,7 +12,7 @@ from typing import Any
 
 from docpipe.config import ModelOptions
 from docpipe.errors import describe, error_fields
-from docpipe.model.load import LoadedModel, chat_prompt, load_model, stop_and_pad_ids
+from docpipe.model.load import LoadedModel, chat_prompt, load_model, model_options, stop_and_pad_ids
 from docpipe.records import PAGE
 from docpipe.render.pixels import RAW_CODEC, decode_raw
 from docpipe.schemas import ErrorType
@@ -24,8 +24,10 @@ class OcrStage:
         """``fail_fast``: re-raise the first failure instead of recording an error row (--fail-fast)."""
         from docpipe.model.engine import choose_engine
 
-        self.opts, self.fail_fast = opts, fail_fast
+        self.fail_fast = fail_fast
         self.m = loaded or load_model(opts, checkpoint)
+        self.family = self.m.family  # the model family's prompt, inputs and output format (pipeline/model/families/)
+        self.opts = opts = model_options(opts, self.family)
         self.prompt = chat_prompt(self.m.processor, 1, opts.prompt)  # one image: the page
         self.stop_ids, self.pad_id = stop_and_pad_ids(self.m)
         self.processor_device = self.m.device if opts.processor_device == "model" else "cpu"
@@ -164,7 +166,6 @@ class OcrStage:
             self._fill(batch, self.engine.generate(self.prepare_inputs(batch), [r["_cap"] for r in batch], forced))
 
     def _fill(self, batch: list[dict[str, Any]], results: list) -> None:
-        tokenizer = self.m.processor.tokenizer
         for rec, result in zip(batch, results):
             if isinstance(result, Exception):
                 if self.fail_fast:
@@ -172,8 +173,16 @@ class OcrStage:
                 rec.update(error_fields(ErrorType.model_error, describe(result)))
                 continue
             kept = result.tokens[:-1] if result.finish_reason == "stop" else result.tokens
+            try:  # the family's own output (DocTags, its Markdown flavour) as our Markdown, and its blocks if boxed
+                text, blocks = self.family.page_output(self.family.decode(kept))
+            except Exception as exc:
+                if self.fail_fast:
+                    raise
+                rec.update(error_fields(ErrorType.model_error, f"cannot read the model's output: {describe(exc)}"))
+                continue
             rec.update(
-                text=tokenizer.decode(kept, skip_special_tokens=True).strip(),
+                text=text,
+                blocks=blocks,
                 output_tokens=len(result.tokens),
                 finish_reason=result.finish_reason,
                 model=self.m.name,
@@ -193,14 +202,12 @@ def _mark_failed(rec: dict[str, Any]) -> None:
     rec.update(error_fields(ErrorType.model_error, describe(sys.exc_info()[1])))
 
 
-def model_inputs(m: LoadedModel, prompts: list[str], images: list[list], processor_device: str) -> dict[str, Any]:
-    """Processor output on the model's device. The processor's two halves are called directly: its __call__
-    only takes PIL images or URLs, while the image processor takes uint8 tensors and can run on the GPU."""
-    inputs = dict(m.processor(text=prompts, padding=True, return_tensors="pt"))
-    inputs.update(m.processor.image_processor(images, return_tensors="pt", device=processor_device))
-    inputs = {k: v.to(m.device) for k, v in inputs.items()}
-    inputs["pixel_values"] = inputs["pixel_values"].to(m.dtype)
-    return inputs
+def model_inputs(m: LoadedModel, prompts: list[str], images: list[list] | None, processor_device: str
+                 ) -> dict[str, Any]:
+    """Processor output on the model's device, built as the model's family builds it (pipeline/model/families/):
+    page images are uint8 tensors, and the image half of the processor runs on ``processor_device`` (the GPU).
+    ``images`` None: prompts without images (text-to-JSON)."""
+    return m.family.model_inputs(m, prompts, images, processor_device)
 
 
 def decode_page(data: bytes, codec: str | None, width: int, height: int):

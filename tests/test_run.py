@@ -342,6 +342,8 @@ def test_a_model_named_as_a_missing_folder_and_a_failed_start_leave_no_output(tm
     # a model whose processor cannot be read: found once the lease is taken, and OUT (new, or empty before) is left
     # as it was, without empty folders or the lease's lock file
     (tmp_path / "broken-model").mkdir()
+    (tmp_path / "broken-model" / "config.json").write_text(  # a supported architecture: its processor is what fails
+        json.dumps({"architectures": ["Idefics2ForConditionalGeneration"], "model_type": "idefics2"}))
     (tmp_path / "broken-model" / "preprocessor_config.json").write_text("{not json")
     (tmp_path / "c").mkdir()
     for out in ("b", "c"):

@@ -72,7 +72,8 @@ def model_actor(model_opts, extract_opts, task: str, fail_fast: bool = False, sc
                 if "extract" in task:
                     from docpipe.extract.stage import ExtractStage
 
-                    stages.append(ExtractStage(model_opts, extract_opts, loaded, fail_fast, spec=self.extraction_schema))
+                    stages.append(ExtractStage(model_opts, extract_opts, loaded, fail_fast, spec=self.extraction_schema,
+                                                ocr=ocr))
                 self.stages, self.ready_at = stages, time.time()
                 self.ocr = ocr  # last: the sign that the stages are ready
 

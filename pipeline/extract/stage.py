@@ -4,6 +4,11 @@ Generation is constrained by a grammar compiled from the schema (xgrammar), so t
 output always has the schema's JSON shape; pydantic (or jsonschema, for a JSON Schema
 file) then validates it, custom validators included. A failed validation is data in
 the row, never an exception.
+
+A model that follows instructions reads the chunk's page images with the schema's prompt. An OCR-only model
+(the DocTags models, LightOnOCR: its family says so) reads the pages as it does for OCR, and the text it wrote
+goes, with the same prompt, grammar and validation, to an instruction-following extraction model
+(``ExtractOptions.model``): never an empty answer for want of a model that can follow the prompt.
 """
 
 from __future__ import annotations
@@ -22,13 +27,22 @@ from docpipe.schemas import ErrorType
 class ExtractStage:
     """Chunk records (a document's pages, up to the page cap) in, extraction results out."""
 
-    def __init__(self, opts: ModelOptions, extract: ExtractOptions, loaded, fail_fast: bool = False, spec=None):
+    def __init__(self, opts: ModelOptions, extract: ExtractOptions, loaded, fail_fast: bool = False, spec=None,
+                 ocr=None):
         """``fail_fast``: re-raise the first failure instead of recording an error row (--fail-fast). ``spec``: the
-        schema the driver loaded (a user's class travels with it), else loaded here from ``extract``."""
+        schema the driver loaded (a user's class travels with it), else loaded here from ``extract``. ``ocr``: the
+        actor's OCR stage on ``loaded``, which reads the pages when that model is OCR-only."""
         import xgrammar as xgr
 
-        self.opts, self.extract, self.m, self.fail_fast = opts, extract, loaded, fail_fast
+        self.opts, self.extract, self.fail_fast = opts, extract, fail_fast
         self.spec = spec or load_schema(extract.schema_spec)
+        self.reader = None  # OCR-only models: the stage that reads the pages, before text-to-JSON
+        if not loaded.family.follows_instructions:
+            from docpipe.ocr import OcrStage
+
+            self.reader = ocr or OcrStage(opts, loaded=loaded, fail_fast=fail_fast)
+            loaded = load_extraction_model(opts, extract)
+        self.m = loaded
         from docpipe.model.load import stop_and_pad_ids
 
         tokenizer = loaded.processor.tokenizer
@@ -39,10 +53,14 @@ class ExtractStage:
         self.grammar = xgr.GrammarCompiler(info).compile_grammar(build_grammar(self.spec.json_schema, extract))
         self.text = instruction(self.spec, extract)
 
-    def prompt(self, pages: int) -> str:
+    def prompt(self, pages: int, texts: list[str] | None = None) -> str:
+        """The prompt for a chunk of ``pages`` page images, or (OCR-only models) of the page ``texts`` they wrote."""
         from docpipe.model.load import chat_prompt
 
-        return chat_prompt(self.m.processor, pages, self.text)
+        if texts is None:
+            return chat_prompt(self.m.processor, pages, self.text)
+        pages_text = "\n\n".join(f"--- page {i} ---\n{text}" for i, text in enumerate(texts, 1))
+        return chat_prompt(self.m.processor, 0, f"{self.text}\n\nThe document's text, page by page:\n\n{pages_text}")
 
     def __call__(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Chunks are extracted batch_size to a generate() call (one grammar matcher per row), sorted by page
@@ -55,6 +73,9 @@ class ExtractStage:
             if rec["kind"] != CHUNK or rec["status"] != "ok":
                 continue
             try:
+                if self.reader is not None:  # the page texts the OCR-only model writes stand for the images
+                    todo.append((rec, self._read(rec), int(rec["doc_id"][:8], 16) + rec["chunk_index"]))
+                    continue
                 pixels = [decode_page(img, codec, w, h) for img, codec, w, h in
                           zip(rec["images"], rec["image_codecs"], rec["widths"], rec["heights"])]
                 todo.append((rec, pixels, int(rec["doc_id"][:8], 16) + rec["chunk_index"]))
@@ -67,6 +88,21 @@ class ExtractStage:
         for start in range(0, len(todo), size):
             self._extract_batch(todo[start : start + size])
         return records
+
+    def _read(self, rec: dict[str, Any]) -> list[str]:
+        """A chunk's pages read by the OCR-only model, as its OCR would; a page it fails on fails the chunk."""
+        from docpipe.records import PAGE
+
+        pages = [{"kind": PAGE, "status": "ok", "image": img, "image_codec": codec, "width": w, "height": h,
+                  "page_number": n, "source_uri": rec.get("source_uri")}
+                 for n, (img, codec, w, h) in enumerate(zip(rec["images"], rec["image_codecs"], rec["widths"],
+                                                             rec["heights"]), 1)]
+        read = sorted(self.reader(pages), key=lambda r: r["page_number"])
+        failed = [r for r in read if r["status"] != "ok"]
+        if failed:
+            raise RuntimeError(f"page {failed[0]['page_number']} of the chunk could not be read: "
+                               f"{failed[0].get('error_message')}")
+        return [r["text"] for r in read]
 
     def _extract_batch(self, batch: list[tuple[dict[str, Any], list, int]]) -> None:
         try:
@@ -112,7 +148,10 @@ class ExtractStage:
 
         m = self.m
         device = m.device if self.opts.processor_device == "model" else "cpu"
-        inputs = model_inputs(m, [self.prompt(len(p)) for p in pixels], pixels, device)
+        if self.reader is not None:  # page texts: a text prompt, no images
+            inputs = model_inputs(m, [self.prompt(0, texts) for texts in pixels], None, device)
+        else:
+            inputs = model_inputs(m, [self.prompt(len(p)) for p in pixels], pixels, device)
         sampling = {"do_sample": True, "temperature": temperature} if temperature else {"do_sample": False}
         if temperature:
             torch.manual_seed(seed)  # reproducible retries
@@ -155,3 +194,21 @@ class ExtractStage:
             "output_tokens": len(tokens) if end is None else end + 1,
             "model": m.name,
         }
+
+
+def load_extraction_model(opts: ModelOptions, extract: ExtractOptions):
+    """The instruction-following model that turns an OCR-only model's text into JSON, loaded as the run's model is
+    (its dtype, attention, quantization)."""
+    from docpipe.config import DEFAULT_MODEL
+    from docpipe.errors import ConfigError
+    from docpipe.model.load import load_model
+
+    name = extract.model or DEFAULT_MODEL
+    loaded = load_model(ModelOptions(name=name, dtype=opts.dtype, attention=opts.attention,
+                                     quantization=opts.quantization, batch_size=opts.batch_size,
+                                     cpu_threads=opts.cpu_threads, processor_device=opts.processor_device,
+                                     trust_remote_code=opts.trust_remote_code))
+    if not loaded.family.follows_instructions:
+        raise ConfigError(f"extraction model {name!r} is OCR-only too: give an instruction-following one "
+                          "(--extract-model idefics2-8b, smolvlm-500m, ...)")
+    return loaded

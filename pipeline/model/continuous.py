@@ -1,11 +1,13 @@
-"""The continuous engine: Idefics2 pages through transformers' continuous-batching manager.
+"""The continuous engine: pages through transformers' continuous-batching manager.
 
 transformers' manager (paged KV cache, a scheduler, CUDA graphs) takes token ids only. Images reach it
-through a feature bank: each page's images are encoded by the model's own vision tower and perceiver
+through a feature bank: each page's images are encoded by the model's own vision tower and connector
 (``get_image_features``, batched by shape, apart from decoding), their rows are written into a
-preallocated bank, and the page's ``<image>`` positions carry virtual ids ``vocab_size + row``. A causal-LM
-shell (its own layers and config, the Idefics2 text model's weights and lm_head) embeds such an id as the bank
+preallocated bank, and the page's image-token positions carry virtual ids ``vocab_size + row``. A causal-LM
+shell (its own layers and config, the text model's weights and lm_head) embeds such an id as the bank
 row and then decodes exactly what ``generate`` on the full model would. The text model is never changed.
+What differs per model family (the decoder, the image features, a page's most image tokens, the prompt's length)
+is asked of the model's family (pipeline/model/families/): the bank holds a page's features at their largest.
 
 - Prefix sharing is off: two pages' virtual ids must never alias through a shared cache block.
 - The bank lookup has no data-dependent branch, so it never synchronises with the host and CUDA graphs
@@ -139,19 +141,18 @@ class ContinuousEngine:
         from docpipe.model.load import chat_prompt
 
         self.m, self.opts, self.stop_ids = loaded, opts, stop_ids
-        model = loaded.model
+        model, family = loaded.model, loaded.family
+        self.family = family
         inner = getattr(model, "model", None)
-        text_model = getattr(inner, "text_model", None)
+        text_model = getattr(inner, family.decoder, None)
         if text_model is None or not hasattr(inner, "get_image_features") or not hasattr(model, "lm_head"):
             raise UnsupportedModel(f"{type(model).__name__} has no separate text model, image encoder and "
                                    "lm_head to serve through a feature bank")
         text_config = copy.deepcopy(model.config.text_config)
-        self.image_token_id = model.config.image_token_id
+        self.image_token_id = family.image_token_id(model)
         self.vocab = text_model.embed_tokens.num_embeddings
-        self.rows_per_image = model.config.perceiver_config.resampler_n_latents
-        splitting = getattr(loaded.processor.image_processor, "do_image_splitting", False)
-        self.rows_per_page = self.rows_per_image * (5 if splitting else 1)
-        self.prompt_tokens = len(loaded.processor(text=[chat_prompt(loaded.processor, 1, opts.prompt)])["input_ids"][0])
+        self.rows_per_page = family.max_image_rows(model)  # Idefics2: 5 x 64; Idefics3, LightOnOCR: by page shape
+        self.prompt_tokens = family.prompt_tokens(chat_prompt(loaded.processor, 1, opts.prompt))
         self.plan = None
         self.encode_pages = max(1, opts.batch_size)
         # Without a sliding window where no request reaches it (the same tokens; the paged cache then gives every
@@ -165,8 +166,7 @@ class ContinuousEngine:
             loaded.device, loaded.dtype, getattr(opts, "engine_attention", "auto"), loaded.attention,
             self.sliding_window, head_dim)
         if loaded.device == "cuda":
-            self.plan = _plan_on_gpu(loaded, opts, self.prompt_tokens, self.rows_per_page, splitting,
-                                     path=self.attention_path)
+            self.plan = _plan_on_gpu(loaded, opts, self.prompt_tokens, self.rows_per_page, path=self.attention_path)
             pages_in_flight, self.encode_pages = self.plan.pages_in_flight, self.plan.encode_pages
         self.capacity_pages = max(1, pages_in_flight)
         capacity = self.rows_per_page * self.capacity_pages
@@ -350,7 +350,7 @@ class ContinuousEngine:
         peak memory is bounded by that, not by the batch size."""
         import torch
 
-        pixels, pmask = inputs["pixel_values"], inputs.get("pixel_attention_mask")
+        pixels = inputs["pixel_values"]
         out = []
         # One call encodes at a time: an actor's calls in flight (threads) would otherwise add up their peaks.
         with self._encode_lock, torch.inference_mode():
@@ -359,9 +359,7 @@ class ContinuousEngine:
             started = time.perf_counter()
             for start in range(0, pixels.shape[0], self.encode_pages):
                 part = slice(start, start + self.encode_pages)
-                pooled = self.m.model.get_image_features(
-                    pixel_values=pixels[part], pixel_attention_mask=None if pmask is None else pmask[part]
-                ).pooler_output
+                pooled = self.family.image_features(self.m.model, inputs, part)
                 out += rows_per_page(pooled, counts[part])
             if self.timeline is not None:
                 if self.encode_stream is not None:
@@ -606,15 +604,17 @@ def _fatal(manager) -> str:
     return f": {error}" if error else ""
 
 
-def _plan_on_gpu(loaded, opts, prompt_tokens: int, rows_per_page: int, splitting: bool, path: str = "sdpa"):
+def _plan_on_gpu(loaded, opts, prompt_tokens: int, rows_per_page: int, splitting: bool | None = None,
+                 path: str = "sdpa"):
     """The engine's size on this GPU, from the memory left after loading (pipeline/model/sizing.py): the memory plan
     with flash-attn or torch's varlen kernels; with transformers' packed sdpa, whose step slows down with more
     requests, no more than SDPA_MAX_PAGES unless max_pages_in_flight says otherwise. An actor sharing the GPU
-    (gpu_memory_share) sizes itself from its share."""
+    (gpu_memory_share) sizes itself from its share. The encoding's peak is the model family's (``splitting``, once
+    passed here, is read from the processor by the family)."""
     import torch
 
-    from docpipe.model.sizing import (SDPA_MAX_PAGES, batch_tokens, encode_bytes_per_page, kv_bytes_per_page,
-                                        kv_bytes_per_token, plan_pages, share_of_free)
+    from docpipe.model.sizing import (SDPA_MAX_PAGES, batch_tokens, kv_bytes_per_page, kv_bytes_per_token,
+                                        plan_pages, share_of_free)
 
     config = loaded.model.config
     dtype_bytes = torch.finfo(loaded.dtype).bits // 8
@@ -627,7 +627,7 @@ def _plan_on_gpu(loaded, opts, prompt_tokens: int, rows_per_page: int, splitting
     return plan_pages(
         free, total,
         kv_per_page=kv_per_page,
-        encode_per_page=encode_bytes_per_page(config, 5 if splitting else 1, dtype_bytes),
+        encode_per_page=loaded.family.encode_bytes_per_page(config, dtype_bytes),
         bank_per_page=rows_per_page * config.text_config.hidden_size * dtype_bytes,
         batch_size=opts.batch_size, max_pages=max_pages,
         batch_tokens=batch_tokens(prompt_tokens, max_pages),

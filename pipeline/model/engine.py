@@ -12,6 +12,7 @@ executor's resource policy (pipeline/execute/resources.py) asks it how many call
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,11 +71,10 @@ def encode_pages_for(loaded, opts) -> int:
         return max(1, opts.batch_size)
     import torch
 
-    from docpipe.model.sizing import encode_bytes_per_page, encode_pages, share_of_free
+    from docpipe.model.sizing import encode_pages, share_of_free
 
     try:
-        splitting = getattr(loaded.processor.image_processor, "do_image_splitting", False)
-        per_page = encode_bytes_per_page(loaded.model.config, 5 if splitting else 1, loaded.dtype.itemsize)
+        per_page = loaded.family.encode_bytes_per_page(loaded.model.config, loaded.dtype.itemsize)
         free, total = torch.cuda.mem_get_info()
     except (AttributeError, RuntimeError):  # a family the estimate does not know, no device to ask: one batch a call
         return max(1, opts.batch_size)
@@ -96,14 +96,22 @@ class bounded_encoding:
             return self
         pages = self.pages
 
-        def chunked(pixel_values, pixel_attention_mask=None, *args, **kwargs):
+        # the original's signature shows through: transformers' generate (5.2x) passes it the inputs its signature
+        # names (Idefics' pixel_attention_mask, LightOnOCR's image_sizes)
+        @functools.wraps(original)
+        def chunked(pixel_values, *args, **kwargs):
             import torch
 
-            if not isinstance(pixel_values, torch.Tensor) or pixel_values.shape[0] <= pages:
-                return original(pixel_values, pixel_attention_mask, *args, **kwargs)
-            outs = [original(pixel_values[i : i + pages],
-                             None if pixel_attention_mask is None else pixel_attention_mask[i : i + pages],
-                             *args, **kwargs) for i in range(0, pixel_values.shape[0], pages)]
+            n = pixel_values.shape[0] if isinstance(pixel_values, torch.Tensor) else 0
+            if n <= pages:
+                return original(pixel_values, *args, **kwargs)
+
+            def part(value, i):  # the per-page arguments (Idefics' pixel_attention_mask, LightOnOCR's image_sizes)
+                per_page = isinstance(value, (torch.Tensor, list, tuple)) and len(value) == n
+                return value[i : i + pages] if per_page else value
+
+            outs = [original(pixel_values[i : i + pages], *(part(a, i) for a in args),
+                             **{k: part(v, i) for k, v in kwargs.items()}) for i in range(0, n, pages)]
             pooled = [o.pooler_output for o in outs]
             merged = (type(pooled[0])(x for p in pooled for x in p) if isinstance(pooled[0], (list, tuple))
                       else torch.cat(pooled))

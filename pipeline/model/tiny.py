@@ -1,8 +1,9 @@
-"""Build a tiny, random Idefics2 checkpoint locally (no hub access needed).
+"""Build tiny, random checkpoints locally (no hub access needed), one per model family.
 
-It has the real model's processor, chat template, special tokens, image sizes and
-image splitting, so everything around the model behaves as with idefics2-8b; only
-the weights are random, so its text is meaningless. Used by tests and CPU demos.
+``tiny-random`` is Idefics2: the real model's processor, chat template, special tokens, image sizes and image
+splitting, so everything around the model behaves as with idefics2-8b; only the weights are random, so its text
+is meaningless. Used by tests and CPU demos. The other families' (``TINY_MODELS``) follow their published
+checkpoints' processors and tokenizer conventions at smaller image sizes (pipeline/model/families/tiny.py).
 
 The weights are drawn wide (``INIT_RANGE``) so that the model is image-sensitive: different
 pages give different greedy texts, deterministically, and a test can tell a page that got
@@ -47,14 +48,37 @@ Render tables as Markdown tables. Return only the transcription. | --- | 0 1 2 3
 """
 
 
-def default_cache_dir() -> Path:
+TINY_MODELS = ("tiny-random", "tiny-random-idefics3", "tiny-random-granite-docling", "tiny-random-lighton")
+
+
+def default_cache_dir(kind: str = "tiny-random") -> Path:
     root = os.environ.get("DOCPIPE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "docpipe")
-    return Path(root) / "models" / f"tiny-random-idefics2-v{TINY_VERSION}"
+    if kind == "tiny-random":
+        return Path(root) / "models" / f"tiny-random-idefics2-v{TINY_VERSION}"
+    from docpipe.model.families.tiny import VERSION
+
+    return Path(root) / "models" / f"{kind}-v{VERSION}"
 
 
-def ensure_tiny_checkpoint(path: Path | None = None) -> Path:
-    """Return the tiny checkpoint's folder, building it once. Safe to call from several processes."""
-    path = Path(path) if path else default_cache_dir()
+def ensure_tiny_checkpoint(path: Path | None = None, kind: str = "tiny-random") -> Path:
+    """Return the tiny checkpoint's folder (``kind``: one of TINY_MODELS), building it once. Safe to call from
+    several processes."""
+    if kind not in TINY_MODELS:
+        raise ValueError(f"no tiny model {kind!r}; known: {', '.join(TINY_MODELS)}")
+
+    def build(tmp: Path) -> None:
+        if kind == "tiny-random":
+            build_tiny_checkpoint(tmp)
+        else:
+            from docpipe.model.families.tiny import build
+
+            build(kind, tmp, _CORPUS, INIT_RANGE, EOU_SCALE)
+
+    return _build_once(Path(path) if path else default_cache_dir(kind), build)
+
+
+def _build_once(path: Path, build) -> Path:
+    """``path``, made by ``build(folder)`` unless it is there."""
     if (path / "config.json").exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -69,7 +93,7 @@ def ensure_tiny_checkpoint(path: Path | None = None) -> Path:
             return path
         tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=path.parent))
         try:
-            build_tiny_checkpoint(tmp)
+            build(tmp)
             os.rename(tmp, path)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -181,16 +205,9 @@ def shape_output_layer(model, tokenizer) -> None:
     """Readable, sometimes-ending output: tokens that decode to unprintable or non-ASCII text (byte pieces
     of the byte-level BPE) get a zero output row, so their logit is 0 and a printable token wins; the
     end-of-utterance row is scaled so that some pages end on their own."""
-    import torch
+    from docpipe.model.families.tiny import shape_output_layer
 
-    special = set(tokenizer.all_special_ids)
-    weight = model.lm_head.weight
-    with torch.no_grad():
-        for token_id in range(weight.shape[0]):
-            text = tokenizer.decode([token_id])
-            if token_id not in special and not (text.isprintable() and text.isascii()):
-                weight[token_id] = 0
-        weight[tokenizer.convert_tokens_to_ids("<end_of_utterance>")] *= EOU_SCALE
+    shape_output_layer(model, tokenizer, "<end_of_utterance>", EOU_SCALE)
 
 
 def set_generation_tokens(model, tokenizer) -> None:
@@ -200,28 +217,82 @@ def set_generation_tokens(model, tokenizer) -> None:
     gen.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_utterance>")]
 
 
-def build_random_model(arch: str, device: str, dtype, attention: str):
-    """A model of a shipped architecture (``pipeline/model/assets/<arch>.json``) with random weights, built
-    directly on ``device``, with the local processor. For benchmarks where real weights can't be downloaded."""
-    import torch
-    from transformers import Idefics2Config, Idefics2ForConditionalGeneration
-
+def shipped_architecture(arch: str) -> dict:
+    """A shipped architecture's config (``pipeline/model/assets/<arch>.json``)."""
     asset = Path(__file__).parent / "assets" / f"{arch}.json"
     if not asset.exists():
         known = sorted(p.stem for p in asset.parent.glob("*.json"))
         raise ValueError(f"no shipped architecture {arch!r}; known: {', '.join(known)}")
-    spec = {k: v for k, v in json.loads(asset.read_text()).items() if not k.startswith("_") and k != "model_type"}
-    processor = build_processor()
-    spec["image_token_id"] = processor.tokenizer.convert_tokens_to_ids("<image>")
-    config = Idefics2Config(**spec)
+    return json.loads(asset.read_text())
+
+
+def random_checkpoint(arch: str) -> Path:
+    """The folder whose processor a random-weight model of ``arch`` runs with: tiny-random's for Idefics2 (the real
+    processor setup), else the tiny checkpoint's tokenizer with the real image geometry (families/tiny.py)."""
+    spec = shipped_architecture(arch)
+    if spec.get("model_type") == "idefics2":
+        return ensure_tiny_checkpoint()
+    return ensure_random_checkpoint(arch, spec)
+
+
+def build_random_model(arch: str, device: str, dtype, attention: str):
+    """A model of a shipped architecture (``pipeline/model/assets/<arch>.json``) with random weights, built
+    directly on ``device``, with the local processor. For benchmarks where real weights can't be downloaded."""
+    import torch
+    from transformers import (AutoConfig, AutoModelForImageTextToText, AutoProcessor, Idefics2Config,
+                              Idefics2ForConditionalGeneration)
+
+    spec = shipped_architecture(arch)
+    if spec.get("model_type") == "idefics2":
+        processor = build_processor()
+        spec = {k: v for k, v in spec.items() if not k.startswith("_") and k != "model_type"}
+        spec["image_token_id"] = processor.tokenizer.convert_tokens_to_ids("<image>")
+        config = Idefics2Config(**spec)
+    else:
+        folder = random_checkpoint(arch)
+        processor = AutoProcessor.from_pretrained(folder)
+        config = AutoConfig.from_pretrained(folder)
     config._attn_implementation = attention
     # Created in dtype on the device: float32 first, then cast, took 33.6 GB (50 GB at its peak) for idefics2-8b.
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = Idefics2ForConditionalGeneration(config).eval()
+            idefics2 = isinstance(config, Idefics2Config)
+            model = (Idefics2ForConditionalGeneration(config) if idefics2
+                     else AutoModelForImageTextToText.from_config(config)).eval()
     finally:
         torch.set_default_dtype(default)
-    set_generation_tokens(model, processor.tokenizer)
+    if idefics2:
+        set_generation_tokens(model, processor.tokenizer)
+    else:
+        from docpipe.model.families import family_of
+
+        tok = processor.tokenizer
+        turn = family_of(model, processor).end_of_turn()
+        model.generation_config.pad_token_id = tok.pad_token_id
+        model.generation_config.eos_token_id = sorted({tok.eos_token_id, tok.convert_tokens_to_ids(turn)})
     return model, processor
+
+
+def ensure_random_checkpoint(arch: str, spec: dict) -> Path:
+    """A processor-only folder for a shipped architecture of the families beside Idefics2: the tiny checkpoint's
+    tokenizer with the real checkpoint's image geometry (``spec["_processor"]``), and the architecture as
+    config.json (no weights: ``build_random_model`` makes them). What sizing, render size and --gpu-check read."""
+    from docpipe.model.families.tiny import VERSION
+
+    def build(tmp: Path) -> None:
+        from transformers import AutoProcessor
+
+        settings = spec["_processor"]
+        processor = AutoProcessor.from_pretrained(ensure_tiny_checkpoint(kind=settings["tokenizer"]))
+        for key, value in settings.get("image_processor", {}).items():
+            setattr(processor.image_processor, key, value)
+        if "image_seq_len" in settings:
+            processor.image_seq_len = settings["image_seq_len"]
+        processor.save_pretrained(tmp)
+        config = {k: v for k, v in spec.items() if not k.startswith("_")}
+        config["image_token_id"] = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+
+    return _build_once(default_cache_dir().parent / f"random-{arch}-v{VERSION}", build)

@@ -81,9 +81,12 @@ def read_rows(path: str, storage=None) -> list[dict[str, Any]]:
         raise ExamplesError(f"cannot read examples {path}: {describe(exc)}") from None
 
 
-def examples_from_rows(rows: list[dict[str, Any]], path: str, config: FinetuneConfig) -> list[Example]:
+def examples_from_rows(rows: list[dict[str, Any]], path: str, config: FinetuneConfig, ocr_prompt: str | None = None,
+                       doctags: bool = False) -> list[Example]:
     """Pages rows become OCR examples, documents rows with an extraction become extraction examples; the
-    extraction is validated against its schema and written as the grammar makes the model write it."""
+    extraction is validated against its schema and written as the grammar makes the model write it.
+    ``ocr_prompt``: the model's (default: the options'); ``doctags``: the model answers in DocTags, so a page's
+    answer is its blocks written as DocTags (a row without blocks can't teach it)."""
     from docpipe.extract.schema import canonical_json, instruction, load_schema
 
     schemas: dict[str, Any] = {}
@@ -114,14 +117,22 @@ def examples_from_rows(rows: list[dict[str, Any]], path: str, config: FinetuneCo
                 ex.problem = str(exc)
             out.append(ex)
         elif "page_number" in row:
-            ex = Example(where, uri, "ocr", row.get("text") or "", config.model.prompt)
+            ex = Example(where, uri, "ocr", row.get("text") or "", config.model.prompt if ocr_prompt is None
+                         else ocr_prompt)
             number = row.get("page_number")
             if not isinstance(number, int) or isinstance(number, bool) or number < 1:
                 ex.problem = f"page_number must be a positive integer, got {number!r}"
             elif not isinstance(row.get("text"), str):
                 ex.problem = f"page {number} has no text (status {row.get('status')!r})"
+            elif doctags and not row.get("blocks"):
+                ex.problem = (f"page {number} has no blocks: the model answers in DocTags, which are written from a "
+                              "page's blocks (their kinds and boxes)")
             else:
                 ex.page_numbers = [number]
+                if doctags:
+                    from docpipe.model.families.doctags import blocks_to_doctags
+
+                    ex.answer = blocks_to_doctags(row["blocks"])
             out.append(ex)
         else:
             out.append(Example(where, uri, "?", "", problem="neither a pages row (page_number, text) nor a "
@@ -197,14 +208,18 @@ def examples_hash(train: list[Example], evals: list[Example]) -> str:
 def prepare_examples(config: FinetuneConfig) -> Prepared:
     """Read, validate and render every example before any training: all problems are listed at once, or,
     with skip_invalid, the examples that have them are dropped and counted."""
-    from docpipe.model.load import render_edge_for, resolve_checkpoint
+    from docpipe.model.load import family_for_checkpoint, model_options, render_edge_for, resolve_checkpoint
 
     if config.model.adapter:
         raise ConfigError("model.adapter is set: fine-tuning trains a new adapter on the base model")
-    longest_edge = config.render.longest_edge or render_edge_for(resolve_checkpoint(config.model.name), config.model)
+    checkpoint = resolve_checkpoint(config.model.name)
+    longest_edge = config.render.longest_edge or render_edge_for(checkpoint, config.model)
+    family = family_for_checkpoint(checkpoint)  # its OCR prompt and output format, as runs use them
+    ocr_prompt = model_options(config.model, family).prompt
     sets = {}
     for name, path in (("train", config.train), ("eval", config.eval)):
-        examples = examples_from_rows(read_rows(path, config.storage), path, config) if path else []
+        examples = examples_from_rows(read_rows(path, config.storage), path, config, ocr_prompt,
+                                      family.output == "doctags") if path else []
         render_examples(examples, config, longest_edge)
         sets[name] = examples
     bad = [ex for group in sets.values() for ex in group if ex.problem]
@@ -244,29 +259,32 @@ def adapter_mismatches(adapter: str, run, longest_edge: int) -> list[str]:
 # ---------------------------------------------------------------- batches and labels
 
 
-EOU = "<end_of_utterance>"
+EOU = "<end_of_utterance>"  # Idefics2's end of turn; each family's is its chat template's (Family.end_of_turn)
 
 
-def answer_text(processor, ex: Example, prompt: str) -> str:
-    """What follows the prompt, as inference produces it, up to and including the closing <end_of_utterance>.
-    OCR: the chat template's assistant turn (the model's free text follows the cue after a space; runs strip
-    it). Extraction: the JSON straight after the cue, since the grammar allows no whitespace before it (a
-    space learned there would be a token the grammar forbids at the first step)."""
+def answer_text(processor, ex: Example, prompt: str, end: str = EOU) -> str:
+    """What follows the prompt, as inference produces it, up to and including the token ``end`` that closes the
+    turn (<end_of_utterance>, <|end_of_text|>, <|im_end|>: the model family's). OCR: the chat template's assistant
+    turn (Idefics2's free text follows the cue after a space; runs strip it). Extraction: the JSON straight after
+    the cue, since the grammar allows no whitespace before it (a space learned there would be a token the grammar
+    forbids at the first step)."""
     from docpipe.model.load import chat_prompt
 
     if ex.kind == "extract":
-        return ex.answer + EOU
+        return ex.answer + end
     full = chat_prompt(processor, len(ex.images), ex.instruction, ex.answer)
-    if not full.startswith(prompt) or EOU not in full[len(prompt):]:
+    if not full.startswith(prompt) or end not in full[len(prompt):]:
         raise ValueError("the chat template's answer turn does not extend the inference prompt")
     rest = full[len(prompt):]
-    return rest[: rest.index(EOU) + len(EOU)]
+    return rest[: rest.index(end) + len(end)]
 
 
-def answer_ids(processor, prompt: str, prompt_ids: list[int], text: str) -> list[int]:
+def answer_ids(processor, prompt: str, prompt_ids: list[int], text: str, tokenize=None) -> list[int]:
     """The answer's tokens after the prompt's: as the tokenizer splits them in context, unless that merges
-    tokens across the boundary (then the prompt's tokens would differ from inference's), else on their own."""
-    joined = list(processor(text=[prompt + text])["input_ids"][0])
+    tokens across the boundary (then the prompt's tokens would differ from inference's), else on their own.
+    ``tokenize``: a whole prompt's ids as the model family builds them (its images expanded); default: the
+    processor's text half (Idefics2's expands <image> without the image)."""
+    joined = list(tokenize(prompt + text) if tokenize else processor(text=[prompt + text])["input_ids"][0])
     if joined[: len(prompt_ids)] == prompt_ids:
         return joined[len(prompt_ids) :]
     return list(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -277,9 +295,9 @@ def encode(m, examples: list[Example], processor_device: str) -> dict[str, Any]:
     (``chat_prompt``, ``decode_page`` and ``model_inputs``: the same tokens and pixels), then the answer's
     tokens; rows are padded on the right, so every row's positions start at 0 as in generation.
 
-    Labels teach only the answer: every position is IGNORE except the answer's tokens and the
-    <end_of_utterance> that closes it. Padding and the user turn (its image and fake image tokens included)
-    and the assistant's cue are all IGNORE."""
+    Labels teach only the answer: every position is IGNORE except the answer's tokens and the end-of-turn token
+    that closes it (the family's: <end_of_utterance>, granite's <|end_of_text|>, ChatML's <|im_end|>). Padding and
+    the user turn (its image placeholders included) and the assistant's cue are all IGNORE."""
     import torch
 
     from docpipe.model.load import chat_prompt
@@ -290,14 +308,18 @@ def encode(m, examples: list[Example], processor_device: str) -> dict[str, Any]:
     prompts = [chat_prompt(processor, len(ex.images), ex.instruction) for ex in examples]
     pixels = [[decode_page(*img) for img in ex.images] for ex in examples]
     inputs = model_inputs(m, prompts, pixels, processor_device)
-    eou = tok.convert_tokens_to_ids(EOU)
-    never = {tok.convert_tokens_to_ids(t) for t in ("<image>", "<fake_token_around_image>")} - {tok.unk_token_id}
+    family = m.family
+    end = family.end_of_turn()
+    eou = tok.convert_tokens_to_ids(end)
+    never = family.never_learned()
     rows, spans = [], []
     for r, (ex, prompt) in enumerate(zip(examples, prompts)):
         ids = inputs["input_ids"][r][inputs["attention_mask"][r].bool()].tolist()  # the prompt without padding
-        answer = answer_ids(processor, prompt, ids, answer_text(processor, ex, prompt))
+        tokenize = None if family.expands_without_images else (
+            lambda text, px=pixels[r]: model_inputs(m, [text], [px], "cpu")["input_ids"][0].tolist())
+        answer = answer_ids(processor, prompt, ids, answer_text(processor, ex, prompt, end), tokenize)
         if not answer or answer[-1] != eou:
-            raise ValueError(f"{ex.where}: the answer's tokens do not end with {EOU}")
+            raise ValueError(f"{ex.where}: the answer's tokens do not end with {end}")
         rows.append(ids + answer)
         spans.append((len(ids), len(ids) + len(answer)))
     width = max(map(len, rows))
@@ -318,13 +340,13 @@ def encode(m, examples: list[Example], processor_device: str) -> dict[str, Any]:
 # ---------------------------------------------------------------- training
 
 
-def _target_modules(names: list[str]) -> str:
+def _target_modules(names: list[str], decoder: str = "text_model") -> str:
     """A PEFT regex that adapts only the text model's attention and MLP projections (the vision tower and the
-    perceiver use some of the same names)."""
+    connector use some of the same names); ``decoder``: the family's name for it (LightOnOCR: language_model)."""
     import re
 
     alternatives = "|".join(re.escape(n) for n in names)
-    return rf".*text_model\.layers\.\d+\.(self_attn|mlp)\.({alternatives})"
+    return rf".*{decoder}\.layers\.\d+\.(self_attn|mlp)\.({alternatives})"
 
 
 def _load_for_training(config: FinetuneConfig):
@@ -350,7 +372,7 @@ def _load_for_training(config: FinetuneConfig):
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     lora = LoraConfig(r=config.lora.rank, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
-                      target_modules=_target_modules(config.lora.target_modules), bias="none")
+                      target_modules=_target_modules(config.lora.target_modules, m.family.decoder), bias="none")
     torch.manual_seed(config.seed)  # the adapter's initial weights
     m.model = get_peft_model(model, lora)
     if not any(p.requires_grad for p in m.model.parameters()):

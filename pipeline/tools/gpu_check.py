@@ -271,13 +271,15 @@ def load(opts) -> tuple[Any, dict[str, Any]]:
 
 
 def encode(loaded, pixels: list, sizes: list[int]) -> dict[str, Any]:
-    """Vision tower and connector (perceiver + projection) over n pages' crops, split by a hook where the
+    """Vision tower and connector (the family's: Idefics2's perceiver) over n pages' crops, split by a hook where the
     connector starts. Peak memory is above what was allocated before the call (CUDA only)."""
     import torch
 
     from docpipe.ocr import model_inputs
 
     inner = loaded.model.model
+    family = loaded.family  # its connector, image features and page prompt (pipeline/model/families/)
+    page_prompt = family.chat_prompt(1, "")
     marks: dict[str, float] = {}
 
     def at_connector(_module, _inputs):
@@ -286,19 +288,19 @@ def encode(loaded, pixels: list, sizes: list[int]) -> dict[str, Any]:
         if torch.cuda.is_available():
             marks["vision_peak"] = torch.cuda.max_memory_allocated()
 
-    hook = inner.connector.register_forward_pre_hook(at_connector)
+    hook = getattr(inner, family.connector).register_forward_pre_hook(at_connector)
     rows = []
     try:
-        run = lambda inputs: loaded.model.get_image_features(  # noqa: E731
-            pixel_values=inputs["pixel_values"], pixel_attention_mask=inputs.get("pixel_attention_mask"))
+        run = lambda inputs: family.image_features(loaded.model, inputs, slice(None))  # noqa: E731
         with torch.inference_mode():
-            run(model_inputs(loaded, ["<image>"], [[pixels[0]]], "cpu"))  # warm-up: kernels, allocator
+            run(model_inputs(loaded, [page_prompt], [[pixels[0]]], "cpu"))  # warm-up: kernels, allocator
             for n in sizes:
                 row: dict[str, Any] = {"pages": n}
                 try:
-                    inputs = model_inputs(loaded, ["<image>"] * n, [[pixels[i % len(pixels)]] for i in range(n)],
+                    inputs = model_inputs(loaded, [page_prompt] * n, [[pixels[i % len(pixels)]] for i in range(n)],
                                           loaded.device)
-                    row["crops"] = int(inputs["pixel_values"].shape[0] * inputs["pixel_values"].shape[1])
+                    pv = inputs["pixel_values"]  # (pages, crops, 3, H, W), or one image a page (LightOnOCR)
+                    row["crops"] = int(pv.shape[0] * (pv.shape[1] if pv.dim() == 5 else 1))
                     best = None
                     for _ in range(2 if torch.cuda.is_available() else 1):  # best of 2 on a GPU; a CPU dry run once
                         _sync()
@@ -828,7 +830,8 @@ def main(args) -> dict[str, Any]:
     opts = ModelOptions(name=name, max_new_tokens=plan.max_new_tokens, batch_size=plan.batch_size, cpu_threads=None,
                         engine_stall_timeout_s=STALL_TIMEOUT_S,
                         # on a CPU the feature bank holds calls_in_flight x rows_per_call pages: a small one here;
-                        # one crop a page (the dry run checks the plumbing: 5 crops cost a CPU 5x the encoding)
+                        # one image a page, not 5 crops or the whole tile grid (a 2048 px page is 17 tiles through
+                        # granite-docling's vision tower, minutes a page on two cores): the code paths are the same
                         **({} if gpu else {"sort_window": 1, "do_image_splitting": False}))
     check = _Check(args.json)
     check.results.update({
