@@ -91,19 +91,15 @@ def _block(doc, item, depth: int | None) -> tuple[str | None, str]:
 
 
 def _table(data) -> str:
-    """A table's cells in our convention (pipeline/render/text_layer.py writes the text layer's the same way)."""
-    from docpipe.render.text_layer import _html_table, markdown_table
+    """A table's cells in our convention: written by the text layer's own table writer (render/tables.py)."""
+    from docpipe.render.tables import Cell, Table, table_markdown
 
     placed = sorted({(c.start_row_offset_idx, c.start_col_offset_idx, c.row_span, c.col_span, c.text)
                      for c in data.table_cells})
     if not placed:
         return ""
-    if all(rs == 1 and cs == 1 for _, _, rs, cs, _ in placed):
-        grid = [[""] * data.num_cols for _ in range(data.num_rows)]
-        for r, c, _, _, text in placed:
-            grid[r][c] = text
-        return markdown_table([row for row in grid if any(row)])
-    return _html_table(placed, data.num_rows)
+    cells = [Cell(r, c, rs, cs, text) for r, c, rs, cs, text in placed]
+    return table_markdown(Table((0.0, 0.0, 0.0, 0.0), data.num_rows, data.num_cols, cells))
 
 
 def _box(item) -> dict[str, float] | None:

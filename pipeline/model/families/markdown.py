@@ -57,20 +57,17 @@ def table_cells(table: str) -> list[tuple[int, int, int, int, str]]:
 
 
 def _grid(rows: list[list[tuple[str, int, int]]]) -> str:
-    """Rows of (text, rowspan, colspan) cells as our table: placed on a grid, Markdown unless a cell spans."""
-    from docpipe.render.text_layer import _html_table, markdown_table
+    """Rows of (text, rowspan, colspan) cells as our table: placed on a grid and written by the text layer's own
+    table writer (render/tables.py)."""
+    from docpipe.render.tables import Cell, Table, table_markdown
 
     rows = [r for r in rows if r]
     if not rows:
         return ""
     placed = place(rows)
-    if all(rs == 1 and cs == 1 for _, _, rs, cs, _ in placed):
-        width = max(c for _, c, _, _, _ in placed) + 1
-        grid = [[""] * width for _ in rows]
-        for r, c, _, _, text in placed:
-            grid[r][c] = text
-        return markdown_table(grid)
-    return _html_table(placed, len(rows))
+    cells = [Cell(r, c, rs, cs, text) for r, c, rs, cs, text in placed]
+    width = max(c + cs for _, c, _, cs, _ in placed)
+    return table_markdown(Table((0.0, 0.0, 0.0, 0.0), len(rows), width, cells))
 
 
 class _HtmlCells(HTMLParser):
