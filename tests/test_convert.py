@@ -103,6 +103,17 @@ def test_convert_failures_are_a_line_each_and_exit_1(docs, capsys, tmp_path, mon
     assert (row["source_uri"], row["status"]) == ("stdin", "ok") and row["markdown"].startswith(
         "<!-- page 1 -->\n\nLocked memo:")
 
+    # a fatal error (an input that is not there, an option out of range) is one line and exit 2, as for `run`,
+    # before any document is converted: nothing on stdout, not even the documents that are there
+    for args, line in ((["convert", str(docs / "report.pdf"), str(tmp_path / "nosuch.pdf")],
+                        f"docpipe: error: input not found: {tmp_path / 'nosuch.pdf'}"),
+                       (["convert", str(docs / "report.pdf"), "--pages", "0"],
+                        "docpipe: error: invalid option pages: Value error, page selection '0': '0' must count from "
+                        "1, first page first")):
+        assert main([*args, "--model", "tiny-random"]) == 2
+        proc = capsys.readouterr()
+        assert (proc.out, proc.err.splitlines()) == ("", [line])
+
 
 def test_converter_opens_pdfs_with_the_run_password_or_their_own(converter, docs):
     """The run's password, a mapping file's glob, bytes in memory; a wrong one is an encrypted_document row that
@@ -180,11 +191,62 @@ def test_run_from_python_writes_markdown_files_for_a_page_range(docs, tmp_path, 
         other_range.entries
 
 
+class FolderWatch:
+    """What happens to the files of a folder, as the kernel tells it (inotify(7)): each file opened, read, written,
+    created, deleted or touched, whichever library or process did it. Listing the folder (stat, readdir) is not
+    reported for its files."""
+
+    EVENTS = {0x1: "read", 0x2: "written", 0x4: "touched", 0x20: "opened", 0x100: "created", 0x200: "deleted"}
+
+    def __init__(self, folder):
+        import ctypes
+        import os
+
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = self._libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        assert self.fd >= 0, os.strerror(ctypes.get_errno())
+        assert self._libc.inotify_add_watch(self.fd, os.fsencode(folder), sum(self.EVENTS)) >= 0, \
+            os.strerror(ctypes.get_errno())
+
+    def events(self) -> set[tuple[str, str]]:
+        """(file name, what happened) since the last call."""
+        import os
+        import struct
+
+        data = b""
+        while True:
+            try:
+                data += os.read(self.fd, 65536)
+            except BlockingIOError:  # nothing more queued
+                break
+        seen, at = set(), 0
+        while at < len(data):
+            _, mask, _, size = struct.unpack_from("iIII", data, at)
+            name = data[at + 16:at + 16 + size].rstrip(b"\0").decode()
+            at += 16 + size
+            if name:  # an empty name: the folder itself (opened to list it)
+                seen |= {(name, what) for bit, what in self.EVENTS.items() if mask & bit}
+        return seen
+
+    def close(self) -> None:
+        import os
+
+        os.close(self.fd)
+
+
 def test_dry_run_reads_nothing_and_writes_nothing(docs, tmp_path, capsys):
     from docpipe.cli import main
 
     out = tmp_path / "never"
-    assert main(["run", str(docs), "--output", str(out), "--dry-run", "--exclude", "*.txt", "--exclude", "*.yaml"]) == 0
+    watch = FolderWatch(docs)
+    try:
+        assert main(["run", str(docs), "--output", str(out), "--dry-run", "--exclude", "*.txt", "--exclude",
+                     "*.yaml"]) == 0
+        assert watch.events() == set()  # the listing's stat of each file, and not a byte more
+        (docs / "report.pdf").read_bytes()[:1]  # the watch sees what a run would do
+        assert watch.events() == {("report.pdf", "opened"), ("report.pdf", "read")}
+    finally:
+        watch.close()
     lines = capsys.readouterr().out.splitlines()
     assert lines[:2] == [f"process   {docs / 'locked.pdf'}  (new)", f"process   {docs / 'other.pdf'}  (new)"]
     assert lines[-1] == f"dry run    5 to process, 0 to skip, 2 filtered out; output {out} (nothing read or written)"

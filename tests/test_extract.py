@@ -350,15 +350,17 @@ def test_user_model_json_schema_file_and_failing_validator(sample_docs, tmp_path
     for spec, expect_valid in [("tests.extraction_models:PurchaseOrder", True), (str(schema_file), True),
                                ("tests.extraction_models:AuditedTotal", False)]:
         out = tmp_path / spec.rsplit(":", 1)[-1].replace("/", "_")
-        proc = run_cli("run", sample_docs / "receipt.png", sample_docs / "minutes.pdf", "--output", out, "--task",
-                       "extract", "--schema", spec, "--model", "tiny-random", "--no-progress", "--config", local,
-                       "--fail-on-invalid")
+        argv = ["run", str(sample_docs / "receipt.png"), str(sample_docs / "minutes.pdf"), "--output", str(out),
+                "--task", "extract", "--schema", spec, "--model", "tiny-random", "--no-progress", "--config",
+                str(local)]
+        proc = run_cli(*argv, "--fail-on-invalid")
         # the summary says how many extractions validated; --fail-on-invalid turns "not valid" into exit 3
         assert proc.returncode == (0 if expect_valid else 3), proc.stderr[-3000:]
         assert f"extraction valid {2 if expect_valid else 0}, not valid {0 if expect_valid else 2}" in proc.stdout
         if not expect_valid:
             assert proc.stderr.strip().splitlines()[-1] == (
                 "docpipe: 2 extractions not valid against the schema (--fail-on-invalid)")
+            _judged_without_the_flag(argv, out)
         for d in read_docs(out).values():
             assert d["status"] == "ok" and d["valid"] is expect_valid, (spec, d["validation_errors"])
             if expect_valid:
@@ -366,6 +368,26 @@ def test_user_model_json_schema_file_and_failing_validator(sample_docs, tmp_path
             else:
                 assert any("confirmed by a second source" in e for e in d["validation_errors"])
                 assert d["extraction_attempts"] == 2  # one retry at a higher temperature, recorded
+
+
+def _judged_without_the_flag(argv: list[str], out) -> None:
+    """The run just made, as the same command line without --fail-on-invalid (the default) would end it: exit 0,
+    its summary still saying how many extractions are not valid (a second run would cost a model load)."""
+    import io
+
+    from docpipe.cli import build_parser, config_from_args, exit_status, print_summary
+    from docpipe.execute.run import RunResult
+    from docpipe.schemas import RunManifest
+
+    args = build_parser().parse_args(argv)
+    config = config_from_args(args, args.inputs, args.output).model_dump(mode="json")
+    [record] = (out / "_runs").glob("*.json")
+    manifest = RunManifest.model_validate_json(record.read_text())
+    result = RunResult(manifest.model_copy(update={"config": config}), str(out))
+    summary = io.StringIO()
+    print_summary(result, summary)
+    assert exit_status(result) == 0 and "extraction valid 0, not valid 2\n" in summary.getvalue()
+    assert exit_status(RunResult(manifest, str(out))) == 3  # the record as run: with the flag
 
 
 def test_a_bad_schema_fails_before_reading(sample_docs, tmp_path):

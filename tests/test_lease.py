@@ -112,10 +112,11 @@ def test_takeover_is_atomic_locally(tmp_path):
 
 
 def test_a_lease_from_another_host_is_taken_only_after_its_expiry(tmp_path):
-    """By the store's clock (the file's mtime): 50 s old is live, 62 s old has expired (60 s, plus a second for
-    the stores' whole-second stamps); the holder's own expires_at is not trusted."""
+    """By the store's clock (the file's mtime): 30 s old is live, 62 s old has expired (60 s, plus a second for
+    the stores' whole-second stamps); the holder's own expires_at is not trusted. (The live one is well inside the
+    expiry: its age grows while this test runs, and a loaded machine may pause it for seconds.)"""
     for expires_at in (time.time() - 3600, time.time() + 3600):
-        plant(tmp_path, stale_lease("another-host", 1, expires_at), age_s=50)
+        plant(tmp_path, stale_lease("another-host", 1, expires_at), age_s=30)
         assert Lease(LocalStore(str(tmp_path)), "run-1", expiry_s=60).try_acquire().run_id == "dead-run"
     plant(tmp_path, stale_lease("another-host", 1, time.time() + 3600), age_s=62)
     lease = Lease(LocalStore(str(tmp_path)), "run-1", expiry_s=60)

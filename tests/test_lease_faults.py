@@ -3,6 +3,7 @@ moto's server over HTTP behind tests/faulty_proxy.py), stores that ignore condit
 DeleteObject, emulated by dropping the header), clocks that disagree or stop, killed holders not yet reaped, reused
 pids, mounts without hard links, and the heartbeat across several expiries."""
 
+import dataclasses
 import errno
 import json
 import os
@@ -293,24 +294,40 @@ def test_a_holder_checks_its_wall_clock_too(tmp_path):
         failing.check()
 
 
+class AgedStore(LocalStore):
+    """The lease read as last written ``age_s`` ago, by a store clock the test sets: a reader's verdict on a lease with
+    a short expiry must not depend on how promptly a loaded machine schedules this process (or the holder's
+    heartbeat) between the write and the read."""
+
+    def __init__(self, folder, age_s: float):
+        super().__init__(folder)
+        self.age_s = age_s
+
+    def read(self):
+        seen = super().read()
+        return seen and dataclasses.replace(seen, age_s=self.age_s)
+
+
 def test_the_heartbeat_renews_across_several_expiries(tmp_path):
-    """A 1.5 s expiry, renewed every 0.5 s by the heartbeat thread: nine renewals span three expiries, and at each
-    another run is refused; the holder may still write at the end."""
-    holder = Lease(LocalStore(str(tmp_path)), "run-1", expiry_s=1.5)
+    """A 0.6 s expiry, renewed every 0.2 s by the heartbeat thread: ten renewals span more than three expiries, each
+    one this run's, and at each another run (seeing the lease a whole expiry old) is refused; the holder may still
+    write at the end. Watched read-only: a watcher that tried to take the lease would win it, rightly, whenever the
+    heartbeat were starved for longer than the expiry, and the outcome would depend on the machine's load."""
+    expiry = 0.6
+    holder = Lease(LocalStore(str(tmp_path)), "run-1", expiry_s=expiry)
     holder.acquire(None, poll_s=0.1)
     try:
         seen = [(tmp_path / LEASE_NAME).read_bytes()]
-
-        def changed() -> bool:  # renewed, or (a heartbeat that failed to renew) taken over by another run
-            return (tmp_path / LEASE_NAME).read_bytes() != seen[-1] \
-                or Lease(LocalStore(str(tmp_path)), "run-2", expiry_s=1.5).try_acquire() is None
-
-        while len(seen) < 10:
-            wait_for(changed, "a renewal")
+        while len(seen) < 11:
+            wait_for(lambda: (tmp_path / LEASE_NAME).read_bytes() != seen[-1], "a renewal")
             seen.append((tmp_path / LEASE_NAME).read_bytes())
             assert parse(seen[-1]).run_id == "run-1"
+            other = Lease(AgedStore(str(tmp_path), age_s=expiry), "run-2", expiry_s=expiry, clock=Clock())
+            busy = other.try_acquire()
+            assert busy is not None and busy.run_id == "run-1" and other.version is None
         expiries = [parse(data).expires_at for data in seen]
-        assert expiries == sorted(expiries) and expiries[-1] - expiries[0] >= 3 * 1.5 - 0.5
+        # each renewal waits a beat (expiry / 3) after the last: ten of them, at least 2 s of expiries
+        assert expiries == sorted(expiries) and expiries[-1] - expiries[0] >= 3 * expiry
         holder.check()
     finally:
         holder.release()

@@ -334,17 +334,24 @@ def test_an_output_older_than_contract_v3_is_shown(extract_run, tmp_path):
 
 
 def test_an_output_older_than_contract_v4_is_shown(extract_run, tmp_path):
-    """Pages files from before route_reason existed (contract v3): the report reads it as not recorded."""
+    """Files from before route_reason existed (contract v3), so without any column contract 5 added either, and a
+    record without contract 5's fields: the report reads route_reason as not recorded, and the rest as null."""
+    from tests.test_lake import MANIFEST_SINCE_V3, SINCE_V3
     from docpipe.tools.report import ReportOptions, write_report
 
     out, manifest, _, _ = extract_run
     old = tmp_path / "old"
     shutil.copytree(out, old)
-    for rel in manifest["files"]["pages"]:
-        pq.write_table(pq.read_table(old / rel).drop_columns(["route_reason"]), old / rel)
+    for table, columns in SINCE_V3.items():
+        for rel in manifest["files"][table]:
+            pq.write_table(pq.read_table(old / rel).drop_columns(columns), old / rel)
+    record = old / "_runs" / f"{manifest['run_id']}.json"
+    record.write_text(json.dumps({k: v for k, v in json.loads(record.read_text()).items()
+                                  if k not in MANIFEST_SINCE_V3} | {"contract_version": 3}))
     result = write_report(str(old), site_uri=str(tmp_path / "site"), options=ReportOptions(max_documents=1))
     assert result.pages == {"ok": manifest["pages"]["ok"], "error": 1}
     index = (tmp_path / "site" / "index.html").read_text()
+    assert "· contract v3</p>" in index
     assert (f'<td data-count="route_reason.not recorded (output older than contract v4)">'
             f'{manifest["counters"]["pages_model"]}') in index
     assert f'<td data-count="text_source.model">{manifest["counters"]["pages_model"]}' in index
