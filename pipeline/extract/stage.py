@@ -200,14 +200,18 @@ def load_extraction_model(opts: ModelOptions, extract: ExtractOptions):
     """The instruction-following model that turns an OCR-only model's text into JSON, loaded as the run's model is
     (its dtype, attention, quantization)."""
     from docpipe.config import DEFAULT_MODEL
-    from docpipe.errors import ConfigError
+    from docpipe.errors import ConfigError, ModelLoadError
     from docpipe.model.load import load_model
 
     name = extract.model or DEFAULT_MODEL
-    loaded = load_model(ModelOptions(name=name, dtype=opts.dtype, attention=opts.attention,
-                                     quantization=opts.quantization, batch_size=opts.batch_size,
-                                     cpu_threads=opts.cpu_threads, processor_device=opts.processor_device,
-                                     trust_remote_code=opts.trust_remote_code))
+    try:
+        loaded = load_model(ModelOptions(name=name, dtype=opts.dtype, attention=opts.attention,
+                                         quantization=opts.quantization, batch_size=opts.batch_size,
+                                         cpu_threads=opts.cpu_threads, processor_device=opts.processor_device,
+                                         trust_remote_code=opts.trust_remote_code))
+    except ModelLoadError as exc:  # say which model this is: the user may never have named it (the default)
+        raise ModelLoadError(f"{opts.name} is OCR-only: its pages' text goes to the extraction model "
+                             f"(--extract-model), {name!r}, which cannot be loaded: {exc}") from None
     if not loaded.family.follows_instructions:
         raise ConfigError(f"extraction model {name!r} is OCR-only too: give an instruction-following one "
                           "(--extract-model idefics2-8b, smolvlm-500m, ...)")
