@@ -302,7 +302,7 @@ def test_ocr_only_models_extract_from_their_page_text_and_idefics3_extracts_itse
     """An OCR-only model (DocTags, LightOnOCR) reads the page; the text it wrote, the pages row's, is what the
     extraction model is prompted with (no image), and its JSON is schema-valid. Idefics3 reads the image itself. With
     no usable extraction model (another OCR-only one; the default, not cached offline) the run fails in one error."""
-    from docpipe.errors import ConfigError, ModelLoadError
+    from docpipe.errors import ModelLoadError
     from docpipe.model.families.base import Family
 
     prompted, text_inputs = [], Family.text_inputs
@@ -329,7 +329,7 @@ def test_ocr_only_models_extract_from_their_page_text_and_idefics3_extracts_itse
         assert name == extractor and page["text"] and f"--- page 1 ---\n{page['text']}<" in prompt, (page, prompt)
 
     for extractor, error, message in (
-            ("tiny-random-lighton", ConfigError, "extraction model 'tiny-random-lighton' is OCR-only too"),
+            ("tiny-random-lighton", ModelLoadError, "extraction model 'tiny-random-lighton' is OCR-only too"),
             (None, ModelLoadError, "tiny-random-granite-docling is OCR-only: its pages' text goes to the extraction "
                                    "model (--extract-model), 'HuggingFaceM4/idefics2-8b', which cannot be loaded")):
         with pytest.raises(error, match=re.escape(message)):

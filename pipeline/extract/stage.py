@@ -200,7 +200,7 @@ def load_extraction_model(opts: ModelOptions, extract: ExtractOptions):
     """The instruction-following model that turns an OCR-only model's text into JSON, loaded as the run's model is
     (its dtype, attention, quantization)."""
     from docpipe.config import DEFAULT_MODEL
-    from docpipe.errors import ConfigError, ModelLoadError
+    from docpipe.errors import ModelLoadError
     from docpipe.model.load import load_model
 
     name = extract.model or DEFAULT_MODEL
@@ -213,6 +213,6 @@ def load_extraction_model(opts: ModelOptions, extract: ExtractOptions):
         raise ModelLoadError(f"{opts.name} is OCR-only: its pages' text goes to the extraction model "
                              f"(--extract-model), {name!r}, which cannot be loaded: {exc}") from None
     if not loaded.family.follows_instructions:
-        raise ConfigError(f"extraction model {name!r} is OCR-only too: give an instruction-following one "
-                          "(--extract-model idefics2-8b, smolvlm-500m, ...)")
+        raise ModelLoadError(f"extraction model {name!r} is OCR-only too: give an instruction-following one "
+                             "(--extract-model idefics2-8b, smolvlm-500m, ...)")
     return loaded
