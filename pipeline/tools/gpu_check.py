@@ -586,7 +586,8 @@ def _judge(reference: dict[str, Any], tokens: list[int], dtype) -> dict[str, Any
         return {"verdict": "disagree", "first_difference": at, "why": "past generate's logits"}
     logits = reference["logits"][at]
     margin = float(logits[ref[at]] - logits[tokens[at]])
-    tolerance = NEAR_TIE_EPS * torch.finfo(dtype).eps * max(1.0, float(logits.abs().max()))
+    # the top logit's own size: a far negative logit elsewhere says nothing of the top's rounding
+    tolerance = NEAR_TIE_EPS * torch.finfo(dtype).eps * max(1.0, abs(float(logits.max())))
     return {"verdict": "near tie" if margin <= tolerance else "disagree", "first_difference": at,
             "margin": margin, "tolerance": tolerance, "tokens": [ref[at], tokens[at]]}
 
