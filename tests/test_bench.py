@@ -79,7 +79,7 @@ NOT_ON_THE_GPU_HOST = ("ray", "pymupdf", "fitz", "pypdfium2", "xgrammar", "peft"
                        "duckdb", "matplotlib")
 
 
-def _gpu_machine_path(tmp_path):
+def _gpu_host_path(tmp_path):
     from tests.conftest import REPO
 
     blocked = tmp_path / "blocked"
@@ -97,7 +97,7 @@ def test_gpu_check_dry_runs_on_a_cpu_without_ray_or_pymupdf(tmp_path):
 
     out = tmp_path / "gpu-check.json"
     proc = run_cli("bench", "--gpu-check", "--json", out, "--workdir", tmp_path / "w",
-                   env={"PYTHONPATH": _gpu_machine_path(tmp_path)}, timeout=300)
+                   env={"PYTHONPATH": _gpu_host_path(tmp_path)}, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "CPU dry run, sizes scaled down" in proc.stdout
     r = json.loads(out.read_text())
@@ -177,7 +177,7 @@ def test_gpu_check_records_a_failing_section_and_runs_the_next(tmp_path):
     faults = ["encode", "continuous_step", "agreement", "overlap"]
     proc = run_cli("bench", "--gpu-check", "--json", out, "--workdir", tmp_path / "w", "--pages", "2",
                    "--output-tokens", "4", "--median-tokens", "2", "--batch-size", "2",
-                   env={"PYTHONPATH": _gpu_machine_path(tmp_path), "DOCPIPE_FAULT_GPU_CHECK": ",".join(faults)},
+                   env={"PYTHONPATH": _gpu_host_path(tmp_path), "DOCPIPE_FAULT_GPU_CHECK": ",".join(faults)},
                    timeout=300)
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"docpipe: error: gpu-check: section(s) failed: {', '.join(faults)}" in proc.stderr

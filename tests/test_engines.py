@@ -167,9 +167,9 @@ def test_bench_engines_refuses_an_unknown_row(tmp_path):
 
 
 def test_the_engine_bench_runs_every_row_where_ray_and_pymupdf_are_not_installed(tmp_path):
-    """The GPU machine has torch and transformers but no Ray and no PyMuPDF (whose wheel is too large to carry
-    there): the engine bench must run without them, and without the other packages of ours a run needs and the
-    bench does not. Without PyMuPDF it draws its pages with Pillow. Every row runs, or says why not."""
+    """An offline GPU host (docs/engines.md) may have torch and transformers but no Ray and no PyMuPDF: the engine
+    bench must run without them, and without the other packages of ours a run needs and the bench does not.
+    Without PyMuPDF it draws its pages with Pillow. Every row runs, or says why not."""
     from docpipe.tools.bench import ENGINES
     from tests.conftest import REPO
 
