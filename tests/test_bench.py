@@ -137,6 +137,7 @@ def test_gpu_check_dry_runs_on_a_cpu_without_ray_or_pymupdf(tmp_path):
         assert [row["planned"] for row in rows] == [row["requests"] == 4 for row in rows]
         for row in rows:
             assert row["ms_per_step"] > 0 and row["full_decode_steps"] >= plan["step_tokens"]
+            assert 0 < row["prompt_tokens"] <= plan["step_prompt_tokens"] == 128  # a page's prompt, capped on a CPU
             assert 0 < row["mean_decode_batch"] <= row["requests"]
             assert row["tokens_per_s"] == pytest.approx(row["requests"] / row["ms_per_step"] * 1e3)
             assert row["bytes_per_token"] > 0 and row["roofline_ms"] > 0
