@@ -79,7 +79,7 @@ NOT_ON_THE_GPU_HOST = ("ray", "pymupdf", "fitz", "pypdfium2", "xgrammar", "peft"
                        "duckdb", "matplotlib")
 
 
-def _gpu_machine_path(tmp_path):
+def _gpu_host_path(tmp_path):
     from tests.conftest import REPO
 
     blocked = tmp_path / "blocked"
@@ -97,7 +97,7 @@ def test_gpu_check_dry_runs_on_a_cpu_without_ray_or_pymupdf(tmp_path):
 
     out = tmp_path / "gpu-check.json"
     proc = run_cli("bench", "--gpu-check", "--json", out, "--workdir", tmp_path / "w",
-                   env={"PYTHONPATH": _gpu_machine_path(tmp_path)}, timeout=300)
+                   env={"PYTHONPATH": _gpu_host_path(tmp_path)}, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "CPU dry run, sizes scaled down" in proc.stdout
     r = json.loads(out.read_text())
@@ -137,6 +137,7 @@ def test_gpu_check_dry_runs_on_a_cpu_without_ray_or_pymupdf(tmp_path):
         assert [row["planned"] for row in rows] == [row["requests"] == 4 for row in rows]
         for row in rows:
             assert row["ms_per_step"] > 0 and row["full_decode_steps"] >= plan["step_tokens"]
+            assert 0 < row["prompt_tokens"] <= plan["step_prompt_tokens"] == 128  # a page's prompt, capped on a CPU
             assert 0 < row["mean_decode_batch"] <= row["requests"]
             assert row["tokens_per_s"] == pytest.approx(row["requests"] / row["ms_per_step"] * 1e3)
             assert row["bytes_per_token"] > 0 and row["roofline_ms"] > 0
@@ -177,7 +178,7 @@ def test_gpu_check_records_a_failing_section_and_runs_the_next(tmp_path):
     faults = ["encode", "continuous_step", "agreement", "overlap"]
     proc = run_cli("bench", "--gpu-check", "--json", out, "--workdir", tmp_path / "w", "--pages", "2",
                    "--output-tokens", "4", "--median-tokens", "2", "--batch-size", "2",
-                   env={"PYTHONPATH": _gpu_machine_path(tmp_path), "DOCPIPE_FAULT_GPU_CHECK": ",".join(faults)},
+                   env={"PYTHONPATH": _gpu_host_path(tmp_path), "DOCPIPE_FAULT_GPU_CHECK": ",".join(faults)},
                    timeout=300)
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"docpipe: error: gpu-check: section(s) failed: {', '.join(faults)}" in proc.stderr
@@ -192,3 +193,39 @@ def test_gpu_check_records_a_failing_section_and_runs_the_next(tmp_path):
     assert {e: x["error_rows"] for e, x in r["engines"]["engines"].items()} == {"generate": 0, "continuous": 0}
     # the end-to-end section sizes itself without the step section's plan: at least plan.pages
     assert r["engines"]["engines"]["continuous"]["pages"] == 2
+
+
+def test_gpu_check_judges_a_flip_by_generate_s_margin_within_the_dtype_s_rounding_of_the_top_logit():
+    """agreement's judge on synthetic steps: bf16's eps is 2**-7, so at a top logit of 10 the tolerance is
+    4 x 2**-7 x 10 = 0.3125. A flip 0.25 below the top is a near tie, 0.5 below is a disagreement; a far negative
+    logit elsewhere does not widen the tolerance; a shorter or longer answer disagrees; the same tokens are equal."""
+    import torch
+
+    from docpipe.tools.gpu_check import _judge
+
+    def reference(third_step: dict[int, float]) -> dict:
+        logits = [torch.zeros(8) for _ in range(4)]
+        for step, token in enumerate([5, 3, 7, 2]):
+            logits[step][token] = 10.0
+        for token, value in third_step.items():
+            logits[2][token] = value
+        return {"tokens": [5, 3, 7, 2], "logits": logits}
+
+    assert _judge(reference({}), [5, 3, 7, 2], torch.bfloat16) == {"verdict": "equal"}
+    assert _judge(reference({6: 9.75}), [5, 3, 6, 2], torch.bfloat16) == {
+        "verdict": "near tie", "first_difference": 2, "margin": 0.25, "tolerance": 0.3125, "tokens": [7, 6]}
+    assert _judge(reference({6: 9.5}), [5, 3, 6, 1], torch.bfloat16) == {
+        "verdict": "disagree", "first_difference": 2, "margin": 0.5, "tolerance": 0.3125, "tokens": [7, 6]}
+    assert _judge(reference({6: 9.5, 0: -40.0}), [5, 3, 6], torch.bfloat16) == {
+        "verdict": "disagree", "first_difference": 2, "margin": 0.5, "tolerance": 0.3125, "tokens": [7, 6]}
+    # float32: eps 2**-23, the same flip of 0.25 is far beyond its rounding
+    judged = _judge(reference({6: 9.75}), [5, 3, 6, 2], torch.float32)
+    assert (judged["verdict"], judged["margin"], judged["tolerance"]) == ("disagree", 0.25, 4 * 2**-23 * 10)
+    # a top logit below 1 in size: the tolerance at 1
+    small = {"tokens": [1], "logits": [torch.tensor([-0.5, 0.5, 0.5 - 2**-6])]}
+    assert _judge(small, [2], torch.bfloat16) == {
+        "verdict": "near tie", "first_difference": 0, "margin": 2**-6, "tolerance": 4 * 2**-7, "tokens": [1, 2]}
+    # one answer a prefix of the other (a page cut short, or run past its stop): no margin to judge by
+    for tokens, at in (([5, 3, 7], 3), ([5, 3, 7, 2, 2], 4)):
+        assert _judge(reference({}), tokens, torch.bfloat16) == {
+            "verdict": "disagree", "first_difference": at, "why": f"lengths 4 and {len(tokens)}"}

@@ -167,9 +167,9 @@ def test_bench_engines_refuses_an_unknown_row(tmp_path):
 
 
 def test_the_engine_bench_runs_every_row_where_ray_and_pymupdf_are_not_installed(tmp_path):
-    """The GPU machine has torch and transformers but no Ray and no PyMuPDF (whose wheel is too large to carry
-    there): the engine bench must run without them, and without the other packages of ours a run needs and the
-    bench does not. Without PyMuPDF it draws its pages with Pillow. Every row runs, or says why not."""
+    """An offline GPU host (docs/engines.md) may have torch and transformers but no Ray and no PyMuPDF: the engine
+    bench must run without them, and without the other packages of ours a run needs and the bench does not.
+    Without PyMuPDF it draws its pages with Pillow. Every row runs, or says why not."""
     from docpipe.tools.bench import ENGINES
     from tests.conftest import REPO
 
@@ -630,6 +630,52 @@ def test_the_continuous_engine_picks_torch_s_varlen_kernels_on_cuda_without_flas
     assert attention.choose("cpu", torch.float32, "sdpa", "sdpa", None, 128) == (None, "requested")
     with pytest.raises(ValueError, match="engine_attention varlen cannot run here: head dim 300"):
         attention.choose("cpu", torch.float32, "varlen", "sdpa", None, 300)
+
+
+_VARLEN_BASE = {"query", "key", "value", "cu_seq_q", "cu_seq_k", "max_q", "max_k", "return_aux"}
+# varlen_attn's parameters as each torch release documents them (docs.pytorch.org/docs/<release>/nn.attention.varlen)
+_VARLEN_SIGNATURES = {
+    "2.10": _VARLEN_BASE | {"is_causal"},
+    "2.11": _VARLEN_BASE | {"scale", "window_size"},  # an offline GPU host's torch may well be this one
+    "2.12": _VARLEN_BASE | {"scale", "window_size", "enable_gqa", "seqused_k", "block_table", "num_splits"},
+}
+
+
+def test_the_varlen_kernel_follows_the_torch_release_gathered_before_2_12_paged_from_it_sdpa_without_one(
+        monkeypatch):
+    """The pinned torch has the paged form; a GPU host's torch may be older. Each release's documented signature
+    picks its form, and the chosen kernel's call fits the op's schema with grouped-query shapes (meta tensors: no
+    GPU needed, shapes and arguments checked by the op itself)."""
+    import types
+
+    import torch
+
+    from docpipe.model import attention
+
+    meta = {"device": "meta", "dtype": torch.bfloat16}
+    q, cu = torch.empty(7, 4, 64, **meta), torch.empty(3, device="meta", dtype=torch.int32)
+    gathered = ("torch _flash_attention_forward, gathered", False,
+                "auto on cuda without flash-attn (this torch's varlen_attn has no paged form: gathered)")
+    paged = ("torch varlen_attn, paged", True, "auto on cuda without flash-attn")
+    for release, want in (("2.9", gathered), ("2.10", gathered), ("2.11", gathered), ("2.12", paged)):
+        monkeypatch.setattr(attention, "varlen_signature", lambda r=release: set(_VARLEN_SIGNATURES.get(r, ())))
+        kernel, why = attention.choose("cuda", torch.bfloat16, "auto", "sdpa", None, 64)
+        assert (kernel.name, kernel.paged, why) == want, release
+        if kernel.paged:  # 2 requests' pages of 256 tokens through a block table, 2 key heads for 4 query heads
+            kv, extra = torch.empty(3, 256, 2, 64, **meta), (torch.empty(2, 2, device="meta", dtype=torch.int32),
+                                                             torch.empty(2, device="meta", dtype=torch.int32))
+        else:  # the gathered context, packed
+            kv, extra = torch.empty(9, 2, 64, **meta), ()
+        assert kernel.run(q, kv, kv, cu, cu, 4, 300, 0.125, *extra).shape == (7, 4, 64), release
+        assert attention.choose("cuda", torch.bfloat16, "varlen", "sdpa", None, 64)[0].name == want[0]
+
+    # a torch with neither varlen_attn nor the op beneath it: transformers' sdpa, and why; varlen asked for: an error
+    monkeypatch.setattr(attention, "varlen_signature", set)
+    monkeypatch.setattr(torch.ops, "aten", types.SimpleNamespace())
+    assert attention.choose("cuda", torch.bfloat16, "auto", "sdpa", None, 64) == (
+        None, f"no varlen: torch {torch.__version__} has no FlashAttention kernel")
+    with pytest.raises(ValueError, match="varlen cannot run here: torch .* has no FlashAttention kernel"):
+        attention.choose("cuda", torch.bfloat16, "varlen", "sdpa", None, 64)
 
 
 def _more_drawn_pages(n: int) -> list[dict]:

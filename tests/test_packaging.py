@@ -1,4 +1,4 @@
-"""The wheel is what travels to a machine without this checkout (the GPU machine): it must carry every file the
+"""The wheel is what travels to a machine without this checkout (an offline GPU host): it must carry every file the
 package reads, not only the Python modules."""
 
 import shutil

@@ -142,7 +142,8 @@ def choose(device: str, dtype, requested: str, loaded_attention: str, sliding_wi
         if requested == "varlen":
             raise ValueError("engine_attention varlen cannot run here: " + "; ".join(problems))
         return None, "no varlen: " + "; ".join(problems)
-    return kernel, "requested" if requested == "varlen" else f"auto on {device} without flash-attn"
+    why = "requested" if requested == "varlen" else f"auto on {device} without flash-attn"
+    return kernel, why if kernel.paged else why + " (this torch's varlen_attn has no paged form: gathered)"
 
 
 def add_block_table(page_size: int):

@@ -64,6 +64,9 @@ class GpuCheckPlan(BaseModel):
         description="Requests decoding together in the continuous_step section (the planned pages in flight are "
         "added).")
     step_tokens: int = Field(description="Decode steps timed per size in the continuous_step section.")
+    step_prompt_tokens: int | None = Field(
+        None, description="Prompt tokens per request in the continuous_step section, at most the engine's own (None: "
+        "the engine's own, a page's prompt at the render size).")
     agreement_pages: int = Field(description="Pages both engines decode greedily and are compared on.")
     agreement_tokens: int = Field(description="max_new_tokens for the agreement pages.")
     overlap_tokens: int = Field(description="max_new_tokens for the overlap pages: long enough that the first call's "
@@ -75,6 +78,8 @@ class GpuCheckPlan(BaseModel):
     max_new_tokens: int = Field(description="Cap of the end-to-end output length mix.")
     batch_size: int = Field(description="Pages per generate() batch, or per vision call of the continuous engine.")
     distinct_pages: int = Field(description="Pages drawn; longer runs cycle them (the cost depends on the size).")
+    page_edge: int | None = Field(None, description="Longest side of the drawn pages, at most the model's render size "
+                                  "(None: that size).")
 
     @classmethod
     def for_device(cls, gpu: bool, args=None) -> "GpuCheckPlan":
@@ -84,7 +89,11 @@ class GpuCheckPlan(BaseModel):
                    distinct_pages=32) if gpu \
             else cls(encode_pages=[1, 2], decode_requests=[4, 16], decode_context=128, step_requests=[2, 4],
                      step_tokens=4, agreement_pages=2, agreement_tokens=12, overlap_tokens=16, overlap_calls=2, pages=4,
-                     median_tokens=12, max_new_tokens=24, batch_size=2, distinct_pages=4)
+                     median_tokens=12, max_new_tokens=24, batch_size=2, distinct_pages=4,
+                     # A LightOnOCR page is its whole patch grid: at its 1540 px, 113 s to encode on two cores and
+                     # prompts of about 3,000 tokens whose prefill outlasts the stall timeout. An Idefics3 page
+                     # without splitting is one 512 px tile whatever the size drawn.
+                     page_edge=512, step_prompt_tokens=128)
         if args is not None:  # bench's own flags, where given
             for flag, field in (("pages", "pages"), ("median_tokens", "median_tokens"),
                                 ("output_tokens", "max_new_tokens"), ("batch_size", "batch_size")):
@@ -448,22 +457,29 @@ def _plan_numbers(engine, opts) -> dict[str, Any]:
             "sized_from": "calls_in_flight x rows_per_call (no GPU: nothing sized from memory)"}
 
 
-def _timed_steps(engine, requests: int, steps: int, seed: int) -> dict[str, Any]:
-    """``requests`` text-only requests of the engine's prompt length (random ids: the cost depends on the shapes)
-    decoding together, forced to run ``steps`` decode steps after the last one's prefill: each step's start time
+def _timed_steps(engine, requests: int, steps: int, seed: int, prompt_tokens: int | None = None) -> dict[str, Any]:
+    """``requests`` text-only requests of the engine's prompt length, or ``prompt_tokens`` where shorter (random ids:
+    the cost depends on the shapes) decoding together, forced to run ``steps`` decode steps after the last one's prefill: each step's start time
     from the loop (its forward's launch: a sync-mode step starts once the last one's tokens reached the host)."""
+    import concurrent.futures
+
     import torch
 
+    prompt = min(prompt_tokens or engine.prompt_tokens, engine.prompt_tokens)
     batch_tokens = engine.plan.batch_tokens if engine.plan is not None else 2 * engine.prompt_tokens
-    prefill_steps = -(-requests * engine.prompt_tokens // max(1, batch_tokens - requests))
+    prefill_steps = -(-requests * prompt // max(1, batch_tokens - requests))
     new_tokens = steps + prefill_steps + 2
     engine.timeline = {"steps": [], "admitted": [], "completed": [], "encode": []}
     g = torch.Generator().manual_seed(seed)
     try:
-        futures = [engine._queue(torch.randint(10, engine.vocab, (engine.prompt_tokens,), generator=g).tolist(),
+        futures = [engine._queue(torch.randint(10, engine.vocab, (prompt,), generator=g).tolist(),
                                  range(0, 0), new_tokens, forced=True) for _ in range(requests)]
         for f in futures:
-            f.result(timeout=STALL_TIMEOUT_S)
+            try:
+                f.result(timeout=STALL_TIMEOUT_S)
+            except concurrent.futures.TimeoutError:  # says nothing by itself
+                raise concurrent.futures.TimeoutError(f"no result in {STALL_TIMEOUT_S:.0f} s ({requests} requests of "
+                                                      f"{prompt} prompt tokens)") from None
         marks = list(engine.timeline["steps"])
     finally:
         engine.timeline = None
@@ -475,11 +491,11 @@ def _timed_steps(engine, requests: int, steps: int, seed: int) -> dict[str, Any]
     return {"steps": len(marks), "full_decode_steps": len(intervals), "new_tokens": new_tokens,
             "ms_per_step": statistics.median(intervals) * 1e3, "ms_per_step_min": min(intervals) * 1e3,
             "mean_decode_batch": sum(r for _, r in decode) / len(decode),
-            "context": engine.prompt_tokens + prefill_steps + new_tokens // 2}
+            "prompt_tokens": prompt, "context": prompt + prefill_steps + new_tokens // 2}
 
 
 def continuous_step(loaded, opts, requests: list[int], steps: int, ceilings_found: dict[str, Any] | None,
-                    paths: list[str]) -> dict[str, Any]:
+                    paths: list[str], prompt_tokens: int | None = None) -> dict[str, Any]:
     """The continuous engine's own step, per attention path, side by side: at each request count and at the planned
     pages in flight, ms per step (median over the steps where every request decodes), tokens/s, bytes per token
     (computed: sizing.decode_step_cost for the path) and the step's roofline at the measured ceilings, as a ratio
@@ -517,7 +533,7 @@ def continuous_step(loaded, opts, requests: list[int], steps: int, ceilings_foun
                     rows.append(row)
                     continue
                 try:
-                    row.update(_timed_steps(engine, b, steps, seed=b + 1000 * n))
+                    row.update(_timed_steps(engine, b, steps, seed=b + 1000 * n, prompt_tokens=prompt_tokens))
                     moved, flops = decode_step_cost(entry["cost_path"], b, row["context"], shape)
                     row.update(tokens_per_s=b / row["ms_per_step"] * 1e3, bytes_per_token=moved / b,
                                flops_per_token=flops / b)
@@ -586,7 +602,8 @@ def _judge(reference: dict[str, Any], tokens: list[int], dtype) -> dict[str, Any
         return {"verdict": "disagree", "first_difference": at, "why": "past generate's logits"}
     logits = reference["logits"][at]
     margin = float(logits[ref[at]] - logits[tokens[at]])
-    tolerance = NEAR_TIE_EPS * torch.finfo(dtype).eps * max(1.0, float(logits.abs().max()))
+    # the top logit's own size: a far negative logit elsewhere says nothing of the top's rounding
+    tolerance = NEAR_TIE_EPS * torch.finfo(dtype).eps * max(1.0, abs(float(logits.max())))
     return {"verdict": "near tie" if margin <= tolerance else "disagree", "first_difference": at,
             "margin": margin, "tolerance": tolerance, "tokens": [ref[at], tokens[at]]}
 
@@ -866,7 +883,7 @@ def main(args) -> dict[str, Any]:
     def pages_needed(n: int) -> list[dict[str, Any]]:
         """n page records, cycling plan.distinct_pages drawn pages (each with its own source_uri)."""
         if not drawn:
-            drawn.extend(_page_records(loaded, opts, plan.distinct_pages, args.workdir))
+            drawn.extend(_page_records(loaded, opts, plan.distinct_pages, args.workdir, plan.page_edge))
         return [dict(drawn[i % len(drawn)], source_uri=f"{drawn[i % len(drawn)]['source_uri']}#{i}")
                 for i in range(n)]
 
@@ -882,7 +899,7 @@ def main(args) -> dict[str, Any]:
     check.section("decode_step", needs_model(lambda: decode_step(
         loaded, plan.decode_requests, plan.decode_context, (ceil or {}).get("copy_gb_per_s"), kv or 0)))
     check.section("continuous_step", needs_model(lambda: continuous_step(
-        loaded, opts, plan.step_requests, plan.step_tokens, ceil, paths)))
+        loaded, opts, plan.step_requests, plan.step_tokens, ceil, paths, plan.step_prompt_tokens)))
     short = opts.model_copy(update={"max_new_tokens": plan.agreement_tokens})
     check.section("agreement", needs_model(lambda: agreement(loaded, short, pages_needed(plan.agreement_pages),
                                                              paths)))
@@ -913,14 +930,16 @@ def main(args) -> dict[str, Any]:
     return check.results
 
 
-def _page_records(loaded, opts, pages: int, workdir: str | None) -> list[dict[str, Any]]:
-    """Page records as runs make them, from pages drawn with Pillow at the render size (no PyMuPDF)."""
+def _page_records(loaded, opts, pages: int, workdir: str | None, max_edge: int | None = None
+                  ) -> list[dict[str, Any]]:
+    """Page records as runs make them, from pages drawn with Pillow at the render size, or ``max_edge`` where smaller
+    (no PyMuPDF)."""
     from docpipe.tools.corpus import make_image_corpus
     from docpipe.config import RenderOptions
     from docpipe.render.document import expand_document
     from docpipe.model.load import render_edge_for, resolve_checkpoint
 
-    edge = render_edge_for(resolve_checkpoint(opts.name), opts)
+    edge = min(render_edge_for(resolve_checkpoint(opts.name), opts), max_edge or 1 << 30)
     work = Path(workdir or tempfile.mkdtemp(prefix="docpipe-gpu-check-"))
     records = []
     for p in make_image_corpus(work / "corpus-png", pages, edge):
