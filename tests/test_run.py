@@ -419,13 +419,14 @@ def test_sigterm_waits_for_a_write_to_end_and_exits_143(monkeypatch, capsys):
     from docpipe.execute.run import Interrupted, _signals_end_run
 
     written = False
+    before = signal.getsignal(signal.SIGTERM)  # SIG_DFL, or Ray's own where this worker started Ray before
     with pytest.raises(Interrupted) as stopped:
         with _signals_end_run() as stop:
             with stop.deferred():
                 os.kill(os.getpid(), signal.SIGTERM)  # delivered here, raised once the block is done
                 written = True
     assert written and stopped.value.signum == signal.SIGTERM
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the run's handlers are gone with it
+    assert signal.getsignal(signal.SIGTERM) is before  # the run's handlers are gone with it, the one before is back
 
     def interrupted(config):
         exc = Interrupted(signal.SIGTERM)
