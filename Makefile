@@ -18,7 +18,10 @@ LOCK_VENV ?= .lock-venv
 # Both tiers run: the in-process and local-executor tests, and those marked `ray` (pytest -m ray: the wiring
 # through Ray, proved once each). TEST_ARGS adds to the line, e.g. TEST_ARGS='-m "not ray"' for the fast tier
 # alone. -rs: every skip's reason.
+# One OpenMP thread a process (torch's intra-op pool): two test workers, the CLI commands they start and Ray's
+# workers share the cores; a pool of a thread per core in each of them made the suite 13% slower on two cores.
 TEST_WORKERS ?= 2
+TEST_THREADS ?= 1
 TEST_ARGS ?=
 
 # The lowest transformers pyproject.toml admits, installed on its own beside the venv: the engine-equality test
@@ -49,7 +52,7 @@ demo: setup
 	$(VENV)/bin/docpipe demo --workdir demo_output
 
 test: setup floor
-	HF_HUB_OFFLINE=1 $(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -rs \
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=$(TEST_THREADS) $(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -rs \
 		--durations=20 $(TEST_ARGS)
 
 docs: setup

@@ -95,14 +95,14 @@ def test_a_failing_page_in_the_continuous_engine_gets_its_error_row_and_its_neig
 
 @pytest.mark.ray
 def test_a_long_run_on_the_continuous_engine_holds_a_bounded_number_of_pages(tmp_path):
-    """120 pages in 12 documents, one actor taking two calls at once: every page comes back, the actor took a
+    """64 pages in 8 documents, one actor taking two calls at once: every page comes back, the actor took a
     second call while the first was still decoding, and it never held more than calls_in_flight x rows_per_call
-    pages (its feature bank's size), whatever the run's size (here more than 7 banks' worth)."""
+    pages (its feature bank's size), whatever the run's size (here 4 banks' worth)."""
     inputs = tmp_path / "in"
     inputs.mkdir()
-    for d in range(12):
+    for d in range(8):
         doc = pymupdf.open()
-        for n in range(10):
+        for n in range(8):
             doc.new_page(width=200, height=260).insert_text((20, 40 + n * 18), f"doc {d} page {n + 1} " * 2)
         doc.save(inputs / f"d{d:02d}.pdf")
     out = tmp_path / "out"
@@ -111,9 +111,9 @@ def test_a_long_run_on_the_continuous_engine_holds_a_bounded_number_of_pages(tmp
                    "--no-image-splitting", "--longest-edge", "200", "--no-progress", "--text-layer", "never")
     assert proc.returncode == 0, proc.stderr[-3000:]
     pages = pq.read_table(out / "pages").to_pylist()
-    assert len(pages) == 120 and {p["status"] for p in pages} == {"ok"}
+    assert len(pages) == 64 and {p["status"] for p in pages} == {"ok"}
     assert sorted((p["source_uri"], p["page_number"]) for p in pages) == sorted(
-        (str(inputs / f"d{d:02d}.pdf"), n) for d in range(12) for n in range(1, 11))
+        (str(inputs / f"d{d:02d}.pdf"), n) for d in range(8) for n in range(1, 9))
     [manifest] = (out / "_runs").glob("*.json")
     [engine] = json.loads(manifest.read_text())["engines"]
     assert engine["engine"] == "continuous" and engine["peak_calls_in_flight"] == 2

@@ -37,7 +37,11 @@ def test_a_worker_node_killed_mid_run_loses_nothing(sample_docs, tmp_path, gpus_
     # Every port the OS's: no dashboard (the hold files say where the actors are, not Ray's state API), and each
     # node's dashboard agent on a port of its own (its default, 52365, is shared by every Ray on the machine).
     node_args = {"node_ip_address": "127.0.0.1", "dashboard_agent_listen_port": 0}
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False, **node_args})
+    # The GCS marks a killed node dead after health checks fail: every 0.5 s, twice in a row (Ray's default is
+    # every 3 s, five times: 15 s of a test spent waiting for it).
+    health = {"health_check_period_ms": 500, "health_check_failure_threshold": 2}
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False, **node_args,
+                                                            "_system_config": health})
     proc = None
     try:
         workers = [cluster.add_node(num_cpus=1, num_gpus=gpus_per_worker, **node_args) for _ in range(2)]
