@@ -284,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--median-tokens", type=int,
                        help="with --engines: median of the output length mix (default 560 GPU, 24 CPU)")
     bench.add_argument("--batch-size", type=int, help="pages per generate() call in the pipeline")
+    bench.add_argument("--no-image-splitting", action="store_true",
+                       help="with --engines: each page as one image, as `docpipe run --no-image-splitting` reads it")
     bench.add_argument("--num-actors", type=int, help="model actors in the pipeline (default as for docpipe run)")
     bench.add_argument("--workdir", help="where the corpus and outputs go (default: a temporary folder)")
     bench.add_argument("--engines", action="store_true", help="instead: the model stage under each engine (generate, "

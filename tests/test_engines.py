@@ -129,10 +129,12 @@ def test_bench_engines_measures_the_waste_of_static_batches_on_the_length_mix(tm
     out = tmp_path / "engines.json"
     rows = [arg for label in ENGINE_ROWS for arg in ("--engine-row", label)]
     proc = run_cli("bench", "--engines", "--pages", "12", "--output-tokens", "16", "--median-tokens", "8",
-                   "--batch-size", "4", *rows, "--json", out, "--workdir", tmp_path / "w")
+                   "--batch-size", "4", "--no-image-splitting", *rows, "--json", out, "--workdir", tmp_path / "w")
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     lengths = length_mix(12, 8, 16)
+    # one image a page is rendered at one crop's edge (980 px), not at the split page's (1960)
+    assert report["image_splitting"] is False and "pages at 980 px, each one image" in proc.stdout
     assert report["length_mix"] == {"distribution": "lognormal", "median": 8, "spread": 0.9, "cap": 16, "seed": 0,
                                     "tokens": sum(lengths)}
     assert len(set(lengths)) >= 5 and max(lengths) <= 16
@@ -179,7 +181,8 @@ def test_the_engine_bench_runs_every_row_where_ray_and_pymupdf_are_not_installed
         (blocked / name / "__init__.py").write_text(f"raise ImportError('{name} is not installed here')\n")
     out = tmp_path / "engines.json"
     proc = run_cli("bench", "--engines", "--pages", "2", "--output-tokens", "2", "--median-tokens", "1",
-                   "--json", out, "--workdir", tmp_path / "w", env={"PYTHONPATH": f"{blocked}:{REPO}"})
+                   "--no-image-splitting", "--json", out, "--workdir", tmp_path / "w",
+                   env={"PYTHONPATH": f"{blocked}:{REPO}"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(list((tmp_path / "w" / "corpus-png").glob("*.png"))) == 2  # drawn, not rendered
     rows = json.loads(out.read_text())["engines"]

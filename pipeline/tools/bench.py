@@ -519,7 +519,7 @@ def engines_main(args) -> None:
     median = args.median_tokens or (560 if gpu else 24)
     pages = args.pages or (256 if gpu else 64)
     model_opts = ModelOptions(name=name, max_new_tokens=cap, batch_size=args.batch_size or (16 if gpu else 4),
-                              cpu_threads=None)
+                              cpu_threads=None, do_image_splitting=False if args.no_image_splitting else None)
     lengths = length_mix(pages, median, cap)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="docpipe-bench-"))
     longest_edge = render_edge_for(resolve_checkpoint(name), model_opts)
@@ -529,9 +529,10 @@ def engines_main(args) -> None:
         paths = make_bench_corpus(work / "corpus", pages=pages)
     except ImportError:  # a bare CUDA machine: the same page sizes, drawn with Pillow
         paths = make_image_corpus(work / "corpus-png", pages, longest_edge)
-    print(f"bench --engines: {pages} pages at {longest_edge} px; model {name}; output lengths lognormal, median "
-          f"{median}, spread {LENGTH_SPREAD}, cap {cap} (seed {LENGTH_SEED}): {sum(lengths)} tokens in all; default "
-          f"batch {model_opts.batch_size}; {describe_device()}", flush=True)
+    one_image = ", each one image" if model_opts.do_image_splitting is False else ""
+    print(f"bench --engines: {pages} pages at {longest_edge} px{one_image}; model {name}; output lengths lognormal, "
+          f"median {median}, spread {LENGTH_SPREAD}, cap {cap} (seed {LENGTH_SEED}): {sum(lengths)} tokens in all; "
+          f"default batch {model_opts.batch_size}; {describe_device()}", flush=True)
     rows = measure_engines(paths, model_opts, longest_edge, pages, lengths, args.engine_row)
     print()
     print(f"  {'engine':<42} {'pages/s':>8} {'tokens/s':>9} {'useful':>7} {'vs first':>8}  resolved / status")
@@ -546,6 +547,7 @@ def engines_main(args) -> None:
     if args.json:
         Path(args.json).write_text(json.dumps({
             "device": describe_device(), "model": name, "pages": pages, "max_new_tokens": cap,
+            "image_splitting": model_opts.do_image_splitting is not False,  # False: each page one image
             "length_mix": {"distribution": "lognormal", "median": median, "spread": LENGTH_SPREAD, "cap": cap,
                            "seed": LENGTH_SEED, "tokens": sum(lengths)},
             "engines": rows}, indent=2) + "\n")
