@@ -344,6 +344,19 @@ def test_two_columns_of_cjk_prose_are_prose_not_a_table():
     md = page_markdown(_reopened(doc)[0])
     assert "|" not in md and [b["kind"] for b in md.blocks] == ["paragraph", "paragraph"]
     assert md.blocks[0]["x1"] < 0.5 < md.blocks[1]["x0"]
+    # each column wraps over several lines; joined with no space between the characters, it reads as written
+    assert [b["text"] for b in md.blocks] == [text, text]
+
+
+def test_korean_lines_are_joined_by_a_space_and_latin_beside_han_too():
+    doc, page = _page()
+    page.insert_text((72, 80), "한국어 문장은 단어 사이에", fontsize=11, fontname="korea")
+    page.insert_text((72, 95), "띄어쓰기를 합니다.", fontsize=11, fontname="korea")
+    page.insert_text((72, 140), "数据集名为", fontsize=11, fontname="china-s")
+    page.insert_text((72, 155), "OCRBench 的测试。", fontsize=11, fontname="china-s")
+    md = page_markdown(_reopened(doc)[0])
+    assert [b["text"] for b in md.blocks] == ["한국어 문장은 단어 사이에 띄어쓰기를 합니다.",
+                                              "数据集名为 OCRBench 的测试。"]
 
 
 def test_a_page_shown_by_rotate_90_reads_as_the_same_page_stored_upright():

@@ -68,6 +68,12 @@ def is_cjk(ch: str) -> bool:
         "\uff00" <= ch <= "\uffef" or "\U00020000" <= ch <= "\U0002fa1f"
 
 
+def unspaced(ch: str) -> bool:
+    """Han, kana and CJK punctuation: a line break between two of them is no space (Korean sets spaces between its
+    words, so hangul is not here)."""
+    return is_cjk(ch) and not "\uac00" <= ch <= "\ud7af"
+
+
 def word_count(text: str) -> int:
     """Words as a reader counts them: a CJK character is a word (a CJK line has no spaces, and two columns of CJK
     prose must not pass for a table of one-word cells)."""

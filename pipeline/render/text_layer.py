@@ -55,7 +55,7 @@ from docpipe.render.scripts import hyphenated_words, join_hyphenated, mostly_rig
 from docpipe.render.tables import markdown_table  # noqa: F401  (re-exported: callers took it from here)
 from docpipe.render.tables import (NUMBER, Table, aligned_rows, apart_from_graphics, fill, horizontal_rules,
                                    ruled_tables, side_by_side, table_markdown, unruled_tables, widen_group_headers,
-                                   without_prose, word_count)
+                                   unspaced, without_prose, word_count)
 from docpipe.schemas import FURNITURE
 
 SAME_PLACE_PT = 4.0  # a repeated line is at the same place when its centre moved less than this
@@ -724,7 +724,8 @@ def _is_heading(unit: _Unit, body: float) -> bool:
 
 def _paragraph(lines: list[dict], compounds: set[str] = frozenset()) -> str:
     """A block's lines as one paragraph: a word hyphenated at a line's end joined (scripts.join_hyphenated: the
-    hyphen kept in compounds), lines joined by spaces; a bullet made a Markdown list item."""
+    hyphen kept in compounds), lines joined by spaces (none between Chinese or Japanese characters); a bullet made a
+    Markdown list item."""
     text = ""
     for ln in lines:
         line = _line_text(ln).strip()
@@ -733,7 +734,7 @@ def _paragraph(lines: list[dict], compounds: set[str] = frozenset()) -> str:
         elif (joined := join_hyphenated(text, line, compounds)) is not None:
             text = joined
         else:
-            text += (" " if text else "") + line
+            text += (" " if text and not (unspaced(text[-1]) and line and unspaced(line[0])) else "") + line
     return text
 
 
