@@ -59,6 +59,20 @@ def test_text_layer_bench_reports_cpu_per_page_three_ways(tmp_path):
     assert (kinds["prose"]["pages"], kinds["prose"]["layout_pages"], kinds["statement"]["layout_pages"]) == (2, 0, 1)
 
 
+def test_text_layer_bench_command_prints_and_writes_the_same_figures(tmp_path):
+    """docpipe bench --text-layer end to end: 6 pages asked give 7 (each of the six kinds has a page at least, the
+    prose two), the header says 7, and the table printed holds the JSON's own figures."""
+    out = tmp_path / "text-layer.json"
+    proc = run_cli("bench", "--text-layer", "--pages", "6", "--json", out, "--workdir", tmp_path / "w")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert figures["text_layer_pages"] == 7 == sum(row["pages"] for row in figures["by_kind"].values())
+    assert proc.stdout.startswith("bench --text-layer: 7 born-digital pages (prose 35%, ")
+    [line] = [ln for ln in proc.stdout.splitlines() if ln.startswith("  ours: rules, and the layout analysis")]
+    assert line.split()[-3:] == [f"{figures[f'ours_cpu_s_{stat}']:.3f}" for stat in ("median", "p90", "mean")]
+    assert figures["by_kind"]["prose"]["layout_pages"] == 0 and figures["by_kind"]["statement"]["layout_pages"] == 1
+
+
 def test_random_idefics2_8b_has_the_real_architecture():
     import torch
 

@@ -222,9 +222,12 @@ def text_layer_main(args) -> None:
 
     pages = args.pages or 60
     work = Path(args.workdir or tempfile.mkdtemp(prefix="docpipe-bench-"))
+    import pymupdf
+
     paths = make_text_layer_corpus(work / "text-layer", pages=pages)
+    made = sum(pymupdf.open(p).page_count for p in paths)  # every kind has a page at least: a few more where few
     mix = ", ".join(f"{kind} {share:.0%}" for kind, share in TEXT_LAYER_MIX)
-    print(f"bench --text-layer: {pages} born-digital pages ({mix}); {describe_device()}", flush=True)
+    print(f"bench --text-layer: {made} born-digital pages ({mix}); {describe_device()}", flush=True)
     results = {"device": describe_device(), **measure_text_layer(paths)}
     print()
     print(f"  {'CPU s per text-layer page':<52} {'median':>8} {'p90':>8} {'mean':>8}")
