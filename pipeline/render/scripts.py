@@ -93,8 +93,7 @@ def logical_blocks(page, blocks: list):
     for block in raw:
         lines = block.get("lines", ())
         chars = [c["c"] for ln in lines for s in ln["spans"] for c in s["chars"]]
-        strong = [d for d in map(_strong, chars) if d]
-        base = "R" if strong.count("R") > strong.count("L") else "L"
+        base = "R" if mostly_right_to_left(chars) else "L"
         for i, line in enumerate(lines):
             if any(has_rtl(c["c"]) for s in line["spans"] for c in s["chars"]) and tuple(line["dir"]) == (1.0, 0.0):
                 _logical_line(line, base, block["number"], i)
@@ -182,8 +181,7 @@ def logical_text(chars: list[tuple[str, tuple, float]]) -> str:
         return text
     from bidi.algorithm import get_display
 
-    strong = [d for d in map(_strong, text) if d]
-    base = "R" if strong.count("R") > strong.count("L") else "L"
+    base = "R" if mostly_right_to_left(text) else "L"
     line = {"spans": [{"size": size, "chars": [{"c": ch, "bbox": box}]} for ch, box, size in chars]}
     # PDFium's boxes are the glyphs' ink, not their advance: a bracket's leaves a gap that is no space
     return get_display(_visual(_glyphs(line), INK_GAP_EM), base_dir=base)

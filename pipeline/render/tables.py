@@ -283,7 +283,7 @@ def ruled_tables(page, words: list, log: list) -> list[Table]:
         if tab.row_count < 2 or tab.col_count < 2 or not boxes:
             continue
         bbox = tuple(tab.bbox)  # a property that walks every cell: once
-        found.append(from_cell_boxes(boxes, [w for w in words if _inside(w, bbox)], bbox))
+        found.append(from_cell_boxes(boxes, [w for w in words if inside(w, bbox)], bbox))
     return found
 
 
@@ -300,7 +300,7 @@ def _dense_grid(log: list, words: list) -> Table | None:
     if len(xs) < 3 or len(ys) < 3 or (len(xs) - 1) * (len(ys) - 1) <= DENSE_SLOTS:
         return None
     bbox = (xs[0], ys[0], xs[-1], ys[-1])
-    table = fill(ys, xs, [], [w for w in words if _inside(w, bbox)], bbox)
+    table = fill(ys, xs, [], [w for w in words if inside(w, bbox)], bbox)
     return table
 
 
@@ -364,7 +364,7 @@ def unruled_tables(words: list) -> list[Table]:
     tables = []
     for run in found:
         n_cols = len(run[0])
-        table = Table(_union([c["bbox"] for cells in run for c in cells]), len(run), n_cols)
+        table = Table(union([c["bbox"] for cells in run for c in cells]), len(run), n_cols)
         # a cell's words were joined left to right: a right-to-left cell's put in logical order (scripts)
         table.cells = [Cell(r, c, text=visual_words(cells[c]["text"])) for r, cells in enumerate(run)
                        for c in range(n_cols)]
@@ -406,7 +406,7 @@ def _cells(row: list) -> list[dict]:
             c = cells[-1]
             c["text"] += " " + w[4]
             c["words"] += word_count(w[4])
-            c["bbox"] = _union([c["bbox"], w[:4]])
+            c["bbox"] = union([c["bbox"], w[:4]])
         else:
             cells.append({"text": w[4], "words": word_count(w[4]), "bbox": tuple(w[:4])})
     return cells
@@ -552,10 +552,11 @@ def _html(table: Table, n_head: int) -> str:
 # --- geometry ---------------------------------------------------------------------------------------------------
 
 
-def _inside(word, bbox) -> bool:
+def inside(word, bbox) -> bool:
+    """Whether the word's centre lies in the box."""
     x, y = (word[0] + word[2]) / 2, (word[1] + word[3]) / 2
     return bbox[0] <= x <= bbox[2] and bbox[1] <= y <= bbox[3]
 
 
-def _union(boxes) -> tuple[float, float, float, float]:
+def union(boxes) -> tuple[float, float, float, float]:
     return (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))

@@ -55,7 +55,7 @@ from docpipe.render.scripts import hyphenated_words, join_hyphenated, mostly_rig
 from docpipe.render.tables import markdown_table  # noqa: F401  (re-exported: callers took it from here)
 from docpipe.render.tables import (NUMBER, Table, aligned_rows, apart_from_graphics, fill, horizontal_rules,
                                    ruled_tables, side_by_side, table_markdown, unruled_tables, widen_group_headers,
-                                   unspaced, without_prose, word_count)
+                                   inside, union, unspaced, without_prose, word_count)
 from docpipe.schemas import FURNITURE
 
 SAME_PLACE_PT = 4.0  # a repeated line is at the same place when its centre moved less than this
@@ -345,7 +345,8 @@ def page_markdown(page, textpage=None, blocks: list | None = None, running: Runn
         for region in regions:
             if region.kind != "table" or any(_overlap(region.bbox, t.bbox) > 0.5 for t in tables):
                 continue  # a table drawn with lines all round: find_tables read its cells exactly
-            table = fill(region.rows, region.cols, region.spans, [w for w in words if _in(w, region.bbox)], region.bbox)
+            table = fill(region.rows, region.cols, region.spans, [w for w in words if inside(w, region.bbox)],
+                         region.bbox)
             widen_group_headers(table, rules, region.rows, region.cols)
             table = without_prose(table)
             if table is None:
@@ -452,7 +453,7 @@ def _text_units(blocks: list, furniture: dict[int, str], table_boxes: list, regi
                 units.append(unit)
             else:
                 unit.lines.append(line)
-                unit.bbox = _union([unit.bbox, line["bbox"]])
+                unit.bbox = union([unit.bbox, line["bbox"]])
     return units
 
 
@@ -518,8 +519,9 @@ def needs_layout(rect, blocks: list, lines: list[dict], words: list, tables: lis
     if mostly_right_to_left("".join(_line_text(ln) for ln in lines)):  # its lines are in logical order only here
         return False
     if tables:
-        inside = sum(1 for w in words if _inside_any(_centre(w[:4]), [t.bbox for t in tables]))
-        return inside < COVERED * len(words)  # a page that is one ruled table (a printed sheet) is read already
+        boxes = [t.bbox for t in tables]
+        covered = sum(1 for w in words if _inside_any(_centre(w[:4]), boxes))
+        return covered < COVERED * len(words)  # a page that is one ruled table (a printed sheet) is read already
     rules = [b for kind, b in log if kind == "stroke-path"
              or (kind == "fill-path" and min(b[2] - b[0], b[3] - b[1]) <= 3)]
     if len(rules) >= 3 or aligned_rows(words):
@@ -670,10 +672,6 @@ def _inside_any(point, boxes) -> bool:
     return any(b[0] <= x <= b[2] and b[1] <= y <= b[3] for b in boxes)
 
 
-def _in(word, bbox) -> bool:
-    return _inside_any(_centre(word[:4]), [bbox])
-
-
 def _overlap(a, b) -> float:
     """The share of the smaller box that the two boxes share."""
     w = min(a[2], b[2]) - max(a[0], b[0])
@@ -682,10 +680,6 @@ def _overlap(a, b) -> float:
         return 0.0
     smaller = min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1])) or 1.0
     return w * h / smaller
-
-
-def _union(boxes) -> tuple[float, float, float, float]:
-    return (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))
 
 
 def _size(lines: list[dict]) -> float:
