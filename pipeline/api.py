@@ -27,11 +27,9 @@ __all__ = ["Converted", "Converter", "DryRun", "Exported", "RunResult", "convert
 _NO_OUTPUT = "(none: converted in this process)"
 
 
-def _run_config(config: RunConfig | dict[str, Any] | None, **updates: Any) -> RunConfig:
-    """``config`` (a RunConfig, or a dict of its options as a job file has them) with ``updates`` on top."""
-    if isinstance(config, RunConfig):
-        return config.model_copy(update=updates) if updates else config
-    return RunConfig.model_validate({**(config or {}), **updates})
+def _run_config(config: RunConfig | dict[str, Any] | None) -> RunConfig:
+    """``config``: a RunConfig, or a dict of its options as a job file has them."""
+    return config if isinstance(config, RunConfig) else RunConfig.model_validate(config or {})
 
 
 def run(config: RunConfig | dict[str, Any]) -> RunResult:
@@ -155,7 +153,7 @@ class Converter:
         _check_documents_options(config)
         self._edge = config.render.longest_edge or render_edge_for(resolve_checkpoint(config.model.name),
                                                                    config.model)
-        self._actor = stages.model_actor(config.model, config.extract, config.task, config.fail_fast)()
+        self._actor = stages.model_actor(config.model, config.extract, config.task, config.fail_fast, self._schema)()
         self._ready = True
 
     def convert(self, source: str | os.PathLike | bytes, *, name: str | None = None) -> Converted:

@@ -182,12 +182,12 @@ def plan_pages(free_bytes: int, total_bytes: int, kv_per_page: int, encode_per_p
     see mask_bytes) of ``pages_in_flight`` pages fill what remains, up to ``max_pages`` (DEFAULT_MAX_PAGES)."""
     cap = max_pages or DEFAULT_MAX_PAGES
     usable = _usable(free_bytes, total_bytes)
-    encode_pages = max(1, min(batch_size, int(ENCODE_SHARE * usable) // max(1, encode_per_page)))
+    encoding = encode_pages(free_bytes, total_bytes, encode_per_page, batch_size)
     fixed = mask_bytes(batch_tokens, 0, dtype_bytes, masks)  # the mask's batch x batch part
     per_page = kv_per_page + bank_per_page + mask_bytes(batch_tokens, cache_tokens_per_page, dtype_bytes, masks) - fixed
-    left = max(0, usable - encode_pages * encode_per_page - fixed)
+    left = max(0, usable - encoding * encode_per_page - fixed)
     pages = max(1, min(cap, left // max(1, per_page)))
-    return EnginePlan(pages, encode_pages, kv_per_page, encode_per_page, free_bytes, batch_tokens,
+    return EnginePlan(pages, encoding, kv_per_page, encode_per_page, free_bytes, batch_tokens,
                       mask_bytes(batch_tokens, pages * cache_tokens_per_page, dtype_bytes, masks))
 
 

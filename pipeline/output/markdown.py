@@ -134,9 +134,7 @@ class MarkdownWriter:
         """Write one document's file; its path relative to ``dest``."""
         name = self.names.name(doc["source_uri"])
         try:
-            if self.out.rename:
-                self.out.fs.create_dir(self.out.path(os.path.dirname(name)), recursive=True)
-            self.out.write_bytes(name, document_markdown(doc, pages).encode())
+            self.out.write_bytes(name, document_markdown(doc, pages).encode())  # makes a local file's folder
         except Exception as exc:
             raise OutputError(explain(f"cannot write {self.out.path(name)}: {describe(exc)}")) from None
         self.written += 1

@@ -447,7 +447,7 @@ def _decode_shape(loaded):
     return DecodeShape.of(loaded.model.config.text_config, loaded.dtype.itemsize, text_weights)
 
 
-def _plan_numbers(engine, opts) -> dict[str, Any]:
+def _plan_numbers(engine) -> dict[str, Any]:
     import dataclasses
 
     if engine.plan is not None:
@@ -519,8 +519,7 @@ def continuous_step(loaded, opts, requests: list[int], steps: int, ceilings_foun
             engine = _engine(loaded, path_opts, max(requests))
             planned = engine.capacity_pages if engine.plan is not None else opts.pages_in_flight
             entry.update(attention=engine.attention, reason=engine.attention_reason, cost_path=_cost_path(engine),
-                         plan=_plan_numbers(engine, path_opts) if engine.plan is not None else
-                         {**_plan_numbers(engine, path_opts), "pages_in_flight": planned})
+                         plan={**_plan_numbers(engine), "pages_in_flight": planned})
             sizes = sorted(set(requests) | {planned})
             if max(sizes) > engine.capacity_pages:  # the plan holds fewer (sdpa's cap, memory): sized for the largest
                 engine.close()
