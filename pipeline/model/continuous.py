@@ -160,11 +160,11 @@ class ContinuousEngine:
         self.sliding_window = shell_sliding_window(getattr(text_config, "sliding_window", None),
                                                    self.prompt_tokens, opts.max_new_tokens)
         from docpipe.model import attention as varlen
+        from docpipe.model.sizing import head_dim
 
-        head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
         self.kernel, self.attention_reason = varlen.choose(
             loaded.device, loaded.dtype, getattr(opts, "engine_attention", "auto"), loaded.attention,
-            self.sliding_window, head_dim)
+            self.sliding_window, head_dim(text_config))
         if loaded.device == "cuda":
             self.plan = _plan_on_gpu(loaded, opts, self.prompt_tokens, self.rows_per_page, path=self.attention_path)
             pages_in_flight, self.encode_pages = self.plan.pages_in_flight, self.plan.encode_pages
@@ -613,13 +613,12 @@ def _plan_on_gpu(loaded, opts, prompt_tokens: int, rows_per_page: int, splitting
     passed here, is read from the processor by the family)."""
     import torch
 
-    from docpipe.model.sizing import (SDPA_MAX_PAGES, batch_tokens, kv_bytes_per_page, kv_bytes_per_token,
-                                        plan_pages, share_of_free)
+    from docpipe.model.sizing import (SDPA_MAX_PAGES, batch_tokens, device_memory, kv_bytes_per_page,
+                                        kv_bytes_per_token, plan_pages)
 
     config = loaded.model.config
     dtype_bytes = torch.finfo(loaded.dtype).bits // 8
-    free, total = torch.cuda.mem_get_info()
-    free = share_of_free(free, total, torch.cuda.memory_reserved(), getattr(opts, "gpu_memory_share", 1.0))
+    free, total = device_memory(opts)
     max_pages = opts.max_pages_in_flight or (SDPA_MAX_PAGES if path == "sdpa" else None)
     kv_per_page = kv_bytes_per_page(config.text_config, prompt_tokens, opts.max_new_tokens, dtype_bytes)
     window = shell_sliding_window(getattr(config.text_config, "sliding_window", None), prompt_tokens,

@@ -69,16 +69,13 @@ def encode_pages_for(loaded, opts) -> int:
     (pipeline/model/sizing.py), at most batch_size."""
     if loaded.device != "cuda":
         return max(1, opts.batch_size)
-    import torch
-
-    from docpipe.model.sizing import encode_pages, share_of_free
+    from docpipe.model.sizing import device_memory, encode_pages
 
     try:
         per_page = loaded.family.encode_bytes_per_page(loaded.model.config, loaded.dtype.itemsize)
-        free, total = torch.cuda.mem_get_info()
+        free, total = device_memory(opts)
     except (AttributeError, RuntimeError):  # a family the estimate does not know, no device to ask: one batch a call
         return max(1, opts.batch_size)
-    free = share_of_free(free, total, torch.cuda.memory_reserved(), getattr(opts, "gpu_memory_share", 1.0))
     return encode_pages(free, total, per_page, opts.batch_size)
 
 

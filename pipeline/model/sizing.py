@@ -73,6 +73,23 @@ def share_of_free(free: int, total: int, held: int, share: float = 1.0) -> int:
     return max(0, min(free, int(share * total) - held))
 
 
+def device_memory(opts) -> tuple[int, int]:
+    """(memory this actor may plan with, the device's total) on the current CUDA device: share_of_free at the
+    options' gpu_memory_share."""
+    import torch
+
+    free, total = torch.cuda.mem_get_info()
+    return share_of_free(free, total, torch.cuda.memory_reserved(), getattr(opts, "gpu_memory_share", 1.0)), total
+
+
+def head_dim(text_config) -> int:
+    return getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+
+
+def kv_heads(text_config) -> int:
+    return getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
+
+
 @dataclass(frozen=True)
 class DecodeShape:
     """What a decode step's cost depends on, from a text config (pipeline/model/sizing.py's roofline)."""
@@ -86,10 +103,8 @@ class DecodeShape:
 
     @classmethod
     def of(cls, text_config, dtype_bytes: int, weight_bytes: int) -> "DecodeShape":
-        head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
-        return cls(text_config.num_hidden_layers, text_config.num_attention_heads,
-                   getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads, head_dim,
-                   dtype_bytes, weight_bytes)
+        return cls(text_config.num_hidden_layers, text_config.num_attention_heads, kv_heads(text_config),
+                   head_dim(text_config), dtype_bytes, weight_bytes)
 
 
 PATHS = ("sdpa", "varlen_gathered", "varlen_paged", "flash")
@@ -149,9 +164,7 @@ def mask_bytes(batch_tokens: int, cache_tokens: int, dtype_bytes: int, masks: in
 
 
 def kv_bytes_per_token(text_config, dtype_bytes: int) -> int:
-    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
-    kv_heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
-    return 2 * text_config.num_hidden_layers * kv_heads * head_dim * dtype_bytes
+    return 2 * text_config.num_hidden_layers * kv_heads(text_config) * head_dim(text_config) * dtype_bytes
 
 
 def kv_bytes_per_page(text_config, prompt_tokens: int, max_new_tokens: int, dtype_bytes: int,

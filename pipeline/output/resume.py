@@ -69,26 +69,31 @@ def history(out: Output) -> History:
 
 
 def under_selection(out: Output, seen: History, pages) -> History:
-    """``seen`` less the rows written under another page selection (--pages) than ``pages``: a document done, or
-    found to have no such page, under another selection is processed again."""
-    return History(latest=same_pages(out, seen.latest, pages), done=same_pages(out, seen.done, pages))
+    """``seen`` less the rows written under another page selection (--pages) than ``pages`` (the run's,
+    config.parse_pages spans): a document done, or found to have no such page, under another selection is processed
+    again. Each row's run says in its manifest which selection it had (none: every page); each manifest is read once."""
+    selections = _selections(out, {row["run_id"] for rows in (seen.latest, seen.done) for row in rows.values()}, pages)
+
+    def kept(rows: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        return {uri: row for uri, row in rows.items() if selections[row["run_id"]] == pages}
+
+    return History(latest=kept(seen.latest), done=kept(seen.done))
 
 
-def same_pages(out: Output, done: dict[str, dict[str, Any]], pages) -> dict[str, dict[str, Any]]:
-    """``done`` less the documents finished under another page selection (--pages) than ``pages`` (the run's,
-    config.parse_pages spans): each row's run says in its manifest which it had (none: every page)."""
+def _selections(out: Output, run_ids: set[str], pages) -> dict[str, Any]:
+    """Each run's page selection, from its manifest."""
     from docpipe.config import parse_pages
     from docpipe.output.tables import read_manifest
 
     selections: dict[str, Any] = {}
-    for run_id in {row["run_id"] for row in done.values()}:
+    for run_id in run_ids:
         try:
             text = read_manifest(out, run_id).get("config", {}).get("pages")
         except OSError:  # no manifest: a run that was killed; its rerun (this one, as a rule) has its options
             selections[run_id] = pages
             continue
         selections[run_id] = parse_pages(text) if text else None
-    return {uri: row for uri, row in done.items() if selections[row["run_id"]] == pages}
+    return selections
 
 
 def unchanged(prev: dict[str, Any], ref: DocumentRef) -> bool:
